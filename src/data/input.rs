@@ -1,0 +1,2 @@
+//! JSONL inputs of `rft generate` / `rft score` (to be written)
+

@@ -1,0 +1,3 @@
+//! Datasets and inputs.
+
+pub mod input;

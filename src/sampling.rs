@@ -1,0 +1,1 @@
+//! Sampling (to be written)
