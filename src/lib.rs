@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod error;
+pub mod lora;
 pub mod model;
 pub mod sampling;
 pub mod tensor;

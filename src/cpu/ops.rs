@@ -215,3 +215,44 @@ pub fn softmax_inplace(x: &mut [f32]) {
         *v /= s;
     }
 }
+
+/// RoPE (HF "rotate_half" layout) applied in place to `n_heads` heads of one token.
+/// x: [n_heads, hd]; angle_i = pos · inv_freq[i] (f32, as transformers computes it);
+/// (x_i, x_{i+hd/2}) ← (x_i cos − x_{i+hd/2} sin, x_{i+hd/2} cos + x_i sin).
+/// `inverse` rotates by −angle: the backward of RoPE (a rotation's transpose).
+pub fn rope_inplace(x: &mut [f32], pos: usize, inv_freq: &[f32], hd: usize, inverse: bool) {
+    let half = hd / 2;
+    debug_assert_eq!(inv_freq.len(), half);
+    for head in x.chunks_exact_mut(hd) {
+        for i in 0..half {
+            let angle = pos as f32 * inv_freq[i];
+            let (s, c) = angle.sin_cos();
+            let s = if inverse { -s } else { s };
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * c - b * s;
+            head[i + half] = b * c + a * s;
+        }
+    }
+}
+
+/// Adds a bias [d] to every row of y [n, d].
+pub fn add_bias(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        for (v, &bb) in row.iter_mut().zip(b) {
+            *v += bb;
+        }
+    }
+}
+
+/// log-softmax of `logits` at `token`, with the row's entropy −Σ p log p.
+pub fn logprob_and_entropy(logits: &[f32], token: usize) -> (f32, f32) {
+    let lse = logsumexp(logits);
+    let mut ent = 0.0;
+    for &z in logits {
+        let lp = z - lse;
+        if lp > f32::NEG_INFINITY {
+            ent -= lp.exp() * lp;
+        }
+    }
+    (logits[token] - lse, ent)
+}
