@@ -9,6 +9,7 @@
 //! - [`error`]: the library's error type.
 
 pub mod cpu;
+pub mod engine;
 pub mod cuda;
 pub mod data;
 pub mod error;

@@ -4,6 +4,9 @@
 //! A [r, in], B [out, r] and scale = alpha / r (or alpha / √r with rsLoRA). It is applied live
 //! — never merged into W during training or rollouts.
 
+pub mod peft;
+
+use crate::model::config::ModelConfig;
 use crate::model::weights::Proj;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -43,5 +46,40 @@ pub struct LoraWeights {
 impl LoraWeights {
     pub fn pair(&self, layer: usize, p: Proj) -> Option<&LoraPair> {
         self.layers.get(layer).and_then(|l| l[p as usize].as_ref())
+    }
+}
+
+impl LoraWeights {
+    /// A fresh adapter initialised as PEFT does by default: A ~ Kaiming-uniform with
+    /// a = √5, i.e. U(−1/√in, 1/√in); B = 0 (so the adapter starts as the identity).
+    /// The generator is rft's own (seeded splitmix64), so values differ from torch's.
+    pub fn init(config: LoraConfig, model: &ModelConfig, seed: u64) -> LoraWeights {
+        let mut state = seed ^ 0x5EED_1075_A5A5_0001;
+        let mut uniform = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0 // [-1, 1)
+        };
+        let r = config.r;
+        let mut layers = Vec::with_capacity(model.num_hidden_layers);
+        for _ in 0..model.num_hidden_layers {
+            let mut slot: [Option<LoraPair>; 7] = Default::default();
+            for &p in &config.target_modules {
+                let (d_in, d_out) = p.dims(model);
+                let bound = 1.0 / (d_in as f32).sqrt();
+                let a = (0..r * d_in).map(|_| uniform() * bound).collect();
+                slot[p as usize] = Some(LoraPair { a, b: vec![0.0; d_out * r] });
+            }
+            layers.push(slot);
+        }
+        LoraWeights { config, layers }
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_params(&self) -> usize {
+        self.layers.iter().flatten().flatten().map(|p| p.a.len() + p.b.len()).sum()
     }
 }
