@@ -1,1 +1,70 @@
-//! CUDA backend (to be written)
+//! CUDA backend: the kernels build.rs compiled from `kernels/*.cu`, whether this machine can
+//! run them ([`availability`]), and the device that runs them ([`CudaDevice`]: context, stream,
+//! loaded kernel module, lazily created cuBLAS handle, typed kernel launchers).
+//!
+//! It owns the device side only. It does not own what to compute: the CPU reference
+//! (`crate::cpu`) is the oracle every launcher here is tested against (tests/cuda_kernels.rs),
+//! and engines built on top plan their memory and call the launchers in order.
+//!
+//! Everything here builds and links on machines without CUDA: cudarc loads libcuda and cuBLAS
+//! dynamically, and nothing touches cudarc before [`availability`] has checked that libcuda can
+//! be loaded (cudarc panics when it cannot).
+//!
+//! Layout: `device.rs` (context, stream, module, cuBLAS, host⇄device copies),
+//! `kernels.rs` (one launcher per `extern "C"` kernel: grid, block, argument order, shape checks).
+
+mod device;
+mod kernels;
+
+pub use device::CudaDevice;
+
+/// What build.rs generated: `KERNELS_FATBIN`, `KERNELS_MISSING_REASON`, `NVCC_REQUIRED`.
+mod built {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// The fatbin of every `kernels/*.cu` (sm_80 and sm_90a cubins plus compute_90 PTX), or None
+/// when the crate was built without nvcc (see [`availability`] for the reason).
+pub fn kernels_fatbin() -> Option<&'static [u8]> {
+    built::KERNELS_FATBIN
+}
+
+/// Whether this build ran with `RFT_REQUIRE_NVCC=1` (then [`kernels_fatbin`] is always Some).
+pub fn nvcc_required_at_build() -> bool {
+    built::NVCC_REQUIRED
+}
+
+/// Ok when the CUDA backend can run here: the kernels were compiled into this binary, libcuda
+/// (the NVIDIA driver library) can be loaded, and the driver sees at least one device.
+/// Otherwise a readable reason. Never panics, also on machines without any CUDA.
+pub fn availability() -> Result<(), String> {
+    if kernels_fatbin().is_none() {
+        return Err(built::KERNELS_MISSING_REASON.to_string());
+    }
+    driver_availability().map(|_| ())
+}
+
+/// libcuda loadable and the number of devices the driver sees (≥ 1), or why not.
+fn driver_availability() -> Result<usize, String> {
+    // SAFETY: only tries to dlopen libcuda's usual names and closes it again; this is the check
+    // cudarc offers for exactly this purpose, before anything that would panic without libcuda.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("libcuda (the NVIDIA driver library) could not be loaded: \
+                    no NVIDIA driver on this machine"
+            .to_string());
+    }
+    match cudarc::driver::CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(n as usize),
+        Ok(_) => Err("the NVIDIA driver is installed but reports no CUDA devices".to_string()),
+        Err(e) => Err(format!(
+            "the NVIDIA driver failed to initialize (cuInit): {e}"
+        )),
+    }
+}
+
+/// Maps a cudarc driver error to [`crate::Error::Cuda`], saying what was being done.
+fn cuda_err(
+    what: impl std::fmt::Display,
+) -> impl FnOnce(cudarc::driver::DriverError) -> crate::Error {
+    move |e| crate::Error::Cuda(format!("{what}: {e}"))
+}

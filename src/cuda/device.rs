@@ -1,0 +1,188 @@
+//! One CUDA device: its context, the stream all work goes to, the module holding every kernel
+//! of the embedded fatbin, and a cuBLAS handle created on first use. Also plain host⇄device
+//! copies (synchronous from the host's view), including f32 ⇄ bf16 conversion for tests.
+//!
+//! Work goes to the context's default (null) stream, so every launch is ordered after the
+//! previous one and cudarc needs no cross-stream event tracking. (CUDA-graph capture needs a
+//! non-null stream: switch `stream` to `ctx.new_stream()` when the engine captures graphs.)
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use half::bf16;
+
+use super::{cuda_err, driver_availability, kernels::Kernels, kernels_fatbin};
+use crate::{Error, Result};
+
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Every kernel of `kernels/*.cu`, from the fatbin embedded by build.rs.
+    module: Arc<CudaModule>,
+    pub(super) kernels: Kernels,
+    blas: OnceLock<CudaBlas>,
+    name: String,
+    compute_capability: (i32, i32),
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("name", &self.name)
+            .field("compute_capability", &self.compute_capability)
+            .finish()
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: creates (retains) its primary context and loads the embedded
+    /// kernels. `Error::CudaUnavailable` when kernels were not compiled, there is no driver or
+    /// no such device; `Error::Cuda` when the driver fails (e.g. the fatbin has no code for this
+    /// GPU's architecture).
+    pub fn new(ordinal: usize) -> Result<CudaDevice> {
+        let fatbin = kernels_fatbin().ok_or_else(|| {
+            Error::CudaUnavailable(super::built::KERNELS_MISSING_REASON.to_string())
+        })?;
+        let count = driver_availability().map_err(Error::CudaUnavailable)?;
+        if ordinal >= count {
+            return Err(Error::CudaUnavailable(format!(
+                "CUDA device {ordinal} requested but the driver sees {count} device(s) (ordinals 0..{count})"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err(format_args!(
+            "creating a context on CUDA device {ordinal}"
+        )))?;
+        let name = ctx
+            .name()
+            .unwrap_or_else(|e| format!("<name unavailable: {e}>"));
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(cuda_err("querying the compute capability"))?;
+        let stream = ctx.default_stream();
+        let module = ctx
+            .load_module(Ptx::from_binary(fatbin.to_vec()))
+            .map_err(|e| {
+                Error::Cuda(format!(
+                "loading the embedded kernels (sm_80, sm_90a cubins + compute_90 PTX) on device \
+                 {ordinal} ({name}, compute capability {}.{}): {e}",
+                compute_capability.0, compute_capability.1
+            ))
+            })?;
+        let kernels = Kernels::load(&module)?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            module,
+            kernels,
+            blas: OnceLock::new(),
+            name,
+            compute_capability,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The GPU's name as the driver reports it, e.g. "NVIDIA H200".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// (major, minor), e.g. (9, 0) for H100/H200.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every launcher of this device enqueues on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The module of all embedded kernels (for launchers outside this module).
+    pub fn module(&self) -> &Arc<CudaModule> {
+        &self.module
+    }
+
+    /// A kernel of the embedded fatbin by its `extern "C"` name.
+    pub fn function(&self, name: &str) -> Result<CudaFunction> {
+        self.module
+            .load_function(name)
+            .map_err(cuda_err(format_args!(
+                "kernel {name} in the embedded fatbin"
+            )))
+    }
+
+    /// The cuBLAS handle bound to [`Self::stream`], created on first call. `CudaUnavailable`
+    /// when libcublas cannot be loaded (on the GPU machine: LD_LIBRARY_PATH=/usr/local/cuda/lib64).
+    pub fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(blas) = self.blas.get() {
+            return Ok(blas);
+        }
+        // SAFETY: only tries to dlopen libcublas; cudarc panics on first use if it is missing.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::CudaUnavailable(
+                "libcublas could not be loaded (add the CUDA libraries, e.g. /usr/local/cuda/lib64, \
+                 to LD_LIBRARY_PATH)"
+                    .to_string(),
+            ));
+        }
+        let blas = CudaBlas::new(self.stream.clone())
+            .map_err(|e| Error::Cuda(format!("creating the cuBLAS handle: {e:?}")))?;
+        // A racing thread may have set it first; then ours is dropped.
+        let _ = self.blas.set(blas);
+        Ok(self.blas.get().expect("set above"))
+    }
+
+    /// Waits for all work queued on this device's stream; surfaces asynchronous kernel errors.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("synchronizing the stream"))
+    }
+
+    /// A device buffer of `len` zeros.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(len)
+            .map_err(cuda_err(format_args!("allocating {len} elements")))
+    }
+
+    /// Copies a host slice into a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(cuda_err(format_args!(
+            "copying {} elements to the device",
+            host.len()
+        )))
+    }
+
+    /// Copies a device buffer back to the host (waits for the work that writes it).
+    pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        let host = self.stream.clone_dtoh(dev).map_err(cuda_err(format_args!(
+            "copying {} elements to the host",
+            dev.len()
+        )))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// f32 host values rounded to bf16 (nearest even), into a new device buffer.
+    pub fn upload_bf16(&self, host: &[f32]) -> Result<CudaSlice<bf16>> {
+        let v: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+        self.upload(&v)
+    }
+
+    /// A bf16 device buffer back to the host as f32 (exact).
+    pub fn download_bf16(&self, dev: &CudaSlice<bf16>) -> Result<Vec<f32>> {
+        Ok(self.download(dev)?.into_iter().map(bf16::to_f32).collect())
+    }
+}
