@@ -82,4 +82,50 @@ impl LoraWeights {
     pub fn num_params(&self) -> usize {
         self.layers.iter().flatten().flatten().map(|p| p.a.len() + p.b.len()).sum()
     }
+
+    /// The same structure (config, present pairs, shapes) filled with zeros: the shape of
+    /// this adapter's gradients and optimizer moments.
+    pub fn zeros_like(&self) -> LoraWeights {
+        let zero = |p: &Option<LoraPair>| {
+            p.as_ref().map(|p| LoraPair { a: vec![0.0; p.a.len()], b: vec![0.0; p.b.len()] })
+        };
+        LoraWeights {
+            config: self.config.clone(),
+            layers: self.layers.iter().map(|l| std::array::from_fn(|i| zero(&l[i]))).collect(),
+        }
+    }
+
+    /// Deterministic random pairs on every `target_modules` projection of every layer, with
+    /// uniform entries of std `std_a` (A) and `std_b` (B). PEFT initialises B to zero; tests
+    /// want both non-zero so that every gradient path is exercised. Small xorshift generator.
+    pub fn new_random(
+        config: LoraConfig,
+        model: &crate::model::config::ModelConfig,
+        seed: u64,
+        std_a: f32,
+        std_b: f32,
+    ) -> LoraWeights {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move |std: f32| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * std * 3f32.sqrt()
+        };
+        let r = config.r;
+        let mut layers = Vec::with_capacity(model.num_hidden_layers);
+        for _ in 0..model.num_hidden_layers {
+            let mut layer: [Option<LoraPair>; 7] = Default::default();
+            for p in Proj::ALL {
+                if config.target_modules.contains(&p) {
+                    let (d_in, d_out) = p.dims(model);
+                    let a = (0..r * d_in).map(|_| next(std_a)).collect();
+                    let b = (0..d_out * r).map(|_| next(std_b)).collect();
+                    layer[p as usize] = Some(LoraPair { a, b });
+                }
+            }
+            layers.push(layer);
+        }
+        LoraWeights { config, layers }
+    }
 }
