@@ -14,7 +14,9 @@ pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod lora;
+pub mod loss;
 pub mod model;
+pub mod optim;
 pub mod sampling;
 pub mod tensor;
 
