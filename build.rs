@@ -87,9 +87,7 @@ fn main() {
                       /usr/local/cuda/bin). Fix: run `export NVCC=$(scripts/install-nvcc.sh | tail -1)` \
                       (or set NVCC=/path/to/nvcc) and rebuild";
         if require {
-            fail(&format!(
-                "RFT_REQUIRE_NVCC=1 but nvcc was not found. {reason}"
-            ));
+            fail(&format!("RFT_REQUIRE_NVCC=1 but nvcc was not found. {reason}"));
         }
         println!(
             "cargo:warning=nvcc not found: building without CUDA kernels (the CUDA backend will be \
@@ -100,10 +98,7 @@ fn main() {
     };
 
     if sources.is_empty() {
-        fail(&format!(
-            "no kernels/*.cu found in {}",
-            kernels_dir.display()
-        ));
+        fail(&format!("no kernels/*.cu found in {}", kernels_dir.display()));
     }
 
     // One translation unit: each kernel file by absolute path; their own `#include "common.cuh"`

@@ -10,11 +10,20 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("unsupported architecture {found:?} in {path}; supported: {supported}")]
-    UnsupportedArch { path: PathBuf, found: String, supported: String },
+    UnsupportedArch {
+        path: PathBuf,
+        found: String,
+        supported: String,
+    },
     #[error("{path}: {msg}")]
     Safetensors { path: PathBuf, msg: String },
     #[error("tensor {name}: expected shape {expected:?}, found {found:?} (in {path})")]
-    Shape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("tensor {name} is missing from {path}")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}:{line}: {msg}")]
@@ -35,10 +44,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Config { path: path.into(), msg: msg.into() }
+        Error::Config {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())

@@ -9,9 +9,9 @@
 //! - [`error`]: the library's error type.
 
 pub mod cpu;
-pub mod engine;
 pub mod cuda;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod lora;
 pub mod loss;

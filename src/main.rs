@@ -13,7 +13,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "rft", version, about = "Reinforcement fine-tuning (GRPO over LoRA) for Hugging Face models")]
+#[command(
+    name = "rft",
+    version,
+    about = "Reinforcement fine-tuning (GRPO over LoRA) for Hugging Face models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -122,7 +126,13 @@ fn run(cli: Cli) -> Result<()> {
             ignore_eos,
             batch_size,
         } => {
-            let params = SamplingParams { temperature, top_k, top_p, min_p, seed };
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed,
+            };
             params.validate()?;
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
@@ -146,8 +156,16 @@ fn run(cli: Cli) -> Result<()> {
                     .collect::<Result<_>>()?,
                 (None, None) => bail!("give --prompt TEXT or --input FILE.jsonl"),
             };
-            let eos = if ignore_eos { vec![] } else { engine.config().eos_token_ids.clone() };
-            let stop = StopCriteria { eos_ids: eos, stop_strings: stop, max_new_tokens };
+            let eos = if ignore_eos {
+                vec![]
+            } else {
+                engine.config().eos_token_ids.clone()
+            };
+            let stop = StopCriteria {
+                eos_ids: eos,
+                stop_strings: stop,
+                max_new_tokens,
+            };
             let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
             engine.max_batch_seqs = batch_size;
             let rollouts = engine.generate(&prompts, num_samples, &params, &stop, Some(&decode))?;
@@ -165,21 +183,32 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Score { m, input, temperature } => {
+        Cmd::Score {
+            m,
+            input,
+            temperature,
+        } => {
             let (mut engine, tok) = load(&m)?;
             let lines = read_inputs(&input, true)?;
             let mut items = Vec::with_capacity(lines.len());
             for l in &lines {
                 let ctx = || format!("{}:{}", input.display(), l.line);
                 let p = encode_prompt(&l.prompt, &tok).with_context(ctx)?;
-                let c = l.completion.as_ref().ok_or_else(|| anyhow!("{}: missing completion", ctx()))?;
+                let c = l
+                    .completion
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("{}: missing completion", ctx()))?;
                 let c = encode_completion(c, &tok).with_context(ctx)?;
                 items.push((p, c));
             }
             let scores = engine.score(&items, temperature)?;
             let mut out = std::io::stdout().lock();
             for ((_, c), lp) in items.iter().zip(scores) {
-                writeln!(out, "{}", serde_json::json!({"completion_ids": c, "logprobs": lp}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"completion_ids": c, "logprobs": lp})
+                )?;
             }
             Ok(())
         }

@@ -329,9 +329,7 @@ impl Sampler {
         if k > 0 && k < v {
             self.select.clear();
             self.select.extend_from_slice(&self.scaled);
-            let (_, kth, _) = self
-                .select
-                .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let (_, kth, _) = self.select.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
             let kth = *kth;
             for (w, &s) in self.weights.iter_mut().zip(&self.scaled) {
                 if s < kth {
@@ -430,11 +428,7 @@ fn greedy(logits: &[f32]) -> Sampled {
         }
     }
     let m = logits[best];
-    let log_z = logits
-        .iter()
-        .map(|&x| ((x - m) as f64).exp())
-        .sum::<f64>()
-        .ln();
+    let log_z = logits.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln();
     Sampled {
         token: best as u32,
         logprob: ((logits[best] - m) as f64 - log_z) as f32,
@@ -562,10 +556,7 @@ mod tests {
     fn uniform_mapping_and_range() {
         // The documented mapping, spelled out once.
         let (seed, stream, step) = (0x0123_4567_89ab_cdefu64, 0xdead_beef_0000_0007u64, 42u64);
-        let w = philox4x32_10(
-            [42, 0, 0x0000_0007, 0xdead_beef],
-            [0x89ab_cdef, 0x0123_4567],
-        )[0];
+        let w = philox4x32_10([42, 0, 0x0000_0007, 0xdead_beef], [0x89ab_cdef, 0x0123_4567])[0];
         assert_eq!(uniform(seed, stream, step), (w >> 8) as f32 / 16_777_216.0);
         let mut sum = 0.0f64;
         let n = 100_000;
@@ -640,11 +631,7 @@ mod tests {
             let mut out = vec![Vec::new(); seqs.len()];
             for step in 0..16 {
                 for (j, &seq) in seqs.iter().enumerate() {
-                    out[j].push(
-                        s.sample(&logits_for(seq, step), &p, seq, step)
-                            .unwrap()
-                            .token,
-                    );
+                    out[j].push(s.sample(&logits_for(seq, step), &p, seq, step).unwrap().token);
                 }
             }
             out
@@ -671,10 +658,7 @@ mod tests {
         let mut s = Sampler::new();
         for case in 0..50 {
             let logits = lcg_logits(case, 100);
-            let g = s
-                .sample(&logits, &SamplingParams::greedy(), 0, 0)
-                .unwrap()
-                .token;
+            let g = s.sample(&logits, &SamplingParams::greedy(), 0, 0).unwrap().token;
             let p = SamplingParams {
                 top_k: 1,
                 temperature: 1.3,
@@ -739,9 +723,8 @@ mod tests {
     #[test]
     fn top_p_sets_match_hf() {
         let mut s = Sampler::new();
-        let dist = |s: &mut Sampler, logits: &[f32], p: SamplingParams| {
-            kept(&s.distribution(logits, &p).unwrap())
-        };
+        let dist =
+            |s: &mut Sampler, logits: &[f32], p: SamplingParams| kept(&s.distribution(logits, &p).unwrap());
         // probs .5 .3 .1 .1, top_p .75: ascending cumsum .1 .2 .5 1; HF drops cum <= .25.
         let l = ln(&[0.5, 0.3, 0.1, 0.1]);
         let p = |top_p| SamplingParams {
@@ -857,10 +840,7 @@ mod tests {
             counts[s.sample(&logits, &p, i % 1000, i / 1000).unwrap().token as usize] += 1;
         }
         let kept_n = kept(&d).len();
-        assert!(
-            kept_n >= 4,
-            "test should keep several tokens, kept {kept_n}"
-        );
+        assert!(kept_n >= 4, "test should keep several tokens, kept {kept_n}");
         let mut chi2 = 0.0;
         for (i, (&c, &pi)) in counts.iter().zip(&d).enumerate() {
             if pi == 0.0 {
@@ -871,10 +851,7 @@ mod tests {
             // Binomial sd of a frequency is sqrt(p(1-p)/n); 5 sd per cell gives a false alarm
             // probability < 1e-5 over 12 cells.
             let sd = (pi * (1.0 - pi) / n as f64).sqrt();
-            assert!(
-                (f - pi).abs() < 5.0 * sd + 1e-9,
-                "token {i}: freq {f} vs p {pi}"
-            );
+            assert!((f - pi).abs() < 5.0 * sd + 1e-9, "token {i}: freq {f} vs p {pi}");
             let e = pi * n as f64;
             chi2 += (c as f64 - e).powi(2) / e;
         }
@@ -897,11 +874,7 @@ mod tests {
             for step in 0..20 {
                 let r = s.sample(&logits, &p, 1, step).unwrap();
                 let want = (logits[r.token as usize] / t) as f64 - z.ln();
-                assert!(
-                    (r.logprob as f64 - want).abs() < 1e-5,
-                    "{} vs {want}",
-                    r.logprob
-                );
+                assert!((r.logprob as f64 - want).abs() < 1e-5, "{} vs {want}", r.logprob);
             }
         }
     }
@@ -915,10 +888,7 @@ mod tests {
             let t = s.sample(&l, &p, 0, step).unwrap().token;
             assert!(t == 0 || t == 2);
         }
-        let e = s
-            .sample(&[0.0, f32::NAN], &p, 0, 0)
-            .unwrap_err()
-            .to_string();
+        let e = s.sample(&[0.0, f32::NAN], &p, 0, 0).unwrap_err().to_string();
         assert!(e.contains("NaN"), "{e}");
         assert!(s.sample(&[0.0, f32::INFINITY], &p, 0, 0).is_err());
         assert!(s.sample(&[f32::NEG_INFINITY; 3], &p, 0, 0).is_err());
@@ -951,11 +921,7 @@ mod tests {
         .contains("temperature"));
         assert!(msg(SamplingParams { top_p: 0.0, ..d }).contains("top_p"));
         assert!(msg(SamplingParams { top_p: 1.5, ..d }).contains("top_p"));
-        assert!(msg(SamplingParams {
-            top_p: f32::NAN,
-            ..d
-        })
-        .contains("top_p"));
+        assert!(msg(SamplingParams { top_p: f32::NAN, ..d }).contains("top_p"));
         assert!(msg(SamplingParams { min_p: 1.0, ..d }).contains("min_p"));
         assert!(msg(SamplingParams { min_p: -0.1, ..d }).contains("min_p"));
         assert!(sample(&[0.0], &SamplingParams { top_p: 2.0, ..d }, 0, 0).is_err());
@@ -989,10 +955,7 @@ mod tests {
         assert_eq!(c.check(3, 6, None), Some(FinishReason::Length));
         assert_eq!(c.find_stop_string("a</answer>b</answer>"), Some(1));
         assert!(c.needs_text());
-        assert_eq!(
-            serde_json::to_string(&FinishReason::Stop).unwrap(),
-            "\"stop\""
-        );
+        assert_eq!(serde_json::to_string(&FinishReason::Stop).unwrap(), "\"stop\"");
         assert_eq!(
             serde_json::to_string(&FinishReason::Length).unwrap(),
             "\"length\""

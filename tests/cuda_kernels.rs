@@ -30,8 +30,8 @@ fn device_or_skip() -> Option<CudaDevice> {
         eprintln!("skipping: {reason}");
         return None;
     }
-    let dev = CudaDevice::new(0)
-        .unwrap_or_else(|e| panic!("CUDA is available but opening device 0 failed: {e}"));
+    let dev =
+        CudaDevice::new(0).unwrap_or_else(|e| panic!("CUDA is available but opening device 0 failed: {e}"));
     eprintln!(
         "running on {} (compute capability {:?})",
         dev.name(),
@@ -55,9 +55,7 @@ fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
 }
 
 fn round_bf16(v: &[f32]) -> Vec<f32> {
-    v.iter()
-        .map(|&x| half::bf16::from_f32(x).to_f32())
-        .collect()
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
 }
 
 /// x (rows, dim) with a few special rows: row 1 all zeros (only eps keeps rsqrt finite, y = 0),
@@ -129,11 +127,7 @@ fn fatbin_is_embedded_when_nvcc_was_required() {
     assert_eq!(required, nvcc_required_at_build());
     match kernels_fatbin() {
         Some(fatbin) => {
-            assert_eq!(
-                &fatbin[..4],
-                &[0x50, 0xed, 0x55, 0xba],
-                "fatbin magic 0xBA55ED50"
-            );
+            assert_eq!(&fatbin[..4], &[0x50, 0xed, 0x55, 0xba], "fatbin magic 0xBA55ED50");
             // Cubin symbol tables are stored uncompressed: every kernel name must be in there.
             for name in ["rmsnorm_fwd_bf16", "rmsnorm_fwd_f32"] {
                 assert!(

@@ -21,7 +21,9 @@ const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
 const TOL: f32 = 1e-4;
 
 fn root() -> PathBuf {
-    std::env::var("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("."))
+    std::env::var("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("."))
 }
 
 fn model_dir(name: &str) -> PathBuf {
@@ -34,11 +36,19 @@ fn expected(name: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -47,7 +57,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn prompts(e: &Value) -> Vec<Vec<u32>> {
-    e["prompts"].as_array().unwrap().iter().map(|p| ids(&p["ids"])).collect()
+    e["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["ids"]))
+        .collect()
 }
 
 #[test]
@@ -72,7 +87,9 @@ fn last_prompt_logits_match_hf_unbatched_and_batched() {
         // One prompt at a time.
         for (p, w) in ps.iter().zip(&want) {
             let mut cache = KvCache::new(engine.config());
-            let got = engine.model.forward(&mut [&mut cache], &[p], None, LogitsFor::LastPerSeq);
+            let got = engine
+                .model
+                .forward(&mut [&mut cache], &[p], None, LogitsFor::LastPerSeq);
             let d = max_abs_diff(&got, w);
             assert!(d <= TOL, "{name}: unbatched last logits differ by {d}");
         }
@@ -80,29 +97,46 @@ fn last_prompt_logits_match_hf_unbatched_and_batched() {
         let mut caches: Vec<KvCache> = ps.iter().map(|_| KvCache::new(engine.config())).collect();
         let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
         let toks: Vec<&[u32]> = ps.iter().map(|p| p.as_slice()).collect();
-        let got = engine.model.forward(&mut refs, &toks, None, LogitsFor::LastPerSeq);
+        let got = engine
+            .model
+            .forward(&mut refs, &toks, None, LogitsFor::LastPerSeq);
         for (i, w) in want.iter().enumerate() {
             let d = max_abs_diff(&got[i * v..(i + 1) * v], w);
-            assert!(d <= TOL, "{name}: batched last logits of prompt {i} differ by {d}");
+            assert!(
+                d <= TOL,
+                "{name}: batched last logits of prompt {i} differ by {d}"
+            );
         }
     }
 }
 
 fn greedy_stop(n: usize) -> StopCriteria {
     // No EOS: the fixtures' greedy continuations were computed without stopping.
-    StopCriteria { eos_ids: vec![], stop_strings: vec![], max_new_tokens: n }
+    StopCriteria {
+        eos_ids: vec![],
+        stop_strings: vec![],
+        max_new_tokens: n,
+    }
 }
 
 #[test]
 fn greedy_tokens_and_logprobs_match_hf_batched_and_unbatched() {
-    let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
     for name in MODELS {
         let e = expected(name);
         let mut engine = CpuEngine::load(&model_dir(name)).unwrap();
         let ps = prompts(&e);
         let n = e["n_generate"].as_u64().unwrap() as usize;
         let want_ids: Vec<Vec<u32>> = e["greedy"].as_array().unwrap().iter().map(ids).collect();
-        let want_lp: Vec<Vec<f32>> = e["greedy_logprobs"].as_array().unwrap().iter().map(floats).collect();
+        let want_lp: Vec<Vec<f32>> = e["greedy_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
         for batch in [1usize, 64] {
             engine.max_batch_seqs = batch;
             let out = engine.generate(&ps, 1, &greedy, &greedy_stop(n), None).unwrap();
@@ -140,10 +174,17 @@ fn greedy_samples_equal_scores_of_their_own_tokens() {
     let e = expected("qwen3");
     let mut engine = CpuEngine::load(&model_dir("qwen3")).unwrap();
     let ps = prompts(&e);
-    let params = SamplingParams { temperature: 0.8, top_k: 50, seed: 7, ..Default::default() };
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_k: 50,
+        seed: 7,
+        ..Default::default()
+    };
     let out = engine.generate(&ps, 3, &params, &greedy_stop(10), None).unwrap();
-    let items: Vec<(Vec<u32>, Vec<u32>)> =
-        out.iter().map(|r| (ps[r.prompt_index].clone(), r.completion_ids.clone())).collect();
+    let items: Vec<(Vec<u32>, Vec<u32>)> = out
+        .iter()
+        .map(|r| (ps[r.prompt_index].clone(), r.completion_ids.clone()))
+        .collect();
     let scores = engine.score(&items, 0.8).unwrap();
     for (r, s) in out.iter().zip(&scores) {
         let d = max_abs_diff(&r.logprobs, s);

@@ -22,9 +22,7 @@ fn expected() -> Value {
 
 fn load(name: &str, fixed_unix: i64) -> Tokenizer {
     let mut tok = Tokenizer::from_dir(fixtures().join(name)).unwrap();
-    tok.chat_template_mut()
-        .unwrap()
-        .set_fixed_time(Some(fixed_unix));
+    tok.chat_template_mut().unwrap().set_fixed_time(Some(fixed_unix));
     tok
 }
 
@@ -149,9 +147,7 @@ fn template_sources_and_special_tokens() {
     assert_eq!(qwen.pad_token(), Some("<|endoftext|>"));
     assert_eq!(qwen.eos_token_id(), qwen.token_to_id("<|im_end|>"));
     // Special tokens decode, or are skipped.
-    let ids = qwen
-        .encode("<|im_start|>user\nhi<|im_end|>", false)
-        .unwrap();
+    let ids = qwen.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
     assert_eq!(ids[0], qwen.token_to_id("<|im_start|>").unwrap());
     assert_eq!(qwen.decode(&ids, true).unwrap(), "user\nhi");
     assert_eq!(
@@ -248,16 +244,10 @@ fn inputs_end_to_end() {
         .unwrap();
     assert!(text.ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"));
     assert_eq!(p, tok.encode(&text, false).unwrap());
-    assert_eq!(
-        p.iter().filter(|&&i| Some(i) == tok.bos_token_id()).count(),
-        1
-    );
+    assert_eq!(p.iter().filter(|&&i| Some(i) == tok.bos_token_id()).count(), 1);
     assert_eq!(c.unwrap(), vec![5, 6]);
 
-    assert_eq!(
-        encode_line(&path, &lines[2], &tok).unwrap().0,
-        vec![1, 2, 3]
-    );
+    assert_eq!(encode_line(&path, &lines[2], &tok).unwrap().0, vec![1, 2, 3]);
 
     let e = encode_line(&path, &lines[3], &tok).unwrap_err().to_string();
     assert!(

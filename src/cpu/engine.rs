@@ -22,13 +22,20 @@ pub struct CpuEngine {
 
 impl CpuEngine {
     pub fn new(model: CpuModel) -> CpuEngine {
-        CpuEngine { model, adapter: None, max_batch_seqs: 64 }
+        CpuEngine {
+            model,
+            adapter: None,
+            max_batch_seqs: 64,
+        }
     }
 
     /// Loads config.json (+ generation_config.json) and the safetensors weights of `dir`.
     pub fn load(dir: &Path) -> Result<CpuEngine> {
         if !dir.is_dir() {
-            return Err(Error::invalid(format!("model directory {} does not exist", dir.display())));
+            return Err(Error::invalid(format!(
+                "model directory {} does not exist",
+                dir.display()
+            )));
         }
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
@@ -40,7 +47,9 @@ impl CpuEngine {
     fn check_prompt(&self, i: usize, ids: &[u32]) -> Result<()> {
         let c = &self.model.config;
         if ids.is_empty() {
-            return Err(Error::invalid(format!("prompt {i} is empty (at least one token is needed)")));
+            return Err(Error::invalid(format!(
+                "prompt {i} is empty (at least one token is needed)"
+            )));
         }
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(Error::invalid(format!(
@@ -96,7 +105,8 @@ impl Engine for CpuEngine {
             let logits = {
                 let mut refs: Vec<&mut KvCache> = prefill.iter_mut().collect();
                 let toks: Vec<&[u32]> = chunk.iter().map(|p| p.as_slice()).collect();
-                self.model.forward(&mut refs, &toks, self.adapter.as_ref(), LogitsFor::LastPerSeq)
+                self.model
+                    .forward(&mut refs, &toks, self.adapter.as_ref(), LogitsFor::LastPerSeq)
             };
             let vocab = self.model.config.vocab_size;
             // Share each prompt's cache with its G samples.
@@ -156,9 +166,14 @@ impl Engine for CpuEngine {
                 let last: Vec<[u32; 1]> = active.iter().map(|&si| [*seqs[si].ids.last().unwrap()]).collect();
                 let toks: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
                 // `active` is ascending and holds exactly the sequences not yet done.
-                let mut refs: Vec<&mut KvCache> =
-                    seqs.iter_mut().filter(|s| s.done.is_none()).map(|s| &mut s.cache).collect();
-                let logits = self.model.forward(&mut refs, &toks, self.adapter.as_ref(), LogitsFor::LastPerSeq);
+                let mut refs: Vec<&mut KvCache> = seqs
+                    .iter_mut()
+                    .filter(|s| s.done.is_none())
+                    .map(|s| &mut s.cache)
+                    .collect();
+                let logits =
+                    self.model
+                        .forward(&mut refs, &toks, self.adapter.as_ref(), LogitsFor::LastPerSeq);
                 step_logits = logits.chunks_exact(vocab).map(|r| r.to_vec()).collect();
             }
             for s in seqs {
@@ -176,7 +191,9 @@ impl Engine for CpuEngine {
 
     fn score(&mut self, items: &[(Vec<u32>, Vec<u32>)], temperature: f32) -> Result<Vec<Vec<f32>>> {
         if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::invalid(format!("score temperature must be > 0, got {temperature}")));
+            return Err(Error::invalid(format!(
+                "score temperature must be > 0, got {temperature}"
+            )));
         }
         let c = &self.model.config;
         for (i, (p, comp)) in items.iter().enumerate() {
@@ -205,7 +222,9 @@ impl Engine for CpuEngine {
             // Rows P-1 .. P+C-2 predict the completion tokens.
             let seq: Vec<u32> = p.iter().chain(&comp[..comp.len() - 1]).copied().collect();
             let mut cache = KvCache::new(&self.model.config);
-            let logits = self.model.forward(&mut [&mut cache], &[&seq], self.adapter.as_ref(), LogitsFor::All);
+            let logits =
+                self.model
+                    .forward(&mut [&mut cache], &[&seq], self.adapter.as_ref(), LogitsFor::All);
             let lps = comp
                 .iter()
                 .enumerate()

@@ -63,11 +63,21 @@ pub enum LogitsFor {
 impl CpuModel {
     pub fn new(config: ModelConfig, weights: Weights) -> CpuModel {
         let inv_freq = config.rope_inv_freq();
-        CpuModel { config, weights, inv_freq }
+        CpuModel {
+            config,
+            weights,
+            inv_freq,
+        }
     }
 
     /// y [n, out] = x [n, in] · Wᵀ + b (+ scale · (x Aᵀ) Bᵀ when a LoRA pair is present).
-    pub fn linear(&self, x: &[f32], n: usize, lin: &Linear, lora: Option<(&LoraWeights, usize, Proj)>) -> Vec<f32> {
+    pub fn linear(
+        &self,
+        x: &[f32],
+        n: usize,
+        lin: &Linear,
+        lora: Option<(&LoraWeights, usize, Proj)>,
+    ) -> Vec<f32> {
         let mut y = ops::matmul_wt(x, &lin.w, n, lin.d_in, lin.d_out);
         if let Some(b) = &lin.b {
             ops::add_bias(&mut y, b);
@@ -131,8 +141,20 @@ impl CpuModel {
                 k = ops::rmsnorm_fwd(&k, kn, c.rms_norm_eps, hd);
             }
             for r in 0..n {
-                ops::rope_inplace(&mut q[r * nh * hd..(r + 1) * nh * hd], row_pos[r], &self.inv_freq, hd, false);
-                ops::rope_inplace(&mut k[r * nkv * hd..(r + 1) * nkv * hd], row_pos[r], &self.inv_freq, hd, false);
+                ops::rope_inplace(
+                    &mut q[r * nh * hd..(r + 1) * nh * hd],
+                    row_pos[r],
+                    &self.inv_freq,
+                    hd,
+                    false,
+                );
+                ops::rope_inplace(
+                    &mut k[r * nkv * hd..(r + 1) * nkv * hd],
+                    row_pos[r],
+                    &self.inv_freq,
+                    hd,
+                    false,
+                );
             }
             // Append this layer's new keys/values to each sequence's cache.
             for r in 0..n {
@@ -148,7 +170,17 @@ impl CpuModel {
                 let cache = caches_ro[row_seq[r]];
                 let pos = row_pos[r];
                 let qv = &q[(r * nh + head) * hd..(r * nh + head + 1) * hd];
-                attend(qv, &cache.k[l], &cache.v[l], head / (nh / nkv), nkv, hd, pos, c.sliding_window, out);
+                attend(
+                    qv,
+                    &cache.k[l],
+                    &cache.v[l],
+                    head / (nh / nkv),
+                    nkv,
+                    hd,
+                    pos,
+                    c.sliding_window,
+                    out,
+                );
             });
             let o = self.linear(&attn, n, &lw.o, lo(Proj::O));
             for (xv, ov) in x.iter_mut().zip(&o) {
@@ -176,7 +208,10 @@ impl CpuModel {
                 let mut end = 0;
                 for t in tokens {
                     end += t.len();
-                    assert!(!t.is_empty(), "LogitsFor::LastPerSeq needs ≥ 1 new token per sequence");
+                    assert!(
+                        !t.is_empty(),
+                        "LogitsFor::LastPerSeq needs ≥ 1 new token per sequence"
+                    );
                     rows.push(end - 1);
                 }
                 rows

@@ -33,9 +33,8 @@ pub fn sgemm_strided(
         return;
     }
     // Bounds are checked here once; matrixmultiply trusts the strides.
-    let last = |rows: usize, cols: usize, rs: isize, cs: isize| {
-        (rows as isize - 1) * rs + (cols as isize - 1) * cs
-    };
+    let last =
+        |rows: usize, cols: usize, rs: isize, cs: isize| (rows as isize - 1) * rs + (cols as isize - 1) * cs;
     assert!(last(m, k, rsa, csa) < a.len() as isize, "sgemm: A too small");
     assert!(last(k, n, rsb, csb) < b.len() as isize, "sgemm: B too small");
     assert!(last(m, n, rsc, csc) < c.len() as isize, "sgemm: C too small");
@@ -82,7 +81,20 @@ pub fn matmul_wt_acc(
     debug_assert_eq!(x.len(), n * d_in);
     debug_assert_eq!(w.len(), d_out * d_in);
     sgemm_strided(
-        n, d_in, d_out, alpha, x, d_in as isize, 1, w, 1, d_in as isize, beta, y, d_out as isize, 1,
+        n,
+        d_in,
+        d_out,
+        alpha,
+        x,
+        d_in as isize,
+        1,
+        w,
+        1,
+        d_in as isize,
+        beta,
+        y,
+        d_out as isize,
+        1,
     );
 }
 
@@ -99,7 +111,20 @@ pub fn matmul_acc(
     y: &mut [f32],
 ) {
     sgemm_strided(
-        n, d_in, d_out, alpha, x, d_in as isize, 1, w, d_out as isize, 1, beta, y, d_out as isize, 1,
+        n,
+        d_in,
+        d_out,
+        alpha,
+        x,
+        d_in as isize,
+        1,
+        w,
+        d_out as isize,
+        1,
+        beta,
+        y,
+        d_out as isize,
+        1,
     );
 }
 
@@ -116,7 +141,20 @@ pub fn matmul_tn_acc(
     dw: &mut [f32],
 ) {
     sgemm_strided(
-        d_out, n, d_in, alpha, dy, 1, d_out as isize, x, d_in as isize, 1, beta, dw, d_in as isize, 1,
+        d_out,
+        n,
+        d_in,
+        alpha,
+        dy,
+        1,
+        d_out as isize,
+        x,
+        d_in as isize,
+        1,
+        beta,
+        dw,
+        d_in as isize,
+        1,
     );
 }
 
@@ -151,7 +189,11 @@ pub fn rmsnorm_bwd(
     mut dweight: Option<&mut [f32]>,
 ) -> Vec<f32> {
     let mut dx = vec![0.0; x.len()];
-    for ((xr, dyr), dxr) in x.chunks_exact(dim).zip(dy.chunks_exact(dim)).zip(dx.chunks_exact_mut(dim)) {
+    for ((xr, dyr), dxr) in x
+        .chunks_exact(dim)
+        .zip(dy.chunks_exact(dim))
+        .zip(dx.chunks_exact_mut(dim))
+    {
         let r = rms_inv(xr, eps);
         let dot: f32 = xr.iter().zip(dyr).zip(weight).map(|((x, g), w)| x * g * w).sum();
         let c = r * r * r / dim as f32 * dot;

@@ -45,9 +45,8 @@ impl CudaDevice {
     /// no such device; `Error::Cuda` when the driver fails (e.g. the fatbin has no code for this
     /// GPU's architecture).
     pub fn new(ordinal: usize) -> Result<CudaDevice> {
-        let fatbin = kernels_fatbin().ok_or_else(|| {
-            Error::CudaUnavailable(super::built::KERNELS_MISSING_REASON.to_string())
-        })?;
+        let fatbin = kernels_fatbin()
+            .ok_or_else(|| Error::CudaUnavailable(super::built::KERNELS_MISSING_REASON.to_string()))?;
         let count = driver_availability().map_err(Error::CudaUnavailable)?;
         if ordinal >= count {
             return Err(Error::CudaUnavailable(format!(
@@ -57,22 +56,18 @@ impl CudaDevice {
         let ctx = CudaContext::new(ordinal).map_err(cuda_err(format_args!(
             "creating a context on CUDA device {ordinal}"
         )))?;
-        let name = ctx
-            .name()
-            .unwrap_or_else(|e| format!("<name unavailable: {e}>"));
+        let name = ctx.name().unwrap_or_else(|e| format!("<name unavailable: {e}>"));
         let compute_capability = ctx
             .compute_capability()
             .map_err(cuda_err("querying the compute capability"))?;
         let stream = ctx.default_stream();
-        let module = ctx
-            .load_module(Ptx::from_binary(fatbin.to_vec()))
-            .map_err(|e| {
-                Error::Cuda(format!(
+        let module = ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|e| {
+            Error::Cuda(format!(
                 "loading the embedded kernels (sm_80, sm_90a cubins + compute_90 PTX) on device \
                  {ordinal} ({name}, compute capability {}.{}): {e}",
                 compute_capability.0, compute_capability.1
             ))
-            })?;
+        })?;
         let kernels = Kernels::load(&module)?;
         Ok(CudaDevice {
             ctx,
@@ -117,9 +112,7 @@ impl CudaDevice {
     pub fn function(&self, name: &str) -> Result<CudaFunction> {
         self.module
             .load_function(name)
-            .map_err(cuda_err(format_args!(
-                "kernel {name} in the embedded fatbin"
-            )))
+            .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
     }
 
     /// The cuBLAS handle bound to [`Self::stream`], created on first call. `CudaUnavailable`

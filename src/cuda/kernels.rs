@@ -6,9 +6,7 @@
 //! `CudaViewMut`), so arena views and owned buffers both work. Launches are asynchronous;
 //! errors inside a kernel show up at the next synchronizing call.
 
-use cudarc::driver::{
-    CudaFunction, CudaModule, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaModule, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::sync::Arc;
 
@@ -24,9 +22,9 @@ pub(super) struct Kernels {
 impl Kernels {
     pub(super) fn load(module: &Arc<CudaModule>) -> Result<Kernels> {
         let f = |name: &str| {
-            module.load_function(name).map_err(cuda_err(format_args!(
-                "kernel {name} in the embedded fatbin"
-            )))
+            module
+                .load_function(name)
+                .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
         };
         Ok(Kernels {
             rmsnorm_fwd_bf16: f("rmsnorm_fwd_bf16")?,

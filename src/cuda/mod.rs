@@ -56,15 +56,11 @@ fn driver_availability() -> Result<usize, String> {
     match cudarc::driver::CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(n as usize),
         Ok(_) => Err("the NVIDIA driver is installed but reports no CUDA devices".to_string()),
-        Err(e) => Err(format!(
-            "the NVIDIA driver failed to initialize (cuInit): {e}"
-        )),
+        Err(e) => Err(format!("the NVIDIA driver failed to initialize (cuInit): {e}")),
     }
 }
 
 /// Maps a cudarc driver error to [`crate::Error::Cuda`], saying what was being done.
-fn cuda_err(
-    what: impl std::fmt::Display,
-) -> impl FnOnce(cudarc::driver::DriverError) -> crate::Error {
+fn cuda_err(what: impl std::fmt::Display) -> impl FnOnce(cudarc::driver::DriverError) -> crate::Error {
     move |e| crate::Error::Cuda(format!("{what}: {e}"))
 }

@@ -57,9 +57,7 @@ pub fn read_inputs(path: impl AsRef<Path>, require_completion: bool) -> Result<V
 
 /// [`read_inputs`] on bytes already read; `path` is only used in error messages.
 pub fn parse_inputs(bytes: &[u8], path: &Path, require_completion: bool) -> Result<Vec<InputLine>> {
-    let bytes = bytes
-        .strip_prefix(b"\xef\xbb\xbf".as_slice())
-        .unwrap_or(bytes);
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf".as_slice()).unwrap_or(bytes);
     let mut out = Vec::new();
     let mut n_lines = 0;
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -80,11 +78,7 @@ pub fn parse_inputs(bytes: &[u8], path: &Path, require_completion: bool) -> Resu
         if text.trim().is_empty() {
             continue;
         }
-        out.push(
-            parse_line(text, require_completion)
-                .map_err(err)?
-                .with_line(line),
-        );
+        out.push(parse_line(text, require_completion).map_err(err)?.with_line(line));
     }
     if out.is_empty() {
         return Err(Error::Input {
@@ -127,11 +121,13 @@ fn parse_line(text: &str, require_completion: bool) -> std::result::Result<Input
         .filter(|k| obj.contains_key(*k))
         .collect();
     let prompt = match present.as_slice() {
-        [] => return Err(
-            "missing prompt: expected exactly one of \"prompt\" (string), \"messages\" (array of \
+        [] => {
+            return Err(
+                "missing prompt: expected exactly one of \"prompt\" (string), \"messages\" (array of \
                  {role, content}) or \"prompt_ids\" (array of token ids)"
-                .into(),
-        ),
+                    .into(),
+            )
+        }
         [key] => {
             let v = obj.remove(*key).unwrap_or(Json::Null);
             match *key {
@@ -151,9 +147,7 @@ fn parse_line(text: &str, require_completion: bool) -> std::result::Result<Input
                 _ => {
                     let ids = parse_ids("prompt_ids", &v)?;
                     if ids.is_empty() {
-                        return Err(
-                            "\"prompt_ids\" is empty: a prompt needs at least one token".into()
-                        );
+                        return Err("\"prompt_ids\" is empty: a prompt needs at least one token".into());
                     }
                     PromptSpec::Ids(ids)
                 }
@@ -250,9 +244,7 @@ fn check_messages(v: &Json) -> std::result::Result<(), String> {
         ));
     };
     if list.is_empty() {
-        return Err(
-            "\"messages\" is empty: give at least one {\"role\", \"content\"} object".into(),
-        );
+        return Err("\"messages\" is empty: give at least one {\"role\", \"content\"} object".into());
     }
     for (i, m) in list.iter().enumerate() {
         let Json::Object(m) = m else {
@@ -317,11 +309,7 @@ pub fn encode_completion(completion: &CompletionSpec, tok: &Tokenizer) -> Result
 }
 
 /// Encodes one input line (prompt, and completion if any); errors carry `path:line`.
-pub fn encode_line(
-    path: &Path,
-    input: &InputLine,
-    tok: &Tokenizer,
-) -> Result<(Vec<u32>, Option<Vec<u32>>)> {
+pub fn encode_line(path: &Path, input: &InputLine, tok: &Tokenizer) -> Result<(Vec<u32>, Option<Vec<u32>>)> {
     let at = |e: Error| Error::Input {
         path: PathBuf::from(path),
         line: input.line,
@@ -398,11 +386,7 @@ mod tests {
                 false,
                 "\"prompt\" must be a string, found a number",
             ),
-            (
-                "{\"messages\": \"hi\"}",
-                false,
-                "\"messages\" must be an array",
-            ),
+            ("{\"messages\": \"hi\"}", false, "\"messages\" must be an array"),
             ("{\"messages\": []}", false, "\"messages\" is empty"),
             (
                 "{\"messages\": [\"hi\"]}",
@@ -443,11 +427,7 @@ mod tests {
             ("{\"prompt_ids\": [\"3\"]}", false, "found a string"),
             ("{\"prompt_ids\": [4294967296]}", false, "found 4294967296"),
             ("{\"prompt_ids\": []}", false, "\"prompt_ids\" is empty"),
-            (
-                "\n\n{\"prompt\": \"a\"}",
-                true,
-                "in.jsonl:3: missing completion",
-            ),
+            ("\n\n{\"prompt\": \"a\"}", true, "in.jsonl:3: missing completion"),
             (
                 "{\"prompt\": \"a\", \"completion\": \"b\", \"completion_ids\": [1]}",
                 true,

@@ -71,7 +71,10 @@ impl LoraWeights {
                 let (d_in, d_out) = p.dims(model);
                 let bound = 1.0 / (d_in as f32).sqrt();
                 let a = (0..r * d_in).map(|_| uniform() * bound).collect();
-                slot[p as usize] = Some(LoraPair { a, b: vec![0.0; d_out * r] });
+                slot[p as usize] = Some(LoraPair {
+                    a,
+                    b: vec![0.0; d_out * r],
+                });
             }
             layers.push(slot);
         }
@@ -80,18 +83,30 @@ impl LoraWeights {
 
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {
-        self.layers.iter().flatten().flatten().map(|p| p.a.len() + p.b.len()).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.a.len() + p.b.len())
+            .sum()
     }
 
     /// The same structure (config, present pairs, shapes) filled with zeros: the shape of
     /// this adapter's gradients and optimizer moments.
     pub fn zeros_like(&self) -> LoraWeights {
         let zero = |p: &Option<LoraPair>| {
-            p.as_ref().map(|p| LoraPair { a: vec![0.0; p.a.len()], b: vec![0.0; p.b.len()] })
+            p.as_ref().map(|p| LoraPair {
+                a: vec![0.0; p.a.len()],
+                b: vec![0.0; p.b.len()],
+            })
         };
         LoraWeights {
             config: self.config.clone(),
-            layers: self.layers.iter().map(|l| std::array::from_fn(|i| zero(&l[i]))).collect(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| std::array::from_fn(|i| zero(&l[i])))
+                .collect(),
         }
     }
 

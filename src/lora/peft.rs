@@ -16,7 +16,11 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// The PEFT key of a LoRA matrix (`which` is "lora_A" or "lora_B").
 pub fn peft_key(layer: usize, p: Proj, which: &str) -> String {
-    format!("base_model.model.model.layers.{layer}.{}.{}.{which}.weight", p.parent(), p.module_name())
+    format!(
+        "base_model.model.model.layers.{layer}.{}.{}.{which}.weight",
+        p.parent(),
+        p.module_name()
+    )
 }
 
 /// Reads and checks `adapter_config.json`.
@@ -25,22 +29,28 @@ pub fn read_config(dir: &Path) -> Result<(LoraConfig, Value)> {
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| Error::config(&path, format!("invalid JSON: {e}")))?;
-    let o = v.as_object().ok_or_else(|| Error::config(&path, "expected a JSON object"))?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| Error::config(&path, "expected a JSON object"))?;
     let cfg_err = |m: String| Error::config(&path, m);
     if let Some(t) = o.get("peft_type").and_then(|t| t.as_str()) {
         if t != "LORA" {
-            return Err(cfg_err(format!("peft_type {t:?} is not supported (expected \"LORA\")")));
+            return Err(cfg_err(format!(
+                "peft_type {t:?} is not supported (expected \"LORA\")"
+            )));
         }
     }
     let r = o
         .get("r")
         .and_then(|x| x.as_u64())
         .filter(|&r| r > 0)
-        .ok_or_else(|| cfg_err("missing or invalid key \"r\" (a positive integer)".into()))? as usize;
+        .ok_or_else(|| cfg_err("missing or invalid key \"r\" (a positive integer)".into()))?
+        as usize;
     let alpha = o
         .get("lora_alpha")
         .and_then(|x| x.as_f64())
-        .ok_or_else(|| cfg_err("missing or invalid key \"lora_alpha\" (a number)".into()))? as f32;
+        .ok_or_else(|| cfg_err("missing or invalid key \"lora_alpha\" (a number)".into()))?
+        as f32;
     let targets = o
         .get("target_modules")
         .ok_or_else(|| cfg_err("missing key \"target_modules\"".into()))?;
@@ -51,19 +61,33 @@ pub fn read_config(dir: &Path) -> Result<(LoraConfig, Value)> {
         return Err(cfg_err("use_dora = true is not supported".into()));
     }
     for key in ["rank_pattern", "alpha_pattern"] {
-        if o.get(key).and_then(|x| x.as_object()).is_some_and(|m| !m.is_empty()) {
+        if o.get(key)
+            .and_then(|x| x.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
             return Err(cfg_err(format!("a non-empty {key:?} is not supported")));
         }
     }
     if let Some(b) = o.get("bias").and_then(|x| x.as_str()) {
         if b != "none" {
-            return Err(cfg_err(format!("bias = {b:?} is not supported (expected \"none\")")));
+            return Err(cfg_err(format!(
+                "bias = {b:?} is not supported (expected \"none\")"
+            )));
         }
     }
     if o.get("layers_to_transform").is_some_and(|x| !x.is_null()) {
         return Err(cfg_err("layers_to_transform is not supported".into()));
     }
-    Ok((LoraConfig { r, alpha, dropout, use_rslora, target_modules }, v))
+    Ok((
+        LoraConfig {
+            r,
+            alpha,
+            dropout,
+            use_rslora,
+            target_modules,
+        },
+        v,
+    ))
 }
 
 /// `target_modules` as PEFT writes it: a list of names, "all-linear", or one name.
@@ -73,7 +97,11 @@ pub fn parse_targets(v: &Value) -> std::result::Result<Vec<Proj>, String> {
         Value::String(s) => vec![s.clone()],
         Value::Array(a) => a
             .iter()
-            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| "target_modules: expected strings".to_string()))
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| "target_modules: expected strings".to_string())
+            })
             .collect::<std::result::Result<_, _>>()?,
         _ => return Err("target_modules: expected a list of module names".into()),
     };
@@ -99,12 +127,18 @@ pub fn parse_targets(v: &Value) -> std::result::Result<Vec<Proj>, String> {
 /// Loads a PEFT adapter for a model, checking every tensor's presence and shape.
 pub fn load(dir: &Path, model: &ModelConfig) -> Result<LoraWeights> {
     if !dir.is_dir() {
-        return Err(Error::invalid(format!("adapter directory {} does not exist", dir.display())));
+        return Err(Error::invalid(format!(
+            "adapter directory {} does not exist",
+            dir.display()
+        )));
     }
     let (config, _) = read_config(dir)?;
     let wpath = dir.join(WEIGHTS_FILE);
     if !wpath.exists() {
-        return Err(Error::Safetensors { path: wpath, msg: "file not found".into() });
+        return Err(Error::Safetensors {
+            path: wpath,
+            msg: "file not found".into(),
+        });
     }
     let ckpt = Checkpoint::open_files(&[wpath.clone()])?;
     // Every key must be one we understand: a stray key means another architecture.
@@ -137,14 +171,20 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<LoraWeights> {
 }
 
 fn is_known_key(name: &str, n_layers: usize, targets: &[Proj]) -> bool {
-    let Some(rest) = name.strip_prefix("base_model.model.model.layers.") else { return false };
-    let Some((layer, rest)) = rest.split_once('.') else { return false };
-    let Ok(layer) = layer.parse::<usize>() else { return false };
+    let Some(rest) = name.strip_prefix("base_model.model.model.layers.") else {
+        return false;
+    };
+    let Some((layer, rest)) = rest.split_once('.') else {
+        return false;
+    };
+    let Ok(layer) = layer.parse::<usize>() else {
+        return false;
+    };
     layer < n_layers
         && targets.iter().any(|&p| {
-            ["lora_A", "lora_B"].iter().any(|w| {
-                rest == format!("{}.{}.{w}.weight", p.parent(), p.module_name())
-            })
+            ["lora_A", "lora_B"]
+                .iter()
+                .any(|w| rest == format!("{}.{}.{w}.weight", p.parent(), p.module_name()))
         })
 }
 
@@ -222,13 +262,21 @@ pub fn write_merged(base_dir: &Path, out_dir: &Path, config: &ModelConfig, weigh
         let src: PathBuf = base_dir.join(f);
         if src.exists() {
             let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            let bytes = if f == "config.json" { float32_config(&bytes, &src)? } else { bytes };
+            let bytes = if f == "config.json" {
+                float32_config(&bytes, &src)?
+            } else {
+                bytes
+            };
             write_atomic(&out_dir.join(f), &bytes)?;
         }
     }
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    save_safetensors_f32(&out_dir.join("model.safetensors"), &weights.named_tensors(config), Some(meta))
+    save_safetensors_f32(
+        &out_dir.join("model.safetensors"),
+        &weights.named_tensors(config),
+        Some(meta),
+    )
 }
 
 /// config.json with the dtype keys set to float32 (the merged weights are written in f32).

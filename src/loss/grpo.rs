@@ -116,9 +116,7 @@ impl<T> GrpoInputs<'_, T> {
                 "grpo loss: {} reference log-probs for {n} tokens",
                 r.len()
             ))),
-            None if cfg.beta > 0.0 => Err(Error::invalid(
-                "grpo loss: beta > 0 needs reference log-probs",
-            )),
+            None if cfg.beta > 0.0 => Err(Error::invalid("grpo loss: beta > 0 needs reference log-probs")),
             _ => Ok(()),
         }
     }
@@ -211,11 +209,7 @@ pub fn grpo_token<T: Real>(
 }
 
 /// Aggregation weight `w_i` of each sequence's tokens (see the spec).
-pub fn sequence_weights(
-    lengths: &[usize],
-    loss_type: LossType,
-    max_completion_length: usize,
-) -> Vec<f64> {
+pub fn sequence_weights(lengths: &[usize], loss_type: LossType, max_completion_length: usize) -> Vec<f64> {
     let n_seq = lengths.len() as f64;
     let total: usize = lengths.iter().sum();
     lengths
@@ -229,10 +223,7 @@ pub fn sequence_weights(
 }
 
 /// [`grpo_loss_into`], allocating the gradient.
-pub fn grpo_loss<T: Real>(
-    cfg: &GrpoLossConfig,
-    inp: &GrpoInputs<'_, T>,
-) -> Result<GrpoLossOutput<T>> {
+pub fn grpo_loss<T: Real>(cfg: &GrpoLossConfig, inp: &GrpoInputs<'_, T>) -> Result<GrpoLossOutput<T>> {
     let mut grad_logp = vec![T::ZERO; inp.logp.len()];
     let (loss, metrics) = grpo_loss_into(cfg, inp, &mut grad_logp)?;
     Ok(GrpoLossOutput {
@@ -275,16 +266,7 @@ pub fn grpo_loss_into<T: Real>(
                 OldLogp::Given(o) => Some(o[t]),
             };
             let reference = inp.ref_logp.map(|r| r[t]);
-            let tt = grpo_token(
-                inp.logp[t],
-                old,
-                reference,
-                adv,
-                lo,
-                hi,
-                beta,
-                cfg.kl_estimator,
-            );
+            let tt = grpo_token(inp.logp[t], old, reference, adv, lo, hi, beta, cfg.kl_estimator);
             loss += w64 * tt.loss.to_f64();
             grad[t] = w * tt.dloss;
             kl_sum += tt.kl.to_f64();
@@ -356,17 +338,9 @@ mod tests {
         ];
         for (lt, loss, grad) in cases {
             let out = grpo_loss(&cfg(lt), &inp).unwrap();
-            assert!(
-                close(out.loss, loss, 1e-12),
-                "{lt:?}: {} vs {loss}",
-                out.loss
-            );
+            assert!(close(out.loss, loss, 1e-12), "{lt:?}: {} vs {loss}", out.loss);
             for (g, e) in out.grad_logp.iter().zip(grad) {
-                assert!(
-                    close(*g, e, 1e-12),
-                    "{lt:?}: {:?} vs {grad:?}",
-                    out.grad_logp
-                );
+                assert!(close(*g, e, 1e-12), "{lt:?}: {:?} vs {grad:?}", out.grad_logp);
             }
             assert_eq!(out.metrics.ratio_mean, 1.0);
             assert_eq!(out.metrics.clip_region, 0.0);
@@ -461,9 +435,7 @@ mod tests {
         // log-ratio offsets: well below 1−ε (ln 0.8 ≈ −0.223), inside, well above 1+ε_high
         // (ln 1.28 ≈ 0.247).
         let offsets = [-0.5, -0.1, 0.05, 0.45, -0.35, 0.3, 0.0];
-        let old: Vec<f64> = (0..n)
-            .map(|t| logp[t] - offsets[t % offsets.len()])
-            .collect();
+        let old: Vec<f64> = (0..n).map(|t| logp[t] - offsets[t % offsets.len()]).collect();
 
         let h = 1e-6;
         let mut saw_low = false;
@@ -607,14 +579,7 @@ mod tests {
         };
         let c = GrpoLossConfig::default();
         assert!(grpo_loss(&c, &ok).is_ok());
-        assert!(grpo_loss(
-            &c,
-            &GrpoInputs {
-                lengths: &[3],
-                ..ok
-            }
-        )
-        .is_err());
+        assert!(grpo_loss(&c, &GrpoInputs { lengths: &[3], ..ok }).is_err());
         assert!(grpo_loss(
             &c,
             &GrpoInputs {
@@ -641,14 +606,7 @@ mod tests {
         .is_err());
         assert!(grpo_loss(&GrpoLossConfig { beta: 0.1, ..c }, &ok).is_err());
         assert!(grpo_loss(&GrpoLossConfig { epsilon: -0.1, ..c }, &ok).is_err());
-        assert!(grpo_loss(
-            &GrpoLossConfig {
-                beta: f64::NAN,
-                ..c
-            },
-            &ok
-        )
-        .is_err());
+        assert!(grpo_loss(&GrpoLossConfig { beta: f64::NAN, ..c }, &ok).is_err());
         let dr = GrpoLossConfig {
             loss_type: LossType::DrGrpo,
             max_completion_length: 0,

@@ -70,8 +70,8 @@ mod sft;
 
 pub use advantages::{advantages, Advantages};
 pub use grpo::{
-    grpo_loss, grpo_loss_into, grpo_token, sequence_weights, GrpoInputs, GrpoLossConfig,
-    GrpoLossOutput, GrpoMetrics, OldLogp, TokenTerms,
+    grpo_loss, grpo_loss_into, grpo_token, sequence_weights, GrpoInputs, GrpoLossConfig, GrpoLossOutput,
+    GrpoMetrics, OldLogp, TokenTerms,
 };
 pub use real::Real;
 pub use sft::{sft_loss, sft_loss_into, SftLossOutput};
@@ -168,8 +168,7 @@ mod serde_tests {
         assert_eq!(k("\"k1\""), KlEstimator::K1);
 
         let c: GrpoLossConfig =
-            serde_json::from_str(r#"{"loss_type":"dr_grpo","beta":0.04,"epsilon_high":0.28}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"loss_type":"dr_grpo","beta":0.04,"epsilon_high":0.28}"#).unwrap();
         assert_eq!(c.loss_type, LossType::DrGrpo);
         assert_eq!(c.beta, 0.04);
         assert_eq!(c.epsilon, 0.2);

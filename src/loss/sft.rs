@@ -25,11 +25,7 @@ pub fn sft_loss<T: Real>(logp: &[T], mask: Option<&[bool]>) -> Result<SftLossOut
 /// `L = −(1/n) Σ_selected logp` over the `n` tokens selected by `mask` (all when `None`);
 /// writes `dL/dlogp` (−1/n on selected tokens, 0 elsewhere) into `grad`. Returns `(L, n)`;
 /// `L = 0` when `n = 0`.
-pub fn sft_loss_into<T: Real>(
-    logp: &[T],
-    mask: Option<&[bool]>,
-    grad: &mut [T],
-) -> Result<(T, usize)> {
+pub fn sft_loss_into<T: Real>(logp: &[T], mask: Option<&[bool]>, grad: &mut [T]) -> Result<(T, usize)> {
     if let Some(m) = mask {
         if m.len() != logp.len() {
             return Err(Error::invalid(format!(
@@ -98,10 +94,7 @@ mod tests {
     #[test]
     fn empty_and_bad() {
         let out = sft_loss(&[-1.0f32], Some(&[false])).unwrap();
-        assert_eq!(
-            (out.loss, out.num_tokens, out.grad_logp),
-            (0.0, 0, vec![0.0])
-        );
+        assert_eq!((out.loss, out.num_tokens, out.grad_logp), (0.0, 0, vec![0.0]));
         assert!(sft_loss(&[-1.0f32], Some(&[true, false])).is_err());
         assert!(sft_loss_into(&[-1.0f32], None, &mut []).is_err());
     }

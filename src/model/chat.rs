@@ -87,10 +87,7 @@ impl ChatTemplate {
         K: Into<String>,
         V: Into<String>,
     {
-        self.special_tokens = tokens
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
+        self.special_tokens = tokens.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         self
     }
 
@@ -109,16 +106,15 @@ impl ChatTemplate {
     /// this uses UTC.
     pub fn set_fixed_time(&mut self, unix_secs: Option<i64>) {
         self.fixed_time = unix_secs;
-        self.env
-            .add_function("strftime_now", move |fmt: &str| -> Value {
-                let secs = unix_secs.unwrap_or_else(|| {
-                    SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_secs() as i64)
-                        .unwrap_or(0)
-                });
-                Value::from(strftime_utc(fmt, secs))
+        self.env.add_function("strftime_now", move |fmt: &str| -> Value {
+            let secs = unix_secs.unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0)
             });
+            Value::from(strftime_utc(fmt, secs))
+        });
     }
 
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
@@ -145,17 +141,10 @@ impl ChatTemplate {
         }
         ctx.insert("messages".into(), messages);
         ctx.insert("tools".into(), opts.tools.cloned().unwrap_or(Json::Null));
-        ctx.insert(
-            "documents".into(),
-            opts.documents.cloned().unwrap_or(Json::Null),
-        );
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Json::Bool(add_generation_prompt),
-        );
+        ctx.insert("documents".into(), opts.documents.cloned().unwrap_or(Json::Null));
+        ctx.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
         let tmpl = self.env.get_template(NAME).map_err(template_error)?;
-        tmpl.render(Value::from_serialize(&ctx))
-            .map_err(template_error)
+        tmpl.render(Value::from_serialize(&ctx)).map_err(template_error)
     }
 }
 
@@ -198,17 +187,13 @@ fn normalize_messages(messages: &Json) -> Result<Json> {
         .ok_or_else(|| Error::Template("messages must be a list of message objects".into()))?;
     if list.is_empty() {
         return Err(Error::Template(
-            "cannot apply chat template to an empty conversation; provide at least one message"
-                .into(),
+            "cannot apply chat template to an empty conversation; provide at least one message".into(),
         ));
     }
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let obj = m.as_object().ok_or_else(|| {
-            Error::Template(format!(
-                "messages[{i}] must be an object, found {}",
-                json_kind(m)
-            ))
+            Error::Template(format!("messages[{i}] must be an object, found {}", json_kind(m)))
         })?;
         let mut msg: Map<String, Json> = obj
             .iter()
@@ -261,11 +246,7 @@ fn python_formatter(
 }
 
 /// Python `str(value)` (top-level) / `repr(value)` (nested).
-fn python_repr(
-    value: &Value,
-    out: &mut String,
-    top: bool,
-) -> std::result::Result<(), minijinja::Error> {
+fn python_repr(value: &Value, out: &mut String, top: bool) -> std::result::Result<(), minijinja::Error> {
     match value.kind() {
         ValueKind::Undefined => {}
         ValueKind::None => out.push_str("None"),
@@ -438,10 +419,9 @@ fn tojson_filter(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, mi
         Some(v) if !v.is_none() => {
             let parts: Vec<Value> = v.try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (
-                    a.as_str().unwrap().to_string(),
-                    b.as_str().unwrap().to_string(),
-                ),
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
+                    (a.as_str().unwrap().to_string(), b.as_str().unwrap().to_string())
+                }
                 _ => {
                     return Err(minijinja::Error::new(
                         ErrorKind::InvalidOperation,
@@ -544,10 +524,7 @@ fn dump_json(
         _ => {
             return Err(minijinja::Error::new(
                 ErrorKind::InvalidOperation,
-                format!(
-                    "tojson: value of kind {} is not JSON serializable",
-                    value.kind()
-                ),
+                format!("tojson: value of kind {} is not JSON serializable", value.kind()),
             ))
         }
     }
@@ -757,10 +734,7 @@ mod tests {
         )
         .unwrap();
         let out = t
-            .render(
-                &json!([{"role": "user", "content": "hi", "drop": null}]),
-                true,
-            )
+            .render(&json!([{"role": "user", "content": "hi", "drop": null}]), true)
             .unwrap();
         assert_eq!(
             out,
@@ -772,10 +746,7 @@ mod tests {
             Err(Error::Template(m)) => assert_eq!(m, "nope: x"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            ChatTemplate::new("{% if %}"),
-            Err(Error::Template(_))
-        ));
+        assert!(matches!(ChatTemplate::new("{% if %}"), Err(Error::Template(_))));
         let t = ChatTemplate::new("x").unwrap();
         assert!(t.render(&json!([]), false).is_err());
         assert!(t.render(&json!(["str"]), false).is_err());

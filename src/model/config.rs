@@ -19,8 +19,12 @@ pub enum Arch {
     Mistral,
 }
 
-pub const SUPPORTED_ARCHS: &[&str] =
-    &["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"];
+pub const SUPPORTED_ARCHS: &[&str] = &[
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+];
 
 impl Arch {
     pub fn from_hf_name(name: &str) -> Option<Arch> {
@@ -131,8 +135,8 @@ impl ModelConfig {
 
     /// Parses the text of a config.json; `path` is only used in messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<ModelConfig> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
         let obj = v
             .as_object()
             .ok_or_else(|| Error::config(path, "expected a JSON object at the top level"))?;
@@ -180,7 +184,10 @@ impl ModelConfig {
             ));
         }
         if head_dim % 2 != 0 {
-            return Err(Error::config(path, format!("head_dim {head_dim} must be even for RoPE")));
+            return Err(Error::config(
+                path,
+                format!("head_dim {head_dim} must be even for RoPE"),
+            ));
         }
 
         // RoPE: new style `rope_parameters` (may hold rope_theta), else old `rope_scaling` +
@@ -191,9 +198,10 @@ impl ModelConfig {
         let mut rope_theta = r.f32_opt("rope_theta")?;
         if let Some(rp) = rope_params.and_then(|v| v.as_object()) {
             if let Some(t) = rp.get("rope_theta") {
-                rope_theta = Some(num_f32(t).ok_or_else(|| {
-                    Error::config(path, "rope_parameters.rope_theta: expected a number")
-                })?);
+                rope_theta =
+                    Some(num_f32(t).ok_or_else(|| {
+                        Error::config(path, "rope_parameters.rope_theta: expected a number")
+                    })?);
             }
         }
         let rope_theta = rope_theta.unwrap_or(10000.0);
@@ -244,7 +252,10 @@ impl ModelConfig {
             ));
         }
 
-        let dtype_v = obj.get("dtype").filter(|v| !v.is_null()).or(obj.get("torch_dtype"));
+        let dtype_v = obj
+            .get("dtype")
+            .filter(|v| !v.is_null())
+            .or(obj.get("torch_dtype"));
         let torch_dtype = match dtype_v.and_then(|v| v.as_str()) {
             None => None,
             Some("float32") => Some(DType::F32),
@@ -283,7 +294,10 @@ impl ModelConfig {
             hidden_act,
         };
         if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.num_hidden_layers == 0 {
-            return Err(Error::config(path, "vocab_size, hidden_size and num_hidden_layers must be > 0"));
+            return Err(Error::config(
+                path,
+                "vocab_size, hidden_size and num_hidden_layers must be > 0",
+            ));
         }
         Ok(cfg)
     }
@@ -320,8 +334,8 @@ impl ModelConfig {
                         } else if wavelen < high_freq_wavelen {
                             f
                         } else {
-                            let smooth = (old_ctx / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
+                            let smooth =
+                                (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -387,9 +401,9 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeScaling> {
         .and_then(|t| t.as_str())
         .unwrap_or("default");
     let num = |k: &str| -> Result<f32> {
-        o.get(k).and_then(num_f32).ok_or_else(|| {
-            Error::config(path, format!("rope scaling {ty:?}: key {k:?} must be a number"))
-        })
+        o.get(k)
+            .and_then(num_f32)
+            .ok_or_else(|| Error::config(path, format!("rope scaling {ty:?}: key {k:?} must be a number")))
     };
     match ty {
         "default" => Ok(RopeScaling::Default),
@@ -400,7 +414,12 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeScaling> {
                 high_freq_factor: num("high_freq_factor")?,
                 original_max_position_embeddings: num("original_max_position_embeddings")?,
             };
-            if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = &s {
+            if let RopeScaling::Llama3 {
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            } = &s
+            {
                 if high_freq_factor <= low_freq_factor {
                     return Err(Error::config(
                         path,
@@ -445,7 +464,10 @@ impl Reader<'_> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v.as_u64().map(|u| Some(u as usize)).ok_or_else(|| {
-                Error::config(self.path, format!("key {key:?}: expected a non-negative integer, found {v}"))
+                Error::config(
+                    self.path,
+                    format!("key {key:?}: expected a non-negative integer, found {v}"),
+                )
             }),
         }
     }
@@ -465,7 +487,10 @@ impl Reader<'_> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v.as_bool().map(Some).ok_or_else(|| {
-                Error::config(self.path, format!("key {key:?}: expected true or false, found {v}"))
+                Error::config(
+                    self.path,
+                    format!("key {key:?}: expected true or false, found {v}"),
+                )
             }),
         }
     }
@@ -515,7 +540,9 @@ mod tests {
         ))
         .unwrap();
         let f = c.rope_inv_freq();
-        let base: Vec<f32> = (0..8).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 16.0)).collect();
+        let base: Vec<f32> = (0..8)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 16.0))
+            .collect();
         for (i, (&s, &b)) in f.iter().zip(&base).enumerate() {
             let wl = 2.0 * std::f32::consts::PI / b;
             if wl < 16.0 {
@@ -532,14 +559,18 @@ mod tests {
     fn unsupported_arch_lists_supported() {
         let e = parse(&format!(r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#)).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("GPT2LMHeadModel") && msg.contains("Qwen3ForCausalLM"), "{msg}");
+        assert!(
+            msg.contains("GPT2LMHeadModel") && msg.contains("Qwen3ForCausalLM"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn bad_keys_are_named() {
         let e = parse(r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": "big"}"#).unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
-        let e = parse(r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64}"#).unwrap_err();
+        let e = parse(r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 9}"#)
+            .unwrap_err();
         assert!(e.to_string().contains("intermediate_size"), "{e}");
         let e = parse(&format!(
             r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 2.0}}}}"#
@@ -547,7 +578,10 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");
         let e = parse("{not json").unwrap_err();
-        assert!(e.to_string().contains("config.json") && e.to_string().contains("invalid JSON"), "{e}");
+        assert!(
+            e.to_string().contains("config.json") && e.to_string().contains("invalid JSON"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -559,8 +593,10 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![5, 7]);
         assert_eq!(c.head_dim, 32);
         assert!(c.qk_norm && !c.qkv_bias);
-        let c = parse(&format!(r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}, "eos_token_id": 3}}"#))
-            .unwrap();
+        let c = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}, "eos_token_id": 3}}"#
+        ))
+        .unwrap();
         assert_eq!(c.eos_token_ids, vec![3]);
         assert!(c.qkv_bias && !c.o_bias && !c.qk_norm);
         assert_eq!(c.head_dim, 16);

@@ -75,18 +75,14 @@ impl Tokenizer {
                         _ => {
                             return Err(Error::config(
                                 &cfg_path,
-                                format!(
-                                "{key}: expected a string or an object with a string \"content\""
-                            ),
+                                format!("{key}: expected a string or an object with a string \"content\""),
                             ))
                         }
                     },
                     Some(_) => {
                         return Err(Error::config(
                             &cfg_path,
-                            format!(
-                                "{key}: expected a string or an object with a string \"content\""
-                            ),
+                            format!("{key}: expected a string or an object with a string \"content\""),
                         ))
                     }
                 }
@@ -123,8 +119,7 @@ impl Tokenizer {
         }
         let jinja_path = dir.join("chat_template.jinja");
         if jinja_path.is_file() {
-            template_src =
-                Some(std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?);
+            template_src = Some(std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?);
             template_origin = jinja_path;
         }
         let chat_template = match template_src {
@@ -239,8 +234,7 @@ impl Tokenizer {
     /// Replaces the chat template (e.g. one given on the command line); it sees this
     /// tokenizer's special tokens.
     pub fn set_chat_template(&mut self, source: impl Into<String>) -> Result<()> {
-        self.chat_template =
-            Some(ChatTemplate::new(source)?.with_special_tokens(self.special.clone()));
+        self.chat_template = Some(ChatTemplate::new(source)?.with_special_tokens(self.special.clone()));
         Ok(())
     }
 
@@ -257,11 +251,7 @@ impl Tokenizer {
     }
 
     /// `apply_chat_template(messages, tokenize=True, add_generation_prompt=...)`.
-    pub fn apply_chat_template(
-        &self,
-        messages: &Json,
-        add_generation_prompt: bool,
-    ) -> Result<Vec<u32>> {
+    pub fn apply_chat_template(&self, messages: &Json, add_generation_prompt: bool) -> Result<Vec<u32>> {
         let text = self.render_chat(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }

@@ -47,9 +47,13 @@ impl Checkpoint {
                 path: index_path.clone(),
                 msg: format!("invalid JSON: {e}"),
             })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                Error::Safetensors { path: index_path.clone(), msg: "missing object \"weight_map\"".into() }
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Safetensors {
+                    path: index_path.clone(),
+                    msg: "missing object \"weight_map\"".into(),
+                })?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, f) in map {
                 let f = f.as_str().ok_or_else(|| Error::Safetensors {
@@ -123,10 +127,13 @@ impl Checkpoint {
     }
 
     pub fn view(&self, name: &str) -> Result<TensorView<'_>> {
-        let (key, e) = self.index.get_key_value(name).ok_or_else(|| Error::MissingTensor {
-            path: self.display_path(),
-            name: name.to_string(),
-        })?;
+        let (key, e) = self
+            .index
+            .get_key_value(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.display_path(),
+                name: name.to_string(),
+            })?;
         Ok(TensorView {
             name: key,
             dtype: e.dtype,
@@ -146,11 +153,17 @@ impl Checkpoint {
                 found: v.shape.to_vec(),
             });
         }
-        to_f32(&v).map_err(|msg| Error::Safetensors { path: self.file_of(name), msg })
+        to_f32(&v).map_err(|msg| Error::Safetensors {
+            path: self.file_of(name),
+            msg,
+        })
     }
 
     fn file_of(&self, name: &str) -> PathBuf {
-        self.index.get(name).map(|e| self.files[e.file].0.clone()).unwrap_or_default()
+        self.index
+            .get(name)
+            .map(|e| self.files[e.file].0.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -158,7 +171,10 @@ impl Checkpoint {
 pub fn to_f32(v: &TensorView) -> std::result::Result<Vec<f32>, String> {
     let b = v.bytes;
     let out = match v.dtype {
-        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         Dtype::F16 => b
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -190,7 +206,15 @@ pub enum Proj {
 }
 
 impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
 
     /// PEFT / HF module name: `q_proj`, …, `down_proj`.
     pub fn module_name(self) -> &'static str {
@@ -249,17 +273,17 @@ pub struct Linear {
 
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
-    pub input_norm: Vec<f32>,        // [D]
-    pub q: Linear,                   // [H·hd, D]
-    pub k: Linear,                   // [KV·hd, D]
-    pub v: Linear,                   // [KV·hd, D]
-    pub o: Linear,                   // [D, H·hd]
-    pub q_norm: Option<Vec<f32>>,    // [hd] (Qwen3)
-    pub k_norm: Option<Vec<f32>>,    // [hd] (Qwen3)
-    pub post_norm: Vec<f32>,         // [D]
-    pub gate: Linear,                // [I, D]
-    pub up: Linear,                  // [I, D]
-    pub down: Linear,                // [D, I]
+    pub input_norm: Vec<f32>,     // [D]
+    pub q: Linear,                // [H·hd, D]
+    pub k: Linear,                // [KV·hd, D]
+    pub v: Linear,                // [KV·hd, D]
+    pub o: Linear,                // [D, H·hd]
+    pub q_norm: Option<Vec<f32>>, // [hd] (Qwen3)
+    pub k_norm: Option<Vec<f32>>, // [hd] (Qwen3)
+    pub post_norm: Vec<f32>,      // [D]
+    pub gate: Linear,             // [I, D]
+    pub up: Linear,               // [I, D]
+    pub down: Linear,             // [D, I]
 }
 
 impl LayerWeights {
@@ -327,8 +351,16 @@ impl Weights {
                 k: lin(Proj::K)?,
                 v: lin(Proj::V)?,
                 o: lin(Proj::O)?,
-                q_norm: if c.qk_norm { Some(norm("self_attn.q_norm", hd)?) } else { None },
-                k_norm: if c.qk_norm { Some(norm("self_attn.k_norm", hd)?) } else { None },
+                q_norm: if c.qk_norm {
+                    Some(norm("self_attn.q_norm", hd)?)
+                } else {
+                    None
+                },
+                k_norm: if c.qk_norm {
+                    Some(norm("self_attn.k_norm", hd)?)
+                } else {
+                    None
+                },
                 post_norm: norm("post_attention_layernorm", d)?,
                 gate: lin(Proj::Gate)?,
                 up: lin(Proj::Up)?,
@@ -341,7 +373,12 @@ impl Weights {
         } else {
             Some(ckpt.read_f32("lm_head.weight", &[v, d])?)
         };
-        Ok(Weights { embed, layers, final_norm, lm_head })
+        Ok(Weights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
     }
 
     /// Deterministic random weights of a config's shape (std `std`, norms around 1), for
@@ -362,10 +399,22 @@ impl Weights {
         for _ in 0..c.num_hidden_layers {
             let mut lin = |p: Proj| {
                 let (d_in, d_out) = p.dims(c);
-                Linear { w: vec(d_in * d_out), b: p.has_bias(c).then(|| vec(d_out)), d_in, d_out }
+                Linear {
+                    w: vec(d_in * d_out),
+                    b: p.has_bias(c).then(|| vec(d_out)),
+                    d_in,
+                    d_out,
+                }
             };
-            let (q, k, vv, o, gate, up, down) =
-                (lin(Proj::Q), lin(Proj::K), lin(Proj::V), lin(Proj::O), lin(Proj::Gate), lin(Proj::Up), lin(Proj::Down));
+            let (q, k, vv, o, gate, up, down) = (
+                lin(Proj::Q),
+                lin(Proj::K),
+                lin(Proj::V),
+                lin(Proj::O),
+                lin(Proj::Gate),
+                lin(Proj::Up),
+                lin(Proj::Down),
+            );
             let mut norm = |n: usize| vec(n).into_iter().map(|x| 1.0 + x).collect::<Vec<f32>>();
             layers.push(LayerWeights {
                 input_norm: norm(d),
@@ -383,7 +432,12 @@ impl Weights {
         }
         let final_norm = vec(d).into_iter().map(|x| 1.0 + x).collect();
         let lm_head = (!c.tie_word_embeddings).then(|| vec(v * d));
-        Weights { embed, layers, final_norm, lm_head }
+        Weights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        }
     }
 
     /// Named tensors in HF's layout (for saving a merged or fully fine-tuned checkpoint).
@@ -394,7 +448,10 @@ impl Weights {
         for (l, lw) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
             m.insert(format!("{p}.input_layernorm.weight"), (vec![d], &lw.input_norm));
-            m.insert(format!("{p}.post_attention_layernorm.weight"), (vec![d], &lw.post_norm));
+            m.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                (vec![d], &lw.post_norm),
+            );
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
                 m.insert(format!("{p}.self_attn.q_norm.weight"), (vec![hd], qn));
                 m.insert(format!("{p}.self_attn.k_norm.weight"), (vec![hd], kn));
@@ -440,9 +497,15 @@ pub fn save_safetensors_f32(
 /// Write `bytes` to `path` through a temp file + fsync + rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let fname = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let fname = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{fname}.tmp{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;

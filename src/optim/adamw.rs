@@ -124,12 +124,7 @@ impl AdamW {
     /// step size, decay factor) are computed in f64 and rounded once, the element-wise math is
     /// f32. An empty state (`AdamWState::default()`) is initialised to
     /// zeros on the first step, as torch initialises lazily.
-    pub fn step(
-        &self,
-        state: &mut AdamWState,
-        params: &mut [&mut [f32]],
-        grads: &[&[f32]],
-    ) -> Result<()> {
+    pub fn step(&self, state: &mut AdamWState, params: &mut [&mut [f32]], grads: &[&[f32]]) -> Result<()> {
         self.validate()?;
         let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
         let gsizes: Vec<usize> = grads.iter().map(|g| g.len()).collect();
@@ -155,18 +150,8 @@ impl AdamW {
         let bc2_sqrt = (1.0 - b2.powf(t)).sqrt() as f32;
         let eps = self.eps as f32;
 
-        for (((p, g), m), v) in params
-            .iter_mut()
-            .zip(grads)
-            .zip(&mut state.m)
-            .zip(&mut state.v)
-        {
-            for (((p, &g), m), v) in p
-                .iter_mut()
-                .zip(g.iter())
-                .zip(m.iter_mut())
-                .zip(v.iter_mut())
-            {
+        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut state.m).zip(&mut state.v) {
+            for (((p, &g), m), v) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()).zip(v.iter_mut()) {
                 if self.weight_decay != 0.0 {
                     *p *= decay;
                 }
@@ -323,8 +308,7 @@ mod tests {
             lr: 0.01,
             ..Default::default()
         };
-        let grad =
-            |s: usize| -> Vec<f32> { (0..5).map(|i| ((s * 7 + i) as f32 * 0.37).cos()).collect() };
+        let grad = |s: usize| -> Vec<f32> { (0..5).map(|i| ((s * 7 + i) as f32 * 0.37).cos()).collect() };
         let mut p1: Vec<f32> = (0..5).map(|i| i as f32 * 0.1).collect();
         let mut p2 = p1.clone();
         let mut s1 = AdamWState::default();
@@ -411,10 +395,7 @@ mod tests {
         assert!(bad
             .step(&mut AdamWState::default(), &mut [&mut p], &[&[0.0, 0.0]])
             .is_err());
-        let bad = AdamW {
-            lr: f64::NAN,
-            ..opt
-        };
+        let bad = AdamW { lr: f64::NAN, ..opt };
         assert!(bad.validate().is_err());
     }
 }

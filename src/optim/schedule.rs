@@ -58,12 +58,7 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
-    pub fn new(
-        kind: SchedulerType,
-        base_lr: f64,
-        total_steps: usize,
-        warmup: Warmup,
-    ) -> Result<Self> {
+    pub fn new(kind: SchedulerType, base_lr: f64, total_steps: usize, warmup: Warmup) -> Result<Self> {
         if !(base_lr.is_finite() && base_lr >= 0.0) {
             return Err(Error::invalid(format!(
                 "learning rate must be finite and >= 0, got {base_lr}"
@@ -71,9 +66,7 @@ impl LrSchedule {
         }
         if let Warmup::Ratio(r) = warmup {
             if !(0.0..=1.0).contains(&r) {
-                return Err(Error::invalid(format!(
-                    "warmup_ratio must be in [0, 1], got {r}"
-                )));
+                return Err(Error::invalid(format!("warmup_ratio must be in [0, 1], got {r}")));
             }
         }
         Ok(LrSchedule {
@@ -86,11 +79,7 @@ impl LrSchedule {
 
     /// The multiplier at `step` (transformers' lambdas, verbatim; in f64).
     pub fn multiplier(&self, step: usize) -> f64 {
-        let (s, w, n) = (
-            step as f64,
-            self.warmup_steps as f64,
-            self.total_steps as f64,
-        );
+        let (s, w, n) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
         if self.kind == SchedulerType::Constant {
             return 1.0;
         }
@@ -184,10 +173,7 @@ mod tests {
     fn names() {
         let n = |j: &str| serde_json::from_str::<SchedulerType>(j).unwrap();
         assert_eq!(n("\"constant\""), SchedulerType::Constant);
-        assert_eq!(
-            n("\"constant_with_warmup\""),
-            SchedulerType::ConstantWithWarmup
-        );
+        assert_eq!(n("\"constant_with_warmup\""), SchedulerType::ConstantWithWarmup);
         assert_eq!(n("\"linear\""), SchedulerType::Linear);
         assert_eq!(n("\"cosine\""), SchedulerType::Cosine);
         assert!(serde_json::from_str::<SchedulerType>("\"polynomial\"").is_err());
