@@ -86,6 +86,11 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
     },
+    /// Draw RUN_DIR/plot.png from RUN_DIR/metrics.jsonl.
+    Plot {
+        /// A run's output directory.
+        run_dir: PathBuf,
+    },
     /// Log-probabilities of given completions; one JSON object per input line.
     Score {
         #[command(flatten)]
@@ -181,6 +186,11 @@ fn run(cli: Cli) -> Result<()> {
                 });
                 writeln!(out, "{line}")?;
             }
+            Ok(())
+        }
+        Cmd::Plot { run_dir } => {
+            let png = rft::trainer::plot::plot_run(&run_dir)?;
+            println!("{}", png.display());
             Ok(())
         }
         Cmd::Score {
