@@ -19,5 +19,6 @@ pub mod model;
 pub mod optim;
 pub mod sampling;
 pub mod tensor;
+pub mod trainer;
 
 pub use error::{Error, Result};
