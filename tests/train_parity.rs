@@ -251,10 +251,10 @@ fn recompute_and_accumulation_steps_agree() {
 #[test]
 fn fixtures_present() {
     for name in CASES {
-        assert!((&root()
+        assert!(root()
             .join("tests/fixtures/train")
             .join(name)
-            .join("grads.safetensors"))
+            .join("grads.safetensors")
             .exists());
     }
 }

@@ -386,6 +386,10 @@ fn bad_adapters_are_rejected() {
     shallower.num_hidden_layers = 1;
     let e = peft::load(&qdir, &shallower).unwrap_err().to_string();
     assert!(e.contains("unexpected tensor"), "{e}");
+    // The qwen3 fixture (head_dim 32: q_proj is [128, 64]) is another architecture and shape.
+    let qwen3 = ModelConfig::from_dir(&root().join("tests/fixtures/models/qwen3")).unwrap();
+    let e = peft::load(&qdir, &qwen3).unwrap_err().to_string();
+    assert!(e.contains("shape"), "{e}");
     // The llama fixture model has other dimensions than qwen2's, if any; either way the
     // adapter must load only when every shape fits.
     if (llama.hidden_size, llama.intermediate_size, llama.kv_dim())

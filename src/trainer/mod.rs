@@ -12,7 +12,7 @@ pub mod sft;
 pub mod state;
 pub mod step;
 
-pub use sft::{sft_gradients, sft_step, SftExample, SftMetrics, SftOptions};
+pub use sft::{epoch_order, sft_gradients, sft_step, SftExample, SftMetrics, SftOptions};
 pub use state::{load_checkpoint, save_checkpoint, Checkpoint, TrainState, Trainable};
 pub use step::{grpo_gradients, grpo_update, GrpoBatch, GrpoGradients, GrpoOptions, GrpoSeq, StepMetrics};
 

@@ -150,7 +150,7 @@ pub fn sft_gradients(
 /// One SFT optimiser step on `examples` (skipped and reported when non-finite).
 pub fn sft_step(
     model: &mut CpuModel,
-    mut lora: Option<&mut LoraWeights>,
+    lora: Option<&mut LoraWeights>,
     state: &mut TrainState,
     examples: &[SftExample],
     opts: &SftOptions,
@@ -161,7 +161,7 @@ pub fn sft_step(
     let opt = opts.optimizer.with_lr(lr);
     let rep = apply_update(
         model,
-        lora.as_deref_mut(),
+        lora,
         &mut state.adam,
         &opt,
         &mut grads,
@@ -179,4 +179,17 @@ pub fn sft_step(
     state.step += 1;
     state.skipped_steps += rep.skipped as u64;
     Ok(m)
+}
+
+/// The order in which an epoch visits `n` examples: a Fisher–Yates shuffle that is a pure
+/// function of (seed, epoch), so a resumed run sees the same order.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut x = crate::trainer::state::splitmix(seed ^ crate::trainer::state::splitmix(epoch ^ 0x5F7));
+    for i in (1..n).rev() {
+        x = crate::trainer::state::splitmix(x);
+        let j = (x % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
 }
