@@ -1,4 +1,4 @@
-//! The `rft` command line: generate, score (and, as they land, train, sft, merge, bench).
+//! The `rft` command line: generate, score, sft, merge (and, as they land, train, bench).
 //! A thin layer over the library: parse options, load, call the engine, print JSON lines.
 //! Errors surface as one readable line on stderr and a non-zero exit status.
 
@@ -102,6 +102,83 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         temperature: f32,
     },
+    /// Supervised fine-tuning (cross-entropy on completions) of a LoRA adapter or all weights.
+    Sft(SftArgs),
+    /// Merge a PEFT LoRA adapter into the base weights; writes an HF model directory.
+    Merge {
+        /// Base Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory (config, tokenizer files, f32 model.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct SftArgs {
+    /// Hugging Face model directory (with --init-random: config.json + tokenizer files only).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL: {"prompt" | "messages" | "prompt_ids", "completion" | "completion_ids"} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output: a PEFT adapter (LoRA) or an HF model directory (--full).
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f32,
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
+    /// scale = alpha / sqrt(r) instead of alpha / r.
+    #[arg(long)]
+    use_rslora: bool,
+    /// Comma-separated module names, or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    target_modules: String,
+    /// Train every weight instead of a LoRA adapter.
+    #[arg(long)]
+    full: bool,
+    /// Train from scratch: random weights (normal, std = initializer_range or 0.02; norms 1)
+    /// from this seed instead of the directory's safetensors. Implies --full.
+    #[arg(long)]
+    init_random: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Examples per optimiser step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Examples per forward/backward (0: the whole batch); results do not depend on it.
+    #[arg(long, default_value_t = 0)]
+    micro_batch_size: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// constant, constant_with_warmup, linear, cosine.
+    #[arg(long, default_value = "linear")]
+    lr_scheduler: String,
+    #[arg(long, default_value_t = 0.0)]
+    warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop after this many optimiser steps (0: run every epoch).
+    #[arg(long, default_value_t = 0)]
+    max_steps: usize,
+    /// Print a loss line every N steps (and at the last step).
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// Do not append the model's EOS token to each completion.
+    #[arg(long)]
+    no_eos: bool,
 }
 
 fn main() {
@@ -222,7 +299,133 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Sft(a) => sft(a),
+        Cmd::Merge { model, adapter, out } => {
+            let engine = CpuEngine::load(&model)?;
+            let config = engine.model.config.clone();
+            let lora = rft::lora::peft::load(&adapter, &config)
+                .with_context(|| format!("--adapter {}", adapter.display()))?;
+            let mut weights = engine.model.weights;
+            rft::lora::peft::merge_into(&mut weights, &lora);
+            rft::lora::peft::write_merged(&model, &out, &config, &weights)?;
+            eprintln!("merged {} into {}", adapter.display(), out.display());
+            Ok(())
+        }
     }
+}
+
+/// `rft sft`: load (or randomly initialise) the model, encode the data, run epochs of
+/// shuffled batches through `trainer::sft_step`, print JSON loss lines, save the result.
+fn sft(a: SftArgs) -> Result<()> {
+    use rft::cpu::model::CpuModel;
+    use rft::lora::{LoraConfig, LoraWeights};
+    use rft::optim::{AdamW, LrSchedule, SchedulerType, Warmup};
+    use rft::trainer::{epoch_order, init, sft_step, SftExample, SftOptions, TrainState};
+
+    let full = a.full || a.init_random.is_some();
+    if a.batch_size == 0 || a.epochs == 0 {
+        bail!("--batch-size and --epochs must be at least 1");
+    }
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let mut model = match a.init_random {
+        Some(seed) => {
+            let config = rft::model::config::ModelConfig::from_dir(&a.model)?;
+            let w = init::init_weights(&config, seed, init::initializer_range(&a.model));
+            CpuModel::new(config, w)
+        }
+        None => CpuEngine::load(&a.model)?.model,
+    };
+    let eos = model.config.eos_token_ids.first().copied();
+    let mut examples = Vec::new();
+    for l in read_inputs(&a.data, true)? {
+        let (p, c) = rft::data::input::encode_line(&a.data, &l, &tok)?;
+        let mut c = c.ok_or_else(|| anyhow!("{}:{}: missing completion", a.data.display(), l.line))?;
+        if let (false, Some(e)) = (a.no_eos, eos) {
+            if c.last() != Some(&e) {
+                c.push(e);
+            }
+        }
+        examples.push(SftExample {
+            prompt_ids: p,
+            completion_ids: c,
+        });
+    }
+    if examples.is_empty() {
+        bail!("{}: no examples", a.data.display());
+    }
+    let mut lora = if full {
+        None
+    } else {
+        let targets = rft::lora::peft::parse_targets(&if a.target_modules == "all-linear" {
+            serde_json::json!("all-linear")
+        } else {
+            serde_json::json!(a.target_modules.split(',').map(str::trim).collect::<Vec<_>>())
+        })
+        .map_err(|e| anyhow!("--target-modules: {e}"))?;
+        if a.lora_r == 0 {
+            bail!("--lora-r must be at least 1");
+        }
+        let cfg = LoraConfig {
+            r: a.lora_r,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            use_rslora: a.use_rslora,
+            target_modules: targets,
+        };
+        Some(LoraWeights::init(cfg, &model.config, a.seed))
+    };
+    let steps_per_epoch = examples.len().div_ceil(a.batch_size);
+    let mut total = steps_per_epoch * a.epochs;
+    if a.max_steps > 0 {
+        total = total.min(a.max_steps);
+    }
+    let kind: SchedulerType = serde_json::from_value(serde_json::json!(a.lr_scheduler))
+        .map_err(|_| anyhow!("--lr-scheduler: expected constant, constant_with_warmup, linear or cosine"))?;
+    let opts = SftOptions {
+        micro_batch_size: a.micro_batch_size,
+        max_grad_norm: a.max_grad_norm,
+        full_fine_tuning: full,
+        optimizer: AdamW {
+            weight_decay: a.weight_decay,
+            ..AdamW::default()
+        },
+        schedule: LrSchedule::new(kind, a.lr, total, Warmup::Ratio(a.warmup_ratio))?,
+        ..SftOptions::default()
+    };
+    opts.optimizer.validate()?;
+    let mut state = TrainState::new(a.seed);
+    let mut out = std::io::stdout().lock();
+    let t0 = std::time::Instant::now();
+    'epochs: for epoch in 0..a.epochs {
+        let order = epoch_order(examples.len(), a.seed, epoch as u64);
+        for chunk in order.chunks(a.batch_size) {
+            if state.step as usize >= total {
+                break 'epochs;
+            }
+            let batch: Vec<SftExample> = chunk.iter().map(|&i| examples[i].clone()).collect();
+            let m = sft_step(&mut model, lora.as_mut(), &mut state, &batch, &opts)?;
+            let step = m.step as usize + 1;
+            if step.is_multiple_of(a.log_every.max(1)) || step == total || m.skipped {
+                let line = serde_json::json!({
+                    "step": step, "epoch": epoch, "loss": m.loss, "lr": m.lr,
+                    "grad_norm": m.grad_norm, "tokens": m.num_tokens, "skipped": m.skipped,
+                    "elapsed_s": (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    match &lora {
+        Some(l) => rft::lora::peft::save(&a.output, l, &a.model.to_string_lossy())?,
+        None => rft::lora::peft::write_merged(&a.model, &a.output, &model.config, &model.weights)?,
+    }
+    eprintln!(
+        "saved {} to {} after {} steps",
+        if full { "model" } else { "adapter" },
+        a.output.display(),
+        state.step
+    );
+    Ok(())
 }
 
 /// Loads the model (and adapter) for the chosen device, with the tokenizer.

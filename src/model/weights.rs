@@ -253,7 +253,7 @@ impl Proj {
         }
     }
 
-    fn has_bias(self, c: &ModelConfig) -> bool {
+    pub fn has_bias(self, c: &ModelConfig) -> bool {
         match self {
             Proj::Q | Proj::K | Proj::V => c.qkv_bias,
             Proj::O => c.o_bias,
