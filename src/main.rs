@@ -102,6 +102,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         temperature: f32,
     },
+    /// GRPO training from a TOML config (no config: the embedded default on the tiny model).
+    Train(TrainArgs),
     /// Supervised fine-tuning (cross-entropy on completions) of a LoRA adapter or all weights.
     Sft(SftArgs),
     /// Merge a PEFT LoRA adapter into the base weights; writes an HF model directory.
@@ -116,6 +118,29 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// TOML config (keys follow TRL's GRPOConfig; see the README). Default: the embedded
+    /// configs/default.toml (GRPO on the tiny model in models/).
+    config: Option<PathBuf>,
+    /// Overrides the config's `device`.
+    #[arg(long, value_enum)]
+    device: Option<Device>,
+    /// Where metrics.jsonl, checkpoints, adapters, plot.png and summary.json go.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Continue a run from its checkpoint (a run directory or its `checkpoint/`). Without a
+    /// CONFIG the checkpoint's own config is used.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Overrides the config's `max_steps`.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// No progress bar (metrics still go to metrics.jsonl).
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -299,6 +324,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Train(a) => train(a),
         Cmd::Sft(a) => sft(a),
         Cmd::Merge { model, adapter, out } => {
             let engine = CpuEngine::load(&model)?;
@@ -311,6 +337,95 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("merged {} into {}", adapter.display(), out.display());
             Ok(())
         }
+    }
+}
+
+/// The config `rft train` runs when given none.
+const DEFAULT_CONFIG: &str = include_str!("../configs/default.toml");
+
+/// `rft train`: parse the config, build the trainer, run with Ctrl-C saving a checkpoint.
+fn train(a: TrainArgs) -> Result<()> {
+    use rft::trainer::run::{Device as TDevice, TrainConfig, Trainer};
+    let resume_dir = a.resume.as_ref().map(|d| {
+        let ck = d.join("checkpoint");
+        if ck.join("trainer_state.json").exists() {
+            ck
+        } else {
+            d.clone()
+        }
+    });
+    let (text, origin, base_dir) = match (&a.config, &resume_dir) {
+        (Some(p), _) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let base = p.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+            (text, p.clone(), base)
+        }
+        (None, Some(ck)) => {
+            let state = ck.join("trainer_state.json");
+            let v: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&state).with_context(|| format!("--resume: reading {}", state.display()))?,
+            )
+            .with_context(|| format!("--resume: {} is not JSON", state.display()))?;
+            let text = v["config"]["toml"]
+                .as_str()
+                .ok_or_else(|| anyhow!("--resume: {} holds no config; give CONFIG too", state.display()))?
+                .to_string();
+            (text, state, PathBuf::from("."))
+        }
+        (None, None) => (DEFAULT_CONFIG.to_string(), PathBuf::from("<embedded configs/default.toml>"), default_base()),
+    };
+    let mut cfg = TrainConfig::from_toml_str(&text, &origin)?;
+    if let Some(d) = a.device {
+        cfg.device = match d {
+            Device::Cpu => TDevice::Cpu,
+            Device::Cuda => TDevice::Cuda,
+            Device::Auto => TDevice::Auto,
+        };
+    }
+    if let Some(o) = &a.output_dir {
+        cfg.output_dir = Some(o.clone());
+    } else if let Some(d) = &a.resume {
+        cfg.output_dir = Some(if d.ends_with("checkpoint") { d.parent().unwrap_or(d).to_path_buf() } else { d.clone() });
+    }
+    if let Some(n) = a.max_steps {
+        cfg.max_steps = n;
+    }
+    cfg.validate(&origin)?;
+    let mut trainer = Trainer::from_config(cfg, &text, &base_dir)?;
+    if let Some(ck) = &resume_dir {
+        trainer.resume_from(ck).with_context(|| format!("--resume {}", ck.display()))?;
+        eprintln!("resumed from {} at step {}", ck.display(), trainer.step_count());
+    }
+    if trainer.truncated_prompts() > 0 {
+        eprintln!("note: {} prompts were longer than max_prompt_length and lost their start", trainer.truncated_prompts());
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: finishing the current step, then saving a checkpoint");
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    eprintln!("rft train: output in {}", trainer.output_dir.display());
+    let summary = trainer.run(&stop, !a.quiet)?;
+    eprintln!("{}", rft::trainer::metrics::summary_table(&summary));
+    if summary.interrupted {
+        eprintln!(
+            "stopped early; continue with: rft train --resume {}",
+            trainer.output_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Relative paths of the embedded config resolve against the working directory when it has
+/// `models/`, else against the source tree the binary was built from.
+fn default_base() -> PathBuf {
+    if std::path::Path::new("models").is_dir() {
+        PathBuf::from(".")
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod init;
 pub mod metrics;
 pub mod plot;
+pub mod run;
 pub mod sft;
 pub mod state;
 pub mod step;
