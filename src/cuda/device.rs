@@ -15,7 +15,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use half::bf16;
 
-use super::{cuda_err, driver_availability, kernels::Kernels, kernels_fatbin};
+use super::{cuda_err, driver_availability, kernels::Kernels, kernels_fatbin, rollout::RolloutKernels};
 use crate::{Error, Result};
 
 pub struct CudaDevice {
@@ -24,6 +24,8 @@ pub struct CudaDevice {
     /// Every kernel of `kernels/*.cu`, from the fatbin embedded by build.rs.
     module: Arc<CudaModule>,
     pub(super) kernels: Kernels,
+    /// The rollout kernels (src/cuda/rollout.rs).
+    pub(super) rollout: RolloutKernels,
     blas: OnceLock<CudaBlas>,
     name: String,
     compute_capability: (i32, i32),
@@ -69,11 +71,13 @@ impl CudaDevice {
             ))
         })?;
         let kernels = Kernels::load(&module)?;
+        let rollout = RolloutKernels::load(&module)?;
         Ok(CudaDevice {
             ctx,
             stream,
             module,
             kernels,
+            rollout,
             blas: OnceLock::new(),
             name,
             compute_capability,

@@ -11,12 +11,16 @@
 //! be loaded (cudarc panics when it cannot).
 //!
 //! Layout: `device.rs` (context, stream, module, cuBLAS, host⇄device copies),
-//! `kernels.rs` (one launcher per `extern "C"` kernel: grid, block, argument order, shape checks).
+//! `kernels.rs` (one launcher per `extern "C"` kernel: grid, block, argument order, shape checks),
+//! `rollout.rs` (the rollout kernels' launchers: embedding, RoPE, SwiGLU, KV cache, attention,
+//! LoRA, sampling, log-prob gather).
 
 mod device;
 mod kernels;
+mod rollout;
 
 pub use device::CudaDevice;
+pub use rollout::{decode_splits, AttnShape, SamplingParamsDev, ROLLOUT_KERNEL_NAMES};
 
 /// What build.rs generated: `KERNELS_FATBIN`, `KERNELS_MISSING_REASON`, `NVCC_REQUIRED`.
 mod built {

@@ -1,0 +1,408 @@
+// Causal GQA attention over a paged bf16 KV cache, for rollouts (decode and prefill).
+//
+// KV cache (per layer): k_cache, v_cache (num_pages, page_size, n_kv_heads, hd) bf16, and a
+// block table (num_seqs, max_pages) i32: position t of sequence s lives in page
+// block_table[s, t / page_size] at slot t % page_size. A contiguous per-sequence cache
+// (num_seqs, T_max, n_kv_heads, hd) is the case page_size = T_max, block_table[s, 0] = s; paging
+// lets the G samples of a prompt share the prompt's full pages.
+//
+// A query at position p attends positions [start, p] of its own sequence, start = 0, or
+// p + 1 - window with a sliding window (Mistral), as src/cpu/model.rs::attend. Scores
+// q·k · scale with scale = 1/sqrt(hd) (passed in, computed on the host in f32 as the CPU does),
+// softmax and the weighted sum of v in f32 (online softmax), output rounded to bf16 once.
+// Query head h reads kv head h / (n_heads / n_kv_heads) (GQA).
+//
+// Kernels:
+//   kv_cache_append_bf16          writes new rows' k, v into the cache at (seq, pos)
+//   attention_decode_bf16         one query per sequence at position len-1 (its newest token,
+//                                 already appended), flash-decoding: grid.z splits the
+//                                 positions; with splits > 1 it writes f32 partials that
+//   attention_decode_combine_bf16 merges (log-sum-exp rescaling) into the bf16 output
+//   attention_prefill_bf16        many queries per sequence (prompt tokens), tiled: 16 query
+//                                 rows × 32 key positions per step through shared memory
+//
+// Rust launchers: src/cuda/rollout.rs (shapes, splits, shared memory sizes).
+
+#include "common.cuh"
+
+#define ATTN_GMAX 8      // query heads handled per decode block (one kv head's group, or part)
+#define ATTN_WARPS 4     // warps per block, decode and prefill
+#define PREFILL_BQ 16    // query rows per prefill block (4 per warp)
+#define PREFILL_BK 32    // key positions per prefill tile (one per lane)
+
+// Element offset of (page-resolved position t, kv head) in a paged cache. The caller has
+// bounded t to [0, max_pages·page_size).
+static __device__ __forceinline__ size_t kv_offset(const int* __restrict__ block_table, int seq, int t,
+                                                   int page_size, int max_pages, int n_kv_heads, int kvh,
+                                                   int hd) {
+    const int page = block_table[(size_t)seq * max_pages + t / page_size];
+    return (((size_t)page * page_size + t % page_size) * n_kv_heads + kvh) * hd;
+}
+
+// ----------------------------------------------------------------------------
+// KV append
+
+// k_cache/v_cache[(seq, pos)] = k_new/v_new[row]: k_new, v_new (rows, n_kv_heads, hd);
+// row_seq, row_pos (rows) i32. A row whose pos is outside [0, max_pages·page_size) is skipped.
+// grid = rows, block strides over n_kv_heads·hd.
+extern "C" __global__ void kv_cache_append_bf16(bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
+                                                const bf16* __restrict__ k_new, const bf16* __restrict__ v_new,
+                                                const int* __restrict__ block_table,
+                                                const int* __restrict__ row_seq, const int* __restrict__ row_pos,
+                                                int rows, int n_kv_heads, int hd, int page_size, int max_pages) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int seq = row_seq[r];
+    const int pos = row_pos[r];
+    if (pos < 0 || pos >= page_size * max_pages) return;
+    const size_t dst = kv_offset(block_table, seq, pos, page_size, max_pages, n_kv_heads, 0, hd);
+    const int width = n_kv_heads * hd;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        k_cache[dst + i] = k_new[(size_t)r * width + i];
+        v_cache[dst + i] = v_new[(size_t)r * width + i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Decode (flash-decoding)
+
+// Lane `lane` holds dims [lane·E, lane·E + E) of a head (E = ceil(hd/32) rounded to 1, 2, 4, 8);
+// dims ≥ hd read as 0. When hd == 32·E the E values are one aligned vector load (the launcher
+// checks the cache buffers are 16-byte aligned; offsets are multiples of hd, so of E).
+template <int E>
+static __device__ __forceinline__ void load_head_slice(const bf16* __restrict__ row, int lane, int hd,
+                                                       float (&x)[E]) {
+    const int d0 = lane * E;
+    if (hd == WARP_SIZE * E) {
+        if constexpr (E == 1) {
+            x[0] = bf16_to_f32(row[d0]);
+        } else if constexpr (E == 2) {
+            const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(row + d0);
+            x[0] = __low2float(v);
+            x[1] = __high2float(v);
+        } else if constexpr (E == 4) {
+            const uint2 raw = *reinterpret_cast<const uint2*>(row + d0);
+            const bf16* b = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) x[e] = bf16_to_f32(b[e]);
+        } else {
+            const uint4 raw = *reinterpret_cast<const uint4*>(row + d0);
+            const bf16* b = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+            for (int e = 0; e < E; ++e) x[e] = bf16_to_f32(b[e]);
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) x[e] = d0 + e < hd ? bf16_to_f32(row[d0 + e]) : 0.0f;
+    }
+}
+
+// One block = (sequence s = blockIdx.x, a group of ≤ ATTN_GMAX query heads sharing kv head kvh
+// = blockIdx.y, split = blockIdx.z). Warp w walks positions t0 + w, t0 + w + ATTN_WARPS, ... of
+// the split's range [t0, t1): it loads k and v of position t once for all the group's heads,
+// reduces each q·k over the warp, and keeps an online softmax (m, l, acc) per head. The warps'
+// states are merged in shared memory; the block then writes either the normalized output
+// (splits == 1) or its unnormalized partial (acc, m, l) for the combine kernel.
+//
+// Dynamic shared memory: ATTN_WARPS · ATTN_GMAX · (hd + 2) floats.
+template <int E>
+static __device__ void attention_decode_block(bf16* __restrict__ out, float* __restrict__ part_o,
+                                              float* __restrict__ part_ml, const bf16* __restrict__ q,
+                                              const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+                                              const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+                                              int n_heads, int n_kv_heads, int hd, int page_size, int max_pages,
+                                              int window, int splits, float scale) {
+    extern __shared__ float attn_smem[];
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int s = blockIdx.x;
+    const int group = n_heads / n_kv_heads;
+    const int sub_groups = CEIL_DIV(group, ATTN_GMAX);
+    const int kvh = blockIdx.y / sub_groups;
+    const int sub = blockIdx.y % sub_groups;
+    const int h0 = kvh * group + sub * ATTN_GMAX;
+    const int gcount = min(ATTN_GMAX, group - sub * ATTN_GMAX);
+    const int split = blockIdx.z;
+
+    // Valid positions [start, len) of this sequence; this split's share [t0, t1).
+    const int len = min(max(seq_lens[s], 0), page_size * max_pages);
+    const int start = (window > 0 && len > window) ? len - window : 0;
+    const int chunk = CEIL_DIV(len - start, splits);
+    const int t0 = start + split * chunk;
+    const int t1 = min(t0 + chunk, len);
+
+    float qr[ATTN_GMAX][E];
+    float m[ATTN_GMAX], l[ATTN_GMAX], acc[ATTN_GMAX][E];
+#pragma unroll
+    for (int g = 0; g < ATTN_GMAX; ++g) {
+        if (g < gcount) {
+            load_head_slice<E>(q + ((size_t)s * n_heads + h0 + g) * hd, lane, hd, qr[g]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < E; ++e) qr[g][e] = 0.0f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
+    }
+
+    for (int t = t0 + warp; t < t1; t += ATTN_WARPS) {
+        const size_t off = kv_offset(block_table, s, t, page_size, max_pages, n_kv_heads, kvh, hd);
+        float kx[E], vx[E];
+        load_head_slice<E>(k_cache + off, lane, hd, kx);
+        load_head_slice<E>(v_cache + off, lane, hd, vx);
+        float dot[ATTN_GMAX];
+#pragma unroll
+        for (int g = 0; g < ATTN_GMAX; ++g) {
+            dot[g] = 0.0f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) dot[g] += qr[g][e] * kx[e];
+        }
+        // All groups' butterflies interleaved (independent shuffles in flight).
+#pragma unroll
+        for (int offset = WARP_SIZE / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+            for (int g = 0; g < ATTN_GMAX; ++g) dot[g] += __shfl_xor_sync(FULL_MASK, dot[g], offset);
+        }
+#pragma unroll
+        for (int g = 0; g < ATTN_GMAX; ++g) {
+            if (g < gcount) {
+                const float sc = dot[g] * scale;
+                const float m_new = fmaxf(m[g], sc);
+                const float corr = expf(m[g] - m_new);  // m = -inf at first: 0
+                const float p = expf(sc - m_new);
+                l[g] = l[g] * corr + p;
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[g][e] = acc[g][e] * corr + p * vx[e];
+                m[g] = m_new;
+            }
+        }
+    }
+
+    // Merge the warps: smem [ATTN_WARPS][ATTN_GMAX][hd + 2] = acc..., m, l.
+    const int stride = hd + 2;
+#pragma unroll
+    for (int g = 0; g < ATTN_GMAX; ++g) {
+        float* slot = attn_smem + ((size_t)warp * ATTN_GMAX + g) * stride;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            if (lane * E + e < hd) slot[lane * E + e] = acc[g][e];
+        }
+        if (lane == 0) {
+            slot[hd] = m[g];
+            slot[hd + 1] = l[g];
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < gcount * hd; idx += blockDim.x) {
+        const int g = idx / hd;
+        const int d = idx % hd;
+        float mx = -INFINITY;
+        for (int w = 0; w < ATTN_WARPS; ++w) mx = fmaxf(mx, attn_smem[((size_t)w * ATTN_GMAX + g) * stride + hd]);
+        float sum_l = 0.0f, sum_a = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            const float* slot = attn_smem + ((size_t)w * ATTN_GMAX + g) * stride;
+            // A warp that saw no position has m = -inf and contributes nothing (also when all
+            // did: then mx = -inf too and exp(-inf - -inf) would be NaN).
+            const float wgt = slot[hd] == -INFINITY ? 0.0f : expf(slot[hd] - mx);
+            sum_l += wgt * slot[hd + 1];
+            sum_a += wgt * slot[d];
+        }
+        const int h = h0 + g;
+        if (splits == 1) {
+            out[((size_t)s * n_heads + h) * hd + d] = f32_to_bf16(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
+        } else {
+            const size_t part = ((size_t)s * n_heads + h) * splits + split;
+            part_o[part * hd + d] = sum_a;
+            if (d == 0) {
+                part_ml[part * 2] = mx;
+                part_ml[part * 2 + 1] = sum_l;
+            }
+        }
+    }
+}
+
+// q (num_seqs, n_heads, hd) bf16: each sequence's newest token, at position seq_lens[s] - 1,
+// whose k and v are already in the cache. seq_lens (num_seqs) i32; a length of 0 gives a zero
+// output. out (num_seqs, n_heads, hd) bf16, written when splits == 1; else part_o
+// (num_seqs, n_heads, splits, hd) f32 and part_ml (num_seqs, n_heads, splits, 2) f32 are
+// written and attention_decode_combine_bf16 produces out. window 0 = no sliding window.
+// grid = (num_seqs, n_kv_heads · ceil(group / ATTN_GMAX), splits), block = ATTN_WARPS·32,
+// dynamic shared memory ATTN_WARPS·ATTN_GMAX·(hd+2)·4 bytes. hd ≤ 256, even.
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP_SIZE)
+    attention_decode_bf16(bf16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
+                          const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                          const bf16* __restrict__ v_cache, const int* __restrict__ block_table,
+                          const int* __restrict__ seq_lens, int n_heads, int n_kv_heads, int hd,
+                          int page_size, int max_pages, int window, int splits, float scale) {
+    if (hd <= 32) {
+        attention_decode_block<1>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
+                                  n_kv_heads, hd, page_size, max_pages, window, splits, scale);
+    } else if (hd <= 64) {
+        attention_decode_block<2>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
+                                  n_kv_heads, hd, page_size, max_pages, window, splits, scale);
+    } else if (hd <= 128) {
+        attention_decode_block<4>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
+                                  n_kv_heads, hd, page_size, max_pages, window, splits, scale);
+    } else {
+        attention_decode_block<8>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
+                                  n_kv_heads, hd, page_size, max_pages, window, splits, scale);
+    }
+}
+
+// out[s, h, :] = Σ_i e^{m_i - M} acc_i / Σ_i e^{m_i - M} l_i over the splits i of (s, h), M =
+// max m_i (empty splits have m = -inf, l = 0, acc = 0 and drop out). part_o (num_seqs, n_heads,
+// splits, hd), part_ml (num_seqs, n_heads, splits, 2) f32; out (num_seqs, n_heads, hd) bf16.
+// grid = num_seqs · n_heads, block = multiple of 32 (threads over hd).
+extern "C" __global__ void attention_decode_combine_bf16(bf16* __restrict__ out, const float* __restrict__ part_o,
+                                                         const float* __restrict__ part_ml, int rows, int hd,
+                                                         int splits) {
+    const int r = blockIdx.x;  // = s · n_heads + h
+    if (r >= rows) return;
+    const float* ml = part_ml + (size_t)r * splits * 2;
+    float mx = -INFINITY;
+    for (int i = 0; i < splits; ++i) mx = fmaxf(mx, ml[2 * i]);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float sum_l = 0.0f, sum_a = 0.0f;
+        for (int i = 0; i < splits; ++i) {
+            const float wgt = ml[2 * i] == -INFINITY ? 0.0f : expf(ml[2 * i] - mx);
+            sum_l += wgt * ml[2 * i + 1];
+            sum_a += wgt * part_o[((size_t)r * splits + i) * hd + d];
+        }
+        out[(size_t)r * hd + d] = f32_to_bf16(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Prefill
+
+// Rows of sequence s are q rows [cu_rows[s], cu_rows[s+1]) (varlen, no padding), at positions
+// pos0[s] + (row - cu_rows[s]); their k and v are already in the cache. q, out (rows, n_heads, hd)
+// bf16; cu_rows (num_seqs + 1) i32; pos0 (num_seqs) i32.
+//
+// One block = (tile of PREFILL_BQ consecutive rows of sequence s = blockIdx.z, query head
+// h = blockIdx.y); warp w owns rows w·4 .. w·4+3 of the tile. The block walks key positions
+// [lo, hi] (lo = the first row's window start, hi = the last row's position) in tiles of
+// PREFILL_BK = 32 staged in shared memory; lane j scores key j of the tile for each of the
+// warp's rows (masked to [start_row, pos_row]), the warp updates that row's online softmax with
+// one max and one sum reduction per tile, and accumulates p·v with lane = output dims.
+// grid = (ceil(max rows of a sequence / 16), n_heads, num_seqs), block = 128, dynamic shared
+// memory (16·hd + 32·(hd+2) + 32·hd)·2 + 32·8 bytes. hd ≤ 256, hd % 4 == 0.
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP_SIZE)
+    attention_prefill_bf16(bf16* __restrict__ out, const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                           const bf16* __restrict__ v_cache, const int* __restrict__ block_table,
+                           const int* __restrict__ cu_rows, const int* __restrict__ pos0, int n_heads,
+                           int n_kv_heads, int hd, int page_size, int max_pages, int window, float scale) {
+    constexpr int RPW = PREFILL_BQ / ATTN_WARPS;  // rows per warp
+    constexpr int EMAX = 8;                       // dims per lane, hd ≤ 256
+    extern __shared__ __align__(16) unsigned char prefill_smem[];
+    size_t* base_s = reinterpret_cast<size_t*>(prefill_smem);                  // [BK]
+    bf16* q_s = reinterpret_cast<bf16*>(prefill_smem + PREFILL_BK * sizeof(size_t));  // [BQ][hd]
+    bf16* k_s = q_s + PREFILL_BQ * hd;                                          // [BK][hd+2]
+    bf16* v_s = k_s + PREFILL_BK * (hd + 2);                                    // [BK][hd]
+
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int s = blockIdx.z;
+    const int h = blockIdx.y;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int row_begin = cu_rows[s];
+    const int nrows = cu_rows[s + 1] - row_begin;
+    const int tile0 = blockIdx.x * PREFILL_BQ;
+    if (tile0 >= nrows) return;  // whole block leaves together
+    const int tile_rows = min(PREFILL_BQ, nrows - tile0);
+    const int cap = page_size * max_pages;
+    const int first_pos = pos0[s] + tile0;
+    const int lo = (window > 0 && first_pos + 1 > window) ? first_pos + 1 - window : 0;
+    const int hi = min(first_pos + tile_rows - 1, cap - 1);
+
+    for (int idx = threadIdx.x; idx < PREFILL_BQ * hd; idx += blockDim.x) {
+        const int i = idx / hd;
+        const int d = idx % hd;
+        q_s[idx] = i < tile_rows ? q[((size_t)(row_begin + tile0 + i) * n_heads + h) * hd + d] : f32_to_bf16(0.0f);
+    }
+
+    float m[RPW], l[RPW], acc[RPW][EMAX];
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) {
+        m[rr] = -INFINITY;
+        l[rr] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < EMAX; ++e) acc[rr][e] = 0.0f;
+    }
+    const int E = CEIL_DIV(hd, WARP_SIZE);  // dims per lane: lane·E .. lane·E + E - 1
+
+    for (int kt = lo; kt <= hi; kt += PREFILL_BK) {
+        __syncthreads();  // the previous tile's k_s, v_s, base_s are no longer read
+        if (threadIdx.x < PREFILL_BK) {
+            const int t = kt + threadIdx.x;
+            base_s[threadIdx.x] =
+                t <= hi ? kv_offset(block_table, s, t, page_size, max_pages, n_kv_heads, kvh, hd) : (size_t)-1;
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < PREFILL_BK * hd; idx += blockDim.x) {
+            const int j = idx / hd;
+            const int d = idx % hd;
+            const size_t base = base_s[j];
+            const bool ok = base != (size_t)-1;
+            k_s[j * (hd + 2) + d] = ok ? k_cache[base + d] : f32_to_bf16(0.0f);
+            v_s[j * hd + d] = ok ? v_cache[base + d] : f32_to_bf16(0.0f);
+        }
+        __syncthreads();
+
+        const int t = kt + lane;  // this lane's key position
+#pragma unroll
+        for (int rr = 0; rr < RPW; ++rr) {
+            const int i = warp * RPW + rr;
+            if (i >= tile_rows) continue;  // warp-uniform
+            const int p = first_pos + i;
+            const int start = (window > 0 && p + 1 > window) ? p + 1 - window : 0;
+            const bool valid = t >= start && t <= p && t <= hi;
+            float sc = -INFINITY;
+            if (valid) {
+                // q_s row i is read by all lanes at the same address (broadcast); k_s rows are
+                // (hd+2) bf16 apart, an odd number of words for hd % 4 == 0: no bank conflicts.
+                const __nv_bfloat162* qp = reinterpret_cast<const __nv_bfloat162*>(q_s + i * hd);
+                const __nv_bfloat162* kp = reinterpret_cast<const __nv_bfloat162*>(k_s + lane * (hd + 2));
+                float dot = 0.0f;
+                for (int d2 = 0; d2 < hd / 2; ++d2) {
+                    const float2 qa = __bfloat1622float2(qp[d2]);
+                    const float2 ka = __bfloat1622float2(kp[d2]);
+                    dot += qa.x * ka.x + qa.y * ka.y;
+                }
+                sc = dot * scale;
+            }
+            const float m_new = fmaxf(m[rr], warp_reduce_max(sc));
+            if (m_new == -INFINITY) continue;  // no valid key yet for this row (warp-uniform)
+            const float pr = valid ? expf(sc - m_new) : 0.0f;
+            const float corr = expf(m[rr] - m_new);
+            l[rr] = l[rr] * corr + warp_reduce_sum(pr);
+#pragma unroll
+            for (int e = 0; e < EMAX; ++e) acc[rr][e] *= corr;
+            for (int j = 0; j < PREFILL_BK; ++j) {
+                const float pj = __shfl_sync(FULL_MASK, pr, j);
+                if (pj == 0.0f) continue;  // warp-uniform (pj is the same in every lane)
+                const bf16* vrow = v_s + j * hd;
+#pragma unroll
+                for (int e = 0; e < EMAX; ++e) {
+                    const int d = lane * E + e;
+                    if (e < E && d < hd) acc[rr][e] += pj * bf16_to_f32(vrow[d]);
+                }
+            }
+            m[rr] = m_new;
+        }
+    }
+
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) {
+        const int i = warp * RPW + rr;
+        if (i >= tile_rows) continue;
+        bf16* o = out + ((size_t)(row_begin + tile0 + i) * n_heads + h) * hd;
+#pragma unroll
+        for (int e = 0; e < EMAX; ++e) {
+            const int d = lane * E + e;
+            if (e < E && d < hd) o[d] = f32_to_bf16(l[rr] > 0.0f ? acc[rr][e] / l[rr] : 0.0f);
+        }
+    }
+}

@@ -1,0 +1,1367 @@
+//! Launchers for the rollout kernels: embedding, RoPE, SwiGLU, bias/residual adds
+//! (`kernels/elementwise.cu`), the paged KV cache and attention (`kernels/attention.cu`), the
+//! live LoRA path (`kernels/lora.cu`), sampling and log-prob gathering (`kernels/sampling.cu`).
+//! Each launcher checks buffer lengths against the shapes, picks grid/block/shared memory and
+//! pushes the arguments in the kernel's order; each has a `*_host` convenience (host slices in,
+//! host vectors out) for tests. The CPU oracles are named in each kernel file's top comment.
+//!
+//! It owns no memory plan: scratch buffers (decode partials, the LoRA `xa`) are passed in.
+
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use half::bf16;
+use std::sync::Arc;
+
+use super::{cuda_err, CudaDevice};
+use crate::sampling::SamplingParams;
+use crate::{Error, Result};
+
+/// Warps per attention block and query heads per decode block (kernels/attention.cu).
+const ATTN_WARPS: usize = 4;
+const ATTN_GMAX: usize = 8;
+const PREFILL_BQ: usize = 16;
+const PREFILL_BK: usize = 32;
+/// Threads per sampling block (kernels/sampling.cu `SAMPLE_THREADS`).
+const SAMPLE_THREADS: u32 = 512;
+/// Threads per block of the grid-stride elementwise kernels, and their grid cap.
+const EW_THREADS: u32 = 256;
+const EW_MAX_BLOCKS: usize = 65_535;
+
+/// The rollout kernels, looked up once when the device is opened.
+pub(super) struct RolloutKernels {
+    embedding_fwd_bf16: CudaFunction,
+    rope_fwd_bf16: CudaFunction,
+    swiglu_fwd_bf16: CudaFunction,
+    swiglu_fused_fwd_bf16: CudaFunction,
+    add_bias_bf16: CudaFunction,
+    residual_add_bf16: CudaFunction,
+    kv_cache_append_bf16: CudaFunction,
+    attention_decode_bf16: CudaFunction,
+    attention_decode_combine_bf16: CudaFunction,
+    attention_prefill_bf16: CudaFunction,
+    lora_xa_bf16: CudaFunction,
+    lora_expand_add_bf16: CudaFunction,
+    sampling_uniform_f32: CudaFunction,
+    sample_tokens_f32: CudaFunction,
+    sample_tokens_bf16: CudaFunction,
+    logprob_gather_f32: CudaFunction,
+    logprob_gather_bf16: CudaFunction,
+}
+
+/// Every kernel name of this module (for the fatbin-content test).
+pub const ROLLOUT_KERNEL_NAMES: &[&str] = &[
+    "embedding_fwd_bf16",
+    "rope_fwd_bf16",
+    "swiglu_fwd_bf16",
+    "swiglu_fused_fwd_bf16",
+    "add_bias_bf16",
+    "residual_add_bf16",
+    "kv_cache_append_bf16",
+    "attention_decode_bf16",
+    "attention_decode_combine_bf16",
+    "attention_prefill_bf16",
+    "lora_xa_bf16",
+    "lora_expand_add_bf16",
+    "sampling_uniform_f32",
+    "sample_tokens_f32",
+    "sample_tokens_bf16",
+    "logprob_gather_f32",
+    "logprob_gather_bf16",
+];
+
+impl RolloutKernels {
+    pub(super) fn load(module: &Arc<CudaModule>) -> Result<RolloutKernels> {
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
+        };
+        Ok(RolloutKernels {
+            embedding_fwd_bf16: f("embedding_fwd_bf16")?,
+            rope_fwd_bf16: f("rope_fwd_bf16")?,
+            swiglu_fwd_bf16: f("swiglu_fwd_bf16")?,
+            swiglu_fused_fwd_bf16: f("swiglu_fused_fwd_bf16")?,
+            add_bias_bf16: f("add_bias_bf16")?,
+            residual_add_bf16: f("residual_add_bf16")?,
+            kv_cache_append_bf16: f("kv_cache_append_bf16")?,
+            attention_decode_bf16: f("attention_decode_bf16")?,
+            attention_decode_combine_bf16: f("attention_decode_combine_bf16")?,
+            attention_prefill_bf16: f("attention_prefill_bf16")?,
+            lora_xa_bf16: f("lora_xa_bf16")?,
+            lora_expand_add_bf16: f("lora_expand_add_bf16")?,
+            sampling_uniform_f32: f("sampling_uniform_f32")?,
+            sample_tokens_f32: f("sample_tokens_f32")?,
+            sample_tokens_bf16: f("sample_tokens_bf16")?,
+            logprob_gather_f32: f("logprob_gather_f32")?,
+            logprob_gather_bf16: f("logprob_gather_bf16")?,
+        })
+    }
+}
+
+/// Shape of one layer's paged KV cache and its attention: k_cache, v_cache
+/// (num_pages, page_size, n_kv_heads, head_dim) bf16; block_table (num_seqs, max_pages) i32.
+/// A contiguous per-sequence cache (num_seqs, T_max, KV, hd) is `page_size = T_max`,
+/// `max_pages = 1`, block_table[s] = s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub max_pages: usize,
+    /// Sliding window (Mistral): attend the last `w` positions; None = full causal.
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    fn check(&self, kernel: &str) -> Result<()> {
+        let bad = |msg: String| Err(Error::invalid(format!("{kernel}: {msg}")));
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad(format!(
+                "n_heads {} must be a positive multiple of n_kv_heads {}",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(4) || self.head_dim > 256 {
+            return bad(format!(
+                "head_dim {} must be a multiple of 4 and ≤ 256",
+                self.head_dim
+            ));
+        }
+        if self.page_size == 0 || self.max_pages == 0 || self.num_pages == 0 {
+            return bad("page_size, max_pages and num_pages must be > 0".into());
+        }
+        if self.window == Some(0) {
+            return bad("a sliding window of 0 positions attends nothing; use None for no window".into());
+        }
+        as_i32(kernel, "page_size·max_pages", self.page_size * self.max_pages)?;
+        as_i32(kernel, "num_pages", self.num_pages)?;
+        Ok(())
+    }
+
+    /// Elements of one of k_cache / v_cache.
+    pub fn cache_len(&self) -> usize {
+        self.num_pages * self.page_size * self.n_kv_heads * self.head_dim
+    }
+
+    /// 1/sqrt(hd) in f32, as `cpu::model::attend` computes it.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    fn window_i32(&self) -> i32 {
+        self.window.map_or(0, |w| w.min(i32::MAX as usize) as i32)
+    }
+
+    /// Decode blocks per sequence and split: kv heads × ceil(group / 8).
+    pub fn decode_blocks_per_seq(&self) -> usize {
+        self.n_kv_heads * (self.n_heads / self.n_kv_heads).div_ceil(ATTN_GMAX)
+    }
+}
+
+/// How many splits of the positions (flash-decoding) a decode step should use: enough blocks
+/// for about two waves over `sm_count` SMs, but no split shorter than 64 positions, at most 64.
+pub fn decode_splits(num_seqs: usize, blocks_per_seq: usize, max_len: usize, sm_count: usize) -> usize {
+    let blocks = (num_seqs * blocks_per_seq).max(1);
+    let want = (2 * sm_count).div_ceil(blocks);
+    let by_len = max_len.div_ceil(64).max(1);
+    want.clamp(1, by_len.min(64))
+}
+
+/// Per-row sampling parameters on the device (rows = sequences sampled this step).
+pub struct SamplingParamsDev {
+    pub temperature: CudaSlice<f32>,
+    pub top_k: CudaSlice<i32>,
+    pub top_p: CudaSlice<f32>,
+    pub min_p: CudaSlice<f32>,
+    pub seed: CudaSlice<u64>,
+    pub stream: CudaSlice<u64>,
+    pub step: CudaSlice<u64>,
+}
+
+impl SamplingParamsDev {
+    /// Uploads `params[r]`, `streams[r]` (sequence ids) and `steps[r]` (token index in the
+    /// sequence) for rows r. top_k ≥ i32::MAX is passed as i32::MAX (off, like any k ≥ V).
+    pub fn upload(
+        dev: &CudaDevice,
+        params: &[SamplingParams],
+        streams: &[u64],
+        steps: &[u64],
+    ) -> Result<Self> {
+        if streams.len() != params.len() || steps.len() != params.len() {
+            return Err(Error::invalid(format!(
+                "sampling: {} params, {} streams, {} steps (one each per row)",
+                params.len(),
+                streams.len(),
+                steps.len()
+            )));
+        }
+        let col_f = |f: fn(&SamplingParams) -> f32| params.iter().map(f).collect::<Vec<f32>>();
+        Ok(SamplingParamsDev {
+            temperature: dev.upload(&col_f(|p| p.temperature))?,
+            top_k: dev.upload(
+                &params
+                    .iter()
+                    .map(|p| p.top_k.min(i32::MAX as usize) as i32)
+                    .collect::<Vec<_>>(),
+            )?,
+            top_p: dev.upload(&col_f(|p| p.top_p))?,
+            min_p: dev.upload(&col_f(|p| p.min_p))?,
+            seed: dev.upload(&params.iter().map(|p| p.seed).collect::<Vec<_>>())?,
+            stream: dev.upload(streams)?,
+            step: dev.upload(steps)?,
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.temperature.len()
+    }
+}
+
+fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
+    if found != expected {
+        return Err(Error::invalid(format!(
+            "{kernel}: {what} has {found} elements, expected {expected} = {shape}"
+        )));
+    }
+    Ok(())
+}
+
+fn as_i32(kernel: &str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("{kernel}: {what} = {v} exceeds i32::MAX")))
+}
+
+fn row_block(dim: usize) -> u32 {
+    dim.next_multiple_of(32).clamp(32, 512) as u32
+}
+
+fn ew_grid(n: usize) -> u32 {
+    n.div_ceil(EW_THREADS as usize).clamp(1, EW_MAX_BLOCKS) as u32
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+impl CudaDevice {
+    fn rk(&self) -> &RolloutKernels {
+        &self.rollout
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Elementwise
+
+    /// out (rows, dim) = table[ids[r], :]; table (vocab, dim) bf16, ids (rows) u32. An id ≥ vocab
+    /// gives a zero row (the kernel cannot report it; check ids on the host where they come from).
+    pub fn embedding_fwd_bf16(
+        &self,
+        table: &impl DevicePtr<bf16>,
+        ids: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<bf16>,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let kn = "embedding_fwd_bf16";
+        check_len("table", kn, table.len(), vocab * dim, "vocab*dim")?;
+        check_len("ids", kn, ids.len(), rows, "rows")?;
+        check_len("out", kn, out.len(), rows * dim, "rows*dim")?;
+        let (rows_i, dim_i, vocab_i) = (
+            as_i32(kn, "rows", rows)?,
+            as_i32(kn, "dim", dim)?,
+            as_i32(kn, "vocab", vocab)?,
+        );
+        if rows == 0 || dim == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (o, _o) = out.device_ptr_mut(s);
+        let (t, _t) = table.device_ptr(s);
+        let (i, _i) = ids.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().embedding_fwd_bf16);
+        l.arg(&o).arg(&t).arg(&i).arg(&rows_i).arg(&dim_i).arg(&vocab_i);
+        // SAFETY: (bf16* out, const bf16* table, const u32* ids, int rows, int dim, int vocab);
+        // lengths checked above; the kernel bounds ids against vocab.
+        unsafe { l.launch(cfg((rows as u32, 1, 1), row_block(dim), 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// RoPE in place on q (rows, n_heads, hd) and k (rows, n_kv_heads, hd) at positions pos
+    /// (rows) i32, with inv_freq (hd/2) f32 from `ModelConfig::rope_inv_freq`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_fwd_bf16(
+        &self,
+        q: &mut impl DevicePtrMut<bf16>,
+        k: &mut impl DevicePtrMut<bf16>,
+        pos: &impl DevicePtr<i32>,
+        inv_freq: &impl DevicePtr<f32>,
+        rows: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let kn = "rope_fwd_bf16";
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(Error::invalid(format!(
+                "{kn}: head_dim {head_dim} must be even and > 0"
+            )));
+        }
+        check_len("q", kn, q.len(), rows * n_heads * head_dim, "rows*n_heads*hd")?;
+        check_len(
+            "k",
+            kn,
+            k.len(),
+            rows * n_kv_heads * head_dim,
+            "rows*n_kv_heads*hd",
+        )?;
+        check_len("pos", kn, pos.len(), rows, "rows")?;
+        check_len("inv_freq", kn, inv_freq.len(), head_dim / 2, "hd/2")?;
+        let rows_i = as_i32(kn, "rows", rows)?;
+        let (h, kv, hd) = (
+            as_i32(kn, "n_heads", n_heads)?,
+            as_i32(kn, "n_kv_heads", n_kv_heads)?,
+            as_i32(kn, "hd", head_dim)?,
+        );
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (qp, _q) = q.device_ptr_mut(s);
+        let (kp, _k) = k.device_ptr_mut(s);
+        let (pp, _p) = pos.device_ptr(s);
+        let (fp, _f) = inv_freq.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().rope_fwd_bf16);
+        l.arg(&qp)
+            .arg(&kp)
+            .arg(&pp)
+            .arg(&fp)
+            .arg(&rows_i)
+            .arg(&h)
+            .arg(&kv)
+            .arg(&hd);
+        let pairs = (n_heads + n_kv_heads) * head_dim / 2;
+        // SAFETY: (bf16* q, bf16* k, const int* pos, const float* inv_freq, int rows, int n_heads,
+        // int n_kv_heads, int hd); lengths checked above.
+        unsafe { l.launch(cfg((rows as u32, 1, 1), row_block(pairs), 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// out = silu(gate)·up elementwise over n elements.
+    pub fn swiglu_fwd_bf16(
+        &self,
+        gate: &impl DevicePtr<bf16>,
+        up: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+        n: usize,
+    ) -> Result<()> {
+        let kn = "swiglu_fwd_bf16";
+        check_len("gate", kn, gate.len(), n, "n")?;
+        check_len("up", kn, up.len(), n, "n")?;
+        check_len("out", kn, out.len(), n, "n")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let s = self.stream();
+        let (o, _o) = out.device_ptr_mut(s);
+        let (g, _g) = gate.device_ptr(s);
+        let (u, _u) = up.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().swiglu_fwd_bf16);
+        l.arg(&o).arg(&g).arg(&u).arg(&n64);
+        // SAFETY: (bf16* out, const bf16* gate, const bf16* up, size_t n); lengths checked.
+        unsafe { l.launch(cfg((ew_grid(n), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// out (rows, inter) = silu(gate_up[:, :inter]) · gate_up[:, inter:], gate_up (rows, 2·inter).
+    pub fn swiglu_fused_fwd_bf16(
+        &self,
+        gate_up: &impl DevicePtr<bf16>,
+        out: &mut impl DevicePtrMut<bf16>,
+        rows: usize,
+        inter: usize,
+    ) -> Result<()> {
+        let kn = "swiglu_fused_fwd_bf16";
+        check_len("gate_up", kn, gate_up.len(), rows * 2 * inter, "rows*2*inter")?;
+        check_len("out", kn, out.len(), rows * inter, "rows*inter")?;
+        let (rows_i, inter_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "inter", inter)?);
+        if rows * inter == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (o, _o) = out.device_ptr_mut(s);
+        let (g, _g) = gate_up.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().swiglu_fused_fwd_bf16);
+        l.arg(&o).arg(&g).arg(&rows_i).arg(&inter_i);
+        // SAFETY: (bf16* out, const bf16* gate_up, int rows, int inter); lengths checked.
+        unsafe { l.launch(cfg((ew_grid(rows * inter), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// y (rows, dim) += b (dim), in place.
+    pub fn add_bias_bf16(
+        &self,
+        y: &mut impl DevicePtrMut<bf16>,
+        b: &impl DevicePtr<bf16>,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let kn = "add_bias_bf16";
+        check_len("y", kn, y.len(), rows * dim, "rows*dim")?;
+        check_len("b", kn, b.len(), dim, "dim")?;
+        let (rows_i, dim_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "dim", dim)?);
+        if rows * dim == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (yp, _y) = y.device_ptr_mut(s);
+        let (bp, _b) = b.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().add_bias_bf16);
+        l.arg(&yp).arg(&bp).arg(&rows_i).arg(&dim_i);
+        // SAFETY: (bf16* y, const bf16* b, int rows, int dim); lengths checked.
+        unsafe { l.launch(cfg((ew_grid(rows * dim), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// x += y elementwise over n elements (the residual stream), in place.
+    pub fn residual_add_bf16(
+        &self,
+        x: &mut impl DevicePtrMut<bf16>,
+        y: &impl DevicePtr<bf16>,
+        n: usize,
+    ) -> Result<()> {
+        let kn = "residual_add_bf16";
+        check_len("x", kn, x.len(), n, "n")?;
+        check_len("y", kn, y.len(), n, "n")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let s = self.stream();
+        let (xp, _x) = x.device_ptr_mut(s);
+        let (yp, _y) = y.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().residual_add_bf16);
+        l.arg(&xp).arg(&yp).arg(&n64);
+        // SAFETY: (bf16* x, const bf16* y, size_t n); lengths checked.
+        unsafe { l.launch(cfg((ew_grid(n), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // KV cache and attention
+
+    /// Writes k_new, v_new (rows, n_kv_heads, hd) into the paged cache at (row_seq[r], row_pos[r]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_cache_append_bf16(
+        &self,
+        k_cache: &mut impl DevicePtrMut<bf16>,
+        v_cache: &mut impl DevicePtrMut<bf16>,
+        k_new: &impl DevicePtr<bf16>,
+        v_new: &impl DevicePtr<bf16>,
+        block_table: &impl DevicePtr<i32>,
+        row_seq: &impl DevicePtr<i32>,
+        row_pos: &impl DevicePtr<i32>,
+        shape: &AttnShape,
+        rows: usize,
+    ) -> Result<()> {
+        let kn = "kv_cache_append_bf16";
+        shape.check(kn)?;
+        let width = shape.n_kv_heads * shape.head_dim;
+        check_len(
+            "k_cache",
+            kn,
+            k_cache.len(),
+            shape.cache_len(),
+            "num_pages*page_size*KV*hd",
+        )?;
+        check_len(
+            "v_cache",
+            kn,
+            v_cache.len(),
+            shape.cache_len(),
+            "num_pages*page_size*KV*hd",
+        )?;
+        check_len("k_new", kn, k_new.len(), rows * width, "rows*KV*hd")?;
+        check_len("v_new", kn, v_new.len(), rows * width, "rows*KV*hd")?;
+        check_len("row_seq", kn, row_seq.len(), rows, "rows")?;
+        check_len("row_pos", kn, row_pos.len(), rows, "rows")?;
+        if block_table.len() % shape.max_pages != 0 {
+            return Err(Error::invalid(format!(
+                "{kn}: block_table has {} elements, not a multiple of max_pages {}",
+                block_table.len(),
+                shape.max_pages
+            )));
+        }
+        let rows_i = as_i32(kn, "rows", rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (kv, hd, ps, mp) = (
+            shape.n_kv_heads as i32,
+            shape.head_dim as i32,
+            shape.page_size as i32,
+            shape.max_pages as i32,
+        );
+        let s = self.stream();
+        let (kc, _kc) = k_cache.device_ptr_mut(s);
+        let (vc, _vc) = v_cache.device_ptr_mut(s);
+        let (kp, _k) = k_new.device_ptr(s);
+        let (vp, _v) = v_new.device_ptr(s);
+        let (bt, _bt) = block_table.device_ptr(s);
+        let (rs, _rs) = row_seq.device_ptr(s);
+        let (rp, _rp) = row_pos.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().kv_cache_append_bf16);
+        l.arg(&kc).arg(&vc).arg(&kp).arg(&vp).arg(&bt).arg(&rs).arg(&rp);
+        l.arg(&rows_i).arg(&kv).arg(&hd).arg(&ps).arg(&mp);
+        // SAFETY: argument order as kernels/attention.cu kv_cache_append_bf16; host-side lengths
+        // checked; row_seq/row_pos/block_table contents are the caller's contract (pos is
+        // bounds-checked by the kernel, seq and page ids are not).
+        unsafe { l.launch(cfg((rows as u32, 1, 1), row_block(width), 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// Decode attention: q (num_seqs, n_heads, hd) at positions seq_lens[s] - 1 over each
+    /// sequence's cache; out (num_seqs, n_heads, hd). With `splits` > 1 the positions are split
+    /// (flash-decoding) and `part_o` (num_seqs·n_heads·splits·hd) and `part_ml`
+    /// (num_seqs·n_heads·splits·2) f32 scratch receive the partials, merged by the combine kernel;
+    /// with `splits` = 1 the scratch is not touched (may be empty).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_bf16(
+        &self,
+        q: &impl DevicePtr<bf16>,
+        k_cache: &impl DevicePtr<bf16>,
+        v_cache: &impl DevicePtr<bf16>,
+        block_table: &impl DevicePtr<i32>,
+        seq_lens: &impl DevicePtr<i32>,
+        out: &mut impl DevicePtrMut<bf16>,
+        part_o: &mut impl DevicePtrMut<f32>,
+        part_ml: &mut impl DevicePtrMut<f32>,
+        shape: &AttnShape,
+        num_seqs: usize,
+        splits: usize,
+    ) -> Result<()> {
+        let kn = "attention_decode_bf16";
+        shape.check(kn)?;
+        let (h, hd) = (shape.n_heads, shape.head_dim);
+        check_len("q", kn, q.len(), num_seqs * h * hd, "num_seqs*n_heads*hd")?;
+        check_len("out", kn, out.len(), num_seqs * h * hd, "num_seqs*n_heads*hd")?;
+        check_len(
+            "k_cache",
+            kn,
+            k_cache.len(),
+            shape.cache_len(),
+            "num_pages*page_size*KV*hd",
+        )?;
+        check_len(
+            "v_cache",
+            kn,
+            v_cache.len(),
+            shape.cache_len(),
+            "num_pages*page_size*KV*hd",
+        )?;
+        check_len(
+            "block_table",
+            kn,
+            block_table.len(),
+            num_seqs * shape.max_pages,
+            "num_seqs*max_pages",
+        )?;
+        check_len("seq_lens", kn, seq_lens.len(), num_seqs, "num_seqs")?;
+        if !(1..=1024).contains(&splits) {
+            return Err(Error::invalid(format!(
+                "{kn}: splits {splits} must be in 1..=1024"
+            )));
+        }
+        if splits > 1 {
+            check_len(
+                "part_o",
+                kn,
+                part_o.len(),
+                num_seqs * h * splits * hd,
+                "num_seqs*n_heads*splits*hd",
+            )?;
+            check_len(
+                "part_ml",
+                kn,
+                part_ml.len(),
+                num_seqs * h * splits * 2,
+                "num_seqs*n_heads*splits*2",
+            )?;
+        }
+        as_i32(kn, "num_seqs·n_heads", num_seqs * h)?;
+        if num_seqs == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (qp, _q) = q.device_ptr(s);
+        let (kc, _kc) = k_cache.device_ptr(s);
+        let (vc, _vc) = v_cache.device_ptr(s);
+        // The kernel reads head slices with 4/8/16-byte vector loads when hd = 32·E.
+        for (what, p) in [("q", qp), ("k_cache", kc), ("v_cache", vc)] {
+            if p % 16 != 0 {
+                return Err(Error::invalid(format!("{kn}: {what} must start 16-byte aligned")));
+            }
+        }
+        let (bt, _bt) = block_table.device_ptr(s);
+        let (sl, _sl) = seq_lens.device_ptr(s);
+        let (op, _o) = out.device_ptr_mut(s);
+        let (po, _po) = part_o.device_ptr_mut(s);
+        let (pm, _pm) = part_ml.device_ptr_mut(s);
+        let (h_i, kv_i, hd_i) = (h as i32, shape.n_kv_heads as i32, hd as i32);
+        let (ps, mp, win, sp) = (
+            shape.page_size as i32,
+            shape.max_pages as i32,
+            shape.window_i32(),
+            splits as i32,
+        );
+        let scale = shape.scale();
+        let mut l = s.launch_builder(&self.rk().attention_decode_bf16);
+        l.arg(&op)
+            .arg(&po)
+            .arg(&pm)
+            .arg(&qp)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&bt)
+            .arg(&sl);
+        l.arg(&h_i)
+            .arg(&kv_i)
+            .arg(&hd_i)
+            .arg(&ps)
+            .arg(&mp)
+            .arg(&win)
+            .arg(&sp)
+            .arg(&scale);
+        let smem = (ATTN_WARPS * ATTN_GMAX * (hd + 2) * 4) as u32;
+        let grid = (
+            num_seqs as u32,
+            shape.decode_blocks_per_seq() as u32,
+            splits as u32,
+        );
+        // SAFETY: argument order as kernels/attention.cu attention_decode_bf16; lengths checked
+        // above (part buffers only when splits > 1, the only case the kernel writes them);
+        // block = 4 warps as the kernel's merge assumes; smem = 4·8·(hd+2) floats ≤ 33 KiB.
+        unsafe { l.launch(cfg(grid, (ATTN_WARPS * 32) as u32, smem)) }.map_err(cuda_err(kn))?;
+        if splits > 1 {
+            let rows_i = (num_seqs * h) as i32;
+            let mut l = s.launch_builder(&self.rk().attention_decode_combine_bf16);
+            l.arg(&op).arg(&po).arg(&pm).arg(&rows_i).arg(&hd_i).arg(&sp);
+            // SAFETY: (bf16* out, const float* part_o, const float* part_ml, int rows, int hd,
+            // int splits) with rows = num_seqs·n_heads; lengths checked above.
+            unsafe { l.launch(cfg(((num_seqs * h) as u32, 1, 1), row_block(hd), 0)) }
+                .map_err(cuda_err("attention_decode_combine_bf16"))?;
+        }
+        Ok(())
+    }
+
+    /// Prefill attention: the rows of sequence s are q rows [cu_rows[s], cu_rows[s+1]) at
+    /// positions pos0[s], pos0[s]+1, ...; their k, v are already in the cache. q, out
+    /// (rows, n_heads, hd); cu_rows (num_seqs+1) i32; pos0 (num_seqs) i32; `max_rows` = the
+    /// largest row count of one sequence (sizes the grid).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill_bf16(
+        &self,
+        q: &impl DevicePtr<bf16>,
+        k_cache: &impl DevicePtr<bf16>,
+        v_cache: &impl DevicePtr<bf16>,
+        block_table: &impl DevicePtr<i32>,
+        cu_rows: &impl DevicePtr<i32>,
+        pos0: &impl DevicePtr<i32>,
+        out: &mut impl DevicePtrMut<bf16>,
+        shape: &AttnShape,
+        num_seqs: usize,
+        rows: usize,
+        max_rows: usize,
+    ) -> Result<()> {
+        let kn = "attention_prefill_bf16";
+        shape.check(kn)?;
+        let (h, hd) = (shape.n_heads, shape.head_dim);
+        check_len("q", kn, q.len(), rows * h * hd, "rows*n_heads*hd")?;
+        check_len("out", kn, out.len(), rows * h * hd, "rows*n_heads*hd")?;
+        check_len(
+            "k_cache",
+            kn,
+            k_cache.len(),
+            shape.cache_len(),
+            "num_pages*page_size*KV*hd",
+        )?;
+        check_len(
+            "v_cache",
+            kn,
+            v_cache.len(),
+            shape.cache_len(),
+            "num_pages*page_size*KV*hd",
+        )?;
+        check_len(
+            "block_table",
+            kn,
+            block_table.len(),
+            num_seqs * shape.max_pages,
+            "num_seqs*max_pages",
+        )?;
+        check_len("cu_rows", kn, cu_rows.len(), num_seqs + 1, "num_seqs+1")?;
+        check_len("pos0", kn, pos0.len(), num_seqs, "num_seqs")?;
+        as_i32(kn, "rows", rows)?;
+        if num_seqs == 0 || max_rows == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (qp, _q) = q.device_ptr(s);
+        let (kc, _kc) = k_cache.device_ptr(s);
+        let (vc, _vc) = v_cache.device_ptr(s);
+        let (bt, _bt) = block_table.device_ptr(s);
+        let (cu, _cu) = cu_rows.device_ptr(s);
+        let (p0, _p0) = pos0.device_ptr(s);
+        let (op, _o) = out.device_ptr_mut(s);
+        let (h_i, kv_i, hd_i) = (h as i32, shape.n_kv_heads as i32, hd as i32);
+        let (ps, mp, win) = (shape.page_size as i32, shape.max_pages as i32, shape.window_i32());
+        let scale = shape.scale();
+        let mut l = s.launch_builder(&self.rk().attention_prefill_bf16);
+        l.arg(&op).arg(&qp).arg(&kc).arg(&vc).arg(&bt).arg(&cu).arg(&p0);
+        l.arg(&h_i)
+            .arg(&kv_i)
+            .arg(&hd_i)
+            .arg(&ps)
+            .arg(&mp)
+            .arg(&win)
+            .arg(&scale);
+        let smem = (PREFILL_BK * 8 + (PREFILL_BQ * hd + PREFILL_BK * (hd + 2) + PREFILL_BK * hd) * 2) as u32;
+        let grid = (max_rows.div_ceil(PREFILL_BQ) as u32, h as u32, num_seqs as u32);
+        // SAFETY: argument order as kernels/attention.cu attention_prefill_bf16; lengths checked;
+        // block = 4 warps (4 rows each of the 16-row tile); smem as the kernel's carve-up
+        // (≤ 41 KiB at hd 256); hd % 4 == 0 checked by AttnShape::check.
+        unsafe { l.launch(cfg(grid, (ATTN_WARPS * 32) as u32, smem)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // LoRA
+
+    /// xa (rows, rank) f32 = x (rows, in) bf16 · A (rank, in)ᵀ f32.
+    pub fn lora_xa_bf16(
+        &self,
+        x: &impl DevicePtr<bf16>,
+        a: &impl DevicePtr<f32>,
+        xa: &mut impl DevicePtrMut<f32>,
+        rows: usize,
+        in_dim: usize,
+        rank: usize,
+    ) -> Result<()> {
+        let kn = "lora_xa_bf16";
+        check_len("x", kn, x.len(), rows * in_dim, "rows*in")?;
+        check_len("a", kn, a.len(), rank * in_dim, "rank*in")?;
+        check_len("xa", kn, xa.len(), rows * rank, "rows*rank")?;
+        let (r_i, in_i, k_i) = (
+            as_i32(kn, "rows", rows)?,
+            as_i32(kn, "in", in_dim)?,
+            as_i32(kn, "rank", rank)?,
+        );
+        if rows * rank == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (o, _o) = xa.device_ptr_mut(s);
+        let (xp, _x) = x.device_ptr(s);
+        let (ap, _a) = a.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().lora_xa_bf16);
+        l.arg(&o).arg(&xp).arg(&ap).arg(&r_i).arg(&in_i).arg(&k_i);
+        let block = (rank.min(8) * 32) as u32;
+        // SAFETY: (float* xa, const bf16* x, const float* a, int rows, int in, int rank);
+        // lengths checked; block is whole warps.
+        unsafe { l.launch(cfg((rows as u32, 1, 1), block, 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// y (rows, out) bf16 += scale · xa (rows, rank) · B (out, rank)ᵀ, B f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_expand_add_bf16(
+        &self,
+        y: &mut impl DevicePtrMut<bf16>,
+        xa: &impl DevicePtr<f32>,
+        b: &impl DevicePtr<f32>,
+        scale: f32,
+        rows: usize,
+        out_dim: usize,
+        rank: usize,
+    ) -> Result<()> {
+        let kn = "lora_expand_add_bf16";
+        check_len("y", kn, y.len(), rows * out_dim, "rows*out")?;
+        check_len("xa", kn, xa.len(), rows * rank, "rows*rank")?;
+        check_len("b", kn, b.len(), out_dim * rank, "out*rank")?;
+        let (r_i, o_i, k_i) = (
+            as_i32(kn, "rows", rows)?,
+            as_i32(kn, "out", out_dim)?,
+            as_i32(kn, "rank", rank)?,
+        );
+        if rows * out_dim == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (yp, _y) = y.device_ptr_mut(s);
+        let (xp, _x) = xa.device_ptr(s);
+        let (bp, _b) = b.device_ptr(s);
+        let mut l = s.launch_builder(&self.rk().lora_expand_add_bf16);
+        l.arg(&yp)
+            .arg(&xp)
+            .arg(&bp)
+            .arg(&scale)
+            .arg(&r_i)
+            .arg(&o_i)
+            .arg(&k_i);
+        let grid = (rows as u32, out_dim.div_ceil(256) as u32, 1);
+        // SAFETY: (bf16* y, const float* xa, const float* b, float scale, int rows, int out,
+        // int rank); lengths checked; grid.y·256 ≥ out with the kernel bounding o.
+        unsafe { l.launch(cfg(grid, 256, 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Sampling and log-probs
+
+    /// `crate::sampling::uniform(seed[i], stream[i], step[i])` on the device (RNG parity checks).
+    pub fn sampling_uniform_f32_host(&self, seed: &[u64], stream: &[u64], step: &[u64]) -> Result<Vec<f32>> {
+        let kn = "sampling_uniform_f32";
+        let n = seed.len();
+        check_len("stream", kn, stream.len(), n, "n")?;
+        check_len("step", kn, step.len(), n, "n")?;
+        let n_i = as_i32(kn, "n", n)?;
+        let mut out = self.alloc_zeros::<f32>(n.max(1))?;
+        if n > 0 {
+            let (sd, st, sp) = (self.upload(seed)?, self.upload(stream)?, self.upload(step)?);
+            let s = self.stream();
+            let (o, _o) = out.device_ptr_mut(s);
+            let (a, _a) = sd.device_ptr(s);
+            let (b, _b) = st.device_ptr(s);
+            let (c, _c) = sp.device_ptr(s);
+            let mut l = s.launch_builder(&self.rk().sampling_uniform_f32);
+            l.arg(&o).arg(&a).arg(&b).arg(&c).arg(&n_i);
+            // SAFETY: (float* out, const u64* seed, const u64* stream, const u64* step, int n).
+            unsafe { l.launch(cfg((n.div_ceil(256) as u32, 1, 1), 256, 0)) }.map_err(cuda_err(kn))?;
+        }
+        let mut v = self.download(&out)?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    /// Samples one token per row of logits (rows, vocab) f32 with per-row parameters, exactly
+    /// as `crate::sampling::Sampler::sample` (see kernels/sampling.cu for where float sums
+    /// differ). tokens (rows) u32, logprobs (rows) f32; an invalid row gets u32::MAX and NaN.
+    pub fn sample_tokens_f32(
+        &self,
+        logits: &impl DevicePtr<f32>,
+        params: &SamplingParamsDev,
+        tokens: &mut impl DevicePtrMut<u32>,
+        logprobs: &mut impl DevicePtrMut<f32>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let f = &self.rk().sample_tokens_f32;
+        self.launch_sample(
+            f,
+            "sample_tokens_f32",
+            logits,
+            params,
+            tokens,
+            logprobs,
+            rows,
+            vocab,
+        )
+    }
+
+    /// As [`Self::sample_tokens_f32`] with bf16 logits.
+    pub fn sample_tokens_bf16(
+        &self,
+        logits: &impl DevicePtr<bf16>,
+        params: &SamplingParamsDev,
+        tokens: &mut impl DevicePtrMut<u32>,
+        logprobs: &mut impl DevicePtrMut<f32>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let f = &self.rk().sample_tokens_bf16;
+        self.launch_sample(
+            f,
+            "sample_tokens_bf16",
+            logits,
+            params,
+            tokens,
+            logprobs,
+            rows,
+            vocab,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_sample<T>(
+        &self,
+        func: &CudaFunction,
+        kn: &str,
+        logits: &impl DevicePtr<T>,
+        params: &SamplingParamsDev,
+        tokens: &mut impl DevicePtrMut<u32>,
+        logprobs: &mut impl DevicePtrMut<f32>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        if vocab == 0 {
+            return Err(Error::invalid(format!("{kn}: vocab must be > 0")));
+        }
+        check_len("logits", kn, logits.len(), rows * vocab, "rows*vocab")?;
+        check_len("params", kn, params.rows(), rows, "rows")?;
+        check_len("tokens", kn, tokens.len(), rows, "rows")?;
+        check_len("logprobs", kn, logprobs.len(), rows, "rows")?;
+        let (r_i, v_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "vocab", vocab)?);
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (tp, _t) = tokens.device_ptr_mut(s);
+        let (lp, _l) = logprobs.device_ptr_mut(s);
+        let (xp, _x) = logits.device_ptr(s);
+        let (a, _a) = params.temperature.device_ptr(s);
+        let (b, _b) = params.top_k.device_ptr(s);
+        let (c, _c) = params.top_p.device_ptr(s);
+        let (d, _d) = params.min_p.device_ptr(s);
+        let (e, _e) = params.seed.device_ptr(s);
+        let (f, _f) = params.stream.device_ptr(s);
+        let (g, _g) = params.step.device_ptr(s);
+        let mut l = s.launch_builder(func);
+        l.arg(&tp)
+            .arg(&lp)
+            .arg(&xp)
+            .arg(&a)
+            .arg(&b)
+            .arg(&c)
+            .arg(&d)
+            .arg(&e)
+            .arg(&f)
+            .arg(&g);
+        l.arg(&r_i).arg(&v_i);
+        // SAFETY: argument order as kernels/sampling.cu sample_tokens_*; every per-row buffer has
+        // `rows` elements (checked); block = SAMPLE_THREADS ≤ 1024 as the kernel's chunk table needs.
+        unsafe { l.launch(cfg((rows as u32, 1, 1), SAMPLE_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// Test convenience: uploads f32 logits (rows, vocab) and per-row params, samples, returns
+    /// (tokens, logprobs).
+    pub fn sample_tokens_f32_host(
+        &self,
+        logits: &[f32],
+        params: &[SamplingParams],
+        streams: &[u64],
+        steps: &[u64],
+        vocab: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let rows = params.len();
+        if rows == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let p = SamplingParamsDev::upload(self, params, streams, steps)?;
+        let x = self.upload(logits)?;
+        let mut t = self.alloc_zeros::<u32>(rows.max(1))?;
+        let mut lp = self.alloc_zeros::<f32>(rows.max(1))?;
+        if rows > 0 {
+            self.sample_tokens_f32(
+                &x,
+                &p,
+                &mut t.slice_mut(..rows),
+                &mut lp.slice_mut(..rows),
+                rows,
+                vocab,
+            )?;
+        }
+        let (mut t, mut lp) = (self.download(&t)?, self.download(&lp)?);
+        t.truncate(rows);
+        lp.truncate(rows);
+        Ok((t, lp))
+    }
+
+    /// Test convenience for [`Self::sample_tokens_bf16`]: logits rounded to bf16 on upload.
+    pub fn sample_tokens_bf16_host(
+        &self,
+        logits: &[f32],
+        params: &[SamplingParams],
+        streams: &[u64],
+        steps: &[u64],
+        vocab: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let rows = params.len();
+        if rows == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let p = SamplingParamsDev::upload(self, params, streams, steps)?;
+        let x = self.upload_bf16(logits)?;
+        let mut t = self.alloc_zeros::<u32>(rows.max(1))?;
+        let mut lp = self.alloc_zeros::<f32>(rows.max(1))?;
+        if rows > 0 {
+            self.sample_tokens_bf16(
+                &x,
+                &p,
+                &mut t.slice_mut(..rows),
+                &mut lp.slice_mut(..rows),
+                rows,
+                vocab,
+            )?;
+        }
+        let (mut t, mut lp) = (self.download(&t)?, self.download(&lp)?);
+        t.truncate(rows);
+        lp.truncate(rows);
+        Ok((t, lp))
+    }
+
+    /// logprobs[r] = log_softmax(logits[r] / T)[targets[r]] and entropy[r] of softmax(logits[r] / T);
+    /// logits (rows, vocab) f32, targets (rows) u32 (out of range → NaN).
+    #[allow(clippy::too_many_arguments)]
+    pub fn logprob_gather_f32(
+        &self,
+        logits: &impl DevicePtr<f32>,
+        targets: &impl DevicePtr<u32>,
+        logprobs: &mut impl DevicePtrMut<f32>,
+        entropy: &mut impl DevicePtrMut<f32>,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+    ) -> Result<()> {
+        let f = &self.rk().logprob_gather_f32;
+        self.launch_gather(
+            f,
+            "logprob_gather_f32",
+            logits,
+            targets,
+            logprobs,
+            entropy,
+            rows,
+            vocab,
+            temperature,
+        )
+    }
+
+    /// As [`Self::logprob_gather_f32`] with bf16 logits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn logprob_gather_bf16(
+        &self,
+        logits: &impl DevicePtr<bf16>,
+        targets: &impl DevicePtr<u32>,
+        logprobs: &mut impl DevicePtrMut<f32>,
+        entropy: &mut impl DevicePtrMut<f32>,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+    ) -> Result<()> {
+        let f = &self.rk().logprob_gather_bf16;
+        self.launch_gather(
+            f,
+            "logprob_gather_bf16",
+            logits,
+            targets,
+            logprobs,
+            entropy,
+            rows,
+            vocab,
+            temperature,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_gather<T>(
+        &self,
+        func: &CudaFunction,
+        kn: &str,
+        logits: &impl DevicePtr<T>,
+        targets: &impl DevicePtr<u32>,
+        logprobs: &mut impl DevicePtrMut<f32>,
+        entropy: &mut impl DevicePtrMut<f32>,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+    ) -> Result<()> {
+        if vocab == 0 {
+            return Err(Error::invalid(format!("{kn}: vocab must be > 0")));
+        }
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::invalid(format!(
+                "{kn}: temperature must be finite and > 0, got {temperature}"
+            )));
+        }
+        check_len("logits", kn, logits.len(), rows * vocab, "rows*vocab")?;
+        check_len("targets", kn, targets.len(), rows, "rows")?;
+        check_len("logprobs", kn, logprobs.len(), rows, "rows")?;
+        check_len("entropy", kn, entropy.len(), rows, "rows")?;
+        let (r_i, v_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "vocab", vocab)?);
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (lp, _lp) = logprobs.device_ptr_mut(s);
+        let (en, _en) = entropy.device_ptr_mut(s);
+        let (xp, _x) = logits.device_ptr(s);
+        let (tg, _tg) = targets.device_ptr(s);
+        let mut l = s.launch_builder(func);
+        l.arg(&lp)
+            .arg(&en)
+            .arg(&xp)
+            .arg(&tg)
+            .arg(&temperature)
+            .arg(&r_i)
+            .arg(&v_i);
+        // SAFETY: (float* logprobs, float* entropy, const T* logits, const u32* targets,
+        // float temperature, int rows, int vocab); lengths checked; block is whole warps.
+        unsafe { l.launch(cfg((rows as u32, 1, 1), row_block(vocab), 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// Test convenience: (logprobs, entropy) for f32 host logits (rows, vocab).
+    pub fn logprob_gather_f32_host(
+        &self,
+        logits: &[f32],
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = targets.len();
+        let x = self.upload(logits)?;
+        let t = self.upload(&targets_or_dummy(targets))?;
+        let mut lp = self.alloc_zeros::<f32>(rows.max(1))?;
+        let mut en = self.alloc_zeros::<f32>(rows.max(1))?;
+        if rows > 0 {
+            self.logprob_gather_f32(&x, &t, &mut lp, &mut en, rows, vocab, temperature)?;
+        }
+        let (mut lp, mut en) = (self.download(&lp)?, self.download(&en)?);
+        lp.truncate(rows);
+        en.truncate(rows);
+        Ok((lp, en))
+    }
+
+    /// Test convenience for [`Self::logprob_gather_bf16`]: logits rounded to bf16 on upload.
+    pub fn logprob_gather_bf16_host(
+        &self,
+        logits: &[f32],
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = targets.len();
+        let x = self.upload_bf16(logits)?;
+        let t = self.upload(&targets_or_dummy(targets))?;
+        let mut lp = self.alloc_zeros::<f32>(rows.max(1))?;
+        let mut en = self.alloc_zeros::<f32>(rows.max(1))?;
+        if rows > 0 {
+            self.logprob_gather_bf16(&x, &t, &mut lp, &mut en, rows, vocab, temperature)?;
+        }
+        let (mut lp, mut en) = (self.download(&lp)?, self.download(&en)?);
+        lp.truncate(rows);
+        en.truncate(rows);
+        Ok((lp, en))
+    }
+}
+
+/// cudarc cannot copy an empty slice; zero rows still uploads one dummy target.
+fn targets_or_dummy(targets: &[u32]) -> Vec<u32> {
+    if targets.is_empty() {
+        vec![0]
+    } else {
+        targets.to_vec()
+    }
+}
+
+/// Host conveniences for tests: f32 host data rounded to bf16 on upload, bf16 results returned
+/// as f32 (exact). Empty inputs are not supported (cudarc cannot copy empty slices).
+impl CudaDevice {
+    /// [`Self::embedding_fwd_bf16`] on host data: table (vocab, dim), ids (rows).
+    pub fn embedding_fwd_bf16_host(&self, table: &[f32], ids: &[u32], dim: usize) -> Result<Vec<f32>> {
+        let t = self.upload_bf16(table)?;
+        let i = self.upload(ids)?;
+        let mut out = self.alloc_zeros::<bf16>(ids.len() * dim)?;
+        self.embedding_fwd_bf16(&t, &i, &mut out, ids.len(), dim, table.len() / dim.max(1))?;
+        self.download_bf16(&out)
+    }
+
+    /// [`Self::rope_fwd_bf16`] on host data; returns (q, k) rotated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_fwd_bf16_host(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        pos: &[i32],
+        inv_freq: &[f32],
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut qd = self.upload_bf16(q)?;
+        let mut kd = self.upload_bf16(k)?;
+        let p = self.upload(pos)?;
+        let f = self.upload(inv_freq)?;
+        self.rope_fwd_bf16(&mut qd, &mut kd, &p, &f, pos.len(), n_heads, n_kv_heads, head_dim)?;
+        Ok((self.download_bf16(&qd)?, self.download_bf16(&kd)?))
+    }
+
+    /// [`Self::swiglu_fwd_bf16`] on host data.
+    pub fn swiglu_fwd_bf16_host(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
+        let (g, u) = (self.upload_bf16(gate)?, self.upload_bf16(up)?);
+        let mut out = self.alloc_zeros::<bf16>(gate.len())?;
+        self.swiglu_fwd_bf16(&g, &u, &mut out, gate.len())?;
+        self.download_bf16(&out)
+    }
+
+    /// [`Self::swiglu_fused_fwd_bf16`] on host data: gate_up (rows, 2·inter).
+    pub fn swiglu_fused_fwd_bf16_host(&self, gate_up: &[f32], rows: usize, inter: usize) -> Result<Vec<f32>> {
+        let g = self.upload_bf16(gate_up)?;
+        let mut out = self.alloc_zeros::<bf16>(rows * inter)?;
+        self.swiglu_fused_fwd_bf16(&g, &mut out, rows, inter)?;
+        self.download_bf16(&out)
+    }
+
+    /// [`Self::add_bias_bf16`] on host data: returns y + b per row.
+    pub fn add_bias_bf16_host(&self, y: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        let mut yd = self.upload_bf16(y)?;
+        let bd = self.upload_bf16(b)?;
+        self.add_bias_bf16(&mut yd, &bd, y.len() / b.len(), b.len())?;
+        self.download_bf16(&yd)
+    }
+
+    /// [`Self::residual_add_bf16`] on host data: returns x + y.
+    pub fn residual_add_bf16_host(&self, x: &[f32], y: &[f32]) -> Result<Vec<f32>> {
+        let mut xd = self.upload_bf16(x)?;
+        let yd = self.upload_bf16(y)?;
+        self.residual_add_bf16(&mut xd, &yd, x.len())?;
+        self.download_bf16(&xd)
+    }
+
+    /// Appends k_new, v_new (rows, KV, hd) at (row_seq, row_pos) into host caches
+    /// (num_pages, page_size, KV, hd) through [`Self::kv_cache_append_bf16`]; returns the caches.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_cache_append_bf16_host(
+        &self,
+        k_cache: &[f32],
+        v_cache: &[f32],
+        k_new: &[f32],
+        v_new: &[f32],
+        block_table: &[i32],
+        row_seq: &[i32],
+        row_pos: &[i32],
+        shape: &AttnShape,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut kc, mut vc) = (self.upload_bf16(k_cache)?, self.upload_bf16(v_cache)?);
+        let (kn, vn) = (self.upload_bf16(k_new)?, self.upload_bf16(v_new)?);
+        let (bt, rs, rp) = (
+            self.upload(block_table)?,
+            self.upload(row_seq)?,
+            self.upload(row_pos)?,
+        );
+        self.kv_cache_append_bf16(&mut kc, &mut vc, &kn, &vn, &bt, &rs, &rp, shape, row_seq.len())?;
+        Ok((self.download_bf16(&kc)?, self.download_bf16(&vc)?))
+    }
+
+    /// [`Self::attention_decode_bf16`] on host data with `splits` splits (scratch allocated here).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_bf16_host(
+        &self,
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        block_table: &[i32],
+        seq_lens: &[i32],
+        shape: &AttnShape,
+        splits: usize,
+    ) -> Result<Vec<f32>> {
+        let num_seqs = seq_lens.len();
+        let (qd, kc, vc) = (
+            self.upload_bf16(q)?,
+            self.upload_bf16(k_cache)?,
+            self.upload_bf16(v_cache)?,
+        );
+        let (bt, sl) = (self.upload(block_table)?, self.upload(seq_lens)?);
+        let mut out = self.alloc_zeros::<bf16>(q.len())?;
+        let part = if splits > 1 {
+            num_seqs * shape.n_heads * splits
+        } else {
+            1
+        };
+        let mut part_o = self.alloc_zeros::<f32>(part * shape.head_dim)?;
+        let mut part_ml = self.alloc_zeros::<f32>(part * 2)?;
+        self.attention_decode_bf16(
+            &qd,
+            &kc,
+            &vc,
+            &bt,
+            &sl,
+            &mut out,
+            &mut part_o,
+            &mut part_ml,
+            shape,
+            num_seqs,
+            splits,
+        )?;
+        self.download_bf16(&out)
+    }
+
+    /// [`Self::attention_prefill_bf16`] on host data: cu_rows (num_seqs+1), pos0 (num_seqs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill_bf16_host(
+        &self,
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        block_table: &[i32],
+        cu_rows: &[i32],
+        pos0: &[i32],
+        shape: &AttnShape,
+    ) -> Result<Vec<f32>> {
+        let num_seqs = pos0.len();
+        let rows = q.len() / (shape.n_heads * shape.head_dim);
+        let max_rows = cu_rows
+            .windows(2)
+            .map(|w| (w[1] - w[0]).max(0) as usize)
+            .max()
+            .unwrap_or(0);
+        let (qd, kc, vc) = (
+            self.upload_bf16(q)?,
+            self.upload_bf16(k_cache)?,
+            self.upload_bf16(v_cache)?,
+        );
+        let (bt, cu, p0) = (
+            self.upload(block_table)?,
+            self.upload(cu_rows)?,
+            self.upload(pos0)?,
+        );
+        let mut out = self.alloc_zeros::<bf16>(q.len())?;
+        self.attention_prefill_bf16(
+            &qd, &kc, &vc, &bt, &cu, &p0, &mut out, shape, num_seqs, rows, max_rows,
+        )?;
+        self.download_bf16(&out)
+    }
+
+    /// The LoRA path on host data: y (rows, out) + scale · (x Aᵀ) Bᵀ through
+    /// [`Self::lora_xa_bf16`] and [`Self::lora_expand_add_bf16`]; A (rank, in), B (out, rank) f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_bf16_host(
+        &self,
+        y: &[f32],
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        scale: f32,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+        rank: usize,
+    ) -> Result<Vec<f32>> {
+        let (mut yd, xd) = (self.upload_bf16(y)?, self.upload_bf16(x)?);
+        let (ad, bd) = (self.upload(a)?, self.upload(b)?);
+        let mut xa_buf = self.alloc_zeros::<f32>((rows * rank).max(1))?;
+        {
+            let mut xa = xa_buf.slice_mut(..rows * rank);
+            self.lora_xa_bf16(&xd, &ad, &mut xa, rows, in_dim, rank)?;
+            self.lora_expand_add_bf16(&mut yd, &xa, &bd, scale, rows, out_dim, rank)?;
+        }
+        self.download_bf16(&yd)
+    }
+}
