@@ -140,7 +140,7 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<LoraWeights> {
             msg: "file not found".into(),
         });
     }
-    let ckpt = Checkpoint::open_files(&[wpath.clone()])?;
+    let ckpt = Checkpoint::open_files(std::slice::from_ref(&wpath))?;
     // Every key must be one we understand: a stray key means another architecture.
     for name in ckpt.names() {
         if !is_known_key(name, model.num_hidden_layers, &config.target_modules) {
