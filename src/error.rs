@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// `err` is deliberately not named `source`: the message already includes it, and a
+    /// `source` would make `{:#}` (anyhow's chain) print the OS error twice.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("unsupported architecture {found:?} in {path}; supported: {supported}")]
@@ -46,7 +48,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

@@ -32,8 +32,13 @@ impl CpuEngine {
     /// Loads config.json (+ generation_config.json) and the safetensors weights of `dir`.
     pub fn load(dir: &Path) -> Result<CpuEngine> {
         if !dir.is_dir() {
+            let what = if dir.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            };
             return Err(Error::invalid(format!(
-                "model directory {} does not exist",
+                "model directory {} {what}",
                 dir.display()
             )));
         }
@@ -89,6 +94,9 @@ impl Engine for CpuEngine {
         params.validate()?;
         if num_samples == 0 {
             return Err(Error::invalid("num_samples must be at least 1"));
+        }
+        if stop.max_new_tokens == 0 {
+            return Err(Error::invalid("max_new_tokens must be at least 1"));
         }
         for (i, p) in prompts.iter().enumerate() {
             self.check_prompt(i, p)?;

@@ -65,7 +65,14 @@ impl Checkpoint {
                 }
             }
             names.sort();
-            names.into_iter().map(|n| dir.join(n)).collect()
+            let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
+            if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+                return Err(Error::Safetensors {
+                    path: missing.clone(),
+                    msg: format!("shard listed in {} is missing", index_path.display()),
+                });
+            }
+            files
         } else if single.exists() {
             vec![single]
         } else {
@@ -89,7 +96,10 @@ impl Checkpoint {
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::Safetensors {
                 path: path.clone(),
-                msg: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                msg: match truncation(&mmap) {
+                    Some(why) => format!("truncated safetensors file: {why}"),
+                    None => format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                },
             })?;
             let base = mmap.as_ptr() as usize;
             for (name, view) in st.tensors() {
@@ -165,6 +175,34 @@ impl Checkpoint {
             .map(|e| self.files[e.file].0.clone())
             .unwrap_or_default()
     }
+}
+
+/// Why a safetensors file that failed to parse looks cut short, if it does: its size is below
+/// what its 8-byte header length or its tensors' data offsets need.
+fn truncation(bytes: &[u8]) -> Option<String> {
+    let len = bytes.len();
+    let Some(n) = bytes.get(..8) else {
+        return Some(format!("{len} bytes, shorter than the 8-byte header length"));
+    };
+    let n = u64::from_le_bytes(n.try_into().ok()?);
+    if n > 100_000_000 {
+        return None; // not a plausible header length: corrupt rather than cut
+    }
+    let header_end = 8 + n as usize;
+    if header_end > len {
+        return Some(format!(
+            "the header needs {header_end} bytes but the file has only {len}"
+        ));
+    }
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..header_end]).ok()?;
+    let data_end = header
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()?;
+    let need = header_end as u64 + data_end;
+    (need > len as u64).then(|| format!("its tensors need {need} bytes but the file has only {len}"))
 }
 
 /// Converts a stored tensor (f32, f16 or bf16, little-endian) to f32.
@@ -330,7 +368,9 @@ impl Weights {
     pub fn load(ckpt: &Checkpoint, c: &ModelConfig) -> Result<Weights> {
         let (v, d, hd) = (c.vocab_size, c.hidden_size, c.head_dim);
         let embed = ckpt.read_f32("model.embed_tokens.weight", &[v, d])?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        // Not `with_capacity(num_hidden_layers)`: the count comes from config.json, and an absurd
+        // value must end in a missing-tensor error, not an allocation failure.
+        let mut layers = Vec::new();
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let lin = |proj: Proj| -> Result<Linear> {
