@@ -207,7 +207,17 @@ struct SftArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // One readable line (clap's first), then the usage hint.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{first} (see `rft --help`)");
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(), // --help, --version
+    };
     if let Err(e) = run(cli) {
         let msg = format!("{e:#}");
         eprintln!("error: {}", msg.replace('\n', " "));
@@ -257,8 +267,11 @@ fn run(cli: Cli) -> Result<()> {
                 (None, Some(path)) => read_inputs(path, false)?
                     .iter()
                     .map(|l| {
-                        encode_prompt(&l.prompt, &tok)
-                            .with_context(|| format!("{}:{}", path.display(), l.line))
+                        let ids = encode_prompt(&l.prompt, &tok)
+                            .with_context(|| format!("{}:{}", path.display(), l.line))?;
+                        check_fits(engine.config(), ids.len(), 0)
+                            .with_context(|| format!("{}:{}", path.display(), l.line))?;
+                        Ok(ids)
                     })
                     .collect::<Result<_>>()?,
                 (None, None) => bail!("give --prompt TEXT or --input FILE.jsonl"),
@@ -311,6 +324,7 @@ fn run(cli: Cli) -> Result<()> {
                     .as_ref()
                     .ok_or_else(|| anyhow!("{}: missing completion", ctx()))?;
                 let c = encode_completion(c, &tok).with_context(ctx)?;
+                check_fits(engine.config(), p.len(), c.len()).with_context(ctx)?;
                 items.push((p, c));
             }
             let scores = engine.score(&items, temperature)?;
@@ -540,6 +554,18 @@ fn sft(a: SftArgs) -> Result<()> {
         a.output.display(),
         state.step
     );
+    Ok(())
+}
+
+/// A prompt (plus a scored completion) must fit the model's context.
+fn check_fits(c: &rft::model::config::ModelConfig, prompt: usize, completion: usize) -> Result<()> {
+    let ctx = c.max_position_embeddings;
+    if completion == 0 && prompt >= ctx {
+        bail!("the prompt has {prompt} tokens; the model's context is {ctx} (max_position_embeddings), leaving no room to generate");
+    }
+    if prompt + completion > ctx {
+        bail!("prompt + completion = {} tokens exceed the model's context of {ctx} (max_position_embeddings)", prompt + completion);
+    }
     Ok(())
 }
 

@@ -190,11 +190,11 @@ fn parse_line(text: &str, require_completion: bool) -> std::result::Result<Input
                 _ => CompletionSpec::Ids(parse_ids("completion_ids", &v)?),
             })
         }
-        keys => {
-            return Err(format!(
-                "found {}: give exactly one of \"completion\" or \"completion_ids\"",
-                quoted_list(keys)
-            ))
+        _ => {
+            // Both: `rft generate` writes both; the ids are what was sampled, so they win
+            // (the text stays in `extra` for whoever reads it).
+            let v = obj.remove("completion_ids").unwrap_or(Json::Null);
+            Some(CompletionSpec::Ids(parse_ids("completion_ids", &v)?))
         }
     };
     Ok(InputLine {
@@ -428,11 +428,6 @@ mod tests {
             ("{\"prompt_ids\": [4294967296]}", false, "found 4294967296"),
             ("{\"prompt_ids\": []}", false, "\"prompt_ids\" is empty"),
             ("\n\n{\"prompt\": \"a\"}", true, "in.jsonl:3: missing completion"),
-            (
-                "{\"prompt\": \"a\", \"completion\": \"b\", \"completion_ids\": [1]}",
-                true,
-                "both \"completion\" and \"completion_ids\"",
-            ),
             (
                 "{\"prompt\": \"a\", \"completion\": [1]}",
                 true,
