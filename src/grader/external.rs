@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,12 +69,15 @@ fn default_python() -> String {
 
 struct Worker {
     child: Child,
-    stdin: ChildStdin,
+    /// Requests go through a writer thread, so a grader that stops reading its stdin cannot
+    /// block the caller past the timeout.
+    requests: Option<Sender<Vec<u8>>>,
     lines: Receiver<std::io::Result<String>>,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        self.requests = None;
         // SAFETY: the worker was started as its own process group leader.
         unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
         let _ = self.child.kill();
@@ -179,7 +182,7 @@ impl External {
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("starting {:?}: {e}", self.cfg.command[0]))?;
-        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let mut stdin: ChildStdin = child.stdin.take().ok_or("no stdin")?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
@@ -203,9 +206,20 @@ impl External {
                 }
             })
             .map_err(|e| format!("reader thread: {e}"))?;
+        let (req_tx, req_rx) = mpsc::channel::<Vec<u8>>();
+        std::thread::Builder::new()
+            .name(format!("grader-{}-in", self.name))
+            .spawn(move || {
+                for buf in req_rx {
+                    if stdin.write_all(&buf).and_then(|_| stdin.flush()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("writer thread: {e}"))?;
         Ok(Worker {
             child,
-            stdin,
+            requests: Some(req_tx),
             lines: rx,
         })
     }
@@ -214,10 +228,13 @@ impl External {
         let req = json!({"prompt": s.prompt, "completion": s.completion, "item": s.item});
         let mut line = req.to_string();
         line.push('\n');
-        w.stdin
-            .write_all(line.as_bytes())
-            .and_then(|_| w.stdin.flush())
-            .map_err(|e| format!("grader process died: {e}"))?;
+        let sent = w
+            .requests
+            .as_ref()
+            .is_some_and(|tx| tx.send(line.into_bytes()).is_ok());
+        if !sent {
+            return Err("grader process is gone".into());
+        }
         let reply = match w.lines.recv_timeout(self.timeout) {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => return Err(format!("reading the reply: {e}")),
@@ -354,6 +371,13 @@ mod tests {
         assert!(r.error.unwrap().contains("no reply"));
         assert!(t.elapsed() < Duration::from_millis(1800));
         assert_eq!(g.grade(&sample("fine")).score, 0.75);
+        // A grader that never reads its stdin, fed a request bigger than the pipe buffer:
+        // the call still returns at the timeout.
+        let deaf = ext(vec!["sh".into(), "-c".into(), "sleep 30".into()], 0.5);
+        let t = Instant::now();
+        let r = deaf.grade(&sample(&"x".repeat(1 << 20)));
+        assert!(r.error.unwrap().contains("no reply"));
+        assert!(t.elapsed() < Duration::from_millis(1500));
         // A command that does not exist: 0 with the error, no panic.
         let r = ext(vec!["/nonexistent/grader".into()], 1.0).grade(&sample("x"));
         assert!(r.error.unwrap().contains("starting"));

@@ -23,14 +23,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::{Error, Result};
 
 /// One completion to grade: the prompt it answered, the model's text, and the dataset row
 /// (`answer`, `tests`, … — whatever the templates of the grader refer to as `item.…`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Sample {
     pub prompt: String,
     pub completion: String,
@@ -50,7 +50,7 @@ impl Sample {
 /// The outcome of grading one sample. `score` is in [0, 1] unless a grader documents
 /// otherwise (only `multi` with a free formula can leave it). `details` holds sub-scores and
 /// diagnostics; `error` says why the score is 0 when grading failed.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GradeResult {
     pub score: f32,
     pub details: Map<String, Value>,
@@ -243,6 +243,28 @@ mod tests {
         assert!(r[2].error.as_deref().unwrap().contains("panicked"));
         let h = grade_batch_async(Arc::new(Panicky), samples, 2);
         assert_eq!(h.join().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn every_example_builds() {
+        let t: toml::Table = toml::from_str(include_str!("examples.toml")).unwrap();
+        assert_eq!(t.len(), 11);
+        for (name, v) in t {
+            let cfg = GraderConfig::from_toml_value(v).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let g = build(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if !matches!(
+                cfg.type_name(),
+                "external" | "llm_judge" | "program" | "python"
+            ) {
+                let s = Sample::new(
+                    "q",
+                    "<think>x</think><answer>42</answer>",
+                    serde_json::json!({"answer": "42", "answers": ["42"], "summary": "the answer is 42"}),
+                );
+                let r = grade_one(g.as_ref(), &s);
+                assert!((0.0..=1.0).contains(&r.score), "{name}: {r:?}");
+            }
+        }
     }
 
     #[test]

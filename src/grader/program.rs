@@ -18,7 +18,10 @@
 //! are also run against an empty program and, for Python with assert tests, against the code
 //! with every function body replaced by `pass`. If a stub passes every test, the score is 0
 //! and `error` says which stub: either the tests are vacuous or the code games them at top
-//! level rather than in the functions under test.
+//! level rather than in the functions under test. Known false positive: a correct solution
+//! whose function is defined at top level without `def` (`add = lambda a, b: a + b`,
+//! `add = operator.add`) survives the stub and scores 0; set `stub_check = false` if the
+//! task invites that style. For stdin/stdout tests only the empty program is tried.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -638,6 +641,18 @@ mod tests {
         assert_eq!(r.score, 1.0, "{r:?}");
     }
 
+    fn g_sandbox_ro(g: &dyn Grader) -> bool {
+        let r = g.grade(&Sample::new(
+            "",
+            fence("print('done')"),
+            json!({"tests": [{"stdin": "", "stdout": "done"}]}),
+        ));
+        r.details["sandbox"]
+            .as_str()
+            .unwrap_or("")
+            .contains("read-only")
+    }
+
     #[test]
     fn file_system_limits() {
         let g = grader("");
@@ -669,6 +684,29 @@ mod tests {
             assert!(!target.exists());
             assert!(!std::path::Path::new("/root/.rft-pwned").exists());
             std::fs::remove_dir_all(&outside).ok();
+            // Private files are unreadable; litter in /tmp is removed after the run.
+            let secret = tempfile::tempdir().unwrap();
+            let secret_file = secret.path().join("secret.txt");
+            std::fs::write(&secret_file, "s3cret").unwrap();
+            std::fs::set_permissions(
+                &secret_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+            let litter = format!("/tmp/rft-litter-{}", std::process::id());
+            let code = format!(
+                "try:\n    print(open({:?}).read())\nexcept OSError:\n    pass\ntry:\n    open({litter:?}, 'w').write('x')\nexcept OSError:\n    pass\nprint('done')",
+                secret_file.to_str().unwrap()
+            );
+            let r = g.grade(&Sample::new("", fence(&code), item.clone()));
+            assert_eq!(r.score, 1.0, "{r:?}");
+            assert!(!std::path::Path::new(&litter).exists());
+            // With the read-only mount namespace, writing outside the run's dir fails outright.
+            if g_sandbox_ro(&*g) {
+                let code = format!("try:\n    open({litter:?}, 'w').write('x')\n    print('wrote')\nexcept OSError as e:\n    print('done')");
+                let r = g.grade(&Sample::new("", fence(&code), item.clone()));
+                assert_eq!(r.score, 1.0, "{r:?}");
+            }
         }
     }
 }

@@ -12,28 +12,37 @@
 //! uid (`UID_BASE + k`, no supplementary groups), so the code cannot write root-owned files or
 //! read private ones (`/root`, `/etc/shadow`, 0600 files); `RLIMIT_NPROC` is then exact per run
 //! (root ignores it); at the end every process of that uid is SIGKILLed, which also catches
-//! children that escaped the process group with `setsid`; and it gets a fresh network
-//! namespace (no network at all).
+//! children that escaped the process group with `setsid`; it gets a fresh network namespace
+//! (no network at all); and a private mount namespace in which every mount is remounted
+//! read-only and nosuid except the run's own directory (writes elsewhere fail with EROFS).
+//! Each namespace is probed once and skipped when the kernel refuses it (e.g. a container
+//! without CAP_SYS_ADMIN); `details.sandbox` of a `program` result says what was in force.
 //!
 //! What it does NOT isolate: the file system is the host's — world-readable files
-//! (`/etc/passwd`, the Python stdlib, …) can be read and world-writable directories (`/tmp`,
-//! `/dev/shm`) written (capped by `RLIMIT_FSIZE`, not cleaned up); there is no seccomp filter
-//! and no cgroup (memory is capped per process by `RLIMIT_AS`, not per tree). As a non-root
-//! user the code runs as that user: it can read and write whatever the user can; the run tries
-//! an unprivileged user+network namespace (no network) and silently goes without when the
-//! kernel refuses; `RLIMIT_NPROC` counts all the user's processes, so it is set to the
-//! user's current thread count + `max_procs`; a child that calls `setsid` itself escapes the
-//! group kill (its pipes are abandoned after a short grace period, it is not waited for).
+//! (`/etc/passwd`, the Python stdlib, other 0755 temp dirs, …) can be read; without the
+//! read-only mount namespace, world-writable directories (`/tmp`, `/dev/shm`) can be written
+//! (capped by `RLIMIT_FSIZE`; as root, entries the run's uid left at the top of `/tmp`,
+//! `/var/tmp`, `/dev/shm` are removed afterwards); `/proc` shows the host's processes; there
+//! is no seccomp filter and no cgroup (memory is capped per process by `RLIMIT_AS`, not per
+//! tree; CPU by `RLIMIT_CPU` per process). As a non-root user the code runs as that user: it
+//! can read and write whatever the user can; the run tries an unprivileged user+network
+//! namespace (no network) and silently goes without when the kernel refuses; `RLIMIT_NPROC`
+//! counts all the user's processes, so it is set to the user's current thread count +
+//! `max_procs`; a child that calls `setsid` itself escapes the group kill (its pipes are
+//! abandoned after a short grace period, it is not waited for).
 //! For hostile code at scale, run rft itself inside a container or VM.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// First uid used for sandboxed runs when rft is root; runs cycle through `UID_SLOTS` uids.
@@ -117,8 +126,82 @@ pub struct Sandbox {
     pub limits: Limits,
     /// Run as a per-run uid (only possible as root).
     pub drop_uid: bool,
-    /// New network namespace (root: always works; non-root: best effort).
+    /// New network namespace (root: when the kernel allows it; non-root: best effort).
     pub isolate_net: bool,
+    /// Private mount namespace in which every mount is read-only (and nosuid) except the
+    /// run's directory (root only, when the kernel allows it).
+    pub readonly_fs: bool,
+}
+
+/// What the kernel lets this process do, probed once from forked children.
+struct Caps {
+    netns: bool,
+    mountns: bool,
+}
+
+fn caps() -> &'static Caps {
+    static CAPS: OnceLock<Caps> = OnceLock::new();
+    CAPS.get_or_init(|| {
+        if !is_root() {
+            return Caps {
+                netns: false,
+                mountns: false,
+            };
+        }
+        // SAFETY (both closures): run in a forked child, only system calls.
+        let netns = probe(|| unsafe { libc::unshare(libc::CLONE_NEWNET) == 0 });
+        let mountns = probe(|| unsafe {
+            let root = c"/".as_ptr();
+            let null = std::ptr::null();
+            libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    null,
+                    root,
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    null,
+                    root,
+                    null,
+                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ) == 0
+        });
+        Caps { netns, mountns }
+    })
+}
+
+/// Runs `f` in a forked child and reports whether it returned true.
+fn probe(f: fn() -> bool) -> bool {
+    // SAFETY: the child only runs `f` (system calls) and `_exit`.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::_exit(if f() { 0 } else { 1 });
+        }
+        if pid < 0 {
+            return false;
+        }
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0) == pid && libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0
+    }
+}
+
+/// Mount points of this process (from /proc/self/mountinfo), for the read-only remount.
+fn mount_points() -> Vec<CString> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut v: Vec<CString> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| !m.contains('\\'))
+        .filter_map(|m| CString::new(m).ok())
+        .collect();
+    v.dedup();
+    v
 }
 
 pub fn is_root() -> bool {
@@ -130,20 +213,27 @@ static NEXT_UID: AtomicU32 = AtomicU32::new(0);
 
 impl Sandbox {
     pub fn new(limits: Limits) -> Self {
+        let root = is_root();
         Sandbox {
             limits,
-            drop_uid: is_root(),
-            isolate_net: true,
+            drop_uid: root,
+            isolate_net: !root || caps().netns,
+            readonly_fs: root && caps().mountns,
         }
     }
 
     /// A one-line description for `details`.
     pub fn describe(&self) -> String {
         format!(
-            "{}{}rlimits+setsid+killpg",
+            "{}{}{}rlimits+setsid+killpg",
             if self.drop_uid { "per-run uid, " } else { "" },
-            if self.isolate_net { "netns, " } else { "" }
+            if self.isolate_net { "netns, " } else { "" },
+            if self.ro_fs() { "read-only fs, " } else { "" }
         )
+    }
+
+    fn ro_fs(&self) -> bool {
+        self.readonly_fs && self.drop_uid && caps().mountns
     }
 
     /// Runs `argv` in `dir` (which the caller created and owns). `stdin`: a file to feed, or
@@ -162,7 +252,14 @@ impl Sandbox {
             Some(_) => lim.max_procs,
             None => user_threads().saturating_add(lim.max_procs),
         };
-        let net = self.isolate_net;
+        let net = self.isolate_net && (uid.is_none() || caps().netns);
+        let ro = self.ro_fs() && uid.is_some();
+        let (ro_dir, ro_mounts) = if ro {
+            let d = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+            (d, mount_points())
+        } else {
+            (CString::default(), Vec::new())
+        };
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(dir)
@@ -195,6 +292,39 @@ impl Sandbox {
                     } else {
                         // Best effort for unprivileged users.
                         let _ = libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET);
+                    }
+                }
+                if ro {
+                    // Everything read-only except the run's directory (bound onto itself first
+                    // so it is a mount of its own and keeps its write access).
+                    let null = std::ptr::null();
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            null,
+                            c"/".as_ptr(),
+                            null,
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) != 0
+                        || libc::mount(
+                            ro_dir.as_ptr(),
+                            ro_dir.as_ptr(),
+                            null,
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    for m in &ro_mounts {
+                        let flags =
+                            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID;
+                        let _ = libc::mount(null, m.as_ptr(), null, flags, std::ptr::null());
+                    }
+                    // std changed into `dir` before this hook ran: re-enter it through the new
+                    // (writable) mount.
+                    if libc::chdir(ro_dir.as_ptr()) != 0 {
+                        return Err(io::Error::last_os_error());
                     }
                 }
                 let set = |res, soft: u64, hard: u64| {
@@ -318,6 +448,9 @@ impl Sandbox {
             status = Some(child.wait()?);
         }
         kill_all();
+        if let Some(u) = uid {
+            remove_owned(u);
+        }
         let st = status.expect("status set above");
         out.code = st.code();
         out.signal = st.signal();
@@ -326,8 +459,33 @@ impl Sandbox {
     }
 }
 
+/// Gives the run's directory to its uid, private (0700) so concurrent runs cannot peek.
 fn chown(p: &Path, uid: u32) -> io::Result<()> {
-    std::os::unix::fs::chown(p, Some(uid), Some(uid))
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(p, Some(uid), Some(uid))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Removes what a per-run uid left at the top of the world-writable temp directories.
+fn remove_owned(uid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    for d in ["/tmp", "/var/tmp", "/dev/shm"] {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.uid() == uid {
+                let _ = if m.is_dir() {
+                    std::fs::remove_dir_all(e.path())
+                } else {
+                    std::fs::remove_file(e.path())
+                };
+            }
+        }
+    }
 }
 
 /// SIGKILLs every process owned by `uid` (from a forked helper that becomes that uid).
