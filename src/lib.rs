@@ -5,6 +5,8 @@
 //! - [`model`]: Hugging Face config.json, safetensors (mmap, sharded), tokenizer + chat template.
 //! - [`cpu`]: the f32 reference: ops forward/backward, the batched KV-cache engine.
 //! - [`cuda`]: device, kernels compiled by build.rs, typed launchers.
+//! - [`grader`]: graders (string, numeric, format, similarity, rank, json, sandboxed program,
+//!   external JSON-lines, LLM judge, multi) and their TOML config.
 //! - [`sampling`]: sampling parameters, the counter-based RNG, the sampler.
 //! - [`error`]: the library's error type.
 
@@ -13,6 +15,7 @@ pub mod cuda;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod grader;
 pub mod lora;
 pub mod loss;
 pub mod model;
