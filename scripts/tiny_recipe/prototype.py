@@ -13,6 +13,7 @@ Everything here mirrors what rft computes so the recipe transfers:
               optimisation step per generation batch (so ratio == 1 and the clip is
               inactive; it is still computed), AdamW, grad-norm clip 1.0.
 
+Defaults = the recipe in RECIPE.md (logs of the runs in logs/).
 Usage (all seeded; writes into --out):
   prototype.py write           # tokenizer.json, tokenizer_config.json, config.json
   prototype.py base  --seed S  # SFT from scratch -> base model (the default model)
@@ -315,21 +316,21 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     # base SFT
-    ap.add_argument("--sft_n", type=int, default=2000)
-    ap.add_argument("--sft_steps", type=int, default=600)
+    ap.add_argument("--sft_n", type=int, default=400)
+    ap.add_argument("--sft_steps", type=int, default=400)
     ap.add_argument("--sft_lr", type=float, default=3e-3)
     ap.add_argument("--sft_batch", type=int, default=32)
     ap.add_argument("--sft_log", type=int, default=100)
     # grpo
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--B", type=int, default=16)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--temp", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lora", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lora", type=int, default=16)
     ap.add_argument("--loss", default="dapo")
-    ap.add_argument("--eval_every", type=int, default=50)
-    ap.add_argument("--sched", default="const", choices=["const", "linear"])
+    ap.add_argument("--eval_every", type=int, default=100)
+    ap.add_argument("--sched", default="linear", choices=["const", "linear"])
     ap.add_argument("--budget", type=float, default=None)
     ap.add_argument("--base_seed", type=int, default=None, help="base model to start from (default: --seed)")
     # compare: continued SFT on N labelled examples (disjoint from the base's SFT set)
