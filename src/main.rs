@@ -377,7 +377,8 @@ fn train(a: TrainArgs) -> Result<()> {
         (None, Some(ck)) => {
             let state = ck.join("trainer_state.json");
             let v: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&state).with_context(|| format!("--resume: reading {}", state.display()))?,
+                &std::fs::read_to_string(&state)
+                    .with_context(|| format!("--resume: reading {}", state.display()))?,
             )
             .with_context(|| format!("--resume: {} is not JSON", state.display()))?;
             let text = v["config"]["toml"]
@@ -386,7 +387,11 @@ fn train(a: TrainArgs) -> Result<()> {
                 .to_string();
             (text, state, PathBuf::from("."))
         }
-        (None, None) => (DEFAULT_CONFIG.to_string(), PathBuf::from("<embedded configs/default.toml>"), default_base()),
+        (None, None) => (
+            DEFAULT_CONFIG.to_string(),
+            PathBuf::from("<embedded configs/default.toml>"),
+            default_base(),
+        ),
     };
     let mut cfg = TrainConfig::from_toml_str(&text, &origin)?;
     if let Some(d) = a.device {
@@ -399,7 +404,11 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(o) = &a.output_dir {
         cfg.output_dir = Some(o.clone());
     } else if let Some(d) = &a.resume {
-        cfg.output_dir = Some(if d.ends_with("checkpoint") { d.parent().unwrap_or(d).to_path_buf() } else { d.clone() });
+        cfg.output_dir = Some(if d.ends_with("checkpoint") {
+            d.parent().unwrap_or(d).to_path_buf()
+        } else {
+            d.clone()
+        });
     }
     if let Some(n) = a.max_steps {
         cfg.max_steps = n;
@@ -407,11 +416,16 @@ fn train(a: TrainArgs) -> Result<()> {
     cfg.validate(&origin)?;
     let mut trainer = Trainer::from_config(cfg, &text, &base_dir)?;
     if let Some(ck) = &resume_dir {
-        trainer.resume_from(ck).with_context(|| format!("--resume {}", ck.display()))?;
+        trainer
+            .resume_from(ck)
+            .with_context(|| format!("--resume {}", ck.display()))?;
         eprintln!("resumed from {} at step {}", ck.display(), trainer.step_count());
     }
     if trainer.truncated_prompts() > 0 {
-        eprintln!("note: {} prompts were longer than max_prompt_length and lost their start", trainer.truncated_prompts());
+        eprintln!(
+            "note: {} prompts were longer than max_prompt_length and lost their start",
+            trainer.truncated_prompts()
+        );
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
@@ -561,10 +575,13 @@ fn sft(a: SftArgs) -> Result<()> {
 fn check_fits(c: &rft::model::config::ModelConfig, prompt: usize, completion: usize) -> Result<()> {
     let ctx = c.max_position_embeddings;
     if completion == 0 && prompt >= ctx {
-        bail!("the prompt has {prompt} tokens; the model's context is {ctx} (max_position_embeddings), leaving no room to generate");
+        bail!("the prompt has {prompt} tokens: longer than the model's context of {ctx} (max_position_embeddings) minus one generated token");
     }
     if prompt + completion > ctx {
-        bail!("prompt + completion = {} tokens exceed the model's context of {ctx} (max_position_embeddings)", prompt + completion);
+        bail!(
+            "prompt + completion = {} tokens exceed the model's context of {ctx} (max_position_embeddings)",
+            prompt + completion
+        );
     }
     Ok(())
 }

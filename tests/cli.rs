@@ -913,7 +913,7 @@ fn prompt_longer_than_context() {
             "--max-new-tokens",
             "2",
         ],
-        &["200 tokens", "context of 128"],
+        &["long.jsonl:1", "200 tokens", "context of 128"],
     );
     // Exactly the context: no room for one generated token.
     let p = jsonl(tmp.path(), "ctx.jsonl", &[json!({"prompt_ids": vec![5; 128]})]);

@@ -124,10 +124,7 @@ impl External {
             return Err(bad("timeout_s", format!("{} must be > 0", cfg.timeout_s)));
         }
         if cfg.pool_size == 0 || cfg.pool_size > 256 {
-            return Err(bad(
-                "pool_size",
-                format!("{} is not in 1..=256", cfg.pool_size),
-            ));
+            return Err(bad("pool_size", format!("{} is not in 1..=256", cfg.pool_size)));
         }
         Ok(External {
             name: cfg.name.clone().unwrap_or_else(|| "external".into()),
@@ -239,10 +236,7 @@ impl External {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => return Err(format!("reading the reply: {e}")),
             Err(RecvTimeoutError::Timeout) => {
-                return Err(format!(
-                    "no reply within {:.1}s",
-                    self.timeout.as_secs_f32()
-                ))
+                return Err(format!("no reply within {:.1}s", self.timeout.as_secs_f32()))
             }
             Err(RecvTimeoutError::Disconnected) => {
                 let status = w.child.wait().map(|s| s.to_string()).unwrap_or_default();
@@ -288,9 +282,7 @@ impl Grader for External {
         }
         let mut guard = match guard {
             Some(g) => g,
-            None => self.slots[start % n]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
+            None => self.slots[start % n].lock().unwrap_or_else(|e| e.into_inner()),
         };
         if guard.is_none() {
             match self.spawn() {

@@ -76,11 +76,7 @@ impl Format {
         template::check("input", &cfg.input)?;
         let mut checks = Vec::new();
         for t in &cfg.tags {
-            if t.is_empty()
-                || !t
-                    .chars()
-                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
-            {
+            if t.is_empty() || !t.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') {
                 return Err(bad("tags", format!("{t:?} is not a plain tag name")));
             }
             checks.push((
@@ -110,8 +106,7 @@ impl Format {
             checks.push(("structure".into(), 1.0, Check::Structure { re, tags }));
         }
         for (i, c) in cfg.criteria.iter().enumerate() {
-            let re =
-                Regex::new(&c.pattern).map_err(|e| bad(&format!("criteria[{i}].pattern"), e))?;
+            let re = Regex::new(&c.pattern).map_err(|e| bad(&format!("criteria[{i}].pattern"), e))?;
             if !(c.weight >= 0.0 && c.weight.is_finite()) {
                 return Err(bad(
                     &format!("criteria[{i}].weight"),
@@ -119,21 +114,11 @@ impl Format {
                 ));
             }
             let name = c.name.clone().unwrap_or_else(|| format!("criteria[{i}]"));
-            checks.push((
-                name,
-                c.weight,
-                Check::Regex {
-                    re,
-                    negate: c.negate,
-                },
-            ));
+            checks.push((name, c.weight, Check::Regex { re, negate: c.negate }));
         }
         let total: f32 = checks.iter().map(|c| c.1).sum();
         if checks.is_empty() || total <= 0.0 {
-            return Err(bad(
-                "criteria",
-                "no tags and no criteria with positive weight",
-            ));
+            return Err(bad("criteria", "no tags and no criteria with positive weight"));
         }
         Ok(Format {
             name: cfg.name.clone().unwrap_or_else(|| "format".into()),
@@ -161,8 +146,7 @@ impl Grader for Format {
                 Check::Structure { re, tags } => {
                     re.is_match(&text)
                         && tags.iter().all(|(o, c)| {
-                            text.matches(o.as_str()).count() == 1
-                                && text.matches(c.as_str()).count() == 1
+                            text.matches(o.as_str()).count() == 1 && text.matches(c.as_str()).count() == 1
                         })
                 }
                 Check::Tag { open, close } => {
@@ -202,9 +186,7 @@ mod tests {
         let g = build_from_toml("type = \"format\"\ntags = [\"think\", \"answer\"]").unwrap();
         assert_eq!(score(&*g, "<think>hmm</think>\n<answer>4</answer>\n"), 1.0);
         // Text outside the blocks: tags ok, structure not.
-        assert!(
-            (score(&*g, "Sure! <think>hmm</think><answer>4</answer>") - 2.0 / 3.0).abs() < 1e-6
-        );
+        assert!((score(&*g, "Sure! <think>hmm</think><answer>4</answer>") - 2.0 / 3.0).abs() < 1e-6);
         // Wrong order.
         assert!((score(&*g, "<answer>4</answer><think>hmm</think>") - 2.0 / 3.0).abs() < 1e-6);
         // Empty think, duplicated answer (hedging) earn nothing for those tags.
@@ -213,8 +195,7 @@ mod tests {
             0.0
         );
         assert!(
-            (score(&*g, "<think>a</think><answer>4</answer><answer>5</answer>") - 1.0 / 3.0).abs()
-                < 1e-6
+            (score(&*g, "<think>a</think><answer>4</answer><answer>5</answer>") - 1.0 / 3.0).abs() < 1e-6
         );
         assert_eq!(score(&*g, ""), 0.0);
         assert_eq!(score(&*g, "</think>x<think>"), 0.0);
@@ -236,10 +217,7 @@ criteria = [
         let r = g.grade(&Sample::new("", "x".repeat(60), Value::Null));
         assert!((r.score - 0.2).abs() < 1e-6);
         assert_eq!(r.details["has_answer"], 0.0);
-        assert!(build_from_toml(
-            "type = \"format\"\ncriteria = [{ pattern = \"a\", weight = -1 }]"
-        )
-        .is_err());
+        assert!(build_from_toml("type = \"format\"\ncriteria = [{ pattern = \"a\", weight = -1 }]").is_err());
         assert!(build_from_toml("type = \"format\"").is_err());
     }
 }

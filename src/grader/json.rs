@@ -225,10 +225,7 @@ fn validate_at(
     }
     if let Some(Value::Array(e)) = s.get("enum") {
         if !e.iter().any(|x| json_eq(x, v)) {
-            return Err(format!(
-                "{here}: {v} is not one of {}",
-                Value::Array(e.clone())
-            ));
+            return Err(format!("{here}: {v} is not one of {}", Value::Array(e.clone())));
         }
     }
     if let Some(c) = s.get("const") {
@@ -255,16 +252,13 @@ fn validate_at(
                 || num("maximum").is_some_and(|m| x > m)
                 || num("exclusiveMinimum").is_some_and(|m| x <= m)
                 || num("exclusiveMaximum").is_some_and(|m| x >= m)
-                || num("multipleOf")
-                    .is_some_and(|m| m > 0.0 && ((x / m) - (x / m).round()).abs() > 1e-9);
+                || num("multipleOf").is_some_and(|m| m > 0.0 && ((x / m) - (x / m).round()).abs() > 1e-9);
             if bad_num {
                 return Err(format!("{here}: {x} violates a numeric bound"));
             }
         }
         Value::Array(a) => {
-            if usz("minItems").is_some_and(|m| a.len() < m)
-                || usz("maxItems").is_some_and(|m| a.len() > m)
-            {
+            if usz("minItems").is_some_and(|m| a.len() < m) || usz("maxItems").is_some_and(|m| a.len() > m) {
                 return Err(format!("{here}: {} items out of bounds", a.len()));
             }
             if s.get("uniqueItems") == Some(&Value::Bool(true)) {
@@ -371,9 +365,7 @@ fn json_eq(a: &Value, b: &Value) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q))
         }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, p)| y.get(k).is_some_and(|q| json_eq(p, q)))
+            x.len() == y.len() && x.iter().all(|(k, p)| y.get(k).is_some_and(|q| json_eq(p, q)))
         }
         _ => a == b,
     }
@@ -409,17 +401,13 @@ impl Grader for JsonGrader {
         let schema = match template::resolve(schema, s) {
             Ok(Value::String(st)) => match serde_json::from_str::<Value>(&st) {
                 Ok(v) => v,
-                Err(e) => {
-                    return GradeResult::fail(format!("schema from the item is not JSON: {e}"))
-                }
+                Err(e) => return GradeResult::fail(format!("schema from the item is not JSON: {e}")),
             },
             Ok(v) => v,
             Err(e) => return GradeResult::fail(e),
         };
         match validate(&schema, &doc) {
-            Ok(()) => GradeResult::ok(1.0)
-                .with("valid_json", 1.0)
-                .with("schema", 1.0),
+            Ok(()) => GradeResult::ok(1.0).with("valid_json", 1.0).with("schema", 1.0),
             Err(e) => {
                 let mut r = GradeResult::ok(0.0)
                     .with("valid_json", 1.0)
@@ -499,7 +487,8 @@ mod tests {
         assert!(validate(&json!({"not": {"type": "null"}}), &json!(null)).is_err());
         assert!(check_schema(&json!({"pattern": "("})).is_err());
         // Self-referencing schema on a deep document does not overflow the stack.
-        let rec = json!({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"});
+        let rec =
+            json!({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"});
         let mut deep = json!([]);
         for _ in 0..200 {
             deep = json!([deep]);
@@ -523,16 +512,10 @@ schema = { type = "object", required = ["a", "b"], properties = { a = { type = "
         assert_eq!(sc("not json"), 0.0);
         let from_item = build_from_toml("type = \"json\"\nschema = \"{{ item.schema }}\"").unwrap();
         let item = json!({"schema": {"type": "array", "maxItems": 1}});
-        assert_eq!(
-            from_item.grade(&Sample::new("", "[1]", item.clone())).score,
-            1.0
-        );
+        assert_eq!(from_item.grade(&Sample::new("", "[1]", item.clone())).score, 1.0);
         assert_eq!(from_item.grade(&Sample::new("", "[1, 2]", item)).score, 0.0);
         let plain = build_from_toml("type = \"json\"").unwrap();
-        assert_eq!(
-            plain.grade(&Sample::new("", "[1, 2]", json!({}))).score,
-            1.0
-        );
+        assert_eq!(plain.grade(&Sample::new("", "[1, 2]", json!({}))).score, 1.0);
         assert!(build_from_toml("type = \"json\"\nschema = { pattern = \"(\" }").is_err());
     }
 }

@@ -81,10 +81,7 @@ impl LlmJudge {
             ));
         }
         if cfg.base_url.starts_with("https://") && !cfg!(feature = "https") {
-            return Err(bad(
-                "base_url",
-                "https needs rft built with `--features https`",
-            ));
+            return Err(bad("base_url", "https needs rft built with `--features https`"));
         }
         if !(cfg.max_score > 0.0 && cfg.max_score.is_finite()) {
             return Err(bad("max_score", format!("{} must be > 0", cfg.max_score)));
@@ -93,18 +90,13 @@ impl LlmJudge {
             return Err(bad("timeout_s", format!("{} must be > 0", cfg.timeout_s)));
         }
         if !(cfg.backoff_s >= 0.0 && cfg.backoff_s <= 600.0) {
-            return Err(bad(
-                "backoff_s",
-                format!("{} is not in [0, 600]", cfg.backoff_s),
-            ));
+            return Err(bad("backoff_s", format!("{} is not in [0, 600]", cfg.backoff_s)));
         }
         let key = match &cfg.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                bad(
-                    "api_key_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?),
+            Some(var) => Some(
+                std::env::var(var)
+                    .map_err(|_| bad("api_key_env", format!("environment variable {var} is not set")))?,
+            ),
             None => None,
         };
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -141,12 +133,8 @@ impl LlmJudge {
         if status != 200 {
             return Err((false, format!("HTTP {status}: {}", snippet(&text))));
         }
-        let v: Value = serde_json::from_str(&text).map_err(|e| {
-            (
-                false,
-                format!("response is not JSON ({e}): {}", snippet(&text)),
-            )
-        })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| (false, format!("response is not JSON ({e}): {}", snippet(&text))))?;
         v.pointer("/choices/0/message/content")
             .and_then(Value::as_str)
             .map(str::to_string)
@@ -182,9 +170,8 @@ pub fn parse_score(reply: &str) -> Option<f64> {
             }
         }
     }
-    let re = PHRASE.get_or_init(|| {
-        Regex::new(r#"(?i)score[*"]*\s*(?:[:=]|is)\s*[*"]*\s*(-?\d+(?:\.\d+)?)"#).unwrap()
-    });
+    let re = PHRASE
+        .get_or_init(|| Regex::new(r#"(?i)score[*"]*\s*(?:[:=]|is)\s*[*"]*\s*(-?\d+(?:\.\d+)?)"#).unwrap());
     if let Some(c) = re.captures_iter(t).last() {
         return c[1].parse().ok();
     }
@@ -208,7 +195,8 @@ impl Grader for LlmJudge {
             }
         }
         messages.push(json!({"role": "user", "content": user}));
-        let mut body = json!({"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature});
+        let mut body =
+            json!({"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature});
         if let Some(m) = self.cfg.max_tokens {
             body["max_tokens"] = m.into();
         }
@@ -232,10 +220,9 @@ impl Grader for LlmJudge {
                             "judge score {x} is outside [0, {}]",
                             self.cfg.max_score
                         )),
-                        None => GradeResult::fail(format!(
-                            "no score in the judge's reply: {}",
-                            snippet(&content)
-                        )),
+                        None => {
+                            GradeResult::fail(format!("no score in the judge's reply: {}", snippet(&content)))
+                        }
                     };
                 }
                 Err((retry, msg)) => {
@@ -373,11 +360,7 @@ mod tests {
         let r = judge(&url, "retries = 0").grade(&sample());
         assert_eq!(r.score, 0.0);
         assert!(r.error.is_some());
-        assert!(
-            t.elapsed() < Duration::from_millis(1400),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_millis(1400), "{:?}", t.elapsed());
         // Missing API key variable: a build error naming it.
         let e = build_from_toml(&format!(
             "type = \"llm_judge\"\nbase_url = \"{url}\"\nmodel = \"m\"\nprompt = \"x\"\napi_key_env = \"RFT_SURELY_UNSET_KEY\""

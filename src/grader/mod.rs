@@ -252,10 +252,7 @@ mod tests {
         for (name, v) in t {
             let cfg = GraderConfig::from_toml_value(v).unwrap_or_else(|e| panic!("{name}: {e}"));
             let g = build(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
-            if !matches!(
-                cfg.type_name(),
-                "external" | "llm_judge" | "program" | "python"
-            ) {
+            if !matches!(cfg.type_name(), "external" | "llm_judge" | "program" | "python") {
                 let s = Sample::new(
                     "q",
                     "<think>x</think><answer>42</answer>",
@@ -269,11 +266,9 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_key() {
-        let e = GraderConfig::from_toml_str(
-            "type = \"string_check\"\nreference = \"x\"\nopration = \"eq\"",
-        )
-        .unwrap_err()
-        .to_string();
+        let e = GraderConfig::from_toml_str("type = \"string_check\"\nreference = \"x\"\nopration = \"eq\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("opration"), "{e}");
         let e = GraderConfig::from_toml_str("type = \"nope\"")
             .unwrap_err()

@@ -150,20 +150,14 @@ impl Parser<'_> {
             return Ok(e);
         }
         if c.is_ascii_digit() || c == b'.' {
-            while self.i < self.s.len()
-                && (self.s[self.i].is_ascii_digit() || self.s[self.i] == b'.')
-            {
+            while self.i < self.s.len() && (self.s[self.i].is_ascii_digit() || self.s[self.i] == b'.') {
                 self.i += 1;
             }
             let t = std::str::from_utf8(&self.s[start..self.i]).unwrap_or("");
-            return t
-                .parse()
-                .map(Expr::Num)
-                .map_err(|_| format!("bad number {t:?}"));
+            return t.parse().map(Expr::Num).map_err(|_| format!("bad number {t:?}"));
         }
         if c.is_ascii_alphabetic() || c == b'_' {
-            while self.i < self.s.len()
-                && (self.s[self.i].is_ascii_alphanumeric() || self.s[self.i] == b'_')
+            while self.i < self.s.len() && (self.s[self.i].is_ascii_alphanumeric() || self.s[self.i] == b'_')
             {
                 self.i += 1;
             }
@@ -234,10 +228,7 @@ impl Multi {
                 if let Some(k) = w.keys().find(|k| !cfg.graders.contains_key(*k)) {
                     return Err(bad(&format!("weights.{k}"), "no sub-grader of that name"));
                 }
-                let ws: Vec<f32> = names
-                    .iter()
-                    .map(|n| w.get(n).copied().unwrap_or(0.0))
-                    .collect();
+                let ws: Vec<f32> = names.iter().map(|n| w.get(n).copied().unwrap_or(0.0)).collect();
                 if ws.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
                     return Err(bad("weights", "weights must be finite and >= 0"));
                 }
@@ -275,12 +266,7 @@ impl Grader for Multi {
         }
         match &self.combine {
             Combine::Weights(w, total) => {
-                r.score = scores
-                    .iter()
-                    .zip(w)
-                    .map(|(s, w)| *s as f32 * w)
-                    .sum::<f32>()
-                    / total;
+                r.score = scores.iter().zip(w).map(|(s, w)| *s as f32 * w).sum::<f32>() / total;
             }
             Combine::Formula(e) => match e.eval(&scores) {
                 Ok(x) if x.is_finite() => r.score = x as f32,
@@ -331,19 +317,16 @@ tags = ["answer"]
 
     #[test]
     fn weights_and_formula() {
-        let w = build_from_toml(&TOML.replace("{COMBINE}", "weights = { correct = 3, fmt = 1 }"))
-            .unwrap();
+        let w = build_from_toml(&TOML.replace("{COMBINE}", "weights = { correct = 3, fmt = 1 }")).unwrap();
         let s = |c: &str| Sample::new("", c, json!({"answer": 7}));
         assert_eq!(w.grade(&s("<answer>7</answer>")).score, 1.0);
         let r = w.grade(&s("7"));
         assert_eq!(r.score, 0.75);
         assert_eq!(r.details["correct"], 1.0);
         assert_eq!(r.details["fmt"], 0.0);
-        let f = build_from_toml(&TOML.replace(
-            "{COMBINE}",
-            "calculate_output = \"correct * (0.5 + 0.5 * fmt)\"",
-        ))
-        .unwrap();
+        let f =
+            build_from_toml(&TOML.replace("{COMBINE}", "calculate_output = \"correct * (0.5 + 0.5 * fmt)\""))
+                .unwrap();
         assert_eq!(f.grade(&s("7")).score, 0.5);
         assert_eq!(f.grade(&s("<answer>8</answer>")).score, 0.0);
         let mean = build_from_toml(&TOML.replace("{COMBINE}", "")).unwrap();
@@ -354,10 +337,7 @@ tags = ["answer"]
             .err()
             .unwrap()
             .to_string();
-        assert!(
-            e.contains("calculate_output") && e.contains("corect"),
-            "{e}"
-        );
+        assert!(e.contains("calculate_output") && e.contains("corect"), "{e}");
         let e = build_from_toml(&TOML.replace("{COMBINE}", "weights = { correct = 1, fmtt = 1 }"))
             .err()
             .unwrap()

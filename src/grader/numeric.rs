@@ -198,10 +198,7 @@ fn value_of(m: &regex::Captures) -> Option<f64> {
 /// The last number in free text.
 pub fn last_number(s: &str) -> Option<f64> {
     let c = latex_clean(s);
-    number_re()
-        .captures_iter(&c)
-        .last()
-        .and_then(|m| value_of(&m))
+    number_re().captures_iter(&c).last().and_then(|m| value_of(&m))
 }
 
 /// A number from an extracted answer: boxed inside wins, then strict parse, then last number.
@@ -217,8 +214,7 @@ impl Numeric {
         let tag = &self.cfg.tag;
         let from_tag = || -> Option<std::result::Result<f64, String>> {
             last_tag(&self.tag_re, text).map(|t| {
-                parse_answer(t)
-                    .ok_or_else(|| format!("no number inside <{tag}>…</{tag}>: {:?}", short(t)))
+                parse_answer(t).ok_or_else(|| format!("no number inside <{tag}>…</{tag}>: {:?}", short(t)))
             })
         };
         let from_boxed = || -> Option<std::result::Result<f64, String>> {
@@ -228,15 +224,12 @@ impl Numeric {
                     .ok_or_else(|| format!("no number in \\boxed{{{}}}", short(b)))
             })
         };
-        let from_last =
-            || last_number(text).ok_or_else(|| "no number in the completion".to_string());
+        let from_last = || last_number(text).ok_or_else(|| "no number in the completion".to_string());
         match self.cfg.extract {
             Extract::AnswerTag => {
                 from_tag().unwrap_or_else(|| Err(format!("no <{tag}>…</{tag}> in the completion")))
             }
-            Extract::Boxed => {
-                from_boxed().unwrap_or_else(|| Err("no \\boxed{…} in the completion".into()))
-            }
+            Extract::Boxed => from_boxed().unwrap_or_else(|| Err("no \\boxed{…} in the completion".into())),
             Extract::LastNumber => from_last(),
             Extract::Auto => from_tag().or_else(from_boxed).unwrap_or_else(from_last),
         }
@@ -304,10 +297,7 @@ mod tests {
         assert_eq!(last_number("so 3 + 4 = 7."), Some(7.0));
         assert_eq!(last_number("#### 1,234"), Some(1234.0));
         assert_eq!(last_number("no digits"), None);
-        assert_eq!(
-            last_boxed(r"\boxed{\frac{1}{2}} then \boxed{{3}}"),
-            Some("{3}")
-        );
+        assert_eq!(last_boxed(r"\boxed{\frac{1}{2}} then \boxed{{3}}"), Some("{3}"));
         assert_eq!(last_boxed(r"\boxed{1} \boxed{2"), Some("1"));
         assert_eq!(parse_answer(r"\boxed{5 \text{ apples}}"), Some(5.0));
     }
@@ -316,16 +306,9 @@ mod tests {
     fn grading() {
         let auto = g("");
         assert_eq!(score(&*auto, "<answer>42</answer>", json!(42)), 1.0);
+        assert_eq!(score(&*auto, "<answer> 1,234 </answer>", json!("1234")), 1.0);
         assert_eq!(
-            score(&*auto, "<answer> 1,234 </answer>", json!("1234")),
-            1.0
-        );
-        assert_eq!(
-            score(
-                &*auto,
-                "thinking... the answer is \\boxed{3/4}",
-                json!(0.75)
-            ),
+            score(&*auto, "thinking... the answer is \\boxed{3/4}", json!(0.75)),
             1.0
         );
         assert_eq!(score(&*auto, "so x = 17", json!("#### 17")), 1.0);
@@ -339,14 +322,8 @@ mod tests {
             0.0
         );
         // Multiple boxed answers: the last one counts.
-        assert_eq!(
-            score(&*auto, r"\boxed{42} no wait \boxed{41}", json!(42)),
-            0.0
-        );
-        assert_eq!(
-            score(&*auto, r"\boxed{41} no wait \boxed{42}", json!(42)),
-            1.0
-        );
+        assert_eq!(score(&*auto, r"\boxed{42} no wait \boxed{41}", json!(42)), 0.0);
+        assert_eq!(score(&*auto, r"\boxed{41} no wait \boxed{42}", json!(42)), 1.0);
         // A tag with no number: 0 with an error, no fallback to the echoed number.
         let r = auto.grade(&Sample::new(
             "",
@@ -369,9 +346,6 @@ mod tests {
             .grade(&Sample::new("", "1", json!({"answer": "abc"})))
             .error
             .is_some());
-        assert!(
-            build_from_toml("type = \"numeric\"\nreference = \"1\"\nextract = \"sometimes\"")
-                .is_err()
-        );
+        assert!(build_from_toml("type = \"numeric\"\nreference = \"1\"\nextract = \"sometimes\"").is_err());
     }
 }

@@ -143,18 +143,14 @@ impl Program {
         if !cfg.command.iter().any(|a| a.contains("{file}")) {
             return Err(bad("command", "no `{file}` placeholder for the code file"));
         }
-        if cfg.file_name.is_empty() || cfg.file_name.contains('/') || cfg.file_name.starts_with('.')
-        {
+        if cfg.file_name.is_empty() || cfg.file_name.contains('/') || cfg.file_name.starts_with('.') {
             return Err(bad(
                 "file_name",
                 format!("{:?} must be a plain file name", cfg.file_name),
             ));
         }
         if !(cfg.timeout_s > 0.0 && cfg.timeout_s <= 3600.0) {
-            return Err(bad(
-                "timeout_s",
-                format!("{} is not in (0, 3600]", cfg.timeout_s),
-            ));
+            return Err(bad("timeout_s", format!("{} is not in (0, 3600]", cfg.timeout_s)));
         }
         let limits = Limits {
             wall: Duration::from_secs_f64(cfg.timeout_s),
@@ -209,9 +205,7 @@ fn parse_tests(v: &Value) -> std::result::Result<Vec<Test>, String> {
     match v {
         Value::String(snippet) => Ok(vec![Test::Assert(snippet.clone())]),
         Value::Object(o) if o.contains_key("inputs") => {
-            let (Some(Value::Array(i)), Some(Value::Array(out))) =
-                (o.get("inputs"), o.get("outputs"))
-            else {
+            let (Some(Value::Array(i)), Some(Value::Array(out))) = (o.get("inputs"), o.get("outputs")) else {
                 return Err("`inputs` and `outputs` must both be arrays".into());
             };
             if i.len() != out.len() {
@@ -247,9 +241,7 @@ fn parse_tests(v: &Value) -> std::result::Result<Vec<Test>, String> {
                         .ok_or_else(|| format!("test {k} has no `stdout` / `output` / `assert`"))?;
                     Ok(Test::Io { stdin, stdout })
                 }
-                other => Err(format!(
-                    "test {k} is neither a string nor an object: {other}"
-                )),
+                other => Err(format!("test {k} is neither a string nor an object: {other}")),
             })
             .collect(),
         other => Err(format!(
@@ -265,10 +257,7 @@ fn same_output(got: &str, want: &str, how: Compare) -> bool {
         Compare::Trimmed => {
             let norm = |s: &str| {
                 let lines: Vec<&str> = s.lines().map(str::trim_end).collect();
-                let n = lines
-                    .iter()
-                    .rposition(|l| !l.is_empty())
-                    .map_or(0, |i| i + 1);
+                let n = lines.iter().rposition(|l| !l.is_empty()).map_or(0, |i| i + 1);
                 lines[..n].join("\n")
             };
             norm(got) == norm(want)
@@ -324,11 +313,7 @@ impl Program {
     }
 
     /// Runs one program text with optional stdin; returns the sandbox outcome.
-    fn run_source(
-        &self,
-        source: &str,
-        stdin: Option<&str>,
-    ) -> std::result::Result<sandbox::Outcome, String> {
+    fn run_source(&self, source: &str, stdin: Option<&str>) -> std::result::Result<sandbox::Outcome, String> {
         let dir = tempfile::Builder::new()
             .prefix("rft-prog-")
             .tempdir()
@@ -405,10 +390,7 @@ impl Program {
     /// The stub versions of `code` to check: (label, source).
     fn stubs(&self, code: &str, tests: &[Test]) -> Vec<(&'static str, String)> {
         let mut v = vec![("an empty program", String::new())];
-        if self.python
-            && tests.iter().any(|t| matches!(t, Test::Assert(_)))
-            && code.contains("def ")
-        {
+        if self.python && tests.iter().any(|t| matches!(t, Test::Assert(_))) && code.contains("def ") {
             let dir = tempfile::Builder::new().prefix("rft-stub-").tempdir();
             if let Ok(dir) = dir {
                 let src = dir.path().join("code.py");
@@ -446,11 +428,9 @@ impl Grader for Program {
         };
         let tests = match template::resolve(&self.tests, s).and_then(|v| match v {
             // Tests stored as a JSON string in the dataset.
-            Value::String(st) if st.trim_start().starts_with(['[', '{']) => {
-                serde_json::from_str(&st)
-                    .map_err(|e| format!("tests: {e}"))
-                    .and_then(|v| parse_tests(&v))
-            }
+            Value::String(st) if st.trim_start().starts_with(['[', '{']) => serde_json::from_str(&st)
+                .map_err(|e| format!("tests: {e}"))
+                .and_then(|v| parse_tests(&v)),
             v => parse_tests(&v),
         }) {
             Ok(t) if t.is_empty() => return GradeResult::fail("no tests"),
@@ -534,10 +514,7 @@ mod tests {
         assert!(same_output("5  \n\n", "5", Compare::Trimmed));
         assert!(!same_output("5\n", "5", Compare::Exact));
         assert!(same_output("1 2\n3", "1\n2 3", Compare::Tokens));
-        assert_eq!(
-            last_code_fence("a\n```py\nx\n```\n```\ny\n```"),
-            Some("y\n")
-        );
+        assert_eq!(last_code_fence("a\n```py\nx\n```\n```\ny\n```"), Some("y\n"));
     }
 
     #[test]
@@ -578,10 +555,7 @@ mod tests {
         let hack = fence("import sys, os, re\ns = re.findall(r'RFT-TESTS-PASSED-[0-9a-f]+', open(__file__).read())[-1]\nsys.excepthook = lambda *a: (print(s), sys.stdout.flush(), os._exit(0))\ndef add(a, b):\n    return 0");
         let r = g.grade(&Sample::new("", hack, assert_item()));
         assert_eq!(r.score, 0.0, "{r:?}");
-        assert!(
-            r.error.as_deref().unwrap_or("").contains("reward hack"),
-            "{r:?}"
-        );
+        assert!(r.error.as_deref().unwrap_or("").contains("reward hack"), "{r:?}");
         // Vacuous tests (pass on an empty program) → 0.
         let vac = json!({"tests": ["assert True"]});
         let r = g.grade(&Sample::new("", fence("print('hi')"), vac));
@@ -603,10 +577,7 @@ mod tests {
         assert_eq!(r.score, 0.0);
         assert!(t < Duration::from_millis(2500), "{t:?}");
         assert!(
-            r.details["first_failure"]
-                .as_str()
-                .unwrap()
-                .contains("timed out")
+            r.details["first_failure"].as_str().unwrap().contains("timed out")
                 || r.details["first_failure"].as_str().unwrap().contains("CPU"),
             "{r:?}"
         );
@@ -615,9 +586,8 @@ mod tests {
         assert_eq!(r.score, 0.0);
         assert!(t < Duration::from_millis(2500), "{t:?}");
         // A child escaping the process group with setsid keeps the pipe open: still finishes.
-        let (r, t) = run(
-            "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\nprint('x')",
-        );
+        let (r, t) =
+            run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\nprint('x')");
         assert!(t < Duration::from_millis(2500), "{t:?}");
         assert_eq!(r.score, 1.0, "{r:?}");
         // Huge output: truncated, not buffered without bound.
@@ -647,10 +617,7 @@ mod tests {
             fence("print('done')"),
             json!({"tests": [{"stdin": "", "stdout": "done"}]}),
         ));
-        r.details["sandbox"]
-            .as_str()
-            .unwrap_or("")
-            .contains("read-only")
+        r.details["sandbox"].as_str().unwrap_or("").contains("read-only")
     }
 
     #[test]
@@ -688,11 +655,8 @@ mod tests {
             let secret = tempfile::tempdir().unwrap();
             let secret_file = secret.path().join("secret.txt");
             std::fs::write(&secret_file, "s3cret").unwrap();
-            std::fs::set_permissions(
-                &secret_file,
-                std::os::unix::fs::PermissionsExt::from_mode(0o600),
-            )
-            .unwrap();
+            std::fs::set_permissions(&secret_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
             let litter = format!("/tmp/rft-litter-{}", std::process::id());
             let code = format!(
                 "try:\n    print(open({:?}).read())\nexcept OSError:\n    pass\ntry:\n    open({litter:?}, 'w').write('x')\nexcept OSError:\n    pass\nprint('done')",

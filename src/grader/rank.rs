@@ -209,18 +209,16 @@ mod tests {
 
     #[test]
     fn credit_by_position() {
-        let g = build_from_toml("type = \"rank\"\nreference = \"{{ item.answer }}\"\ntop_n = 3")
-            .unwrap();
+        let g = build_from_toml("type = \"rank\"\nreference = \"{{ item.answer }}\"\ntop_n = 3").unwrap();
         let s = |c: &str| Sample::new("", c, json!({"answer": "Paris"}));
         assert_eq!(g.grade(&s("1. paris.\n2. Lyon")).score, 1.0);
         assert_eq!(g.grade(&s("1. Lyon\n2. Paris")).score, 0.5);
         // Beyond top_n: nothing, so listing everything does not pay.
         assert_eq!(g.grade(&s("a\nb\nc\nParis")).score, 0.0);
         assert_eq!(g.grade(&s("")).score, 0.0);
-        let lin = build_from_toml(
-            "type = \"rank\"\nreference = [\"x\", \"y\"]\ntop_n = 4\ncredit = \"linear\"",
-        )
-        .unwrap();
+        let lin =
+            build_from_toml("type = \"rank\"\nreference = [\"x\", \"y\"]\ntop_n = 4\ncredit = \"linear\"")
+                .unwrap();
         let r = lin.grade(&Sample::new(
             "",
             "<answer>[\"y\", \"z\", \"x\"]</answer>",
@@ -232,8 +230,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            num.grade(&Sample::new("", "1,000\n5", json!({"a": 1000})))
-                .score,
+            num.grade(&Sample::new("", "1,000\n5", json!({"a": 1000}))).score,
             1.0
         );
         assert!(build_from_toml("type = \"rank\"\nreference = \"x\"\ntop_n = 0").is_err());

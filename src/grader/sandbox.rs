@@ -106,11 +106,7 @@ impl Outcome {
             format!("killed by signal {sig}{what}")
         } else {
             let err = String::from_utf8_lossy(&self.stderr);
-            let last = err
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
+            let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
             format!(
                 "exit code {:?}: {}",
                 self.code,
@@ -317,8 +313,7 @@ impl Sandbox {
                         return Err(io::Error::last_os_error());
                     }
                     for m in &ro_mounts {
-                        let flags =
-                            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID;
+                        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID;
                         let _ = libc::mount(null, m.as_ptr(), null, flags, std::ptr::null());
                     }
                     // std changed into `dir` before this hook ran: re-enter it through the new
@@ -427,14 +422,8 @@ impl Sandbox {
                 match r {
                     Ok(0) | Err(_) => pipes[i] = None,
                     Ok(m) => {
-                        let room = lim
-                            .max_output
-                            .saturating_sub(out.stdout.len() + out.stderr.len());
-                        let dst = if i == 0 {
-                            &mut out.stdout
-                        } else {
-                            &mut out.stderr
-                        };
+                        let room = lim.max_output.saturating_sub(out.stdout.len() + out.stderr.len());
+                        let dst = if i == 0 { &mut out.stdout } else { &mut out.stderr };
                         dst.extend_from_slice(&buf[..m.min(room)]);
                         if m > room && !out.truncated {
                             out.truncated = true;

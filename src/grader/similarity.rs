@@ -134,10 +134,7 @@ pub fn bleu(hyp: &str, reference: &str) -> f32 {
             break;
         }
         let rn = ngrams(&r, n);
-        let correct: usize = hn
-            .iter()
-            .map(|(g, c)| (*c).min(*rn.get(g).unwrap_or(&0)))
-            .sum();
+        let correct: usize = hn.iter().map(|(g, c)| (*c).min(*rn.get(g).unwrap_or(&0))).sum();
         let p = if correct == 0 {
             smooth *= 2.0;
             1.0 / (smooth * total as f64)
@@ -216,10 +213,7 @@ mod tests {
     #[test]
     fn fuzzy_matches_rapidfuzz() {
         // rapidfuzz.fuzz.ratio("this is a test", "this is a test!") == 96.55…
-        assert!(close(
-            fuzzy_ratio("this is a test", "this is a test!"),
-            0.965_517
-        ));
+        assert!(close(fuzzy_ratio("this is a test", "this is a test!"), 0.965_517));
         // fuzz.ratio("kitten", "sitting") == 61.538…
         assert!(close(fuzzy_ratio("kitten", "sitting"), 0.615_384));
         assert_eq!(fuzzy_ratio("", ""), 1.0);

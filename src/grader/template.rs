@@ -167,9 +167,7 @@ mod tests {
             resolve(&json!(["{{ item.s }}!", 3]), &s).unwrap(),
             json!(["str!", 3])
         );
-        assert!(render("{{ item.missing }}", &s)
-            .unwrap_err()
-            .contains("missing"));
+        assert!(render("{{ item.missing }}", &s).unwrap_err().contains("missing"));
         assert!(render("{{ item.answer", &s).is_err());
         assert!(check("reference", "{{ itme.answer }}").is_err());
         assert!(check("reference", "{{ sample.output_text }} {{ item.x }}").is_ok());

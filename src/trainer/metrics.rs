@@ -105,7 +105,11 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
             Ok(r) => out.push(r),
             Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
             Err(e) => {
-                return Err(Error::Input { path: path.to_path_buf(), line: i + 1, msg: format!("{e}") })
+                return Err(Error::Input {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    msg: format!("{e}"),
+                })
             }
         }
     }
@@ -137,7 +141,10 @@ impl Summary {
             .iter()
             .filter_map(|r| if let Record::Eval(e) = r { Some(e) } else { None })
             .collect();
-        let last_train = records.iter().rev().find_map(|r| if let Record::Train(t) = r { Some(t) } else { None });
+        let last_train = records
+            .iter()
+            .rev()
+            .find_map(|r| if let Record::Train(t) = r { Some(t) } else { None });
         let best = evals
             .iter()
             .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy).then(b.step.cmp(&a.step)))
@@ -163,7 +170,10 @@ impl Summary {
 
 /// A plain-text table of a summary, for the end of `rft train`.
 pub fn summary_table(s: &Summary) -> String {
-    let pct = |v: Option<f64>| v.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "-".into());
+    let pct = |v: Option<f64>| {
+        v.map(|x| format!("{:.1}%", 100.0 * x))
+            .unwrap_or_else(|| "-".into())
+    };
     let num = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
     let rows = [
         ("steps", s.steps.to_string()),
@@ -172,11 +182,25 @@ pub fn summary_table(s: &Summary) -> String {
         ("validation accuracy (end)", pct(s.final_validation_accuracy)),
         (
             "validation accuracy (best)",
-            format!("{} at step {}", pct(s.best_validation_accuracy), s.best_step.map_or("-".into(), |b| b.to_string())),
+            format!(
+                "{} at step {}",
+                pct(s.best_validation_accuracy),
+                s.best_step.map_or("-".into(), |b| b.to_string())
+            ),
         ),
-        ("validation reward (start → end)", format!("{} → {}", num(s.initial_validation_reward), num(s.final_validation_reward))),
+        (
+            "validation reward (start → end)",
+            format!(
+                "{} → {}",
+                num(s.initial_validation_reward),
+                num(s.final_validation_reward)
+            ),
+        ),
         ("train reward (last step)", num(s.final_train_reward_mean)),
-        ("rollout / train tokens", format!("{} / {}", s.rollout_tokens, s.train_tokens)),
+        (
+            "rollout / train tokens",
+            format!("{} / {}", s.rollout_tokens, s.train_tokens),
+        ),
         ("device", s.device.clone()),
     ];
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -195,11 +219,26 @@ mod tests {
     fn records_round_trip_and_summary() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = MetricsLog::open(dir.path()).unwrap();
-        log.write(&Record::Eval(EvalRecord { step: 0, accuracy: 0.25, reward_mean: 0.3, ..Default::default() }))
-            .unwrap();
-        log.write(&Record::Train(TrainRecord { step: 1, reward_mean: 0.5, ..Default::default() })).unwrap();
-        log.write(&Record::Eval(EvalRecord { step: 1, accuracy: 0.5, reward_mean: 0.6, ..Default::default() }))
-            .unwrap();
+        log.write(&Record::Eval(EvalRecord {
+            step: 0,
+            accuracy: 0.25,
+            reward_mean: 0.3,
+            ..Default::default()
+        }))
+        .unwrap();
+        log.write(&Record::Train(TrainRecord {
+            step: 1,
+            reward_mean: 0.5,
+            ..Default::default()
+        }))
+        .unwrap();
+        log.write(&Record::Eval(EvalRecord {
+            step: 1,
+            accuracy: 0.5,
+            reward_mean: 0.6,
+            ..Default::default()
+        }))
+        .unwrap();
         // A torn last line (killed mid-write) is ignored.
         std::fs::OpenOptions::new()
             .append(true)

@@ -60,14 +60,22 @@ fn draw(records: &[Record], out: &Path) -> std::result::Result<(), Box<dyn std::
         .x_label_area_size(36)
         .y_label_area_size(48)
         .build_cartesian_2d(0.0..max_step, y_min..y_max * 1.02)?;
-    c.configure_mesh().x_desc("step").y_desc("reward / accuracy").label_style(font).draw()?;
+    c.configure_mesh()
+        .x_desc("step")
+        .y_desc("reward / accuracy")
+        .label_style(font)
+        .draw()?;
     c.draw_series(LineSeries::new(reward.iter().copied(), BLUE.stroke_width(2)))?
         .label("reward mean")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(2)));
     c.draw_series(LineSeries::new(train_acc.iter().copied(), GREEN.stroke_width(1)))?
         .label("train accuracy")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], GREEN));
-    c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(font).draw()?;
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(font)
+        .draw()?;
 
     let mut c = ChartBuilder::on(&right)
         .caption("Validation (greedy)", ("sans-serif", 20))
@@ -75,14 +83,21 @@ fn draw(records: &[Record], out: &Path) -> std::result::Result<(), Box<dyn std::
         .x_label_area_size(36)
         .y_label_area_size(48)
         .build_cartesian_2d(0.0..max_step, 0.0..1.0)?;
-    c.configure_mesh().x_desc("step").y_desc("accuracy").label_style(font).draw()?;
+    c.configure_mesh()
+        .x_desc("step")
+        .y_desc("accuracy")
+        .label_style(font)
+        .draw()?;
     c.draw_series(LineSeries::new(val_acc.iter().copied(), RED.stroke_width(2)))?
         .label("validation accuracy")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
     c.draw_series(val_acc.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
-    c.draw_series(LineSeries::new(val_reward.iter().copied(), MAGENTA.stroke_width(1)))?
-        .label("validation reward")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], MAGENTA));
+    c.draw_series(LineSeries::new(
+        val_reward.iter().copied(),
+        MAGENTA.stroke_width(1),
+    ))?
+    .label("validation reward")
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], MAGENTA));
     c.configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
@@ -103,14 +118,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = MetricsLog::open(dir.path()).unwrap();
         for s in 0..5 {
-            let t = TrainRecord { step: s + 1, reward_mean: 0.1 * s as f64, accuracy: 0.05 * s as f64, ..Default::default() };
+            let t = TrainRecord {
+                step: s + 1,
+                reward_mean: 0.1 * s as f64,
+                accuracy: 0.05 * s as f64,
+                ..Default::default()
+            };
             log.write(&Record::Train(t)).unwrap();
-            let e = EvalRecord { step: s, accuracy: 0.1 + 0.1 * s as f64, reward_mean: 0.2, ..Default::default() };
+            let e = EvalRecord {
+                step: s,
+                accuracy: 0.1 + 0.1 * s as f64,
+                reward_mean: 0.2,
+                ..Default::default()
+            };
             log.write(&Record::Eval(e)).unwrap();
         }
         let p = plot_run(dir.path()).unwrap();
         let bytes = std::fs::read(p).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
-        assert!(bytes.len() > 5_000, "a plot with text and lines is not tiny: {}", bytes.len());
+        assert!(
+            bytes.len() > 5_000,
+            "a plot with text and lines is not tiny: {}",
+            bytes.len()
+        );
     }
 }

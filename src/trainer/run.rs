@@ -204,7 +204,10 @@ impl TrainConfig {
     /// Parses TOML; unknown keys and wrong types are errors naming the key.
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<TrainConfig> {
         let cfg: TrainConfig = toml::from_str(text).map_err(|e| {
-            Error::config(origin, format!("{}", e).trim_end().replace('\n', " ").replace("  ", " "))
+            Error::config(
+                origin,
+                format!("{}", e).trim_end().replace('\n', " ").replace("  ", " "),
+            )
         })?;
         cfg.validate(origin)?;
         Ok(cfg)
@@ -217,7 +220,13 @@ impl TrainConfig {
             return bad("model", "a [model] table with `path` is required".into());
         }
         if self.num_generations < 2 {
-            return bad("num_generations", format!("must be ≥ 2 (GRPO compares siblings), got {}", self.num_generations));
+            return bad(
+                "num_generations",
+                format!(
+                    "must be ≥ 2 (GRPO compares siblings), got {}",
+                    self.num_generations
+                ),
+            );
         }
         if self.prompts_per_step == 0 {
             return bad("prompts_per_step", "must be ≥ 1".into());
@@ -229,13 +238,22 @@ impl TrainConfig {
             return bad("max_prompt_length", "must be ≥ 1".into());
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", format!("rollouts need temperature > 0, got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("rollouts need temperature > 0, got {}", self.temperature),
+            );
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return bad("learning_rate", format!("must be > 0, got {}", self.learning_rate));
+            return bad(
+                "learning_rate",
+                format!("must be > 0, got {}", self.learning_rate),
+            );
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
-            return bad("warmup_ratio", format!("must be in [0, 1), got {}", self.warmup_ratio));
+            return bad(
+                "warmup_ratio",
+                format!("must be in [0, 1), got {}", self.warmup_ratio),
+            );
         }
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
             return bad("beta", format!("must be ≥ 0, got {}", self.beta));
@@ -258,7 +276,10 @@ impl TrainConfig {
             return bad("max_steps", "must be ≥ 1".into());
         }
         if !(self.max_grad_norm >= 0.0) {
-            return bad("max_grad_norm", format!("must be ≥ 0 (0: no clipping), got {}", self.max_grad_norm));
+            return bad(
+                "max_grad_norm",
+                format!("must be ≥ 0 (0: no clipping), got {}", self.max_grad_norm),
+            );
         }
         if self.lora.r == 0 {
             return bad("lora.r", "must be ≥ 1".into());
@@ -267,7 +288,10 @@ impl TrainConfig {
             return bad("lora.alpha", format!("must be > 0, got {}", self.lora.alpha));
         }
         if !(0.0..1.0).contains(&self.lora.dropout) {
-            return bad("lora.dropout", format!("must be in [0, 1), got {}", self.lora.dropout));
+            return bad(
+                "lora.dropout",
+                format!("must be in [0, 1), got {}", self.lora.dropout),
+            );
         }
         if self.rollout_batch_size == 0 {
             return bad("rollout_batch_size", "must be ≥ 1".into());
@@ -276,10 +300,16 @@ impl TrainConfig {
             return bad("grader_threads", "must be ≥ 1".into());
         }
         if self.model.as_ref().is_some_and(|m| m.full_fine_tuning) && self.beta > 0.0 {
-            return bad("beta", "full fine-tuning has no frozen reference: set beta = 0".into());
+            return bad(
+                "beta",
+                "full fine-tuning has no frozen reference: set beta = 0".into(),
+            );
         }
-        self.sampling(0).validate().map_err(|e| Error::config(origin, e.to_string()))?;
-        self.lora_config().map_err(|m| Error::config(origin, format!("`lora.target_modules`: {m}")))?;
+        self.sampling(0)
+            .validate()
+            .map_err(|e| Error::config(origin, e.to_string()))?;
+        self.lora_config()
+            .map_err(|m| Error::config(origin, format!("`lora.target_modules`: {m}")))?;
         Ok(())
     }
 
@@ -307,7 +337,12 @@ impl TrainConfig {
 
     fn grpo_options(&self) -> Result<GrpoOptions> {
         let warmup = Warmup::from_config(self.warmup_steps, self.warmup_ratio);
-        let schedule = LrSchedule::new(self.lr_scheduler_type, self.learning_rate, self.max_steps * self.num_iterations, warmup)?;
+        let schedule = LrSchedule::new(
+            self.lr_scheduler_type,
+            self.learning_rate,
+            self.max_steps * self.num_iterations,
+            warmup,
+        )?;
         Ok(GrpoOptions {
             loss: GrpoLossConfig {
                 loss_type: self.loss_type,
@@ -323,7 +358,11 @@ impl TrainConfig {
             gradient_accumulation_steps: self.gradient_accumulation_steps,
             max_grad_norm: self.max_grad_norm,
             temperature: self.temperature,
-            recompute: if self.gradient_checkpointing { Recompute::Layer } else { Recompute::None },
+            recompute: if self.gradient_checkpointing {
+                Recompute::Layer
+            } else {
+                Recompute::None
+            },
             chunk_rows: 64,
             full_fine_tuning: self.model.as_ref().is_some_and(|m| m.full_fine_tuning),
             // The loop refills zero-std groups itself; the update never drops sequences.
@@ -341,7 +380,9 @@ impl TrainConfig {
 
 /// splitmix64 of (seed, k): independent per-step / per-chunk seeds.
 fn mix(seed: u64, k: u64) -> u64 {
-    let mut z = seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x632B_E59B_D9B4_E019);
+    let mut z = seed
+        ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(0x632B_E59B_D9B4_E019);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -396,7 +437,10 @@ pub struct Trainer {
 impl Trainer {
     /// Builds a trainer from a parsed config; relative paths resolve against `base_dir`.
     pub fn from_config(config: TrainConfig, config_text: &str, base_dir: &Path) -> Result<Trainer> {
-        let m = config.model.clone().ok_or_else(|| Error::invalid("config: [model] path is required"))?;
+        let m = config
+            .model
+            .clone()
+            .ok_or_else(|| Error::invalid("config: [model] path is required"))?;
         let model_dir = resolve(base_dir, &m.path);
         match config.device {
             Device::Cpu | Device::Auto => {}
@@ -404,28 +448,29 @@ impl Trainer {
                 let why = crate::cuda::availability()
                     .err()
                     .unwrap_or_else(|| "the CUDA training engine is not implemented yet".to_string());
-                return Err(Error::CudaUnavailable(format!("device = \"cuda\": {why}; use device = \"cpu\"")));
+                return Err(Error::CudaUnavailable(format!(
+                    "device = \"cuda\": {why}; use device = \"cpu\""
+                )));
             }
         }
         let engine = CpuEngine::load(&model_dir)?;
         let tok = Tokenizer::from_dir(&model_dir)?;
         let splits = config.data.load(base_dir)?;
-        let (grader, parts): (Arc<dyn Grader>, Vec<String>) = match &config.grader {
-            Some(v) => {
-                let gc = GraderConfig::from_toml_value(v.clone())?;
-                let parts = match &gc {
-                    GraderConfig::Multi(mc) => mc.graders.keys().cloned().collect(),
-                    _ => vec![],
-                };
-                (Arc::from(crate::grader::build(&gc)?), parts)
-            }
-            None if splits.task.is_some() => (Arc::new(TaskGrader), vec![]),
-            None => {
-                return Err(Error::invalid(
+        let (grader, parts): (Arc<dyn Grader>, Vec<String>) =
+            match &config.grader {
+                Some(v) => {
+                    let gc = GraderConfig::from_toml_value(v.clone())?;
+                    let parts = match &gc {
+                        GraderConfig::Multi(mc) => mc.graders.keys().cloned().collect(),
+                        _ => vec![],
+                    };
+                    (Arc::from(crate::grader::build(&gc)?), parts)
+                }
+                None if splits.task.is_some() => (Arc::new(TaskGrader), vec![]),
+                None => return Err(Error::invalid(
                     "config: a [grader] table is required for a dataset file (built-in tasks have their own)",
-                ))
-            }
-        };
+                )),
+            };
         let mut t = Trainer::new(engine, tok, splits.train, splits.val, grader, config, config_text)?;
         t.grader_parts = parts;
         t.base_model = model_dir.display().to_string();
@@ -475,7 +520,9 @@ impl Trainer {
         let opts = config.grpo_options()?;
         let full = opts.full_fine_tuning;
         if !full && engine.adapter.is_none() {
-            let lc = config.lora_config().map_err(|m| Error::invalid(format!("lora.target_modules: {m}")))?;
+            let lc = config
+                .lora_config()
+                .map_err(|m| Error::invalid(format!("lora.target_modules: {m}")))?;
             engine.set_adapter(Some(LoraWeights::init(lc, engine.config(), config.seed)));
         }
         if full {
@@ -558,9 +605,14 @@ impl Trainer {
             let mut pending: Option<std::thread::ScopedJoinHandle<'_, Vec<GradeResult>>> = None;
             for (ci, chunk) in indices.chunks(chunk_prompts).enumerate() {
                 let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| set[i].1.ids.clone()).collect();
-                let chunk_params = SamplingParams { seed: mix(params.seed, ci as u64), ..*params };
+                let chunk_params = SamplingParams {
+                    seed: mix(params.seed, ci as u64),
+                    ..*params
+                };
                 let t0 = Instant::now();
-                let mut out = self.engine.generate(&prompts, g, &chunk_params, &stop, Some(&decode))?;
+                let mut out = self
+                    .engine
+                    .generate(&prompts, g, &chunk_params, &stop, Some(&decode))?;
                 gen_s += t0.elapsed().as_secs_f64();
                 let samples: Vec<Sample> = out
                     .iter()
@@ -607,7 +659,10 @@ impl Trainer {
         // Dynamic sampling keeps drawing until `want` informative groups or the round limit.
         loop {
             let indices = self.sampler.next_batch();
-            let round_params = SamplingParams { seed: mix(params.seed, 1_000 + round), ..params };
+            let round_params = SamplingParams {
+                seed: mix(params.seed, 1_000 + round),
+                ..params
+            };
             let (r, gr, a, b) = self.rollout_and_grade(&indices, false, &round_params, g)?;
             gen_s += a;
             wait_s += b;
@@ -634,19 +689,29 @@ impl Trainer {
         }
 
         let rewards: Vec<f32> = grades.iter().map(|x| x.score).collect();
-        let mut rec = TrainRecord { step: step_no as usize + 1, ..Default::default() };
+        let mut rec = TrainRecord {
+            step: step_no as usize + 1,
+            ..Default::default()
+        };
         let n = rewards.len().max(1) as f64;
         rec.reward_mean = rewards.iter().map(|&x| x as f64).sum::<f64>() / n;
-        rec.reward_std =
-            (rewards.iter().map(|&x| (x as f64 - rec.reward_mean).powi(2)).sum::<f64>() / n).sqrt();
+        rec.reward_std = (rewards
+            .iter()
+            .map(|&x| (x as f64 - rec.reward_mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
         let thr = self.config.accuracy_threshold;
         rec.accuracy = rewards.iter().filter(|&&x| x >= thr - 1e-6).count() as f64 / n;
         rec.reward_per_grader = per_grader(self.grader.name(), &self.grader_parts, &grades);
         let lens: Vec<usize> = rollouts.iter().map(|r| r.completion_ids.len()).collect();
         rec.completion_len_mean = lens.iter().sum::<usize>() as f64 / n;
         rec.completion_len_max = lens.iter().copied().max().unwrap_or(0);
-        rec.truncated_frac =
-            rollouts.iter().filter(|r| r.finish_reason == FinishReason::Length).count() as f64 / n;
+        rec.truncated_frac = rollouts
+            .iter()
+            .filter(|r| r.finish_reason == FinishReason::Length)
+            .count() as f64
+            / n;
         rec.zero_std_frac = zero_std_groups as f64 / drawn_groups.max(1) as f64;
         let gen_tokens: usize = lens.iter().sum();
         rec.rollout_seconds = gen_s;
@@ -681,7 +746,11 @@ impl Trainer {
         let lora = self.engine.adapter.as_mut();
         let metrics = grpo_update(&mut self.engine.model, lora, &mut self.state, &batch, &self.opts)?;
         rec.train_seconds = t_train.elapsed().as_secs_f64();
-        let train_tokens: usize = batch.seqs.iter().map(|s| s.prompt_ids.len() + s.completion_ids.len()).sum::<usize>()
+        let train_tokens: usize = batch
+            .seqs
+            .iter()
+            .map(|s| s.prompt_ids.len() + s.completion_ids.len())
+            .sum::<usize>()
             * self.config.num_iterations;
         self.train_tokens += train_tokens as u64;
         rec.train_tok_s = train_tokens as f64 / rec.train_seconds.max(1e-9);
@@ -711,7 +780,10 @@ impl Trainer {
             k => k.min(self.val.len()),
         };
         let indices: Vec<usize> = (0..n).collect();
-        let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
         let (rollouts, grades, _, _) = self.rollout_and_grade(&indices, true, &greedy, 1)?;
         let thr = self.config.accuracy_threshold;
         let m = grades.len().max(1) as f64;
@@ -756,7 +828,14 @@ impl Trainer {
             "rollout_tokens": self.rollout_tokens,
             "train_tokens": self.train_tokens,
         });
-        save_checkpoint(&dir, &params, self.engine.config(), &self.state, &extra, &self.base_model)?;
+        save_checkpoint(
+            &dir,
+            &params,
+            self.engine.config(),
+            &self.state,
+            &extra,
+            &self.base_model,
+        )?;
         Ok(dir)
     }
 
@@ -790,8 +869,10 @@ impl Trainer {
         let bar = if progress {
             let b = indicatif::ProgressBar::new(total as u64);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta}] {msg}")
-                    .expect("template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta}] {msg}",
+                )
+                .expect("template"),
             );
             b.set_position(self.step_count() as u64);
             b
@@ -811,7 +892,9 @@ impl Trainer {
             let r = self.step()?;
             let step = self.step_count();
             bar.set_position(step as u64);
-            let val = last_eval.as_ref().map(|e: &EvalRecord| format!(" val acc {:.1}%", e.accuracy * 100.0));
+            let val = last_eval
+                .as_ref()
+                .map(|e: &EvalRecord| format!(" val acc {:.1}%", e.accuracy * 100.0));
             bar.set_message(format!(
                 "reward {:.3} acc {:.1}%{} | rollout {:.0} tok/s, train {:.0} tok/s",
                 r.reward_mean,
@@ -851,9 +934,15 @@ impl Trainer {
 fn per_grader(name: &str, parts: &[String], grades: &[GradeResult]) -> BTreeMap<String, f64> {
     let n = grades.len().max(1) as f64;
     let mut m = BTreeMap::new();
-    m.insert(name.to_string(), grades.iter().map(|g| g.score as f64).sum::<f64>() / n);
+    m.insert(
+        name.to_string(),
+        grades.iter().map(|g| g.score as f64).sum::<f64>() / n,
+    );
     for p in parts {
-        let s: f64 = grades.iter().map(|g| g.details.get(p).and_then(|v| v.as_f64()).unwrap_or(0.0)).sum();
+        let s: f64 = grades
+            .iter()
+            .map(|g| g.details.get(p).and_then(|v| v.as_f64()).unwrap_or(0.0))
+            .sum();
         m.insert(p.clone(), s / n);
     }
     m
@@ -869,6 +958,12 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 
 /// `runs/rft-YYYYmmdd-HHMMSS` (UTC).
 pub fn default_output_dir() -> PathBuf {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    PathBuf::from("runs").join(format!("rft-{}", crate::model::chat::strftime_utc("%Y%m%d-%H%M%S", secs as i64)))
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!(
+        "rft-{}",
+        crate::model::chat::strftime_utc("%Y%m%d-%H%M%S", secs as i64)
+    ))
 }
