@@ -104,6 +104,28 @@ enum Cmd {
     },
     /// GRPO training from a TOML config (no config: the embedded default on the tiny model).
     Train(TrainArgs),
+    /// Greedy validation accuracy of a model (and adapter) on a config's validation set.
+    Eval {
+        /// TOML config (default: the embedded one); its [data] and grader are used.
+        config: Option<PathBuf>,
+        /// Overrides the config's model directory.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A PEFT adapter to evaluate.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+    },
+    /// Print a config's data as JSONL: the training prompts, the validation prompts, or
+    /// labelled (prompt, completion) pairs of a built-in task for `rft sft`.
+    Data {
+        /// TOML config (default: the embedded one).
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "train")]
+        split: DataSplit,
+        /// How many rows (default: all; required for --split sft).
+        #[arg(long)]
+        num: Option<usize>,
+    },
     /// Supervised fine-tuning (cross-entropy on completions) of a LoRA adapter or all weights.
     Sft(SftArgs),
     /// Merge a PEFT LoRA adapter into the base weights; writes an HF model directory.
@@ -118,6 +140,13 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DataSplit {
+    Train,
+    Val,
+    Sft,
 }
 
 #[derive(clap::Args)]
@@ -339,6 +368,64 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Train(a) => train(a),
+        Cmd::Eval {
+            config,
+            model,
+            adapter,
+        } => {
+            use rft::trainer::run::{TrainConfig, Trainer};
+            let (text, origin, base) = read_config(config.as_deref())?;
+            let mut cfg = TrainConfig::from_toml_str(&text, &origin)?;
+            if let Some(m) = model {
+                let m = std::path::absolute(&m).unwrap_or(m);
+                if let Some(sec) = cfg.model.as_mut() {
+                    sec.path = m;
+                    sec.adapter = None;
+                }
+            }
+            if let (Some(a), Some(sec)) = (adapter, cfg.model.as_mut()) {
+                sec.adapter = Some(std::path::absolute(&a).unwrap_or(a));
+            }
+            let mut t = Trainer::from_config(cfg, &text, &base)?;
+            let rec = t
+                .validation()?
+                .ok_or_else(|| anyhow!("the config has no validation data"))?;
+            println!("{}", serde_json::to_string(&rec)?);
+            Ok(())
+        }
+        Cmd::Data { config, split, num } => {
+            use rft::trainer::run::TrainConfig;
+            let (text, origin, base) = read_config(config.as_deref())?;
+            let cfg = TrainConfig::from_toml_str(&text, &origin)?;
+            let mut out = std::io::stdout().lock();
+            let prompt_json = |p: &PromptSpec| match p {
+                PromptSpec::Text(t) => ("prompt", serde_json::json!(t)),
+                PromptSpec::Messages(m) => ("messages", m.clone()),
+                PromptSpec::Ids(ids) => ("prompt_ids", serde_json::json!(ids)),
+            };
+            if split == DataSplit::Sft {
+                let task = cfg
+                    .data
+                    .task()?
+                    .ok_or_else(|| anyhow!("--split sft needs a built-in task in [data]"))?;
+                let n = num.ok_or_else(|| anyhow!("--split sft needs --num N"))?;
+                for p in task.sft_pairs(cfg.data.seed, n)? {
+                    let (k, v) = prompt_json(&p.prompt);
+                    writeln!(out, "{}", serde_json::json!({k: v, "completion": p.completion}))?;
+                }
+            } else {
+                let splits = cfg.data.load(&base)?;
+                let ds = if split == DataSplit::Train {
+                    splits.train
+                } else {
+                    splits.val
+                };
+                for item in ds.iter().take(num.unwrap_or(usize::MAX)) {
+                    writeln!(out, "{}", item.to_jsonl())?;
+                }
+            }
+            Ok(())
+        }
         Cmd::Sft(a) => sft(a),
         Cmd::Merge { model, adapter, out } => {
             let engine = CpuEngine::load(&model)?;
@@ -445,6 +532,25 @@ fn train(a: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A config's text, its name for messages, and the directory its relative paths start from.
+fn read_config(path: Option<&std::path::Path>) -> Result<(String, PathBuf, PathBuf)> {
+    Ok(match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            (
+                text,
+                p.to_path_buf(),
+                p.parent().map(|d| d.to_path_buf()).unwrap_or_default(),
+            )
+        }
+        None => (
+            DEFAULT_CONFIG.to_string(),
+            PathBuf::from("<embedded configs/default.toml>"),
+            default_base(),
+        ),
+    })
 }
 
 /// Relative paths of the embedded config resolve against the working directory when it has

@@ -769,8 +769,22 @@ impl Trainer {
         Ok(rec)
     }
 
-    /// Greedy decoding on the validation prompts: accuracy and mean reward.
+    /// Validation (see [`Trainer::validation`]), logged to metrics.jsonl; a new best
+    /// accuracy saves `adapter_best`.
     pub fn evaluate(&mut self) -> Result<Option<EvalRecord>> {
+        let Some(rec) = self.validation()? else {
+            return Ok(None);
+        };
+        self.log(Record::Eval(rec.clone()))?;
+        if self.best_val.is_none_or(|b| rec.accuracy > b) {
+            self.best_val = Some(rec.accuracy);
+            self.save_weights(&self.output_dir.join("adapter_best"))?;
+        }
+        Ok(Some(rec))
+    }
+
+    /// Greedy decoding on the validation prompts: accuracy and mean reward. No side effects.
+    pub fn validation(&mut self) -> Result<Option<EvalRecord>> {
         if self.val.is_empty() {
             return Ok(None);
         }
@@ -795,11 +809,6 @@ impl Trainer {
             completion_len_mean: rollouts.iter().map(|r| r.completion_ids.len()).sum::<usize>() as f64 / m,
             seconds: t0.elapsed().as_secs_f64(),
         };
-        self.log(Record::Eval(rec.clone()))?;
-        if self.best_val.is_none_or(|b| rec.accuracy > b) {
-            self.best_val = Some(rec.accuracy);
-            self.save_weights(&self.output_dir.join("adapter_best"))?;
-        }
         Ok(Some(rec))
     }
 
