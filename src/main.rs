@@ -553,13 +553,14 @@ fn read_config(path: Option<&std::path::Path>) -> Result<(String, PathBuf, PathB
     })
 }
 
-/// Relative paths of the embedded config resolve against the working directory when it has
-/// `models/`, else against the source tree the binary was built from.
+/// The embedded config behaves as the file `configs/default.toml` of the repository: its
+/// relative paths resolve against `./configs` when the working directory has `models/`, else
+/// against the source tree the binary was built from.
 fn default_base() -> PathBuf {
     if std::path::Path::new("models").is_dir() {
-        PathBuf::from(".")
+        PathBuf::from("configs")
     } else {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs")
     }
 }
 

@@ -62,16 +62,25 @@ fn draw(records: &[Record], out: &Path) -> std::result::Result<(), Box<dyn std::
         .build_cartesian_2d(0.0..max_step, y_min..y_max * 1.02)?;
     c.configure_mesh()
         .x_desc("step")
-        .y_desc("reward / accuracy")
+        .y_desc("reward")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style(font)
         .draw()?;
-    c.draw_series(LineSeries::new(reward.iter().copied(), BLUE.stroke_width(2)))?
-        .label("reward mean")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(2)));
-    c.draw_series(LineSeries::new(train_acc.iter().copied(), GREEN.stroke_width(1)))?
-        .label("train accuracy")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], GREEN));
+    // Per-step rewards are noisy (a few dozen samples each): draw them faintly and their
+    // moving average (over ~1/40 of the run) on top.
+    let light = RGBColor(170, 185, 235);
+    c.draw_series(LineSeries::new(reward.iter().copied(), light.stroke_width(1)))?
+        .label("reward mean per step")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], light));
+    let window = (reward.len() / 40).max(1);
+    c.draw_series(LineSeries::new(moving_average(&reward, window), BLUE.stroke_width(3)))?
+        .label(format!("moving average ({window} steps)"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(3)));
+    c.draw_series(LineSeries::new(moving_average(&train_acc, window), GREEN.stroke_width(2)))?
+        .label("train accuracy (moving average)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], GREEN.stroke_width(2)));
     c.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font(font)
@@ -86,6 +95,7 @@ fn draw(records: &[Record], out: &Path) -> std::result::Result<(), Box<dyn std::
     c.configure_mesh()
         .x_desc("step")
         .y_desc("accuracy")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style(font)
         .draw()?;
     c.draw_series(LineSeries::new(val_acc.iter().copied(), RED.stroke_width(2)))?
@@ -106,6 +116,20 @@ fn draw(records: &[Record], out: &Path) -> std::result::Result<(), Box<dyn std::
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Trailing mean over `window` points.
+fn moving_average(s: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut sum = 0.0;
+    for i in 0..s.len() {
+        sum += s[i].1;
+        if i >= window {
+            sum -= s[i - window].1;
+        }
+        out.push((s[i].0, sum / (i + 1).min(window) as f64));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -133,6 +157,8 @@ mod tests {
             };
             log.write(&Record::Eval(e)).unwrap();
         }
+        let ma = moving_average(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)], 2);
+        assert_eq!(ma, vec![(0.0, 1.0), (1.0, 2.0), (2.0, 4.0)]);
         let p = plot_run(dir.path()).unwrap();
         let bytes = std::fs::read(p).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");

@@ -957,12 +957,25 @@ fn per_grader(name: &str, parts: &[String], grades: &[GradeResult]) -> BTreeMap<
     m
 }
 
+/// `p` relative to `base`, with `..` resolved lexically (the base need not exist).
 fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
+        return p.to_path_buf();
     }
+    let mut out = PathBuf::new();
+    for c in base.join(p).components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir if out.file_name().is_some() => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 /// `runs/rft-YYYYmmdd-HHMMSS` (UTC).
