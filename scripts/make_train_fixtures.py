@@ -36,6 +36,18 @@ Stage 2 -- check an adapter SAVED BY RFT (direction rft -> peft):
   the same schema as peft_roundtrip/expected_logprobs.json: the per-token logprobs of each
   {"prompt_ids": [..], "completion_ids": [..]} line of ITEMS_JSONL under base+adapter.
 
+Stage 3 -- check an HF model directory WRITTEN BY RFT (`rft merge`, `rft sft --full`):
+
+    ~/.cache/rft-fixtures/bin/python scripts/make_train_fixtures.py \\
+        --check-hf-model MODEL_DIR ITEMS_JSONL OUT_JSON [--reference STAGE2_JSON]
+
+  Loads MODEL_DIR with AutoModelForCausalLM.from_pretrained(dtype=float32) and asserts that
+  nothing was missing, unexpected or mismatched and that the model holds exactly the tensors of
+  model.safetensors; writes OUT_JSON (stage 2's schema + the sha256 of model.safetensors).
+  With --reference, records and asserts (< 1e-4) the max |diff| to the reference's logprobs.
+  scripts/make_roundtrip_fixtures.sh runs stages 2 and 3 on rft's outputs
+  (tests/fixtures/train/rft_roundtrip/); stage 1 leaves that directory alone.
+
 Made with torch 2.15, transformers 5.24, peft 0.21, safetensors 0.8.
 """
 
@@ -589,9 +601,81 @@ def check_rft_adapter(adapter_dir, items_path, out_path):
     print(f"wrote {out_path} ({len(items)} items)")
 
 
+def check_hf_model(model_dir, items_path, out_path, reference=None):
+    """Stage 3: an HF model directory written by rft (`rft merge`, `rft sft --full`) loads in
+    transformers with every tensor of its model.safetensors used and nothing missing; writes
+    the per-token logprobs of ITEMS (same schema as stage 2) plus the file's sha256. With a
+    reference (a stage-2 JSON), also the max |diff| to its logprobs (asserted < 1e-4)."""
+    model_dir = os.path.abspath(model_dir)
+    with open(items_path) as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    loaded = {}
+    for dtype in (torch.float64, torch.float32):
+        m, info = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+        bad = {k: v for k, v in info.items() if v}
+        assert not bad, f"transformers did not load {model_dir} cleanly: {bad}"
+        assert m.dtype == torch.float32
+        loaded[dtype] = m.to(dtype).eval()
+    # Every tensor of the file is what the model holds (tied lm_head: the embedding).
+    wpath = os.path.join(model_dir, "model.safetensors")
+    file_sd = load_file(wpath)
+    msd = loaded[torch.float32].state_dict()
+    assert set(file_sd) <= set(msd), sorted(set(file_sd) - set(msd))
+    for k, v in file_sd.items():
+        assert v.dtype == torch.float32 and torch.equal(v, msd[k]), k
+    for k in set(msd) - set(file_sd):
+        assert k == "lm_head.weight" and loaded[torch.float32].config.tie_word_embeddings, k
+        assert torch.equal(msd[k], file_sd["model.embed_tokens.weight"])
+    out = []
+    with torch.no_grad():
+        for it in items:
+            lp64 = seq_logp(loaded[torch.float64], it["prompt_ids"], it["completion_ids"])
+            lg32 = loaded[torch.float32](
+                input_ids=torch.tensor([it["prompt_ids"] + it["completion_ids"]]), use_cache=False
+            ).logits[0]
+            lsm = torch.log_softmax(lg32.double(), -1)
+            P = len(it["prompt_ids"])
+            lp32 = [float(lsm[P - 1 + i, t].float()) for i, t in enumerate(it["completion_ids"])]
+            assert max(abs(a - b) for a, b in zip(fl(lp64), lp32)) < 1e-4
+            out.append({"prompt_ids": it["prompt_ids"], "completion_ids": it["completion_ids"],
+                        "logprobs": fl(lp64), "logprobs_f32": lp32})
+    with open(wpath, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    doc = {
+        "generated_by": "scripts/make_train_fixtures.py --check-hf-model",
+        "versions": VERSIONS,
+        "model_safetensors_sha256": digest,
+        "num_tensors": len(file_sd),
+        "dtype": "float64 (logprobs); float32 model, float64 log_softmax (logprobs_f32)",
+        "items": out,
+    }
+    if reference:
+        with open(reference) as f:
+            ref = json.load(f)
+        assert [(r["prompt_ids"], r["completion_ids"]) for r in ref["items"]] == \
+            [(o["prompt_ids"], o["completion_ids"]) for o in out]
+        diff = {}
+        for key in ("logprobs", "logprobs_f32"):
+            diff[key] = max(abs(a - b) for r, o in zip(ref["items"], out)
+                            for a, b in zip(r[key], o[key]))
+        doc["reference"] = {"file": os.path.relpath(os.path.abspath(reference), ROOT),
+                            "max_abs_diff": diff}
+        assert max(diff.values()) < 1e-4, diff
+    with open(out_path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    print(f"wrote {out_path} ({len(items)} items, sha256 {digest[:12]}..."
+          + (f", max |diff| to reference {doc['reference']['max_abs_diff']}" if reference else "")
+          + ")")
+
+
 def tree_digest(d):
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(d)):
+        if os.path.relpath(root, d).split(os.sep)[0] == "rft_roundtrip":
+            continue  # made by scripts/make_roundtrip_fixtures.sh, not by stage 1
         for fn in sorted(files):
             p = os.path.join(root, fn)
             h.update(os.path.relpath(p, d).encode())
@@ -603,7 +687,15 @@ def tree_digest(d):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check-rft-adapter", nargs=3, metavar=("DIR", "ITEMS", "OUT"))
+    ap.add_argument("--check-hf-model", nargs=3, metavar=("DIR", "ITEMS", "OUT"))
+    ap.add_argument("--reference", metavar="JSON", help="with --check-hf-model: compare with")
     args = ap.parse_args()
+    if args.check_hf_model:
+        dir_, items, out = (os.path.abspath(x) for x in args.check_hf_model)
+        ref = os.path.abspath(args.reference) if args.reference else None
+        os.chdir(ROOT)
+        check_hf_model(dir_, items, out, ref)
+        return
     if args.check_rft_adapter:
         dir_, items, out = (os.path.abspath(x) for x in args.check_rft_adapter)
         os.chdir(ROOT)  # base_model_name_or_path is relative to the repo root
@@ -611,9 +703,9 @@ def main():
         return
     os.chdir(ROOT)
     if os.path.exists(OUT):
-        for e in os.listdir(OUT):  # keep README.md
-            p = os.path.join(OUT, e)
-            if os.path.isdir(p):
+        for e in os.listdir(OUT):  # keep README.md and rft_roundtrip/ (made by rft, see
+            p = os.path.join(OUT, e)  # scripts/make_roundtrip_fixtures.sh)
+            if os.path.isdir(p) and e != "rft_roundtrip":
                 shutil.rmtree(p)
     os.makedirs(OUT, exist_ok=True)
     for c in CASES:
