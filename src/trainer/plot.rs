@@ -73,12 +73,18 @@ fn draw(records: &[Record], out: &Path) -> std::result::Result<(), Box<dyn std::
         .label("reward mean per step")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], light));
     let window = (reward.len() / 40).max(1);
-    c.draw_series(LineSeries::new(moving_average(&reward, window), BLUE.stroke_width(3)))?
-        .label(format!("moving average ({window} steps)"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(3)));
-    c.draw_series(LineSeries::new(moving_average(&train_acc, window), GREEN.stroke_width(2)))?
-        .label("train accuracy (moving average)")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], GREEN.stroke_width(2)));
+    c.draw_series(LineSeries::new(
+        moving_average(&reward, window),
+        BLUE.stroke_width(3),
+    ))?
+    .label(format!("moving average ({window} steps)"))
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(3)));
+    c.draw_series(LineSeries::new(
+        moving_average(&train_acc, window),
+        GREEN.stroke_width(2),
+    ))?
+    .label("train accuracy (moving average)")
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], GREEN.stroke_width(2)));
     c.configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
