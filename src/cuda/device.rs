@@ -15,7 +15,10 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use half::bf16;
 
-use super::{cuda_err, driver_availability, kernels::Kernels, kernels_fatbin, rollout::RolloutKernels};
+use super::{
+    cuda_err, driver_availability, kernels::Kernels, kernels_fatbin, rollout::RolloutKernels,
+    train_kernels::TrainKernels,
+};
 use crate::{Error, Result};
 
 pub struct CudaDevice {
@@ -26,6 +29,8 @@ pub struct CudaDevice {
     pub(super) kernels: Kernels,
     /// The rollout kernels (src/cuda/rollout.rs).
     pub(super) rollout: RolloutKernels,
+    /// The training-step kernels (src/cuda/train_kernels.rs).
+    pub(super) train: TrainKernels,
     blas: OnceLock<CudaBlas>,
     name: String,
     compute_capability: (i32, i32),
@@ -72,12 +77,14 @@ impl CudaDevice {
         })?;
         let kernels = Kernels::load(&module)?;
         let rollout = RolloutKernels::load(&module)?;
+        let train = TrainKernels::load(&module)?;
         Ok(CudaDevice {
             ctx,
             stream,
             module,
             kernels,
             rollout,
+            train,
             blas: OnceLock::new(),
             name,
             compute_capability,

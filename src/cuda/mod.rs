@@ -13,14 +13,21 @@
 //! Layout: `device.rs` (context, stream, module, cuBLAS, host⇄device copies),
 //! `kernels.rs` (one launcher per `extern "C"` kernel: grid, block, argument order, shape checks),
 //! `rollout.rs` (the rollout kernels' launchers: embedding, RoPE, SwiGLU, KV cache, attention,
-//! LoRA, sampling, log-prob gather).
+//! LoRA, sampling, log-prob gather), `train_kernels.rs` (the training step's kernels: log-softmax
+//! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW).
 
 mod device;
 mod kernels;
 mod rollout;
+mod train_kernels;
 
 pub use device::CudaDevice;
 pub use rollout::{decode_splits, AttnShape, SamplingParamsDev, ROLLOUT_KERNEL_NAMES};
+pub use train_kernels::{
+    clip_report_from_stats, grad_norm_blocks, grad_norm_partials_len, grpo_loss_blocks,
+    grpo_loss_partials_len, lora_grad_scratch_len, lora_grad_splits, rmsnorm_bwd_blocks,
+    rmsnorm_bwd_partials_len, GrpoLossScalars, GrpoLossTotals, GRPO_FIELDS, TRAIN_KERNEL_NAMES,
+};
 
 /// What build.rs generated: `KERNELS_FATBIN`, `KERNELS_MISSING_REASON`, `NVCC_REQUIRED`.
 mod built {

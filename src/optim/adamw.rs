@@ -84,7 +84,43 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
+/// The scalars of one AdamW step (`t` = the step count after incrementing), computed in f64
+/// and rounded once to f32: what [`AdamW::step`] uses and what the CUDA `adamw_step_f32` kernel
+/// is given, so both round identically.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    /// `1 − lr·weight_decay` (exactly 1 when weight_decay = 0).
+    pub decay: f32,
+    /// `1 − β1`.
+    pub w1: f32,
+    /// `β2`.
+    pub b2: f32,
+    /// `1 − β2`.
+    pub w2: f32,
+    /// `lr / (1 − β1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 − β2^t)`.
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+}
+
 impl AdamW {
+    /// The f32 scalars of step `t` (1 for the first step).
+    pub fn scalars(&self, t: u64) -> AdamWScalars {
+        let t = t as f64;
+        let (b1, b2) = self.betas;
+        let lr = self.lr;
+        AdamWScalars {
+            decay: (1.0 - lr * self.weight_decay) as f32,
+            w1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            w2: (1.0 - b2) as f32,
+            step_size: (lr / (1.0 - b1.powf(t))) as f32,
+            bc2_sqrt: (1.0 - b2.powf(t)).sqrt() as f32,
+            eps: self.eps as f32,
+        }
+    }
+
     /// The same hyper-parameters with another learning rate (e.g. from a schedule).
     pub fn with_lr(self, lr: f64) -> Self {
         AdamW { lr, ..self }
@@ -139,16 +175,15 @@ impl AdamW {
         state.check_sizes(&sizes)?;
 
         state.step += 1;
-        let t = state.step as f64;
-        let (b1, b2) = self.betas;
-        let lr = self.lr;
-        let decay = (1.0 - lr * self.weight_decay) as f32;
-        let w1 = (1.0 - b1) as f32;
-        let b2f = b2 as f32;
-        let w2 = (1.0 - b2) as f32;
-        let step_size = (lr / (1.0 - b1.powf(t))) as f32;
-        let bc2_sqrt = (1.0 - b2.powf(t)).sqrt() as f32;
-        let eps = self.eps as f32;
+        let AdamWScalars {
+            decay,
+            w1,
+            b2: b2f,
+            w2,
+            step_size,
+            bc2_sqrt,
+            eps,
+        } = self.scalars(state.step);
 
         for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut state.m).zip(&mut state.v) {
             for (((p, &g), m), v) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()).zip(v.iter_mut()) {

@@ -18,6 +18,6 @@ mod clip;
 mod schedule;
 
 pub use accum::GradAccumulator;
-pub use adamw::{clip_and_step, AdamW, AdamWState, StepReport};
+pub use adamw::{clip_and_step, AdamW, AdamWScalars, AdamWState, StepReport};
 pub use clip::{check_finite, clip_grad_norm, grad_norm, ClipReport};
 pub use schedule::{LrSchedule, SchedulerType, Warmup};
