@@ -13,13 +13,16 @@
 //! Layout: `device.rs` (context, stream, module, cuBLAS, host⇄device copies),
 //! `kernels.rs` (one launcher per `extern "C"` kernel: grid, block, argument order, shape checks),
 //! `rollout.rs` (the rollout kernels' launchers: embedding, RoPE, SwiGLU, KV cache, attention,
-//! LoRA, sampling, log-prob gather).
+//! LoRA, sampling, log-prob gather), `engine.rs` (the rollout engine: memory plan, forward,
+//! generate/score on the GPU).
 
 mod device;
+pub mod engine;
 mod kernels;
 mod rollout;
 
 pub use device::CudaDevice;
+pub use engine::{CudaEngine, MemoryPlan};
 pub use rollout::{decode_splits, AttnShape, SamplingParamsDev, ROLLOUT_KERNEL_NAMES};
 
 /// What build.rs generated: `KERNELS_FATBIN`, `KERNELS_MISSING_REASON`, `NVCC_REQUIRED`.
