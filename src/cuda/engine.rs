@@ -12,8 +12,11 @@
 //!
 //! # First GPU run checklist
 //!
-//! 1. `bash .gpu/run.sh` runs `tests/cuda_engine.rs` with the other test binaries. Look first at
-//!    `cuda_engine_*` lines: every test prints what it compared (tokens, worst logprob gap).
+//! 1. Here: `../shared/gpu/pack.sh`, then append to `.gpu/extra.sh`:
+//!    `RFT_REQUIRE_GPU=1 .gpu/test/cuda_engine-* --nocapture --test-threads=1` and
+//!    `.gpu/bin/rft bench rollout --shape qwen2.5-0.5b --json`. There (carry `.gpu`):
+//!    `SKIP_BENCH=1 bash .gpu/run.sh`. Look first at the `cuda_engine ...` lines: every test
+//!    prints what it compared (steps, worst |Δlogit| / |Δlogprob|).
 //! 2. If *everything* fails at load: the message names the step (context, fatbin, cuBLAS, a
 //!    tensor). cuBLAS missing → `LD_LIBRARY_PATH=/usr/local/cuda/lib64`.
 //! 3. If tokens differ from step 0 on every model: the GEMM operand order ([`gemm_bf16`]) is the
