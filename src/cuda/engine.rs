@@ -19,7 +19,7 @@
 //!    prints what it compared (steps, worst |Δlogit| / |Δlogprob|).
 //! 2. If *everything* fails at load: the message names the step (context, fatbin, cuBLAS, a
 //!    tensor). cuBLAS missing → `LD_LIBRARY_PATH=/usr/local/cuda/lib64`.
-//! 3. If tokens differ from step 0 on every model: the GEMM operand order ([`gemm_bf16`]) is the
+//! 3. If tokens differ from step 0 on every model: the GEMM operand order ([`gemm_raw`]) is the
 //!    first suspect; `RFT_CUDA_DEBUG=1` prints, per forward, the max |x| of the residual stream
 //!    after every layer and of the logits (NaN/inf → the first layer that shows it is the bug).
 //!    `cuda_engine_score_matches_cpu` isolates the forward from sampling and paging.
