@@ -731,7 +731,7 @@ fn gemm_raw(
     };
     let (m, n, k) = (int(d_out, "out")?, int(rows, "rows")?, int(d_in, "in")?);
     // SAFETY: x, w, y are device pointers of buffers holding at least rows·d_in, d_out·d_in and
-    // rows·d_out elements of the stated types (checked by the callers, gemm_bf16/gemm_logits);
+    // rows·d_out elements of the stated types (checked by the callers, linear and gemm_logits);
     // alpha/beta are host f32 as COMPUTE_32F requires (pointer mode host, cuBLAS's default);
     // the handle is bound to the device's stream, so the GEMM is ordered with the kernels.
     unsafe {
