@@ -30,6 +30,9 @@ pub trait Engine {
     /// Sets (or removes) the live LoRA adapter used by `generate` and `score`.
     fn set_adapter(&mut self, adapter: Option<LoraWeights>);
 
+    /// At most `n` sequences decode together (a memory bound; results do not depend on it).
+    fn set_max_batch_seqs(&mut self, n: usize);
+
     /// Samples `num_samples` completions for every prompt. The random stream of sample g of
     /// prompt i is `i · num_samples + g`, so results do not depend on how the engine batches.
     /// Output order: prompt-major, then sample index.

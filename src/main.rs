@@ -128,6 +128,11 @@ enum Cmd {
     },
     /// Supervised fine-tuning (cross-entropy on completions) of a LoRA adapter or all weights.
     Sft(SftArgs),
+    /// Benchmarks (need a GPU).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Merge a PEFT LoRA adapter into the base weights; writes an HF model directory.
     Merge {
         /// Base Hugging Face model directory.
@@ -139,6 +144,34 @@ enum Cmd {
         /// Output directory (config, tokenizer files, f32 model.safetensors).
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// CUDA rollout throughput on random weights of a real model shape (no files needed).
+    Rollout {
+        /// qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b.
+        #[arg(long, default_value = "qwen2.5-0.5b")]
+        shape: String,
+        #[arg(long, default_value_t = 8)]
+        prompts: usize,
+        /// Samples per prompt (G).
+        #[arg(long, default_value_t = 8)]
+        num_generations: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 256)]
+        new_tokens: usize,
+        /// Peak memory bandwidth in bytes/s for the roofline fraction (H200: 4.24e12 measured).
+        #[arg(long, default_value_t = 4.24e12)]
+        peak_bandwidth: f64,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Print one JSON object instead of a text summary.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -316,7 +349,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
             };
             let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
-            engine.max_batch_seqs = batch_size;
+            engine.set_max_batch_seqs(batch_size);
             let rollouts = engine.generate(&prompts, num_samples, &params, &stop, Some(&decode))?;
             let mut out = std::io::stdout().lock();
             for r in rollouts {
@@ -368,6 +401,53 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Train(a) => train(a),
+        Cmd::Bench {
+            what:
+                BenchCmd::Rollout {
+                    shape,
+                    prompts,
+                    num_generations,
+                    prompt_len,
+                    new_tokens,
+                    peak_bandwidth,
+                    device,
+                    json,
+                },
+        } => {
+            let r = rft::cuda::engine::bench_rollout(
+                &shape,
+                prompts,
+                num_generations,
+                prompt_len,
+                new_tokens,
+                peak_bandwidth,
+                device,
+            )
+            .context("rft bench rollout")?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {}: {} prompts × {} samples, prompt {} + {} new tokens: {:.0} tok/s, \
+                     {:.3} ms/decode step, {:.1}% of the {:.2} TB/s roofline, weights {:.2} GiB, \
+                     plan {:.2} GiB, measured {:.2} GiB",
+                    r.shape,
+                    r.device,
+                    r.prompts,
+                    r.num_generations,
+                    r.prompt_len,
+                    r.new_tokens,
+                    r.tok_s,
+                    r.decode_ms_per_step,
+                    100.0 * r.roofline_fraction,
+                    r.peak_bandwidth_bytes_s / 1e12,
+                    r.weight_bytes as f64 / (1u64 << 30) as f64,
+                    r.plan_bytes as f64 / (1u64 << 30) as f64,
+                    r.peak_gpu_bytes_measured as f64 / (1u64 << 30) as f64,
+                );
+            }
+            Ok(())
+        }
         Cmd::Eval {
             config,
             model,
@@ -694,17 +774,31 @@ fn check_fits(c: &rft::model::config::ModelConfig, prompt: usize, completion: us
 }
 
 /// Loads the model (and adapter) for the chosen device, with the tokenizer.
-fn load(m: &ModelArgs) -> Result<(CpuEngine, Tokenizer)> {
-    match m.device {
-        Device::Cpu | Device::Auto => {}
+fn load(m: &ModelArgs) -> Result<(Box<dyn Engine>, Tokenizer)> {
+    let use_cuda = match m.device {
+        Device::Cpu => false,
         Device::Cuda => {
-            let why = rft::cuda::availability().err().unwrap_or_else(|| {
-                "the CUDA rollout engine is not implemented yet; use --device cpu".to_string()
-            });
-            bail!("--device cuda: {why}");
+            if let Err(why) = rft::cuda::availability() {
+                bail!("--device cuda: {why}");
+            }
+            true
         }
-    }
-    let mut engine = CpuEngine::load(&m.model)?;
+        Device::Auto => match rft::cuda::availability() {
+            Ok(()) => {
+                eprintln!("rft: --device auto: using CUDA device 0");
+                true
+            }
+            Err(why) => {
+                eprintln!("rft: --device auto: using the CPU ({why})");
+                false
+            }
+        },
+    };
+    let mut engine: Box<dyn Engine> = if use_cuda {
+        Box::new(rft::cuda::CudaEngine::load(&m.model, 0)?)
+    } else {
+        Box::new(CpuEngine::load(&m.model)?)
+    };
     let tok = Tokenizer::from_dir(&m.model)?;
     if let Some(dir) = &m.adapter {
         let lora = rft::lora::peft::load(dir, engine.config())

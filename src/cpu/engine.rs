@@ -83,6 +83,10 @@ impl Engine for CpuEngine {
         self.adapter = adapter;
     }
 
+    fn set_max_batch_seqs(&mut self, n: usize) {
+        self.max_batch_seqs = n.max(1);
+    }
+
     fn generate(
         &mut self,
         prompts: &[Vec<u32>],

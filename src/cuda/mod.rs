@@ -13,15 +13,18 @@
 //! Layout: `device.rs` (context, stream, module, cuBLAS, host⇄device copies),
 //! `kernels.rs` (one launcher per `extern "C"` kernel: grid, block, argument order, shape checks),
 //! `rollout.rs` (the rollout kernels' launchers: embedding, RoPE, SwiGLU, KV cache, attention,
-//! LoRA, sampling, log-prob gather), `train_kernels.rs` (the training step's kernels: log-softmax
+//! LoRA, sampling, log-prob gather), `engine.rs` (the rollout engine: memory plan, forward,
+//! generate/score on the GPU), `train_kernels.rs` (the training step's kernels: log-softmax
 //! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW).
 
 mod device;
+pub mod engine;
 mod kernels;
 mod rollout;
 mod train_kernels;
 
 pub use device::CudaDevice;
+pub use engine::{CudaEngine, MemoryPlan};
 pub use rollout::{decode_splits, AttnShape, SamplingParamsDev, ROLLOUT_KERNEL_NAMES};
 pub use train_kernels::{
     clip_report_from_stats, grad_norm_blocks, grad_norm_partials_len, grpo_loss_blocks,

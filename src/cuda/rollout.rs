@@ -215,7 +215,66 @@ impl SamplingParamsDev {
         })
     }
 
-    fn rows(&self) -> usize {
+    /// Buffers for up to `rows` rows (zeros: greedy), to be filled with [`Self::fill_params`] and
+    /// [`Self::fill_rows`] without allocating again (the rollout engine's decode loop).
+    pub fn alloc(dev: &CudaDevice, rows: usize) -> Result<Self> {
+        let rows = rows.max(1);
+        Ok(SamplingParamsDev {
+            temperature: dev.alloc_zeros(rows)?,
+            top_k: dev.alloc_zeros(rows)?,
+            top_p: dev.alloc_zeros(rows)?,
+            min_p: dev.alloc_zeros(rows)?,
+            seed: dev.alloc_zeros(rows)?,
+            stream: dev.alloc_zeros(rows)?,
+            step: dev.alloc_zeros(rows)?,
+        })
+    }
+
+    /// Writes the same `params` into every row of the buffers (one request's parameters).
+    pub fn fill_params(&mut self, dev: &CudaDevice, params: &SamplingParams) -> Result<()> {
+        let n = self.rows();
+        let s = dev.stream();
+        let e = |what: &'static str| move |err| Error::Cuda(format!("uploading sampling {what}: {err}"));
+        s.memcpy_htod(&vec![params.temperature; n], &mut self.temperature)
+            .map_err(e("temperature"))?;
+        s.memcpy_htod(
+            &vec![params.top_k.min(i32::MAX as usize) as i32; n],
+            &mut self.top_k,
+        )
+        .map_err(e("top_k"))?;
+        s.memcpy_htod(&vec![params.top_p; n], &mut self.top_p)
+            .map_err(e("top_p"))?;
+        s.memcpy_htod(&vec![params.min_p; n], &mut self.min_p)
+            .map_err(e("min_p"))?;
+        s.memcpy_htod(&vec![params.seed; n], &mut self.seed)
+            .map_err(e("seed"))?;
+        Ok(())
+    }
+
+    /// Writes `streams[r]`, `steps[r]` into rows 0..len (the rows sampled this step).
+    pub fn fill_rows(&mut self, dev: &CudaDevice, streams: &[u64], steps: &[u64]) -> Result<()> {
+        if streams.len() != steps.len() || streams.len() > self.rows() {
+            return Err(Error::invalid(format!(
+                "sampling: {} streams and {} steps for buffers of {} rows",
+                streams.len(),
+                steps.len(),
+                self.rows()
+            )));
+        }
+        if streams.is_empty() {
+            return Ok(());
+        }
+        let s = dev.stream();
+        let n = streams.len();
+        s.memcpy_htod(streams, &mut self.stream.slice_mut(..n))
+            .map_err(cuda_err("uploading sampling streams"))?;
+        s.memcpy_htod(steps, &mut self.step.slice_mut(..n))
+            .map_err(cuda_err("uploading sampling steps"))?;
+        Ok(())
+    }
+
+    /// Rows the buffers hold; a launch may use the first `rows ≤ self.rows()` of them.
+    pub fn rows(&self) -> usize {
         self.temperature.len()
     }
 }
@@ -913,7 +972,12 @@ impl CudaDevice {
             return Err(Error::invalid(format!("{kn}: vocab must be > 0")));
         }
         check_len("logits", kn, logits.len(), rows * vocab, "rows*vocab")?;
-        check_len("params", kn, params.rows(), rows, "rows")?;
+        if params.rows() < rows {
+            return Err(Error::invalid(format!(
+                "{kn}: sampling params hold {} rows, fewer than the {rows} rows to sample",
+                params.rows()
+            )));
+        }
         check_len("tokens", kn, tokens.len(), rows, "rows")?;
         check_len("logprobs", kn, logprobs.len(), rows, "rows")?;
         let (r_i, v_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "vocab", vocab)?);

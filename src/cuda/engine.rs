@@ -1,0 +1,2094 @@
+//! The CUDA rollout engine: [`CudaEngine`] implements [`crate::engine::Engine`] (generate,
+//! score, set_adapter) on one GPU from the launchers of `rollout.rs`/`kernels.rs` and cuBLAS.
+//! It owns the device copies of the weights (bf16), of the live LoRA adapter (f32), and one
+//! memory plan's buffers (paged KV cache, activations, logits, sampling outputs). It does not
+//! own any math of its own: every op is a launcher tested against the CPU reference, and the
+//! CPU engine (`crate::cpu::engine`) is the oracle for its tokens and log-probabilities.
+//!
+//! Semantics match the CPU engine exactly: prompts are processed in chunks of
+//! `max_batch_seqs / G` prompts; each prompt is prefilled once and its G samples share its KV
+//! pages; sample g of prompt i draws from stream i·G + g at step = tokens generated so far;
+//! stop checks (EOS, stop strings, max_new_tokens, context) run on the host after every token.
+//!
+//! # First GPU run checklist
+//!
+//! 1. Here: `../shared/gpu/pack.sh`, then append to `.gpu/extra.sh`:
+//!    `RFT_REQUIRE_GPU=1 .gpu/test/cuda_engine-* --nocapture --test-threads=1` and
+//!    `.gpu/bin/rft bench rollout --shape qwen2.5-0.5b --json`. There (carry `.gpu`):
+//!    `SKIP_BENCH=1 bash .gpu/run.sh`. Look first at the `cuda_engine ...` lines: every test
+//!    prints what it compared (steps, worst |Δlogit| / |Δlogprob|).
+//! 2. If *everything* fails at load: the message names the step (context, fatbin, cuBLAS, a
+//!    tensor). cuBLAS missing → `LD_LIBRARY_PATH=/usr/local/cuda/lib64`.
+//! 3. If tokens differ from step 0 on every model: the GEMM operand order ([`gemm_raw`]) is the
+//!    first suspect; `RFT_CUDA_DEBUG=1` prints, per forward, the max |x| of the residual stream
+//!    after every layer and of the logits (NaN/inf → the first layer that shows it is the bug).
+//!    `cuda_engine_score_matches_cpu` isolates the forward from sampling and paging.
+//! 4. If generate fails but score passes: paging (block tables, the partial-page copy in
+//!    [`copy_partial_pages`]) or the decode kernel. Run with `--batch-size 1` (one sequence,
+//!    no sharing) vs larger to tell them apart.
+//! 5. A kernel fault shows up at the next synchronizing call (the per-step download); rerun with
+//!    `CUDA_LAUNCH_BLOCKING=1` to attribute it to the launch that caused it.
+//! 6. Then speed: `.gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8
+//!    --num-generations 8 --prompt-len 128 --new-tokens 256 --json`.
+//!
+//! # Memory
+//!
+//! [`MemoryPlan`] sizes every device buffer from the request (sequences, longest prompt, new
+//! tokens; for score: the items) once per call; buffers are kept and grown (re-allocated
+//! whole, before any forward) when a later call needs more. Nothing is allocated inside the
+//! decode loop: each step copies a few small host vectors (ids, positions, block tables,
+//! sampling streams/steps) into the planned buffers and reads back tokens and logprobs.
+//!
+//! KV cache: per layer, k and v of (num_pages, PAGE_SIZE, KV, hd) bf16. Pages are assigned on
+//! the host before the chunk starts: first every prompt's pages (ceil(P/16)), then each
+//! sample's own pages for positions from floor(P/16)·16 on. A sample's block table points at
+//! its prompt's full pages (shared) and then at its own pages; the prompt's last partial page
+//! is copied into the sample's first own page after prefill ([`copy_partial_pages`]).
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use half::bf16;
+use std::ffi::c_void;
+use std::path::Path;
+use std::time::Instant;
+
+use super::{cuda_err, AttnShape, CudaDevice, SamplingParamsDev};
+use crate::engine::{Decode, Engine, Rollout};
+use crate::lora::LoraWeights;
+use crate::model::config::ModelConfig;
+use crate::model::weights::{Checkpoint, Proj, Weights};
+use crate::sampling::{FinishReason, SamplingParams, StopCriteria};
+use crate::{Error, Result};
+
+/// Positions per KV page.
+pub const PAGE_SIZE: usize = 16;
+/// Token rows of one prefill/score forward (more prompts wait for the next group), unless a
+/// single prompt is longer.
+pub const PREFILL_ROW_BUDGET: usize = 8192;
+/// Rows of f32 logits one score forward may hold ([rows, V] f32: 1024 × 152k × 4 B = 622 MB).
+pub const SCORE_LOGIT_ROW_BUDGET: usize = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Memory plan (pure arithmetic; tested without a GPU)
+
+/// Sizes of every planned device buffer. All counts are maxima over the forwards of one call.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPlan {
+    pub page_size: usize,
+    /// KV pages per layer (k and v each).
+    pub num_pages: usize,
+    /// Block-table width: pages one sequence can reference.
+    pub max_pages_per_seq: usize,
+    /// Sequences (block-table rows) of one forward.
+    pub max_seqs: usize,
+    /// Token rows of one forward.
+    pub max_rows: usize,
+    /// Rows of one forward that get logits (and sampling/gather outputs).
+    pub max_logit_rows: usize,
+    /// Max over decode steps of num_seqs · splits (flash-decoding partials).
+    pub max_split_parts: usize,
+    /// LoRA rank the xa scratch is sized for (0: no adapter).
+    pub lora_rank: usize,
+    pub kv_cache_bytes: usize,
+    pub activation_bytes: usize,
+    pub logits_bytes: usize,
+    pub scratch_bytes: usize,
+    /// What the plan was made for (growing a plan takes the fieldwise max of two of these).
+    pub needs: PlanNeeds,
+}
+
+/// What one call needs, in the plan's terms (see [`MemoryPlan::for_generate`],
+/// [`MemoryPlan::for_score`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PlanNeeds {
+    pub num_pages: usize,
+    pub max_pages_per_seq: usize,
+    pub max_seqs: usize,
+    pub max_rows: usize,
+    pub max_logit_rows: usize,
+    /// Longest attention span (positions) of one sequence, for the decode split count.
+    pub max_seq_len: usize,
+    /// Whether decode steps run (flash-decoding partials are needed).
+    pub decode: bool,
+}
+
+impl PlanNeeds {
+    /// Fieldwise maximum (a plan that serves both).
+    pub fn max(self, o: PlanNeeds) -> PlanNeeds {
+        PlanNeeds {
+            num_pages: self.num_pages.max(o.num_pages),
+            max_pages_per_seq: self.max_pages_per_seq.max(o.max_pages_per_seq),
+            max_seqs: self.max_seqs.max(o.max_seqs),
+            max_rows: self.max_rows.max(o.max_rows),
+            max_logit_rows: self.max_logit_rows.max(o.max_logit_rows),
+            max_seq_len: self.max_seq_len.max(o.max_seq_len),
+            decode: self.decode || o.decode,
+        }
+    }
+}
+
+impl MemoryPlan {
+    /// Needs of `generate` for chunks of `prompts_per_chunk` prompts × `samples` (G), prompts of
+    /// at most `max_prompt_len` tokens, `max_new_tokens` new tokens, a context of
+    /// `c.max_position_embeddings`.
+    ///
+    /// Pages per prompt ≤ ceil(Pmax/16) (its own) + G · (ceil(T/16) + 1): a sample needs pages
+    /// for positions floor(P/16)·16 .. min(P+T, ctx), i.e. ceil(min(P+T,ctx)/16) − floor(P/16)
+    /// ≤ ceil(T/16) + 1 pages.
+    pub fn for_generate(
+        c: &ModelConfig,
+        prompts_per_chunk: usize,
+        samples: usize,
+        max_prompt_len: usize,
+        max_new_tokens: usize,
+    ) -> PlanNeeds {
+        let ps = PAGE_SIZE;
+        let ctx = c.max_position_embeddings;
+        let seqs = prompts_per_chunk * samples;
+        let t_eff = max_new_tokens.min(ctx);
+        let per_prompt = max_prompt_len.div_ceil(ps) + samples * (t_eff.div_ceil(ps) + 1);
+        let max_seq_len = (max_prompt_len + max_new_tokens).min(ctx);
+        let prefill_rows = (prompts_per_chunk * max_prompt_len).min(PREFILL_ROW_BUDGET.max(max_prompt_len));
+        PlanNeeds {
+            num_pages: prompts_per_chunk * per_prompt,
+            max_pages_per_seq: max_seq_len.div_ceil(ps),
+            max_seqs: seqs.max(prompts_per_chunk),
+            max_rows: prefill_rows.max(seqs),
+            max_logit_rows: seqs,
+            max_seq_len,
+            decode: true,
+        }
+    }
+
+    /// Needs of `score` for the given groups of (prompt_len, completion_len) items (one
+    /// forward per group, see [`score_groups`]).
+    pub fn for_score(groups: &[Vec<(usize, usize)>]) -> PlanNeeds {
+        let mut n = PlanNeeds {
+            num_pages: 1,
+            max_pages_per_seq: 1,
+            max_seqs: 1,
+            max_rows: 1,
+            max_logit_rows: 1,
+            max_seq_len: 1,
+            decode: false,
+        };
+        for g in groups {
+            let rows = g.iter().map(|&(p, c)| p + c - 1).sum::<usize>();
+            let pages = g
+                .iter()
+                .map(|&(p, c)| (p + c - 1).div_ceil(PAGE_SIZE))
+                .sum::<usize>();
+            n = n.max(PlanNeeds {
+                num_pages: pages,
+                max_pages_per_seq: g
+                    .iter()
+                    .map(|&(p, c)| (p + c - 1).div_ceil(PAGE_SIZE))
+                    .max()
+                    .unwrap_or(1),
+                max_seqs: g.len(),
+                max_rows: rows,
+                max_logit_rows: g.iter().map(|&(_, c)| c).sum(),
+                max_seq_len: g.iter().map(|&(p, c)| p + c - 1).max().unwrap_or(1),
+                decode: false,
+            });
+        }
+        n
+    }
+
+    /// The plan (with byte counts) for `needs` on model `c` with a LoRA of `lora_rank`
+    /// (0 = none) on a GPU with `sm_count` SMs.
+    pub fn new(c: &ModelConfig, needs: PlanNeeds, lora_rank: usize, sm_count: usize) -> MemoryPlan {
+        let (d, hd, l) = (c.hidden_size, c.head_dim, c.num_hidden_layers);
+        let (qd, kvd, inter, v) = (c.q_dim(), c.kv_dim(), c.intermediate_size, c.vocab_size);
+        let (r, s, m) = (needs.max_rows, needs.max_seqs, needs.max_logit_rows);
+        let shape = attn_shape(c, 1, 1);
+        let bps = shape.decode_blocks_per_seq();
+        let max_split_parts = if needs.decode {
+            (1..=s)
+                .map(|n| n * super::decode_splits(n, bps, needs.max_seq_len, sm_count))
+                .max()
+                .unwrap_or(1)
+        } else {
+            1
+        };
+        let kv_cache_bytes = l * 2 * needs.num_pages * PAGE_SIZE * kvd * 2;
+        // Per row, bf16: x, h, proj (D); q, q_pre, attn (qd); k, k_pre, v (kvd); gate, up, act (I).
+        let per_row_bf16 = 3 * d + 3 * qd + 3 * kvd + 3 * inter;
+        // Per row: ids u32, pos i32, row_seq i32; xa f32 (rank).
+        let activation_bytes = r * (per_row_bf16 * 2 + 3 * 4 + lora_rank.max(1) * 4);
+        // logits f32 [M, V], the gathered normed rows bf16 [M, D], and per logit row: row index,
+        // token, logprob, entropy, target (4 B each).
+        let logits_bytes = m * v * 4 + m * d * 2 + m * 5 * 4;
+        // Flash-decoding partials (acc hd + m, l), block table, cu_rows/pos0/seq_lens, and the
+        // sampling parameters (temperature, top_k, top_p, min_p: 4 B; seed, stream, step: 8 B).
+        let scratch_bytes = max_split_parts * c.num_attention_heads * (hd + 2) * 4
+            + s * needs.max_pages_per_seq * 4
+            + (3 * s + 1) * 4
+            + m * (4 * 4 + 3 * 8);
+        MemoryPlan {
+            page_size: PAGE_SIZE,
+            num_pages: needs.num_pages,
+            max_pages_per_seq: needs.max_pages_per_seq,
+            max_seqs: s,
+            max_rows: r,
+            max_logit_rows: m,
+            max_split_parts,
+            lora_rank,
+            kv_cache_bytes,
+            activation_bytes,
+            logits_bytes,
+            scratch_bytes,
+            needs,
+        }
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.kv_cache_bytes + self.activation_bytes + self.logits_bytes + self.scratch_bytes
+    }
+
+    /// Whether buffers of this plan can serve `other` (every count at least as large).
+    pub fn covers(&self, o: &MemoryPlan) -> bool {
+        self.num_pages >= o.num_pages
+            && self.max_pages_per_seq >= o.max_pages_per_seq
+            && self.max_seqs >= o.max_seqs
+            && self.max_rows >= o.max_rows
+            && self.max_logit_rows >= o.max_logit_rows
+            && self.max_split_parts >= o.max_split_parts
+            && self.lora_rank >= o.lora_rank
+    }
+}
+
+/// Groups consecutive score items (prompt_len, completion_len ≥ 1) into forwards of at most
+/// [`PREFILL_ROW_BUDGET`] rows and [`SCORE_LOGIT_ROW_BUDGET`] logit rows (a larger single item
+/// is a group of its own). Returns item indices per group.
+pub fn score_groups(lens: &[(usize, usize)]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let (mut rows, mut logit_rows) = (0, 0);
+    for (i, &(p, c)) in lens.iter().enumerate() {
+        let (r, m) = (p + c - 1, c);
+        let fits = rows + r <= PREFILL_ROW_BUDGET && logit_rows + m <= SCORE_LOGIT_ROW_BUDGET;
+        match groups.last_mut() {
+            Some(g) if fits => g.push(i),
+            _ => {
+                groups.push(vec![i]);
+                rows = 0;
+                logit_rows = 0;
+            }
+        }
+        rows += r;
+        logit_rows += m;
+    }
+    groups
+}
+
+/// The attention shape of model `c` for a cache of `num_pages` pages.
+fn attn_shape(c: &ModelConfig, num_pages: usize, max_pages: usize) -> AttnShape {
+    AttnShape {
+        n_heads: c.num_attention_heads,
+        n_kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        num_pages,
+        page_size: PAGE_SIZE,
+        max_pages,
+        window: c.sliding_window,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device weights
+
+/// A frozen linear on the device: w (out, in) bf16 row-major, optional bias (out) bf16.
+struct DeviceLinear {
+    w: CudaSlice<bf16>,
+    b: Option<CudaSlice<bf16>>,
+    d_in: usize,
+    d_out: usize,
+}
+
+struct DeviceLayer {
+    input_norm: CudaSlice<bf16>,     // (D)
+    post_norm: CudaSlice<bf16>,      // (D)
+    q_norm: Option<CudaSlice<bf16>>, // (hd) Qwen3
+    k_norm: Option<CudaSlice<bf16>>, // (hd) Qwen3
+    /// Indexed by `Proj as usize`: q, k, v, o, gate, up, down.
+    proj: [DeviceLinear; 7],
+}
+
+/// Every weight of the model in bf16 on the device.
+struct DeviceWeights {
+    embed: CudaSlice<bf16>, // (V, D)
+    layers: Vec<DeviceLayer>,
+    final_norm: CudaSlice<bf16>, // (D)
+    /// (V, D); None when tied to `embed` (the same buffer is used).
+    lm_head: Option<CudaSlice<bf16>>,
+    bytes: usize,
+}
+
+impl DeviceWeights {
+    fn lm_head(&self) -> &CudaSlice<bf16> {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Builds the table from `get(hf_name, shape)`, which returns the tensor on the device.
+    fn build(
+        c: &ModelConfig,
+        mut get: impl FnMut(&str, &[usize]) -> Result<CudaSlice<bf16>>,
+    ) -> Result<DeviceWeights> {
+        let (v, d, hd) = (c.vocab_size, c.hidden_size, c.head_dim);
+        let mut bytes = 0usize;
+        let mut get = |name: &str, shape: &[usize]| {
+            bytes += shape.iter().product::<usize>() * 2;
+            get(name, shape)
+        };
+        let embed = get("model.embed_tokens.weight", &[v, d])?;
+        let mut layers = Vec::new();
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |proj: Proj| -> Result<DeviceLinear> {
+                let (d_in, d_out) = proj.dims(c);
+                let base = format!("{p}.{}.{}", proj.parent(), proj.module_name());
+                let w = get(&format!("{base}.weight"), &[d_out, d_in])?;
+                let b = if proj.has_bias(c) {
+                    Some(get(&format!("{base}.bias"), &[d_out])?)
+                } else {
+                    None
+                };
+                Ok(DeviceLinear { w, b, d_in, d_out })
+            };
+            let proj = [
+                lin(Proj::Q)?,
+                lin(Proj::K)?,
+                lin(Proj::V)?,
+                lin(Proj::O)?,
+                lin(Proj::Gate)?,
+                lin(Proj::Up)?,
+                lin(Proj::Down)?,
+            ];
+            let input_norm = get(&format!("{p}.input_layernorm.weight"), &[d])?;
+            let post_norm = get(&format!("{p}.post_attention_layernorm.weight"), &[d])?;
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?),
+                    Some(get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(DeviceLayer {
+                input_norm,
+                post_norm,
+                q_norm,
+                k_norm,
+                proj,
+            });
+        }
+        let final_norm = get("model.norm.weight", &[d])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight", &[v, d])?)
+        };
+        Ok(DeviceWeights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            bytes,
+        })
+    }
+
+    /// From the checkpoint's raw tensors (bf16 copied as is; f32/f16 rounded to bf16 on the host).
+    fn from_checkpoint(dev: &CudaDevice, ckpt: &Checkpoint, c: &ModelConfig) -> Result<DeviceWeights> {
+        Self::build(c, |name, shape| {
+            let v = ckpt.view(name)?;
+            if v.shape != shape {
+                return Err(Error::Shape {
+                    path: ckpt.display_path(),
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    found: v.shape.to_vec(),
+                });
+            }
+            let host: Vec<bf16> = match v.dtype {
+                safetensors::Dtype::BF16 => v
+                    .bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+                _ => crate::model::weights::to_f32(&v)
+                    .map_err(|msg| Error::Safetensors {
+                        path: ckpt.display_path(),
+                        msg,
+                    })?
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect(),
+            };
+            dev.upload(&host)
+        })
+    }
+
+    /// From the CPU engine's f32 weights (rounded to bf16).
+    fn from_f32(dev: &CudaDevice, w: &Weights, c: &ModelConfig) -> Result<DeviceWeights> {
+        let named = w.named_tensors(c);
+        Self::build(c, |name, shape| {
+            let (s, data) = named
+                .get(name)
+                .ok_or_else(|| Error::invalid(format!("weights: tensor {name} is missing")))?;
+            if s.as_slice() != shape {
+                return Err(Error::invalid(format!(
+                    "weights: tensor {name} has shape {s:?}, expected {shape:?}"
+                )));
+            }
+            dev.upload_bf16(data)
+        })
+    }
+
+    /// Random weights of the config's shape made on the device (benchmarks; no files): norms
+    /// are 1, every other tensor tiles one uploaded block of uniform values of std 0.02.
+    fn random(dev: &CudaDevice, c: &ModelConfig, seed: u64) -> Result<DeviceWeights> {
+        const BLOCK: usize = 1 << 20;
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let host: Vec<bf16> = (0..BLOCK)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                bf16::from_f32((u * 2.0 - 1.0) * 0.02 * 3f32.sqrt())
+            })
+            .collect();
+        let block = dev.upload(&host)?;
+        let ones = dev.upload(&vec![bf16::ONE; c.hidden_size.max(c.head_dim)])?;
+        Self::build(c, |name, shape| {
+            let n: usize = shape.iter().product();
+            let mut t = dev.alloc_zeros::<bf16>(n)?;
+            let st = dev.stream();
+            if name.ends_with("norm.weight") {
+                st.memcpy_dtod(&ones.slice(..n), &mut t)
+                    .map_err(cuda_err("filling a norm weight"))?;
+            } else {
+                let mut off = 0;
+                while off < n {
+                    let len = BLOCK.min(n - off);
+                    st.memcpy_dtod(&block.slice(..len), &mut t.slice_mut(off..off + len))
+                        .map_err(cuda_err("filling a random weight"))?;
+                    off += len;
+                }
+            }
+            Ok(t)
+        })
+    }
+}
+
+/// One LoRA pair on the device: a (r, in), b (out, r) f32.
+struct DeviceLoraPair {
+    a: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+}
+
+/// The live adapter on the device.
+struct DeviceLora {
+    rank: usize,
+    scale: f32,
+    layers: Vec<[Option<DeviceLoraPair>; 7]>,
+}
+
+impl DeviceLora {
+    /// Checks `w` against the model, then copies it into `old`'s buffers when every pair has the
+    /// same shape there (the usual case: a training step's new adapter), else uploads anew.
+    fn upload(
+        dev: &CudaDevice,
+        c: &ModelConfig,
+        w: &LoraWeights,
+        old: Option<DeviceLora>,
+    ) -> Result<DeviceLora> {
+        let r = w.config.r;
+        if w.layers.len() != c.num_hidden_layers {
+            return Err(Error::invalid(format!(
+                "adapter has {} layers, the model {}",
+                w.layers.len(),
+                c.num_hidden_layers
+            )));
+        }
+        for (l, layer) in w.layers.iter().enumerate() {
+            for p in Proj::ALL {
+                if let Some(pair) = &layer[p as usize] {
+                    let (d_in, d_out) = p.dims(c);
+                    if pair.a.len() != r * d_in || pair.b.len() != d_out * r {
+                        return Err(Error::invalid(format!(
+                            "adapter layer {l} {}: lora_A has {} values, lora_B {}; expected \
+                             r·in = {} and out·r = {} (r = {r})",
+                            p.module_name(),
+                            pair.a.len(),
+                            pair.b.len(),
+                            r * d_in,
+                            d_out * r
+                        )));
+                    }
+                }
+            }
+        }
+        let same_shape = old.as_ref().is_some_and(|o| {
+            o.rank == r
+                && o.layers
+                    .iter()
+                    .zip(&w.layers)
+                    .all(|(ol, nl)| ol.iter().zip(nl.iter()).all(|(a, b)| a.is_some() == b.is_some()))
+        });
+        if let (true, Some(mut o)) = (same_shape, old) {
+            let st = dev.stream();
+            for (ol, nl) in o.layers.iter_mut().zip(&w.layers) {
+                for (a, b) in ol.iter_mut().zip(nl.iter()) {
+                    if let (Some(dst), Some(src)) = (a.as_mut(), b.as_ref()) {
+                        st.memcpy_htod(&src.a, &mut dst.a)
+                            .map_err(cuda_err("copying lora_A to the device"))?;
+                        st.memcpy_htod(&src.b, &mut dst.b)
+                            .map_err(cuda_err("copying lora_B to the device"))?;
+                    }
+                }
+            }
+            o.scale = w.config.scale();
+            return Ok(o);
+        }
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for nl in &w.layers {
+            let mut out: [Option<DeviceLoraPair>; 7] = Default::default();
+            for (slot, pair) in out.iter_mut().zip(nl.iter()) {
+                if let Some(p) = pair {
+                    *slot = Some(DeviceLoraPair {
+                        a: dev.upload(&p.a)?,
+                        b: dev.upload(&p.b)?,
+                    });
+                }
+            }
+            layers.push(out);
+        }
+        Ok(DeviceLora {
+            rank: r,
+            scale: w.config.scale(),
+            layers,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planned buffers
+
+/// Every device buffer of a [`MemoryPlan`]; shapes in comments (R = max_rows, S = max_seqs,
+/// M = max_logit_rows, P = max_pages_per_seq).
+struct Buffers {
+    /// Per layer (k, v): (num_pages, PAGE_SIZE, KV, hd) bf16.
+    kv: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)>,
+    x: CudaSlice<bf16>,          // (R, D) residual stream
+    h: CudaSlice<bf16>,          // (R, D) normed
+    proj: CudaSlice<bf16>,       // (R, D) o / down output
+    q: CudaSlice<bf16>,          // (R, H·hd)
+    q_pre: CudaSlice<bf16>,      // (R, H·hd) before the q norm (Qwen3)
+    attn: CudaSlice<bf16>,       // (R, H·hd)
+    k: CudaSlice<bf16>,          // (R, KV·hd)
+    k_pre: CudaSlice<bf16>,      // (R, KV·hd)
+    v: CudaSlice<bf16>,          // (R, KV·hd)
+    gate: CudaSlice<bf16>,       // (R, I)
+    up: CudaSlice<bf16>,         // (R, I)
+    act: CudaSlice<bf16>,        // (R, I)
+    xa: CudaSlice<f32>,          // (R, rank)
+    ids: CudaSlice<u32>,         // (R)
+    pos: CudaSlice<i32>,         // (R)
+    row_seq: CudaSlice<i32>,     // (R)
+    block_table: CudaSlice<i32>, // (S, P)
+    cu_rows: CudaSlice<i32>,     // (S + 1)
+    pos0: CudaSlice<i32>,        // (S)
+    seq_lens: CudaSlice<i32>,    // (S)
+    part_o: CudaSlice<f32>,      // (parts, H, hd)
+    part_ml: CudaSlice<f32>,     // (parts, H, 2)
+    logit_rows: CudaSlice<u32>,  // (M)
+    hsel: CudaSlice<bf16>,       // (M, D)
+    logits: CudaSlice<f32>,      // (M, V)
+    tokens: CudaSlice<u32>,      // (M)
+    logprobs: CudaSlice<f32>,    // (M)
+    entropy: CudaSlice<f32>,     // (M)
+    targets: CudaSlice<u32>,     // (M)
+    sampling: SamplingParamsDev, // (M) rows
+}
+
+impl Buffers {
+    fn alloc(dev: &CudaDevice, c: &ModelConfig, p: &MemoryPlan) -> Result<Buffers> {
+        let (d, hd, qd, kvd) = (c.hidden_size, c.head_dim, c.q_dim(), c.kv_dim());
+        let (i, v) = (c.intermediate_size, c.vocab_size);
+        let (r, s, m) = (p.max_rows, p.max_seqs, p.max_logit_rows);
+        let bf = |n: usize| dev.alloc_zeros::<bf16>(n.max(1));
+        let mut kv = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            kv.push((
+                bf(p.num_pages * PAGE_SIZE * kvd)?,
+                bf(p.num_pages * PAGE_SIZE * kvd)?,
+            ));
+        }
+        let qk = c.qk_norm;
+        Ok(Buffers {
+            kv,
+            x: bf(r * d)?,
+            h: bf(r * d)?,
+            proj: bf(r * d)?,
+            q: bf(r * qd)?,
+            q_pre: bf(if qk { r * qd } else { 1 })?,
+            attn: bf(r * qd)?,
+            k: bf(r * kvd)?,
+            k_pre: bf(if qk { r * kvd } else { 1 })?,
+            v: bf(r * kvd)?,
+            gate: bf(r * i)?,
+            up: bf(r * i)?,
+            act: bf(r * i)?,
+            xa: dev.alloc_zeros((r * p.lora_rank).max(1))?,
+            ids: dev.alloc_zeros(r.max(1))?,
+            pos: dev.alloc_zeros(r.max(1))?,
+            row_seq: dev.alloc_zeros(r.max(1))?,
+            block_table: dev.alloc_zeros((s * p.max_pages_per_seq).max(1))?,
+            cu_rows: dev.alloc_zeros(s + 1)?,
+            pos0: dev.alloc_zeros(s.max(1))?,
+            seq_lens: dev.alloc_zeros(s.max(1))?,
+            part_o: dev.alloc_zeros((p.max_split_parts * c.num_attention_heads * hd).max(1))?,
+            part_ml: dev.alloc_zeros((p.max_split_parts * c.num_attention_heads * 2).max(1))?,
+            logit_rows: dev.alloc_zeros(m.max(1))?,
+            hsel: bf(m * d)?,
+            logits: dev.alloc_zeros((m * v).max(1))?,
+            tokens: dev.alloc_zeros(m.max(1))?,
+            logprobs: dev.alloc_zeros(m.max(1))?,
+            entropy: dev.alloc_zeros(m.max(1))?,
+            targets: dev.alloc_zeros(m.max(1))?,
+            sampling: SamplingParamsDev::alloc(dev, m)?,
+        })
+    }
+}
+
+/// Copies `host` into the first `host.len()` elements of `dst` (asynchronous on the stream;
+/// cudarc stages pageable memory, so `host` may change as soon as this returns).
+fn put<T: DeviceRepr>(dev: &CudaDevice, what: &str, host: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+    if host.len() > dst.len() {
+        return Err(Error::Cuda(format!(
+            "internal: {what} needs {} elements but the memory plan gave {}",
+            host.len(),
+            dst.len()
+        )));
+    }
+    if host.is_empty() {
+        return Ok(());
+    }
+    dev.stream()
+        .memcpy_htod(host, &mut dst.slice_mut(..host.len()))
+        .map_err(cuda_err(format_args!("uploading {what}")))
+}
+
+/// Copies the first `n` elements of `src` to the host and waits for them.
+fn get<T: DeviceRepr + Default + Clone>(
+    dev: &CudaDevice,
+    what: &str,
+    src: &CudaSlice<T>,
+    n: usize,
+) -> Result<Vec<T>> {
+    let mut host = vec![T::default(); n];
+    if n > 0 {
+        dev.stream()
+            .memcpy_dtoh(&src.slice(..n), &mut host)
+            .map_err(cuda_err(format_args!("downloading {what}")))?;
+    }
+    dev.synchronize()?;
+    Ok(host)
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+
+/// Row-major y (rows, d_out) = x (rows, d_in) · W (d_out, d_in)ᵀ, bf16 inputs, f32 compute,
+/// y in `y_type` (bf16 or f32).
+///
+/// Operand order (cuBLAS is column-major): a row-major (r, c) matrix is the column-major (c, r)
+/// matrix with leading dimension c, i.e. its transpose. So row-major y (rows, out) is
+/// column-major Yc (out, rows), ld = out, and we need Yc = W · xᵀ:
+/// - A = W: row-major (out, in) is column-major (in, out), ld = in; op(A) = Aᵀ → (out, in): OP_T.
+/// - B = x: row-major (rows, in) is column-major (in, rows) = xᵀ, ld = in; op(B) = B: OP_N.
+/// - m = out, n = rows, k = in; C = y with ldc = out.
+///
+/// `cublasGemmEx(h, OP_T, OP_N, out, rows, in, &1, W, BF16, in, x, BF16, in, &0, y, Y, out,
+/// COMPUTE_32F, DEFAULT)`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_raw(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    x: u64,
+    w: u64,
+    y: u64,
+    y_type: cudaDataType,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<()> {
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let int = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::invalid(format!("gemm: {what} = {v} exceeds i32")))
+    };
+    let (m, n, k) = (int(d_out, "out")?, int(rows, "rows")?, int(d_in, "in")?);
+    // SAFETY: x, w, y are device pointers of buffers holding at least rows·d_in, d_out·d_in and
+    // rows·d_out elements of the stated types (checked by the callers, linear and gemm_logits);
+    // alpha/beta are host f32 as COMPUTE_32F requires (pointer mode host, cuBLAS's default);
+    // the handle is bound to the device's stream, so the GEMM is ordered with the kernels.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            &alpha as *const f32 as *const c_void,
+            w as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            k,
+            x as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            k,
+            &beta as *const f32 as *const c_void,
+            y as *mut c_void,
+            y_type,
+            m,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| Error::Cuda(format!("cublasGemmEx ({rows}×{d_in} · ({d_out}×{d_in})ᵀ): {e:?}")))?;
+    let _ = dev;
+    Ok(())
+}
+
+/// logits (rows, V) f32 = x (rows, D) bf16 · lm_headᵀ (f32 output: no bf16 rounding of logits).
+#[allow(clippy::too_many_arguments)]
+fn gemm_logits(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    x: &impl DevicePtr<bf16>,
+    w: &CudaSlice<bf16>,
+    y: &mut impl DevicePtrMut<f32>,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<()> {
+    check("lm_head x", x.len(), rows * d_in)?;
+    check("lm_head w", w.len(), d_out * d_in)?;
+    check("logits", y.len(), rows * d_out)?;
+    let s = dev.stream();
+    let (xp, _xs) = x.device_ptr(s);
+    let (wp, _ws) = w.device_ptr(s);
+    let (yp, _ys) = y.device_ptr_mut(s);
+    gemm_raw(dev, blas, xp, wp, yp, cudaDataType::CUDA_R_32F, rows, d_in, d_out)
+}
+
+fn check(what: &str, found: usize, need: usize) -> Result<()> {
+    if found < need {
+        return Err(Error::Cuda(format!(
+            "internal: {what} has {found} elements, needs {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// y (rows, out) bf16 = x (rows, in) bf16 · Wᵀ (+ bias) (+ scale · (x Aᵀ) Bᵀ).
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    x: &impl DevicePtr<bf16>,
+    lin: &DeviceLinear,
+    lora: Option<(&DeviceLoraPair, f32, usize)>,
+    xa: &mut CudaSlice<f32>,
+    y: &mut impl DevicePtrMut<bf16>,
+    rows: usize,
+) -> Result<()> {
+    check("linear x", x.len(), rows * lin.d_in)?;
+    check("linear w", lin.w.len(), lin.d_out * lin.d_in)?;
+    check("linear y", y.len(), rows * lin.d_out)?;
+    {
+        let s = dev.stream();
+        let (xp, _xs) = x.device_ptr(s);
+        let (wp, _ws) = lin.w.device_ptr(s);
+        let (yp, _ys) = y.device_ptr_mut(s);
+        gemm_raw(
+            dev,
+            blas,
+            xp,
+            wp,
+            yp,
+            cudaDataType::CUDA_R_16BF,
+            rows,
+            lin.d_in,
+            lin.d_out,
+        )?;
+    }
+    if let Some(b) = &lin.b {
+        dev.add_bias_bf16(y, b, rows, lin.d_out)?;
+    }
+    if let Some((pair, scale, r)) = lora {
+        check("lora xa", xa.len(), rows * r)?;
+        let mut xa = xa.slice_mut(..rows * r);
+        dev.lora_xa_bf16(x, &pair.a, &mut xa, rows, lin.d_in, r)?;
+        dev.lora_expand_add_bf16(y, &xa, &pair.b, scale, rows, lin.d_out, r)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// One forward
+
+/// How a forward's rows attend.
+enum StepAttn {
+    /// Rows of sequence s are rows cu_rows[s]..cu_rows[s+1] at positions pos0[s], pos0[s]+1, …
+    Prefill {
+        cu_rows: Vec<i32>,
+        pos0: Vec<i32>,
+        max_rows: usize,
+    },
+    /// One row per sequence, at position seq_lens[s] - 1.
+    Decode { seq_lens: Vec<i32>, max_len: usize },
+}
+
+/// The host side of one forward: rows, their sequences and positions, block tables.
+struct Step {
+    ids: Vec<u32>,
+    pos: Vec<i32>,
+    row_seq: Vec<i32>,
+    /// (num_seqs, plan.max_pages_per_seq) page ids.
+    block_table: Vec<i32>,
+    num_seqs: usize,
+    attn: StepAttn,
+    /// Rows that get logits, in order (None: every row, in order).
+    logit_rows: Option<Vec<u32>>,
+}
+
+fn debug_enabled() -> bool {
+    std::env::var("RFT_CUDA_DEBUG").is_ok_and(|v| v == "1")
+}
+
+/// Prints max |x| of a bf16 buffer (RFT_CUDA_DEBUG=1 only; synchronizes).
+fn debug_absmax(dev: &CudaDevice, what: &str, buf: &CudaSlice<bf16>, n: usize) -> Result<()> {
+    let host = get(dev, what, buf, n)?;
+    let (mut mx, mut bad) = (0f32, 0usize);
+    for v in host {
+        let f = v.to_f32();
+        if f.is_finite() {
+            mx = mx.max(f.abs());
+        } else {
+            bad += 1;
+        }
+    }
+    eprintln!("rft cuda debug: {what}: max |x| = {mx}, non-finite = {bad}");
+    Ok(())
+}
+
+/// Runs `step` through the model; leaves f32 logits of its logit rows in `b.logits` (row-major
+/// (m, V)) and returns m.
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    dev: &CudaDevice,
+    c: &ModelConfig,
+    w: &DeviceWeights,
+    lora: Option<&DeviceLora>,
+    inv_freq: &CudaSlice<f32>,
+    plan: &MemoryPlan,
+    b: &mut Buffers,
+    step: &Step,
+    sm_count: usize,
+) -> Result<usize> {
+    let blas = dev.blas()?;
+    let n = step.ids.len();
+    let (d, hd, qd, kvd) = (c.hidden_size, c.head_dim, c.q_dim(), c.kv_dim());
+    let (nh, nkv, inter, vocab) = (
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    let eps = c.rms_norm_eps;
+    let ns = step.num_seqs;
+    if n == 0 || n > plan.max_rows || ns > plan.max_seqs {
+        return Err(Error::Cuda(format!(
+            "internal: a forward of {n} rows / {ns} sequences against a plan of {} / {}",
+            plan.max_rows, plan.max_seqs
+        )));
+    }
+    let shape = attn_shape(c, plan.num_pages, plan.max_pages_per_seq);
+    put(dev, "token ids", &step.ids, &mut b.ids)?;
+    put(dev, "positions", &step.pos, &mut b.pos)?;
+    put(dev, "row sequences", &step.row_seq, &mut b.row_seq)?;
+    put(dev, "block tables", &step.block_table, &mut b.block_table)?;
+    let splits = match &step.attn {
+        StepAttn::Prefill { cu_rows, pos0, .. } => {
+            put(dev, "cu_rows", cu_rows, &mut b.cu_rows)?;
+            put(dev, "pos0", pos0, &mut b.pos0)?;
+            1
+        }
+        StepAttn::Decode { seq_lens, max_len } => {
+            put(dev, "seq_lens", seq_lens, &mut b.seq_lens)?;
+            let sp = super::decode_splits(ns, shape.decode_blocks_per_seq(), *max_len, sm_count);
+            // The plan sized the partials for the largest n·splits; a longer max_len than
+            // planned cannot happen (positions are bounded by the plan's pages).
+            if sp > 1 && ns * sp > plan.max_split_parts {
+                1
+            } else {
+                sp
+            }
+        }
+    };
+    let debug = debug_enabled();
+
+    // x (n, D) = embed[ids]
+    dev.embedding_fwd_bf16(
+        &w.embed,
+        &b.ids.slice(..n),
+        &mut b.x.slice_mut(..n * d),
+        n,
+        d,
+        vocab,
+    )?;
+    let lora_of = |l: usize, p: Proj| -> Option<(&DeviceLoraPair, f32, usize)> {
+        lora.and_then(|a| {
+            a.layers[l][p as usize]
+                .as_ref()
+                .map(|pair| (pair, a.scale, a.rank))
+        })
+    };
+    for (l, lw) in w.layers.iter().enumerate() {
+        // --- attention block
+        dev.rmsnorm_fwd_bf16(
+            &b.x.slice(..n * d),
+            &lw.input_norm,
+            &mut b.h.slice_mut(..n * d),
+            n,
+            d,
+            eps,
+        )?;
+        let h = b.h.slice(..n * d);
+        if c.qk_norm {
+            linear(
+                dev,
+                blas,
+                &h,
+                &lw.proj[Proj::Q as usize],
+                lora_of(l, Proj::Q),
+                &mut b.xa,
+                &mut b.q_pre.slice_mut(..n * qd),
+                n,
+            )?;
+            linear(
+                dev,
+                blas,
+                &h,
+                &lw.proj[Proj::K as usize],
+                lora_of(l, Proj::K),
+                &mut b.xa,
+                &mut b.k_pre.slice_mut(..n * kvd),
+                n,
+            )?;
+            let (qn, kn) = match (&lw.q_norm, &lw.k_norm) {
+                (Some(q), Some(k)) => (q, k),
+                _ => return Err(Error::Cuda("internal: qk_norm without q/k norm weights".into())),
+            };
+            // Per-head RMSNorm: rows = n·heads of hd values.
+            dev.rmsnorm_fwd_bf16(
+                &b.q_pre.slice(..n * qd),
+                qn,
+                &mut b.q.slice_mut(..n * qd),
+                n * nh,
+                hd,
+                eps,
+            )?;
+            dev.rmsnorm_fwd_bf16(
+                &b.k_pre.slice(..n * kvd),
+                kn,
+                &mut b.k.slice_mut(..n * kvd),
+                n * nkv,
+                hd,
+                eps,
+            )?;
+        } else {
+            linear(
+                dev,
+                blas,
+                &h,
+                &lw.proj[Proj::Q as usize],
+                lora_of(l, Proj::Q),
+                &mut b.xa,
+                &mut b.q.slice_mut(..n * qd),
+                n,
+            )?;
+            linear(
+                dev,
+                blas,
+                &h,
+                &lw.proj[Proj::K as usize],
+                lora_of(l, Proj::K),
+                &mut b.xa,
+                &mut b.k.slice_mut(..n * kvd),
+                n,
+            )?;
+        }
+        linear(
+            dev,
+            blas,
+            &h,
+            &lw.proj[Proj::V as usize],
+            lora_of(l, Proj::V),
+            &mut b.xa,
+            &mut b.v.slice_mut(..n * kvd),
+            n,
+        )?;
+        dev.rope_fwd_bf16(
+            &mut b.q.slice_mut(..n * qd),
+            &mut b.k.slice_mut(..n * kvd),
+            &b.pos.slice(..n),
+            inv_freq,
+            n,
+            nh,
+            nkv,
+            hd,
+        )?;
+        let (kc, vc) = &mut b.kv[l];
+        let bt = b.block_table.slice(..ns * plan.max_pages_per_seq);
+        dev.kv_cache_append_bf16(
+            kc,
+            vc,
+            &b.k.slice(..n * kvd),
+            &b.v.slice(..n * kvd),
+            &bt,
+            &b.row_seq.slice(..n),
+            &b.pos.slice(..n),
+            &shape,
+            n,
+        )?;
+        match &step.attn {
+            StepAttn::Prefill { max_rows, .. } => dev.attention_prefill_bf16(
+                &b.q.slice(..n * qd),
+                kc,
+                vc,
+                &bt,
+                &b.cu_rows.slice(..ns + 1),
+                &b.pos0.slice(..ns),
+                &mut b.attn.slice_mut(..n * qd),
+                &shape,
+                ns,
+                n,
+                *max_rows,
+            )?,
+            StepAttn::Decode { .. } => {
+                let parts = if splits > 1 { ns * splits } else { 1 };
+                dev.attention_decode_bf16(
+                    &b.q.slice(..n * qd),
+                    kc,
+                    vc,
+                    &bt,
+                    &b.seq_lens.slice(..ns),
+                    &mut b.attn.slice_mut(..n * qd),
+                    &mut b.part_o.slice_mut(..parts * nh * hd),
+                    &mut b.part_ml.slice_mut(..parts * nh * 2),
+                    &shape,
+                    ns,
+                    splits,
+                )?
+            }
+        }
+        linear(
+            dev,
+            blas,
+            &b.attn.slice(..n * qd),
+            &lw.proj[Proj::O as usize],
+            lora_of(l, Proj::O),
+            &mut b.xa,
+            &mut b.proj.slice_mut(..n * d),
+            n,
+        )?;
+        dev.residual_add_bf16(&mut b.x.slice_mut(..n * d), &b.proj.slice(..n * d), n * d)?;
+        // --- MLP block
+        dev.rmsnorm_fwd_bf16(
+            &b.x.slice(..n * d),
+            &lw.post_norm,
+            &mut b.h.slice_mut(..n * d),
+            n,
+            d,
+            eps,
+        )?;
+        let h = b.h.slice(..n * d);
+        linear(
+            dev,
+            blas,
+            &h,
+            &lw.proj[Proj::Gate as usize],
+            lora_of(l, Proj::Gate),
+            &mut b.xa,
+            &mut b.gate.slice_mut(..n * inter),
+            n,
+        )?;
+        linear(
+            dev,
+            blas,
+            &h,
+            &lw.proj[Proj::Up as usize],
+            lora_of(l, Proj::Up),
+            &mut b.xa,
+            &mut b.up.slice_mut(..n * inter),
+            n,
+        )?;
+        dev.swiglu_fwd_bf16(
+            &b.gate.slice(..n * inter),
+            &b.up.slice(..n * inter),
+            &mut b.act.slice_mut(..n * inter),
+            n * inter,
+        )?;
+        linear(
+            dev,
+            blas,
+            &b.act.slice(..n * inter),
+            &lw.proj[Proj::Down as usize],
+            lora_of(l, Proj::Down),
+            &mut b.xa,
+            &mut b.proj.slice_mut(..n * d),
+            n,
+        )?;
+        dev.residual_add_bf16(&mut b.x.slice_mut(..n * d), &b.proj.slice(..n * d), n * d)?;
+        if debug {
+            debug_absmax(dev, &format!("layer {l} residual"), &b.x, n * d)?;
+        }
+    }
+
+    // Final norm on every row (cheap), then lm_head only on the logit rows.
+    dev.rmsnorm_fwd_bf16(
+        &b.x.slice(..n * d),
+        &w.final_norm,
+        &mut b.h.slice_mut(..n * d),
+        n,
+        d,
+        eps,
+    )?;
+    let m = match &step.logit_rows {
+        None => n,
+        Some(rows) => rows.len(),
+    };
+    if m == 0 || m > plan.max_logit_rows {
+        return Err(Error::Cuda(format!(
+            "internal: {m} logit rows against a plan of {}",
+            plan.max_logit_rows
+        )));
+    }
+    match &step.logit_rows {
+        None => gemm_logits(
+            dev,
+            blas,
+            &b.h.slice(..n * d),
+            w.lm_head(),
+            &mut b.logits.slice_mut(..m * vocab),
+            n,
+            d,
+            vocab,
+        )?,
+        Some(rows) => {
+            // Gather the rows with the embedding kernel: "table" = h (n, D), ids = row indices.
+            put(dev, "logit rows", rows, &mut b.logit_rows)?;
+            dev.embedding_fwd_bf16(
+                &b.h.slice(..n * d),
+                &b.logit_rows.slice(..m),
+                &mut b.hsel.slice_mut(..m * d),
+                m,
+                d,
+                n,
+            )?;
+            gemm_logits(
+                dev,
+                blas,
+                &b.hsel.slice(..m * d),
+                w.lm_head(),
+                &mut b.logits.slice_mut(..m * vocab),
+                m,
+                d,
+                vocab,
+            )?;
+        }
+    }
+    if debug {
+        let host = get(dev, "logits", &b.logits, m * vocab)?;
+        let mx = host
+            .iter()
+            .fold(0f32, |a, v| if v.is_finite() { a.max(v.abs()) } else { f32::NAN });
+        eprintln!("rft cuda debug: logits ({m} rows): max |z| = {mx}");
+    }
+    Ok(m)
+}
+
+/// After prefill: copies the prompt's last partial page `src` (k and v, every layer) into page
+/// `dst`. Prompt pages are numbered before every sample page, so `src < dst`.
+fn copy_partial_pages(
+    dev: &CudaDevice,
+    c: &ModelConfig,
+    b: &mut Buffers,
+    src: usize,
+    dst: usize,
+) -> Result<()> {
+    if src >= dst {
+        return Err(Error::Cuda(format!(
+            "internal: partial page copy {src} → {dst} (prompt pages must come first)"
+        )));
+    }
+    let pe = PAGE_SIZE * c.kv_dim();
+    let st = dev.stream();
+    for (k, v) in b.kv.iter_mut() {
+        for cache in [k, v] {
+            // Two disjoint views of one buffer: [0, dst·pe) holds src, [dst·pe, …) starts at dst.
+            let (lo, mut hi) = cache.split_at_mut(dst * pe);
+            st.memcpy_dtod(&lo.slice(src * pe..(src + 1) * pe), &mut hi.slice_mut(..pe))
+                .map_err(cuda_err("copying a partial KV page"))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine
+
+/// Timings and counts of the last `generate` call (benchmarks and logs).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GenerateStats {
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub decode_steps: usize,
+    /// Sequence-steps of decode (Σ active sequences over steps).
+    pub decode_rows: usize,
+    pub generated_tokens: usize,
+    /// KV bytes the decode steps read (Σ over steps and sequences of len·L·2·KV·hd·2).
+    pub decode_kv_bytes_read: f64,
+    pub plan_bytes: usize,
+}
+
+pub struct CudaEngine {
+    dev: CudaDevice,
+    config: ModelConfig,
+    weights: DeviceWeights,
+    inv_freq: CudaSlice<f32>,
+    lora: Option<DeviceLora>,
+    /// Set by `set_adapter` (which cannot fail); uploaded at the next generate/score.
+    pending_adapter: Option<Option<LoraWeights>>,
+    plan: Option<(MemoryPlan, Buffers)>,
+    sm_count: usize,
+    /// At most this many sequences decode together (a memory bound, not a semantic knob).
+    pub max_batch_seqs: usize,
+    pub last_stats: GenerateStats,
+}
+
+impl CudaEngine {
+    /// Loads `dir` (config.json, generation_config.json, safetensors) onto CUDA device `ordinal`.
+    pub fn load(dir: &Path, ordinal: usize) -> Result<CudaEngine> {
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "model directory {} does not exist or is not a directory",
+                dir.display()
+            )));
+        }
+        let config = ModelConfig::from_dir(dir)?;
+        let dev = CudaDevice::new(ordinal)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = DeviceWeights::from_checkpoint(&dev, &ckpt, &config)?;
+        Self::with_weights(dev, config, weights)
+    }
+
+    /// From f32 weights already in memory (tests).
+    pub fn from_weights(config: ModelConfig, weights: &Weights, ordinal: usize) -> Result<CudaEngine> {
+        let dev = CudaDevice::new(ordinal)?;
+        let w = DeviceWeights::from_f32(&dev, weights, &config)?;
+        Self::with_weights(dev, config, w)
+    }
+
+    /// Random weights of `config`'s shape made on the device (benchmarks; no files).
+    pub fn random(config: ModelConfig, seed: u64, ordinal: usize) -> Result<CudaEngine> {
+        let dev = CudaDevice::new(ordinal)?;
+        let w = DeviceWeights::random(&dev, &config, seed)?;
+        Self::with_weights(dev, config, w)
+    }
+
+    fn with_weights(dev: CudaDevice, config: ModelConfig, weights: DeviceWeights) -> Result<CudaEngine> {
+        let attn = attn_shape(&config, 1, 1);
+        if !config.head_dim.is_multiple_of(4)
+            || config.head_dim > 256
+            || !config
+                .num_attention_heads
+                .is_multiple_of(config.num_key_value_heads)
+        {
+            return Err(Error::invalid(format!(
+                "the CUDA engine needs head_dim a multiple of 4 and ≤ 256 and heads a multiple of \
+                 KV heads; this model has {attn:?}"
+            )));
+        }
+        if config.max_position_embeddings > i32::MAX as usize / 2 {
+            return Err(Error::invalid(
+                "max_position_embeddings too large for i32 positions",
+            ));
+        }
+        let inv_freq = dev.upload(&config.rope_inv_freq())?;
+        let sm_count = dev
+            .context()
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err("querying the SM count"))? as usize;
+        dev.blas()?; // fail at load, not at the first forward, when cuBLAS is missing
+        Ok(CudaEngine {
+            dev,
+            config,
+            weights,
+            inv_freq,
+            lora: None,
+            pending_adapter: None,
+            plan: None,
+            sm_count,
+            max_batch_seqs: 64,
+            last_stats: GenerateStats::default(),
+        })
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// Bytes of the bf16 weights on the device (tied embeddings counted once).
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes
+    }
+
+    /// Weight bytes one decode step reads: everything but an untied embedding table (of which
+    /// only the rows of the step's tokens are read).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let c = &self.config;
+        if c.tie_word_embeddings {
+            self.weights.bytes
+        } else {
+            self.weights.bytes - c.vocab_size * c.hidden_size * 2
+        }
+    }
+
+    /// The plan of the buffers currently held (None before the first call).
+    pub fn memory_plan(&self) -> Option<&MemoryPlan> {
+        self.plan.as_ref().map(|(p, _)| p)
+    }
+
+    /// Uploads a pending adapter (outside any forward).
+    fn sync_adapter(&mut self) -> Result<()> {
+        if let Some(pending) = self.pending_adapter.take() {
+            self.lora = match pending {
+                None => None,
+                Some(w) => Some(DeviceLora::upload(&self.dev, &self.config, &w, self.lora.take())?),
+            };
+        }
+        Ok(())
+    }
+
+    /// Makes sure the held buffers serve `needs`; grows (re-allocates) them otherwise.
+    fn ensure_plan(&mut self, needs: PlanNeeds) -> Result<()> {
+        let rank = self.lora.as_ref().map_or(0, |l| l.rank);
+        let want = MemoryPlan::new(&self.config, needs, rank, self.sm_count);
+        if let Some((have, _)) = &self.plan {
+            if have.covers(&want) {
+                return Ok(());
+            }
+        }
+        // Grow: serve both what was held and what is needed.
+        let needs = match &self.plan {
+            Some((have, _)) => have.needs.max(needs),
+            None => needs,
+        };
+        let plan = MemoryPlan::new(&self.config, needs, rank, self.sm_count);
+        self.plan = None; // free the old buffers first (cudarc frees on the stream)
+        self.dev.synchronize()?;
+        let (free, _total) = self
+            .dev
+            .context()
+            .mem_get_info()
+            .map_err(cuda_err("querying free device memory"))?;
+        if plan.total_bytes() > free {
+            return Err(Error::Cuda(format!(
+                "the memory plan needs {:.2} GiB (KV cache {:.2}, activations {:.2}, logits {:.2}, \
+                 scratch {:.2}) but only {:.2} GiB are free; lower --batch-size \
+                 (max_batch_seqs), the prompt length or max_new_tokens",
+                gib(plan.total_bytes()),
+                gib(plan.kv_cache_bytes),
+                gib(plan.activation_bytes),
+                gib(plan.logits_bytes),
+                gib(plan.scratch_bytes),
+                gib(free)
+            )));
+        }
+        let bufs = Buffers::alloc(&self.dev, &self.config, &plan)?;
+        self.plan = Some((plan, bufs));
+        Ok(())
+    }
+
+    /// Checks ids against the vocabulary and the prompt against the context (as the CPU engine).
+    fn check_prompt(&self, i: usize, ids: &[u32]) -> Result<()> {
+        let c = &self.config;
+        if ids.is_empty() {
+            return Err(Error::invalid(format!(
+                "prompt {i} is empty (at least one token is needed)"
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::invalid(format!(
+                "prompt {i}: token id {bad} is outside the vocabulary of {} tokens",
+                c.vocab_size
+            )));
+        }
+        if ids.len() >= c.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "prompt {i} has {} tokens, longer than the model's context of {} \
+                 (max_position_embeddings) minus one generated token",
+                ids.len(),
+                c.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn gib(b: usize) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// One sequence of a chunk during generation.
+struct Seq {
+    prompt_index: usize,
+    sample_index: usize,
+    prompt_len: usize,
+    /// Block-table row (max_pages_per_seq page ids).
+    table: Vec<i32>,
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    done: Option<FinishReason>,
+}
+
+impl Engine for CudaEngine {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn set_adapter(&mut self, adapter: Option<LoraWeights>) {
+        self.pending_adapter = Some(adapter);
+    }
+
+    fn set_max_batch_seqs(&mut self, n: usize) {
+        self.max_batch_seqs = n.max(1);
+    }
+
+    fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        num_samples: usize,
+        params: &SamplingParams,
+        stop: &StopCriteria,
+        decode: Option<Decode<'_>>,
+    ) -> Result<Vec<Rollout>> {
+        params.validate()?;
+        if num_samples == 0 {
+            return Err(Error::invalid("num_samples must be at least 1"));
+        }
+        if stop.max_new_tokens == 0 {
+            return Err(Error::invalid("max_new_tokens must be at least 1"));
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            self.check_prompt(i, p)?;
+        }
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.sync_adapter()?;
+        let g = num_samples;
+        let ctx = self.config.max_position_embeddings;
+        let prompts_per_chunk = (self.max_batch_seqs / g).max(1).min(prompts.len());
+        let max_prompt_len = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+        let needs = MemoryPlan::for_generate(
+            &self.config,
+            prompts_per_chunk,
+            g,
+            max_prompt_len,
+            stop.max_new_tokens,
+        );
+        self.ensure_plan(needs)?;
+        let mut stats = GenerateStats::default();
+        let CudaEngine {
+            dev,
+            config: c,
+            weights,
+            inv_freq,
+            lora,
+            plan,
+            sm_count,
+            ..
+        } = self;
+        let (plan, b) = plan.as_mut().expect("ensure_plan set it");
+        stats.plan_bytes = plan.total_bytes();
+        let lora = lora.as_ref();
+        let mp = plan.max_pages_per_seq;
+        let vocab = c.vocab_size;
+        let kv_row_bytes = (c.num_hidden_layers * 2 * c.kv_dim() * 2) as f64;
+        b.sampling.fill_params(dev, params)?;
+        let mut out = Vec::with_capacity(prompts.len() * g);
+
+        for (chunk_i, chunk) in prompts.chunks(prompts_per_chunk).enumerate() {
+            let first_prompt = chunk_i * prompts_per_chunk;
+            // --- Pages: every prompt's pages first, then each sample's own pages.
+            let mut next_page = 0usize;
+            let mut prompt_pages: Vec<Vec<i32>> = Vec::with_capacity(chunk.len());
+            for p in chunk {
+                let n = p.len().div_ceil(PAGE_SIZE);
+                prompt_pages.push((next_page..next_page + n).map(|x| x as i32).collect());
+                next_page += n;
+            }
+            let mut seqs: Vec<Seq> = Vec::with_capacity(chunk.len() * g);
+            // (prompt's partial page, the sample's copy) per sequence that needs one.
+            let mut partial_copies: Vec<(usize, usize, usize)> = Vec::new(); // (prompt j, src, dst)
+            for (j, p) in chunk.iter().enumerate() {
+                let plen = p.len();
+                let full = plen / PAGE_SIZE;
+                let total = (plen + stop.max_new_tokens).min(ctx).div_ceil(PAGE_SIZE);
+                for s in 0..g {
+                    let mut table = vec![0i32; mp];
+                    table[..full].copy_from_slice(&prompt_pages[j][..full]);
+                    for slot in table.iter_mut().take(total).skip(full) {
+                        *slot = next_page as i32;
+                        next_page += 1;
+                    }
+                    if plen % PAGE_SIZE != 0 {
+                        partial_copies.push((j, prompt_pages[j][full] as usize, table[full] as usize));
+                    }
+                    seqs.push(Seq {
+                        prompt_index: first_prompt + j,
+                        sample_index: s,
+                        prompt_len: plen,
+                        table,
+                        ids: Vec::new(),
+                        logprobs: Vec::new(),
+                        done: None,
+                    });
+                }
+            }
+            if next_page > plan.num_pages {
+                return Err(Error::Cuda(format!(
+                    "internal: chunk needs {next_page} KV pages, the plan has {}",
+                    plan.num_pages
+                )));
+            }
+
+            // --- Prefill in groups of whole prompts (≤ plan.max_rows rows), sampling step 0
+            // for each group's sequences right after its forward.
+            let t0 = Instant::now();
+            let mut j0 = 0;
+            while j0 < chunk.len() {
+                let mut j1 = j0;
+                let mut rows = 0;
+                while j1 < chunk.len() && (j1 == j0 || rows + chunk[j1].len() <= plan.max_rows) {
+                    rows += chunk[j1].len();
+                    j1 += 1;
+                }
+                let group = &chunk[j0..j1];
+                let mut step = Step {
+                    ids: Vec::with_capacity(rows),
+                    pos: Vec::with_capacity(rows),
+                    row_seq: Vec::with_capacity(rows),
+                    block_table: vec![0; group.len() * mp],
+                    num_seqs: group.len(),
+                    attn: StepAttn::Prefill {
+                        cu_rows: Vec::with_capacity(group.len() + 1),
+                        pos0: vec![0; group.len()],
+                        max_rows: group.iter().map(|p| p.len()).max().unwrap_or(0),
+                    },
+                    logit_rows: Some(Vec::with_capacity(group.len() * g)),
+                };
+                let StepAttn::Prefill { cu_rows, .. } = &mut step.attn else {
+                    unreachable!()
+                };
+                cu_rows.push(0);
+                for (gi, p) in group.iter().enumerate() {
+                    let pages = &prompt_pages[j0 + gi];
+                    step.block_table[gi * mp..gi * mp + pages.len()].copy_from_slice(pages);
+                    for (t, &tok) in p.iter().enumerate() {
+                        step.ids.push(tok);
+                        step.pos.push(t as i32);
+                        step.row_seq.push(gi as i32);
+                    }
+                    let end = step.ids.len();
+                    cu_rows.push(end as i32);
+                    // The prompt's last row gives the first-token logits of each of its G samples.
+                    if let Some(lr) = step.logit_rows.as_mut() {
+                        lr.extend(std::iter::repeat_n((end - 1) as u32, g));
+                    }
+                }
+                let m = forward(dev, c, weights, lora, inv_freq, plan, b, &step, *sm_count)?;
+                for &(j, src, dst) in &partial_copies {
+                    if (j0..j1).contains(&j) {
+                        copy_partial_pages(dev, c, b, src, dst)?;
+                    }
+                }
+                let seq_range = j0 * g..j1 * g;
+                debug_assert_eq!(m, seq_range.len());
+                let streams: Vec<u64> = seq_range
+                    .clone()
+                    .map(|si| ((seqs[si].prompt_index) * g + seqs[si].sample_index) as u64)
+                    .collect();
+                let steps = vec![0u64; m];
+                sample_and_apply(
+                    dev,
+                    b,
+                    m,
+                    vocab,
+                    &streams,
+                    &steps,
+                    &mut seqs[seq_range],
+                    stop,
+                    decode,
+                    ctx,
+                )?;
+                j0 = j1;
+            }
+            stats.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
+
+            // --- Decode: one token per active sequence per step.
+            let t1 = Instant::now();
+            let mut active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].done.is_none()).collect();
+            while !active.is_empty() {
+                let n = active.len();
+                let mut step = Step {
+                    ids: Vec::with_capacity(n),
+                    pos: Vec::with_capacity(n),
+                    row_seq: (0..n as i32).collect(),
+                    block_table: Vec::with_capacity(n * mp),
+                    num_seqs: n,
+                    attn: StepAttn::Decode {
+                        seq_lens: Vec::with_capacity(n),
+                        max_len: 0,
+                    },
+                    logit_rows: None,
+                };
+                let mut streams = Vec::with_capacity(n);
+                let mut steps = Vec::with_capacity(n);
+                let StepAttn::Decode { seq_lens, max_len } = &mut step.attn else {
+                    unreachable!()
+                };
+                for &si in &active {
+                    let s = &seqs[si];
+                    // The newest token goes to position P + (generated − 1).
+                    let pos = s.prompt_len + s.ids.len() - 1;
+                    step.ids.push(*s.ids.last().expect("a sampled token"));
+                    step.pos.push(pos as i32);
+                    step.block_table.extend_from_slice(&s.table);
+                    seq_lens.push(pos as i32 + 1);
+                    *max_len = (*max_len).max(pos + 1);
+                    streams.push((s.prompt_index * g + s.sample_index) as u64);
+                    steps.push(s.ids.len() as u64);
+                    stats.decode_kv_bytes_read += (pos + 1) as f64 * kv_row_bytes;
+                }
+                let m = forward(dev, c, weights, lora, inv_freq, plan, b, &step, *sm_count)?;
+                debug_assert_eq!(m, n);
+                // Apply to the active sequences (in order) through a gathered view.
+                let mut batch: Vec<Seq> = active.iter().map(|&si| take_seq(&mut seqs[si])).collect();
+                let res = sample_and_apply(dev, b, n, vocab, &streams, &steps, &mut batch, stop, decode, ctx);
+                for (&si, s) in active.iter().zip(batch) {
+                    seqs[si] = s;
+                }
+                res?;
+                stats.decode_steps += 1;
+                stats.decode_rows += n;
+                active.retain(|&si| seqs[si].done.is_none());
+            }
+            stats.decode_ms += t1.elapsed().as_secs_f64() * 1e3;
+            for s in seqs {
+                stats.generated_tokens += s.ids.len();
+                out.push(Rollout {
+                    prompt_index: s.prompt_index,
+                    sample_index: s.sample_index,
+                    completion_ids: s.ids,
+                    logprobs: s.logprobs,
+                    finish_reason: s.done.unwrap_or(FinishReason::Length),
+                });
+            }
+        }
+        self.last_stats = stats;
+        Ok(out)
+    }
+
+    fn score(&mut self, items: &[(Vec<u32>, Vec<u32>)], temperature: f32) -> Result<Vec<Vec<f32>>> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::invalid(format!(
+                "score temperature must be > 0, got {temperature}"
+            )));
+        }
+        let c = &self.config;
+        for (i, (p, comp)) in items.iter().enumerate() {
+            self.check_prompt(i, p)?;
+            if let Some(&bad) = comp.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(Error::invalid(format!(
+                    "item {i}: completion token id {bad} is outside the vocabulary of {} tokens",
+                    c.vocab_size
+                )));
+            }
+            if p.len() + comp.len() > c.max_position_embeddings {
+                return Err(Error::invalid(format!(
+                    "item {i}: prompt + completion = {} tokens exceed the model's context of {}",
+                    p.len() + comp.len(),
+                    c.max_position_embeddings
+                )));
+            }
+        }
+        self.sync_adapter()?;
+        let mut out = vec![Vec::new(); items.len()];
+        let live: Vec<usize> = (0..items.len()).filter(|&i| !items[i].1.is_empty()).collect();
+        if live.is_empty() {
+            return Ok(out);
+        }
+        let lens: Vec<(usize, usize)> = live
+            .iter()
+            .map(|&i| (items[i].0.len(), items[i].1.len()))
+            .collect();
+        let groups = score_groups(&lens);
+        let group_lens: Vec<Vec<(usize, usize)>> = groups
+            .iter()
+            .map(|g| g.iter().map(|&k| lens[k]).collect())
+            .collect();
+        self.ensure_plan(MemoryPlan::for_score(&group_lens))?;
+        let CudaEngine {
+            dev,
+            config: c,
+            weights,
+            inv_freq,
+            lora,
+            plan,
+            sm_count,
+            ..
+        } = self;
+        let (plan, b) = plan.as_mut().expect("ensure_plan set it");
+        let lora = lora.as_ref();
+        let mp = plan.max_pages_per_seq;
+        for group in &groups {
+            let ns = group.len();
+            let mut step = Step {
+                ids: Vec::new(),
+                pos: Vec::new(),
+                row_seq: Vec::new(),
+                block_table: vec![0; ns * mp],
+                num_seqs: ns,
+                attn: StepAttn::Prefill {
+                    cu_rows: vec![0],
+                    pos0: vec![0; ns],
+                    max_rows: 0,
+                },
+                logit_rows: Some(Vec::new()),
+            };
+            let mut targets: Vec<u32> = Vec::new();
+            let mut next_page = 0usize;
+            let StepAttn::Prefill {
+                cu_rows, max_rows, ..
+            } = &mut step.attn
+            else {
+                unreachable!()
+            };
+            for (gi, &k) in group.iter().enumerate() {
+                let (p, comp) = &items[live[k]];
+                // Rows P-1 .. P+C-2 predict the completion tokens.
+                let seq: Vec<u32> = p.iter().chain(&comp[..comp.len() - 1]).copied().collect();
+                let pages = seq.len().div_ceil(PAGE_SIZE);
+                for x in 0..pages {
+                    step.block_table[gi * mp + x] = (next_page + x) as i32;
+                }
+                next_page += pages;
+                let base = step.ids.len();
+                for (t, &tok) in seq.iter().enumerate() {
+                    step.ids.push(tok);
+                    step.pos.push(t as i32);
+                    step.row_seq.push(gi as i32);
+                }
+                cu_rows.push(step.ids.len() as i32);
+                *max_rows = (*max_rows).max(seq.len());
+                if let Some(lr) = step.logit_rows.as_mut() {
+                    lr.extend((0..comp.len()).map(|j| (base + p.len() - 1 + j) as u32));
+                }
+                targets.extend_from_slice(comp);
+            }
+            let m = forward(dev, c, weights, lora, inv_freq, plan, b, &step, *sm_count)?;
+            put(dev, "score targets", &targets, &mut b.targets)?;
+            dev.logprob_gather_f32(
+                &b.logits.slice(..m * c.vocab_size),
+                &b.targets.slice(..m),
+                &mut b.logprobs.slice_mut(..m),
+                &mut b.entropy.slice_mut(..m),
+                m,
+                c.vocab_size,
+                temperature,
+            )?;
+            let lps = get(dev, "score logprobs", &b.logprobs, m)?;
+            let mut off = 0;
+            for &k in group {
+                let n = items[live[k]].1.len();
+                out[live[k]] = lps[off..off + n].to_vec();
+                off += n;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Moves a sequence out (leaving an empty placeholder) so a batch can be handed out as a slice.
+fn take_seq(s: &mut Seq) -> Seq {
+    std::mem::replace(
+        s,
+        Seq {
+            prompt_index: s.prompt_index,
+            sample_index: s.sample_index,
+            prompt_len: s.prompt_len,
+            table: Vec::new(),
+            ids: Vec::new(),
+            logprobs: Vec::new(),
+            done: s.done,
+        },
+    )
+}
+
+/// Samples rows 0..m of `b.logits` for `seqs` (in order), reads back tokens and logprobs, and
+/// applies the CPU engine's stop rules to each sequence.
+#[allow(clippy::too_many_arguments)]
+fn sample_and_apply(
+    dev: &CudaDevice,
+    b: &mut Buffers,
+    m: usize,
+    vocab: usize,
+    streams: &[u64],
+    steps: &[u64],
+    seqs: &mut [Seq],
+    stop: &StopCriteria,
+    decode: Option<Decode<'_>>,
+    ctx: usize,
+) -> Result<()> {
+    b.sampling.fill_rows(dev, streams, steps)?;
+    dev.sample_tokens_f32(
+        &b.logits.slice(..m * vocab),
+        &b.sampling,
+        &mut b.tokens.slice_mut(..m),
+        &mut b.logprobs.slice_mut(..m),
+        m,
+        vocab,
+    )?;
+    let tokens = get(dev, "sampled tokens", &b.tokens, m)?;
+    let lps = get(dev, "sampled logprobs", &b.logprobs, m)?;
+    for ((s, &tok), &lp) in seqs.iter_mut().zip(&tokens).zip(&lps) {
+        if tok == u32::MAX || tok as usize >= vocab {
+            return Err(Error::Cuda(format!(
+                "the sampling kernel rejected the logits of prompt {} sample {} at step {} \
+                 (NaN/inf logits or invalid parameters; RFT_CUDA_DEBUG=1 shows where they start)",
+                s.prompt_index,
+                s.sample_index,
+                s.ids.len()
+            )));
+        }
+        s.ids.push(tok);
+        s.logprobs.push(lp);
+        let text = match (decode, stop.stop_strings.is_empty()) {
+            (Some(dec), false) => Some(dec(&s.ids)),
+            _ => None,
+        };
+        s.done = stop.check(tok, s.ids.len(), text.as_deref());
+        // KV holds P + (generated − 1) positions; the context is full when one more would not fit.
+        let kv_len = s.prompt_len + s.ids.len() - 1;
+        if s.done.is_none() && kv_len + 1 >= ctx {
+            s.done = Some(FinishReason::Length);
+        }
+    }
+    Ok(())
+}
+
+/// For tests: the f32 logits the CUDA forward gives for the last token of `tokens` (one
+/// sequence prefilled from position 0), through the same prefill path as generate.
+impl CudaEngine {
+    pub fn last_token_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_prompt(0, tokens)?;
+        self.sync_adapter()?;
+        let needs = MemoryPlan::for_generate(&self.config, 1, 1, tokens.len(), 1);
+        self.ensure_plan(needs)?;
+        let CudaEngine {
+            dev,
+            config: c,
+            weights,
+            inv_freq,
+            lora,
+            plan,
+            sm_count,
+            ..
+        } = self;
+        let (plan, b) = plan.as_mut().expect("ensure_plan set it");
+        let mp = plan.max_pages_per_seq;
+        let pages = tokens.len().div_ceil(PAGE_SIZE);
+        let mut block_table = vec![0i32; mp];
+        for (x, slot) in block_table.iter_mut().enumerate().take(pages) {
+            *slot = x as i32;
+        }
+        let step = Step {
+            ids: tokens.to_vec(),
+            pos: (0..tokens.len() as i32).collect(),
+            row_seq: vec![0; tokens.len()],
+            block_table,
+            num_seqs: 1,
+            attn: StepAttn::Prefill {
+                cu_rows: vec![0, tokens.len() as i32],
+                pos0: vec![0],
+                max_rows: tokens.len(),
+            },
+            logit_rows: Some(vec![tokens.len() as u32 - 1]),
+        };
+        let m = forward(
+            dev,
+            c,
+            weights,
+            lora.as_ref(),
+            inv_freq,
+            plan,
+            b,
+            &step,
+            *sm_count,
+        )?;
+        get(dev, "logits", &b.logits, m * c.vocab_size)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark
+
+/// What `rft bench rollout` measures and prints.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RolloutBench {
+    pub shape: String,
+    pub device: String,
+    pub prompts: usize,
+    pub num_generations: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub generated_tokens: usize,
+    pub total_s: f64,
+    pub tok_s: f64,
+    pub prefill_ms: f64,
+    pub decode_steps: usize,
+    pub decode_ms_per_step: f64,
+    pub weight_bytes: usize,
+    pub plan_bytes: usize,
+    /// Device memory in use after the run minus before loading (driver's view).
+    pub peak_gpu_bytes_measured: usize,
+    /// Average bytes a decode step must read: all weights + the KV cache of the active rows.
+    pub decode_bytes_per_step: f64,
+    pub peak_bandwidth_bytes_s: f64,
+    /// decode_bytes_per_step / step time / peak bandwidth.
+    pub roofline_fraction: f64,
+}
+
+/// Random weights of preset `shape` on device `ordinal`; `prompts` random prompts of
+/// `prompt_len` tokens, G samples each, exactly `new_tokens` new tokens (no EOS), temperature 1.
+pub fn bench_rollout(
+    shape: &str,
+    prompts: usize,
+    num_generations: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    peak_bandwidth_bytes_s: f64,
+    ordinal: usize,
+) -> Result<RolloutBench> {
+    super::availability().map_err(Error::CudaUnavailable)?;
+    let config = ModelConfig::preset(shape).ok_or_else(|| {
+        Error::invalid(format!(
+            "unknown shape {shape:?}; expected qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b"
+        ))
+    })?;
+    if prompts == 0 || num_generations == 0 || prompt_len == 0 || new_tokens == 0 {
+        return Err(Error::invalid(
+            "--prompts, --num-generations, --prompt-len and --new-tokens must be ≥ 1",
+        ));
+    }
+    let dev0 = CudaDevice::new(ordinal)?;
+    let (free0, _) = dev0.context().mem_get_info().map_err(cuda_err("mem_get_info"))?;
+    drop(dev0);
+    let mut engine = CudaEngine::random(config.clone(), 1, ordinal)?;
+    engine.max_batch_seqs = prompts * num_generations;
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let ps: Vec<Vec<u32>> = (0..prompts)
+        .map(|_| {
+            (0..prompt_len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % config.vocab_size as u64) as u32
+                })
+                .collect()
+        })
+        .collect();
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: 7,
+        ..Default::default()
+    };
+    let stop = StopCriteria {
+        eos_ids: vec![],
+        stop_strings: vec![],
+        max_new_tokens: new_tokens,
+    };
+    // The plan of the timed run, allocated up front; a warm-up (cuBLAS heuristics); the run.
+    engine.ensure_plan(MemoryPlan::for_generate(
+        &config,
+        prompts,
+        num_generations,
+        prompt_len,
+        new_tokens,
+    ))?;
+    engine.generate(
+        &ps[..1],
+        1,
+        &params,
+        &StopCriteria {
+            max_new_tokens: 2,
+            ..stop.clone()
+        },
+        None,
+    )?;
+    let t = Instant::now();
+    let r = engine.generate(&ps, num_generations, &params, &stop, None)?;
+    let total_s = t.elapsed().as_secs_f64();
+    let (free1, _) = engine
+        .dev
+        .context()
+        .mem_get_info()
+        .map_err(cuda_err("mem_get_info"))?;
+    let st = engine.last_stats.clone();
+    let generated: usize = r.iter().map(|x| x.completion_ids.len()).sum();
+    let steps = st.decode_steps.max(1) as f64;
+    let ms_per_step = st.decode_ms / steps;
+    let bytes_per_step = engine.decode_weight_bytes() as f64 + st.decode_kv_bytes_read / steps;
+    Ok(RolloutBench {
+        shape: shape.to_string(),
+        device: engine.dev.name().to_string(),
+        prompts,
+        num_generations,
+        prompt_len,
+        new_tokens,
+        generated_tokens: generated,
+        total_s,
+        tok_s: generated as f64 / total_s,
+        prefill_ms: st.prefill_ms,
+        decode_steps: st.decode_steps,
+        decode_ms_per_step: ms_per_step,
+        weight_bytes: engine.weight_bytes(),
+        plan_bytes: st.plan_bytes,
+        peak_gpu_bytes_measured: free0.saturating_sub(free1),
+        decode_bytes_per_step: bytes_per_step,
+        peak_bandwidth_bytes_s,
+        roofline_fraction: if ms_per_step > 0.0 {
+            bytes_per_step / (ms_per_step / 1e3) / peak_bandwidth_bytes_s
+        } else {
+            0.0
+        },
+    })
+}
