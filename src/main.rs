@@ -552,7 +552,12 @@ fn train(a: TrainArgs) -> Result<()> {
                 .as_str()
                 .ok_or_else(|| anyhow!("--resume: {} holds no config; give CONFIG too", state.display()))?
                 .to_string();
-            (text, state, PathBuf::from("."))
+            // Relative paths in it start where the original config was.
+            let base = v["config"]["base_dir"]
+                .as_str()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
+            (text, state, base)
         }
         (None, None) => (
             DEFAULT_CONFIG.to_string(),

@@ -6,6 +6,80 @@
 //! dataset and [`Grader`] with [`Trainer::new`], then call [`Trainer::run`] or drive
 //! [`Trainer::step`] / [`Trainer::evaluate`] yourself.
 //!
+//! A custom reward and a hand-built dataset, trained for two steps on the tiny model:
+//!
+//! ```
+//! use rft::cpu::engine::CpuEngine;
+//! use rft::data::{Dataset, Item, PromptSpec};
+//! use rft::grader::{GradeResult, Grader, Sample};
+//! use rft::model::tokenizer::Tokenizer;
+//! use rft::trainer::run::{TrainConfig, Trainer};
+//! use std::sync::Arc;
+//!
+//! /// 1 when the completion is the row's `answer`, 0.5 for a number, else 0.
+//! struct Sum;
+//!
+//! impl Grader for Sum {
+//!     fn name(&self) -> &str {
+//!         "sum"
+//!     }
+//!     fn grade(&self, s: &Sample) -> GradeResult {
+//!         let got = s.completion.trim();
+//!         let score = if Some(got) == s.item["answer"].as_str() {
+//!             1.0
+//!         } else if got.parse::<i64>().is_ok() {
+//!             0.5
+//!         } else {
+//!             0.0
+//!         };
+//!         GradeResult::ok(score).with("is_number", got.parse::<i64>().is_ok())
+//!     }
+//! }
+//!
+//! # fn main() -> rft::Result<()> {
+//! let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny"));
+//! let rows = |range: std::ops::Range<i64>| {
+//!     Dataset::new(
+//!         range
+//!             .map(|a| {
+//!                 let mut extra = serde_json::Map::new();
+//!                 extra.insert("answer".into(), (a + 17).to_string().into());
+//!                 Item::new(PromptSpec::Text(format!("{a}+17=")), extra)
+//!             })
+//!             .collect(),
+//!     )
+//! };
+//! let out = tempfile::tempdir().unwrap();
+//! let config = TrainConfig {
+//!     max_steps: 2,
+//!     prompts_per_step: 4,
+//!     num_generations: 4,
+//!     max_completion_length: 4,
+//!     learning_rate: 3e-3,
+//!     output_dir: Some(out.path().to_path_buf()),
+//!     ..TrainConfig::default()
+//! };
+//! let mut trainer = Trainer::new(
+//!     CpuEngine::load(model)?,
+//!     Tokenizer::from_dir(model)?,
+//!     rows(10..40),  // training prompts
+//!     rows(60..68),  // validation prompts
+//!     Arc::new(Sum),
+//!     config,
+//!     "",            // the config's text, kept in checkpoints (none here)
+//! )?;
+//! // Either drive it step by step ...
+//! let rec = trainer.step()?;
+//! assert_eq!(rec.reward_per_grader.keys().collect::<Vec<_>>(), ["sum"]);
+//! assert!((0.0..=1.0).contains(&rec.reward_mean));
+//! // ... or run to max_steps: validation, metrics.jsonl, adapters, plot.png, summary.json.
+//! let summary = trainer.run(&std::sync::atomic::AtomicBool::new(false), false)?;
+//! assert_eq!(summary.steps, 2);
+//! assert!(out.path().join("adapter_last/adapter_model.safetensors").exists());
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Everything random is derived from (seed, step): rollout sampling seeds, the prompt order
 //! (a seeded per-epoch permutation) and LoRA dropout, so a run resumed from a checkpoint
 //! continues exactly as if it had never stopped.
@@ -203,12 +277,8 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Parses TOML; unknown keys and wrong types are errors naming the key.
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<TrainConfig> {
-        let cfg: TrainConfig = toml::from_str(text).map_err(|e| {
-            Error::config(
-                origin,
-                format!("{}", e).trim_end().replace('\n', " ").replace("  ", " "),
-            )
-        })?;
+        let cfg: TrainConfig =
+            toml::from_str(text).map_err(|e| Error::config(origin, toml_error(text, &e)))?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
@@ -378,6 +448,27 @@ impl TrainConfig {
     }
 }
 
+/// One line for a TOML error: where (line, enclosing `[table]`, the line itself) and what.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let source = text[line_start..line_end].trim();
+    let table = before
+        .lines()
+        .rev()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .find(|l| l.starts_with('[') && l.ends_with(']') && !l.contains('='));
+    let table = table.map(|t| format!(" in {t}")).unwrap_or_default();
+    format!("line {line}{table} (`{source}`): {msg}")
+}
+
 /// splitmix64 of (seed, k): independent per-step / per-chunk seeds.
 fn mix(seed: u64, k: u64) -> u64 {
     let mut z = seed
@@ -415,6 +506,8 @@ pub struct Trainer {
     pub config: TrainConfig,
     /// The config as written (saved in checkpoints so `--resume` needs nothing else).
     config_text: String,
+    /// Where the config's relative paths start (saved in checkpoints for `--resume`).
+    base_dir: Option<PathBuf>,
     base_model: String,
     engine: CpuEngine,
     tok: Tokenizer,
@@ -474,6 +567,12 @@ impl Trainer {
         let mut t = Trainer::new(engine, tok, splits.train, splits.val, grader, config, config_text)?;
         t.grader_parts = parts;
         t.base_model = model_dir.display().to_string();
+        let base = if base_dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base_dir
+        };
+        t.base_dir = Some(std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()));
         if let Some(a) = &m.adapter {
             let dir = resolve(base_dir, a);
             let lora = peft::load(&dir, t.engine.config())?;
@@ -536,6 +635,7 @@ impl Trainer {
             config,
             config_text: config_text.to_string(),
             base_model: String::new(),
+            base_dir: None,
             engine,
             tok,
             train,
@@ -836,6 +936,7 @@ impl Trainer {
             "best_val": self.best_val,
             "rollout_tokens": self.rollout_tokens,
             "train_tokens": self.train_tokens,
+            "base_dir": self.base_dir,
         });
         save_checkpoint(
             &dir,
@@ -893,6 +994,7 @@ impl Trainer {
             last_eval = self.evaluate()?;
         }
         let mut interrupted = false;
+        let start = self.step_count();
         while self.step_count() < total {
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
@@ -919,7 +1021,8 @@ impl Trainer {
                 self.save_checkpoint()?;
             }
         }
-        if !interrupted {
+        // The final validation (not when stopped early, nor when resuming a finished run).
+        if !interrupted && self.step_count() > start {
             self.evaluate()?;
         }
         bar.finish_and_clear();
