@@ -554,7 +554,7 @@ fn library_trainer(cfg: &TrainConfig, grader: Arc<dyn Grader>, out: &Path) -> Tr
     cfg.output_dir = Some(out.to_path_buf());
     let splits = cfg.data.load(&root()).unwrap();
     let engine = CpuEngine::load(&tiny()).unwrap();
-    let tok = Tokenizer::from_dir(&tiny()).unwrap();
+    let tok = Tokenizer::from_dir(tiny()).unwrap();
     Trainer::new(engine, tok, splits.train, splits.val, grader, cfg, "").unwrap()
 }
 

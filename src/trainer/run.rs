@@ -345,7 +345,7 @@ impl TrainConfig {
         if self.max_steps == 0 {
             return bad("max_steps", "must be ≥ 1".into());
         }
-        if !(self.max_grad_norm >= 0.0) {
+        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
             return bad(
                 "max_grad_norm",
                 format!("must be ≥ 0 (0: no clipping), got {}", self.max_grad_norm),
@@ -354,7 +354,7 @@ impl TrainConfig {
         if self.lora.r == 0 {
             return bad("lora.r", "must be ≥ 1".into());
         }
-        if !(self.lora.alpha > 0.0) {
+        if self.lora.alpha.is_nan() || self.lora.alpha <= 0.0 {
             return bad("lora.alpha", format!("must be > 0, got {}", self.lora.alpha));
         }
         if !(0.0..1.0).contains(&self.lora.dropout) {
@@ -1014,10 +1014,10 @@ impl Trainer {
                 r.rollout_tok_s,
                 r.train_tok_s
             ));
-            if self.config.eval_steps > 0 && step % self.config.eval_steps == 0 && step < total {
+            if self.config.eval_steps > 0 && step.is_multiple_of(self.config.eval_steps) && step < total {
                 last_eval = self.evaluate()?;
             }
-            if self.config.save_steps > 0 && step % self.config.save_steps == 0 {
+            if self.config.save_steps > 0 && step.is_multiple_of(self.config.save_steps) {
                 self.save_checkpoint()?;
             }
         }
