@@ -3,7 +3,7 @@
 //! adapter. Implemented by the CPU reference ([`crate::cpu::engine::CpuEngine`]) and, where
 //! built and present, by the CUDA engine.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
 use crate::model::config::ModelConfig;
 use crate::sampling::{FinishReason, SamplingParams, StopCriteria};
@@ -47,4 +47,75 @@ pub trait Engine {
 
     /// log p(completion[j] | prompt, completion[..j]) at `temperature` (logits / T), per item.
     fn score(&mut self, items: &[(Vec<u32>, Vec<u32>)], temperature: f32) -> Result<Vec<Vec<f32>>>;
+}
+
+/// The checks every engine makes on a `generate` request before touching the model.
+pub fn check_generate_request(
+    c: &ModelConfig,
+    prompts: &[Vec<u32>],
+    num_samples: usize,
+    params: &SamplingParams,
+    stop: &StopCriteria,
+) -> Result<()> {
+    params.validate()?;
+    if num_samples == 0 {
+        return Err(Error::invalid("num_samples must be at least 1"));
+    }
+    if stop.max_new_tokens == 0 {
+        return Err(Error::invalid("max_new_tokens must be at least 1"));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        check_prompt(c, i, p)?;
+    }
+    Ok(())
+}
+
+/// The checks every engine makes on a `score` request.
+pub fn check_score_request(c: &ModelConfig, items: &[(Vec<u32>, Vec<u32>)], temperature: f32) -> Result<()> {
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(Error::invalid(format!(
+            "score temperature must be > 0, got {temperature}"
+        )));
+    }
+    for (i, (p, comp)) in items.iter().enumerate() {
+        check_prompt(c, i, p)?;
+        if let Some(&bad) = comp.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::invalid(format!(
+                "item {i}: completion token id {bad} is outside the vocabulary of {} tokens",
+                c.vocab_size
+            )));
+        }
+        if p.len() + comp.len() > c.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "item {i}: prompt + completion = {} tokens exceed the model's context of {}",
+                p.len() + comp.len(),
+                c.max_position_embeddings
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A prompt must be non-empty, inside the vocabulary, and leave room for one new token.
+pub fn check_prompt(c: &ModelConfig, i: usize, ids: &[u32]) -> Result<()> {
+    if ids.is_empty() {
+        return Err(Error::invalid(format!(
+            "prompt {i} is empty (at least one token is needed)"
+        )));
+    }
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(Error::invalid(format!(
+            "prompt {i}: token id {bad} is outside the vocabulary of {} tokens",
+            c.vocab_size
+        )));
+    }
+    if ids.len() >= c.max_position_embeddings {
+        return Err(Error::invalid(format!(
+            "prompt {i} has {} tokens, longer than the model's context of {} \
+             (max_position_embeddings) minus one generated token",
+            ids.len(),
+            c.max_position_embeddings
+        )));
+    }
+    Ok(())
 }

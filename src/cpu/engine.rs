@@ -47,31 +47,6 @@ impl CpuEngine {
         let weights = Weights::load(&ckpt, &config)?;
         Ok(CpuEngine::new(CpuModel::new(config, weights)))
     }
-
-    /// Checks ids against the vocabulary and the prompt against the context length.
-    fn check_prompt(&self, i: usize, ids: &[u32]) -> Result<()> {
-        let c = &self.model.config;
-        if ids.is_empty() {
-            return Err(Error::invalid(format!(
-                "prompt {i} is empty (at least one token is needed)"
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::invalid(format!(
-                "prompt {i}: token id {bad} is outside the vocabulary of {} tokens",
-                c.vocab_size
-            )));
-        }
-        if ids.len() >= c.max_position_embeddings {
-            return Err(Error::invalid(format!(
-                "prompt {i} has {} tokens, longer than the model's context of {} \
-                 (max_position_embeddings) minus one generated token",
-                ids.len(),
-                c.max_position_embeddings
-            )));
-        }
-        Ok(())
-    }
 }
 
 impl Engine for CpuEngine {
@@ -95,16 +70,7 @@ impl Engine for CpuEngine {
         stop: &StopCriteria,
         decode: Option<Decode<'_>>,
     ) -> Result<Vec<Rollout>> {
-        params.validate()?;
-        if num_samples == 0 {
-            return Err(Error::invalid("num_samples must be at least 1"));
-        }
-        if stop.max_new_tokens == 0 {
-            return Err(Error::invalid("max_new_tokens must be at least 1"));
-        }
-        for (i, p) in prompts.iter().enumerate() {
-            self.check_prompt(i, p)?;
-        }
+        crate::engine::check_generate_request(&self.model.config, prompts, num_samples, params, stop)?;
         let ctx = self.model.config.max_position_embeddings;
         let g = num_samples;
         let prompts_per_chunk = (self.max_batch_seqs / g).max(1);
@@ -202,28 +168,8 @@ impl Engine for CpuEngine {
     }
 
     fn score(&mut self, items: &[(Vec<u32>, Vec<u32>)], temperature: f32) -> Result<Vec<Vec<f32>>> {
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::invalid(format!(
-                "score temperature must be > 0, got {temperature}"
-            )));
-        }
+        crate::engine::check_score_request(&self.model.config, items, temperature)?;
         let c = &self.model.config;
-        for (i, (p, comp)) in items.iter().enumerate() {
-            self.check_prompt(i, p)?;
-            if let Some(&bad) = comp.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(Error::invalid(format!(
-                    "item {i}: completion token id {bad} is outside the vocabulary of {} tokens",
-                    c.vocab_size
-                )));
-            }
-            if p.len() + comp.len() > c.max_position_embeddings {
-                return Err(Error::invalid(format!(
-                    "item {i}: prompt + completion = {} tokens exceed the model's context of {}",
-                    p.len() + comp.len(),
-                    c.max_position_embeddings
-                )));
-            }
-        }
         let vocab = c.vocab_size;
         let mut out = Vec::with_capacity(items.len());
         for (p, comp) in items {

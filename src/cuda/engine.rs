@@ -1424,31 +1424,6 @@ impl CudaEngine {
         self.plan = Some((plan, bufs));
         Ok(())
     }
-
-    /// Checks ids against the vocabulary and the prompt against the context (as the CPU engine).
-    fn check_prompt(&self, i: usize, ids: &[u32]) -> Result<()> {
-        let c = &self.config;
-        if ids.is_empty() {
-            return Err(Error::invalid(format!(
-                "prompt {i} is empty (at least one token is needed)"
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::invalid(format!(
-                "prompt {i}: token id {bad} is outside the vocabulary of {} tokens",
-                c.vocab_size
-            )));
-        }
-        if ids.len() >= c.max_position_embeddings {
-            return Err(Error::invalid(format!(
-                "prompt {i} has {} tokens, longer than the model's context of {} \
-                 (max_position_embeddings) minus one generated token",
-                ids.len(),
-                c.max_position_embeddings
-            )));
-        }
-        Ok(())
-    }
 }
 
 fn gib(b: usize) -> f64 {
@@ -1488,16 +1463,7 @@ impl Engine for CudaEngine {
         stop: &StopCriteria,
         decode: Option<Decode<'_>>,
     ) -> Result<Vec<Rollout>> {
-        params.validate()?;
-        if num_samples == 0 {
-            return Err(Error::invalid("num_samples must be at least 1"));
-        }
-        if stop.max_new_tokens == 0 {
-            return Err(Error::invalid("max_new_tokens must be at least 1"));
-        }
-        for (i, p) in prompts.iter().enumerate() {
-            self.check_prompt(i, p)?;
-        }
+        crate::engine::check_generate_request(&self.config, prompts, num_samples, params, stop)?;
         if prompts.is_empty() {
             return Ok(Vec::new());
         }
@@ -1717,28 +1683,7 @@ impl Engine for CudaEngine {
     }
 
     fn score(&mut self, items: &[(Vec<u32>, Vec<u32>)], temperature: f32) -> Result<Vec<Vec<f32>>> {
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::invalid(format!(
-                "score temperature must be > 0, got {temperature}"
-            )));
-        }
-        let c = &self.config;
-        for (i, (p, comp)) in items.iter().enumerate() {
-            self.check_prompt(i, p)?;
-            if let Some(&bad) = comp.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(Error::invalid(format!(
-                    "item {i}: completion token id {bad} is outside the vocabulary of {} tokens",
-                    c.vocab_size
-                )));
-            }
-            if p.len() + comp.len() > c.max_position_embeddings {
-                return Err(Error::invalid(format!(
-                    "item {i}: prompt + completion = {} tokens exceed the model's context of {}",
-                    p.len() + comp.len(),
-                    c.max_position_embeddings
-                )));
-            }
-        }
+        crate::engine::check_score_request(&self.config, items, temperature)?;
         self.sync_adapter()?;
         let mut out = vec![Vec::new(); items.len()];
         let live: Vec<usize> = (0..items.len()).filter(|&i| !items[i].1.is_empty()).collect();
@@ -1908,7 +1853,7 @@ fn sample_and_apply(
 /// sequence prefilled from position 0), through the same prefill path as generate.
 impl CudaEngine {
     pub fn last_token_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.check_prompt(0, tokens)?;
+        crate::engine::check_prompt(&self.config, 0, tokens)?;
         self.sync_adapter()?;
         let needs = MemoryPlan::for_generate(&self.config, 1, 1, tokens.len(), 1);
         self.ensure_plan(needs)?;
