@@ -5,6 +5,8 @@
 //! `RFT_REQUIRE_GPU=1` (set on the GPU machine) a missing GPU fails them. The availability and
 //! fatbin tests run everywhere.
 
+mod common;
+use common::{bf, device_or_skip, uniform_vec};
 use rft::cpu::ops::rmsnorm_fwd;
 use rft::cuda::{availability, kernels_fatbin, nvcc_required_at_build, CudaDevice};
 use rft::Error;
@@ -16,59 +18,17 @@ const DIMS: &[usize] = &[1, 64, 123, 896, 4097];
 /// Qwen2.5's rms_norm_eps.
 const EPS: f32 = 1e-6;
 
-fn require_gpu() -> bool {
-    std::env::var("RFT_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-/// Device 0, or None after printing why the test is skipped (a failure with RFT_REQUIRE_GPU=1).
-fn device_or_skip() -> Option<CudaDevice> {
-    if let Err(reason) = availability() {
-        assert!(
-            !require_gpu(),
-            "RFT_REQUIRE_GPU=1 but CUDA is unavailable: {reason}"
-        );
-        eprintln!("skipping: {reason}");
-        return None;
-    }
-    let dev =
-        CudaDevice::new(0).unwrap_or_else(|e| panic!("CUDA is available but opening device 0 failed: {e}"));
-    eprintln!(
-        "running on {} (compute capability {:?})",
-        dev.name(),
-        dev.compute_capability()
-    );
-    Some(dev)
-}
-
-/// Deterministic values in [lo, hi) (xorshift64*), so failures reproduce.
-fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * u
-        })
-        .collect()
-}
-
-fn round_bf16(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
-}
-
 /// x (rows, dim) with a few special rows: row 1 all zeros (only eps keeps rsqrt finite, y = 0),
 /// row 2 large (|x| ~ 1e3: sum of squares ~ 4e9 must not lose the row).
 fn rmsnorm_inputs(rows: usize, dim: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut x = uniform(rows * dim, (rows * 10_007 + dim) as u64, -3.0, 3.0);
+    let mut x = uniform_vec(rows * dim, (rows * 10_007 + dim) as u64, -3.0, 3.0);
     if rows > 1 {
         x[dim..2 * dim].fill(0.0);
     }
     if rows > 2 {
         x[2 * dim..3 * dim].iter_mut().for_each(|v| *v *= 400.0);
     }
-    let weight = uniform(dim, dim as u64 + 1, -2.0, 2.0);
+    let weight = uniform_vec(dim, dim as u64 + 1, -2.0, 2.0);
     (x, weight)
 }
 
@@ -163,7 +123,7 @@ fn rmsnorm_fwd_bf16_matches_cpu() {
     for &rows in ROWS {
         for &dim in DIMS {
             let (x, w) = rmsnorm_inputs(rows, dim);
-            let (x, w) = (round_bf16(&x), round_bf16(&w));
+            let (x, w) = (bf(&x), bf(&w));
             let reference = rmsnorm_fwd(&x, &w, EPS, dim);
             let got = dev
                 .rmsnorm_fwd_bf16_host(&x, &w, rows, dim, EPS)

@@ -7,45 +7,13 @@
 //! `RFT_REQUIRE_GPU=1` makes that a failure. Pure-host tests (split heuristic, fatbin names) run
 //! everywhere.
 
+mod common;
+use common::{bf, device_or_skip, uniform_vec};
 use rft::cpu::model::attend;
 use rft::cpu::ops;
-use rft::cuda::{availability, decode_splits, kernels_fatbin, AttnShape, CudaDevice, ROLLOUT_KERNEL_NAMES};
+use rft::cuda::{decode_splits, kernels_fatbin, AttnShape, CudaDevice, ROLLOUT_KERNEL_NAMES};
 use rft::model::config::ModelConfig;
 use rft::sampling::{uniform, Sampler, SamplingParams};
-
-fn require_gpu() -> bool {
-    std::env::var("RFT_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-fn device_or_skip() -> Option<CudaDevice> {
-    if let Err(reason) = availability() {
-        assert!(
-            !require_gpu(),
-            "RFT_REQUIRE_GPU=1 but CUDA is unavailable: {reason}"
-        );
-        eprintln!("skipping: {reason}");
-        return None;
-    }
-    Some(CudaDevice::new(0).unwrap_or_else(|e| panic!("CUDA is available but opening device 0 failed: {e}")))
-}
-
-/// Deterministic values in [lo, hi) (xorshift64*).
-fn uniform_vec(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * u
-        })
-        .collect()
-}
-
-fn bf(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
-}
 
 fn assert_close(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol: f32) {
     assert_eq!(reference.len(), got.len(), "{what}: length");

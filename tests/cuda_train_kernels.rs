@@ -9,45 +9,13 @@
 //! GPU every test prints "skipping: <reason>" and passes; `RFT_REQUIRE_GPU=1` makes that a
 //! failure. Shapes are odd on purpose: rows 1/7/33, V 461 and 151936, in/out 123/896, r 1/4/16.
 
+mod common;
+use common::{bf, device_or_skip, uniform_vec};
 use rft::cpu::ops;
-use rft::cuda::{availability, clip_report_from_stats, kernels_fatbin, CudaDevice, TRAIN_KERNEL_NAMES};
+use rft::cuda::{clip_report_from_stats, kernels_fatbin, TRAIN_KERNEL_NAMES};
 use rft::loss::{grpo_loss, GrpoInputs, GrpoLossConfig, KlEstimator, LossType, OldLogp};
 use rft::model::config::ModelConfig;
 use rft::optim::{clip_and_step, grad_norm, AdamW, AdamWState};
-
-fn require_gpu() -> bool {
-    std::env::var("RFT_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-fn device_or_skip() -> Option<CudaDevice> {
-    if let Err(reason) = availability() {
-        assert!(
-            !require_gpu(),
-            "RFT_REQUIRE_GPU=1 but CUDA is unavailable: {reason}"
-        );
-        eprintln!("skipping: {reason}");
-        return None;
-    }
-    Some(CudaDevice::new(0).unwrap_or_else(|e| panic!("CUDA is available but opening device 0 failed: {e}")))
-}
-
-/// Deterministic values in [lo, hi) (xorshift64*).
-fn uniform_vec(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * u
-        })
-        .collect()
-}
-
-fn bf(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
-}
 
 fn abs(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| x.abs()).collect()

@@ -1,0 +1,50 @@
+//! Helpers shared by the GPU test files (tests/cuda_*.rs): the skip-or-require rule for a
+//! missing GPU, deterministic inputs, and bf16 rounding. Each test file keeps its own
+//! tolerance check, since the tolerances differ per kernel family.
+#![allow(dead_code)]
+
+use rft::cuda::{availability, CudaDevice};
+
+/// `RFT_REQUIRE_GPU=1` turns "no GPU, skipping" into a failure (set on the GPU machine).
+pub fn require_gpu() -> bool {
+    std::env::var("RFT_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Device 0, or `None` after printing why the test is skipped.
+pub fn device_or_skip() -> Option<CudaDevice> {
+    if let Err(reason) = availability() {
+        assert!(
+            !require_gpu(),
+            "RFT_REQUIRE_GPU=1 but CUDA is unavailable: {reason}"
+        );
+        eprintln!("skipping: {reason}");
+        return None;
+    }
+    let dev =
+        CudaDevice::new(0).unwrap_or_else(|e| panic!("CUDA is available but opening device 0 failed: {e}"));
+    eprintln!(
+        "running on {} (compute capability {:?})",
+        dev.name(),
+        dev.compute_capability()
+    );
+    Some(dev)
+}
+
+/// Deterministic values in [lo, hi) (xorshift64*), so failures reproduce.
+pub fn uniform_vec(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * u
+        })
+        .collect()
+}
+
+/// Each value rounded to bf16 and back.
+pub fn bf(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
