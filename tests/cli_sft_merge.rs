@@ -157,32 +157,36 @@ fn sft_from_scratch_writes_a_loadable_model() {
     }
     let data = tmp.path().join("d.jsonl");
     write_data(&data);
+    // One training command; only the output dir and the logging interval vary below.
+    let sft = |out: &std::path::Path, log_every: &str| {
+        rft(&[
+            "sft",
+            "--model",
+            p(&m),
+            "--data",
+            p(&data),
+            "--output",
+            p(out),
+            "--init-random",
+            "3",
+            "--epochs",
+            "20",
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "3",
+            "--lr",
+            "3e-3",
+            "--lr-scheduler",
+            "cosine",
+            "--warmup-ratio",
+            "0.1",
+            "--log-every",
+            log_every,
+        ])
+    };
     let out = tmp.path().join("out");
-    let (ok, stdout, err) = rft(&[
-        "sft",
-        "--model",
-        p(&m),
-        "--data",
-        p(&data),
-        "--output",
-        p(&out),
-        "--init-random",
-        "3",
-        "--epochs",
-        "20",
-        "--batch-size",
-        "4",
-        "--micro-batch-size",
-        "3",
-        "--lr",
-        "3e-3",
-        "--lr-scheduler",
-        "cosine",
-        "--warmup-ratio",
-        "0.1",
-        "--log-every",
-        "10",
-    ]);
+    let (ok, stdout, err) = sft(&out, "10");
     assert!(ok, "{err}");
     let l = losses(&stdout);
     assert_eq!(l.len(), 6, "{stdout}");
@@ -205,31 +209,7 @@ fn sft_from_scratch_writes_a_loadable_model() {
     assert_eq!(json_lines(&stdout)[0]["completion"], " 7", "{stdout}");
     // Same seed, same result, bit for bit (deterministic training; logging does not matter).
     let out2 = tmp.path().join("out2");
-    let (ok, _, _) = rft(&[
-        "sft",
-        "--model",
-        p(&m),
-        "--data",
-        p(&data),
-        "--output",
-        p(&out2),
-        "--init-random",
-        "3",
-        "--epochs",
-        "20",
-        "--batch-size",
-        "4",
-        "--micro-batch-size",
-        "3",
-        "--lr",
-        "3e-3",
-        "--lr-scheduler",
-        "cosine",
-        "--warmup-ratio",
-        "0.1",
-        "--log-every",
-        "1",
-    ]);
+    let (ok, _, _) = sft(&out2, "1");
     assert!(ok);
     let same = std::fs::read(out.join("model.safetensors")).unwrap()
         == std::fs::read(out2.join("model.safetensors")).unwrap();
