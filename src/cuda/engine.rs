@@ -283,7 +283,7 @@ pub fn score_groups(lens: &[(usize, usize)]) -> Vec<Vec<usize>> {
 }
 
 /// The attention shape of model `c` for a cache of `num_pages` pages.
-fn attn_shape(c: &ModelConfig, num_pages: usize, max_pages: usize) -> AttnShape {
+pub(super) fn attn_shape(c: &ModelConfig, num_pages: usize, max_pages: usize) -> AttnShape {
     AttnShape {
         n_heads: c.num_attention_heads,
         n_kv_heads: c.num_key_value_heads,
@@ -299,34 +299,34 @@ fn attn_shape(c: &ModelConfig, num_pages: usize, max_pages: usize) -> AttnShape 
 // Device weights
 
 /// A frozen linear on the device: w (out, in) bf16 row-major, optional bias (out) bf16.
-struct DeviceLinear {
-    w: CudaSlice<bf16>,
-    b: Option<CudaSlice<bf16>>,
-    d_in: usize,
-    d_out: usize,
+pub(super) struct DeviceLinear {
+    pub(super) w: CudaSlice<bf16>,
+    pub(super) b: Option<CudaSlice<bf16>>,
+    pub(super) d_in: usize,
+    pub(super) d_out: usize,
 }
 
-struct DeviceLayer {
-    input_norm: CudaSlice<bf16>,     // (D)
-    post_norm: CudaSlice<bf16>,      // (D)
-    q_norm: Option<CudaSlice<bf16>>, // (hd) Qwen3
-    k_norm: Option<CudaSlice<bf16>>, // (hd) Qwen3
+pub(super) struct DeviceLayer {
+    pub(super) input_norm: CudaSlice<bf16>,     // (D)
+    pub(super) post_norm: CudaSlice<bf16>,      // (D)
+    pub(super) q_norm: Option<CudaSlice<bf16>>, // (hd) Qwen3
+    pub(super) k_norm: Option<CudaSlice<bf16>>, // (hd) Qwen3
     /// Indexed by `Proj as usize`: q, k, v, o, gate, up, down.
-    proj: [DeviceLinear; 7],
+    pub(super) proj: [DeviceLinear; 7],
 }
 
 /// Every weight of the model in bf16 on the device.
-struct DeviceWeights {
-    embed: CudaSlice<bf16>, // (V, D)
-    layers: Vec<DeviceLayer>,
-    final_norm: CudaSlice<bf16>, // (D)
+pub(super) struct DeviceWeights {
+    pub(super) embed: CudaSlice<bf16>, // (V, D)
+    pub(super) layers: Vec<DeviceLayer>,
+    pub(super) final_norm: CudaSlice<bf16>, // (D)
     /// (V, D); None when tied to `embed` (the same buffer is used).
-    lm_head: Option<CudaSlice<bf16>>,
-    bytes: usize,
+    pub(super) lm_head: Option<CudaSlice<bf16>>,
+    pub(super) bytes: usize,
 }
 
 impl DeviceWeights {
-    fn lm_head(&self) -> &CudaSlice<bf16> {
+    pub(super) fn lm_head(&self) -> &CudaSlice<bf16> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
@@ -483,22 +483,22 @@ impl DeviceWeights {
 }
 
 /// One LoRA pair on the device: a (r, in), b (out, r) f32.
-struct DeviceLoraPair {
-    a: CudaSlice<f32>,
-    b: CudaSlice<f32>,
+pub(super) struct DeviceLoraPair {
+    pub(super) a: CudaSlice<f32>,
+    pub(super) b: CudaSlice<f32>,
 }
 
 /// The live adapter on the device.
-struct DeviceLora {
-    rank: usize,
-    scale: f32,
-    layers: Vec<[Option<DeviceLoraPair>; 7]>,
+pub(super) struct DeviceLora {
+    pub(super) rank: usize,
+    pub(super) scale: f32,
+    pub(super) layers: Vec<[Option<DeviceLoraPair>; 7]>,
 }
 
 impl DeviceLora {
     /// Checks `w` against the model, then copies it into `old`'s buffers when every pair has the
     /// same shape there (the usual case: a training step's new adapter), else uploads anew.
-    fn upload(
+    pub(super) fn upload(
         dev: &CudaDevice,
         c: &ModelConfig,
         w: &LoraWeights,
@@ -578,7 +578,7 @@ impl DeviceLora {
 
 /// Every device buffer of a [`MemoryPlan`]; shapes in comments (R = max_rows, S = max_seqs,
 /// M = max_logit_rows, P = max_pages_per_seq).
-struct Buffers {
+pub(super) struct Buffers {
     /// Per layer (k, v): (num_pages, PAGE_SIZE, KV, hd) bf16.
     kv: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)>,
     x: CudaSlice<bf16>,          // (R, D) residual stream
@@ -665,7 +665,7 @@ impl Buffers {
 
 /// Copies `host` into the first `host.len()` elements of `dst` (asynchronous on the stream;
 /// cudarc stages pageable memory, so `host` may change as soon as this returns).
-fn put<T: DeviceRepr>(dev: &CudaDevice, what: &str, host: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+pub(super) fn put<T: DeviceRepr>(dev: &CudaDevice, what: &str, host: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
     if host.len() > dst.len() {
         return Err(Error::Cuda(format!(
             "internal: {what} needs {} elements but the memory plan gave {}",
@@ -682,7 +682,7 @@ fn put<T: DeviceRepr>(dev: &CudaDevice, what: &str, host: &[T], dst: &mut CudaSl
 }
 
 /// Copies the first `n` elements of `src` to the host and waits for them.
-fn get<T: DeviceRepr + Default + Clone>(
+pub(super) fn get<T: DeviceRepr + Default + Clone>(
     dev: &CudaDevice,
     what: &str,
     src: &CudaSlice<T>,
@@ -714,7 +714,7 @@ fn get<T: DeviceRepr + Default + Clone>(
 /// `cublasGemmEx(h, OP_T, OP_N, out, rows, in, &1, W, BF16, in, x, BF16, in, &0, y, Y, out,
 /// COMPUTE_32F, DEFAULT)`.
 #[allow(clippy::too_many_arguments)]
-fn gemm_raw(
+pub(super) fn gemm_raw(
     dev: &CudaDevice,
     blas: &CudaBlas,
     x: u64,
@@ -764,7 +764,7 @@ fn gemm_raw(
 
 /// logits (rows, V) f32 = x (rows, D) bf16 · lm_headᵀ (f32 output: no bf16 rounding of logits).
 #[allow(clippy::too_many_arguments)]
-fn gemm_logits(
+pub(super) fn gemm_logits(
     dev: &CudaDevice,
     blas: &CudaBlas,
     x: &impl DevicePtr<bf16>,
@@ -784,7 +784,7 @@ fn gemm_logits(
     gemm_raw(dev, blas, xp, wp, yp, cudaDataType::CUDA_R_32F, rows, d_in, d_out)
 }
 
-fn check(what: &str, found: usize, need: usize) -> Result<()> {
+pub(super) fn check(what: &str, found: usize, need: usize) -> Result<()> {
     if found < need {
         return Err(Error::Cuda(format!(
             "internal: {what} has {found} elements, needs {need}"
@@ -795,7 +795,7 @@ fn check(what: &str, found: usize, need: usize) -> Result<()> {
 
 /// y (rows, out) bf16 = x (rows, in) bf16 · Wᵀ (+ bias) (+ scale · (x Aᵀ) Bᵀ).
 #[allow(clippy::too_many_arguments)]
-fn linear(
+pub(super) fn linear(
     dev: &CudaDevice,
     blas: &CudaBlas,
     x: &impl DevicePtr<bf16>,
@@ -865,12 +865,12 @@ struct Step {
     logit_rows: Option<Vec<u32>>,
 }
 
-fn debug_enabled() -> bool {
+pub(super) fn debug_enabled() -> bool {
     std::env::var("RFT_CUDA_DEBUG").is_ok_and(|v| v == "1")
 }
 
 /// Prints max |x| of a bf16 buffer (RFT_CUDA_DEBUG=1 only; synchronizes).
-fn debug_absmax(dev: &CudaDevice, what: &str, buf: &CudaSlice<bf16>, n: usize) -> Result<()> {
+pub(super) fn debug_absmax(dev: &CudaDevice, what: &str, buf: &CudaSlice<bf16>, n: usize) -> Result<()> {
     let host = get(dev, what, buf, n)?;
     let (mut mx, mut bad) = (0f32, 0usize);
     for v in host {
@@ -1267,15 +1267,15 @@ pub struct GenerateStats {
 }
 
 pub struct CudaEngine {
-    dev: CudaDevice,
-    config: ModelConfig,
-    weights: DeviceWeights,
-    inv_freq: CudaSlice<f32>,
-    lora: Option<DeviceLora>,
+    pub(super) dev: CudaDevice,
+    pub(super) config: ModelConfig,
+    pub(super) weights: DeviceWeights,
+    pub(super) inv_freq: CudaSlice<f32>,
+    pub(super) lora: Option<DeviceLora>,
     /// Set by `set_adapter` (which cannot fail); uploaded at the next generate/score.
-    pending_adapter: Option<Option<LoraWeights>>,
-    plan: Option<(MemoryPlan, Buffers)>,
-    sm_count: usize,
+    pub(super) pending_adapter: Option<Option<LoraWeights>>,
+    pub(super) plan: Option<(MemoryPlan, Buffers)>,
+    pub(super) sm_count: usize,
     /// At most this many sequences decode together (a memory bound, not a semantic knob).
     pub max_batch_seqs: usize,
     pub last_stats: GenerateStats,
@@ -1375,7 +1375,7 @@ impl CudaEngine {
     }
 
     /// Uploads a pending adapter (outside any forward).
-    fn sync_adapter(&mut self) -> Result<()> {
+    pub(super) fn sync_adapter(&mut self) -> Result<()> {
         if let Some(pending) = self.pending_adapter.take() {
             self.lora = match pending {
                 None => None,
@@ -1426,7 +1426,7 @@ impl CudaEngine {
     }
 }
 
-fn gib(b: usize) -> f64 {
+pub(super) fn gib(b: usize) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
