@@ -665,7 +665,12 @@ impl Buffers {
 
 /// Copies `host` into the first `host.len()` elements of `dst` (asynchronous on the stream;
 /// cudarc stages pageable memory, so `host` may change as soon as this returns).
-pub(super) fn put<T: DeviceRepr>(dev: &CudaDevice, what: &str, host: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+pub(super) fn put<T: DeviceRepr>(
+    dev: &CudaDevice,
+    what: &str,
+    host: &[T],
+    dst: &mut CudaSlice<T>,
+) -> Result<()> {
     if host.len() > dst.len() {
         return Err(Error::Cuda(format!(
             "internal: {what} needs {} elements but the memory plan gave {}",
@@ -1381,6 +1386,54 @@ impl CudaEngine {
                 None => None,
                 Some(w) => Some(DeviceLora::upload(&self.dev, &self.config, &w, self.lora.take())?),
             };
+        }
+        Ok(())
+    }
+
+    /// Makes `adapter` the live adapter now (errors surface here, not at the next call).
+    pub(super) fn set_adapter_now(&mut self, adapter: Option<&LoraWeights>) -> Result<()> {
+        self.pending_adapter = None;
+        self.lora = match adapter {
+            None => None,
+            Some(w) => Some(DeviceLora::upload(&self.dev, &self.config, w, self.lora.take())?),
+        };
+        Ok(())
+    }
+
+    /// Copies every A and B of the live adapter from ranges of a flat f32 device buffer (the
+    /// training step's parameters), device to device on the stream. `ranges(l, p)` gives the
+    /// (A, B) ranges of layer l's projection p; the adapter's buffers keep their addresses.
+    pub(super) fn copy_adapter_from_flat(
+        &mut self,
+        flat: &CudaSlice<f32>,
+        ranges: impl Fn(usize, Proj) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    ) -> Result<()> {
+        let lora = self
+            .lora
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("internal: no live adapter to update".into()))?;
+        let st = self.dev.stream();
+        for (l, layer) in lora.layers.iter_mut().enumerate() {
+            for p in Proj::ALL {
+                match (layer[p as usize].as_mut(), ranges(l, p)) {
+                    (Some(pair), Some((a, b))) => {
+                        check("adapter A", pair.a.len(), a.len())?;
+                        check("adapter B", pair.b.len(), b.len())?;
+                        st.memcpy_dtod(&flat.slice(a), &mut pair.a)
+                            .map_err(cuda_err("copying lora_A into the rollout adapter"))?;
+                        st.memcpy_dtod(&flat.slice(b), &mut pair.b)
+                            .map_err(cuda_err("copying lora_B into the rollout adapter"))?;
+                    }
+                    (None, None) => {}
+                    _ => {
+                        return Err(Error::Cuda(format!(
+                            "internal: layer {l} {} is trained but not in the rollout adapter (or \
+                             the reverse)",
+                            p.module_name()
+                        )))
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -17,15 +17,19 @@
 //! generate/score on the GPU), `train_kernels.rs` (the training step's kernels: log-softmax
 //! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW).
 
+mod attention_train_stub;
 mod device;
 pub mod engine;
 mod kernels;
 mod rollout;
+pub mod train;
 mod train_kernels;
+pub use attention_train_stub::TrainAttnShape;
 
 pub use device::CudaDevice;
 pub use engine::{CudaEngine, MemoryPlan};
 pub use rollout::{decode_splits, AttnShape, SamplingParamsDev, ROLLOUT_KERNEL_NAMES};
+pub use train::{CudaTrainer, PackedBatch, TrainPlan};
 pub use train_kernels::{
     clip_report_from_stats, grad_norm_blocks, grad_norm_partials_len, grpo_loss_blocks,
     grpo_loss_partials_len, lora_grad_scratch_len, lora_grad_splits, rmsnorm_bwd_blocks,

@@ -22,6 +22,7 @@ use crate::loss::{
     advantages, grpo_loss, grpo_token, sequence_weights, Advantages, GrpoInputs, GrpoLossConfig, GrpoMetrics,
     OldLogp, ScaleRewards,
 };
+use crate::model::config::ModelConfig;
 use crate::optim::{AdamW, LrSchedule, SchedulerType};
 use crate::trainer::state::TrainState;
 use crate::trainer::{add_grads, apply_update};
@@ -149,20 +150,21 @@ pub struct GrpoGradients {
 
 /// The batch after advantages, filtering, reference and old log-probs: what every iteration
 /// reuses.
-struct Prepared {
-    tokens: Vec<Vec<u32>>,
-    prompt_lens: Vec<usize>,
-    lengths: Vec<usize>,
-    adv: Vec<f32>,
-    old: Option<Vec<f32>>,
-    reference: Option<Vec<f32>>,
-    all_adv: Vec<f32>,
-    stats: Option<Advantages>,
-    keep: Vec<bool>,
+pub(crate) struct Prepared {
+    pub(crate) tokens: Vec<Vec<u32>>,
+    pub(crate) prompt_lens: Vec<usize>,
+    /// Completion lengths.
+    pub(crate) lengths: Vec<usize>,
+    pub(crate) adv: Vec<f32>,
+    pub(crate) old: Option<Vec<f32>>,
+    pub(crate) reference: Option<Vec<f32>>,
+    pub(crate) all_adv: Vec<f32>,
+    pub(crate) stats: Option<Advantages>,
+    pub(crate) keep: Vec<bool>,
 }
 
 impl Prepared {
-    fn seqs(&self, range: std::ops::Range<usize>) -> Vec<Sequence<'_>> {
+    pub(crate) fn seqs(&self, range: std::ops::Range<usize>) -> Vec<Sequence<'_>> {
         range
             .map(|i| Sequence {
                 tokens: &self.tokens[i],
@@ -172,7 +174,7 @@ impl Prepared {
     }
 
     /// Micro-batches as sequence ranges.
-    fn micro_batches(&self, opts: &GrpoOptions) -> Vec<std::ops::Range<usize>> {
+    pub(crate) fn micro_batches(&self, opts: &GrpoOptions) -> Vec<std::ops::Range<usize>> {
         micro_ranges(
             self.tokens.len(),
             opts.micro_batch_size,
@@ -204,7 +206,7 @@ fn train_opts(opts: &GrpoOptions, lora: Option<&LoraWeights>, seed: Option<u64>)
     }
 }
 
-fn check_options(model: &CpuModel, lora: Option<&LoraWeights>, opts: &GrpoOptions) -> Result<()> {
+fn check_options(config: &ModelConfig, lora: Option<&LoraWeights>, opts: &GrpoOptions) -> Result<()> {
     opts.loss.validate()?;
     if opts.full_fine_tuning == lora.is_some() {
         return Err(Error::invalid(if opts.full_fine_tuning {
@@ -231,11 +233,11 @@ fn check_options(model: &CpuModel, lora: Option<&LoraWeights>, opts: &GrpoOption
         return Err(Error::invalid("chunk_rows must be at least 1"));
     }
     if let Some(l) = lora {
-        if l.layers.len() != model.config.num_hidden_layers {
+        if l.layers.len() != config.num_hidden_layers {
             return Err(Error::invalid(format!(
                 "the adapter has {} layers, the model {}",
                 l.layers.len(),
-                model.config.num_hidden_layers
+                config.num_hidden_layers
             )));
         }
     }
@@ -243,16 +245,39 @@ fn check_options(model: &CpuModel, lora: Option<&LoraWeights>, opts: &GrpoOption
 }
 
 /// Advantages, dynamic-sampling filter, reference log-probs (β > 0, adapter off) and old
-/// log-probs (num_iterations > 1: the batch's, else the current policy's before any update).
+/// log-probs (num_iterations > 1: the batch's, else the current policy's before any update),
+/// on the CPU reference.
 fn prepare(
     model: &CpuModel,
     lora: Option<&LoraWeights>,
     batch: &GrpoBatch,
     opts: &GrpoOptions,
 ) -> Result<Prepared> {
-    check_options(model, lora, opts)?;
+    prepare_with(&model.config, lora, batch, opts, &mut |seqs, adapter| {
+        Ok(if adapter {
+            train::logprobs(model, lora, seqs, &train_opts(opts, lora, None)).0
+        } else {
+            train::ref_logp(model, seqs, opts.temperature)
+        })
+    })
+}
+
+/// The log-probs of the completion tokens of some sequences (concatenated in order), with the
+/// adapter (`true`, no dropout) or without it (`false`: the frozen reference).
+pub(crate) type LogpFn<'a> = dyn FnMut(&[Sequence], bool) -> Result<Vec<f32>> + 'a;
+
+/// [`prepare`] for any backend: `logp` computes the reference and old log-probs, one
+/// micro-batch at a time.
+pub(crate) fn prepare_with(
+    config: &ModelConfig,
+    lora: Option<&LoraWeights>,
+    batch: &GrpoBatch,
+    opts: &GrpoOptions,
+    logp: &mut LogpFn<'_>,
+) -> Result<Prepared> {
+    check_options(config, lora, opts)?;
     let n = batch.seqs.len();
-    let vocab = model.config.vocab_size;
+    let vocab = config.vocab_size;
     for (i, s) in batch.seqs.iter().enumerate() {
         if s.prompt_ids.is_empty() {
             return Err(Error::invalid(format!("sequence {i}: empty prompt")));
@@ -321,7 +346,7 @@ fn prepare(
     if opts.loss.beta > 0.0 {
         let mut r = Vec::new();
         for rg in &ranges {
-            r.extend(train::ref_logp(model, &p.seqs(rg.clone()), opts.temperature));
+            r.extend(logp(&p.seqs(rg.clone()), false)?);
         }
         p.reference = Some(r);
     }
@@ -333,10 +358,9 @@ fn prepare(
                     .collect(),
             );
         } else {
-            let to = train_opts(opts, lora, None);
             let mut o = Vec::new();
             for rg in &ranges {
-                o.extend(train::logprobs(model, lora, &p.seqs(rg.clone()), &to).0);
+                o.extend(logp(&p.seqs(rg.clone()), true)?);
             }
             p.old = Some(o);
         }
@@ -482,31 +506,52 @@ pub fn grpo_update(
             opts.max_grad_norm,
             bad_loss,
         )?;
-        let m = &g.metrics;
-        out.push(StepMetrics {
-            step: state.step,
+        out.push(step_metrics(
+            state,
             iteration,
-            loss: g.loss,
-            kl: m.kl_mean,
-            clip_low: m.clip_low,
-            clip_high: m.clip_high,
-            clip_region: m.clip_region,
-            ratio_mean: m.ratio_mean,
-            entropy: g.entropy,
-            grad_norm: rep.grad_norm,
+            &g,
+            &rep,
             lr,
-            frac_zero_std: g.stats.as_ref().map_or(0.0, |a| a.frac_zero_std()),
-            reward_mean: if batch.rewards.is_empty() {
-                0.0
-            } else {
-                batch.rewards.iter().sum::<f32>() / batch.rewards.len() as f32
-            },
-            num_tokens: m.num_tokens,
-            num_seqs: p.tokens.len(),
-            skipped: rep.skipped,
-        });
+            batch,
+            p.tokens.len(),
+        ));
         state.step += 1;
         state.skipped_steps += rep.skipped as u64;
     }
     Ok(out)
+}
+
+/// The metrics record of one optimiser step (any backend).
+pub(crate) fn step_metrics(
+    state: &TrainState,
+    iteration: usize,
+    g: &GrpoGradients,
+    rep: &crate::optim::StepReport,
+    lr: f64,
+    batch: &GrpoBatch,
+    num_seqs: usize,
+) -> StepMetrics {
+    let m = &g.metrics;
+    StepMetrics {
+        step: state.step,
+        iteration,
+        loss: g.loss,
+        kl: m.kl_mean,
+        clip_low: m.clip_low,
+        clip_high: m.clip_high,
+        clip_region: m.clip_region,
+        ratio_mean: m.ratio_mean,
+        entropy: g.entropy,
+        grad_norm: rep.grad_norm,
+        lr,
+        frac_zero_std: g.stats.as_ref().map_or(0.0, |a| a.frac_zero_std()),
+        reward_mean: if batch.rewards.is_empty() {
+            0.0
+        } else {
+            batch.rewards.iter().sum::<f32>() / batch.rewards.len() as f32
+        },
+        num_tokens: m.num_tokens,
+        num_seqs,
+        skipped: rep.skipped,
+    }
 }

@@ -1,0 +1,2169 @@
+//! The CUDA training step: [`CudaTrainer`] runs one GRPO policy update (forward with saved or
+//! recomputed activations, fused lm_head + log-softmax gather, the GRPO loss, backward to every
+//! LoRA A and B, global grad norm, clipping and AdamW) on the GPU of a [`CudaEngine`], whose
+//! bf16 weights it shares. The adapter it trains is the engine's live adapter: after each
+//! update the new A and B are copied into the engine's LoRA buffers on the device, so the next
+//! rollout samples from the new policy with no host round trip.
+//!
+//! It owns the flat f32 LoRA state (params, grads, AdamW m and v: one buffer each, tensors in
+//! [`crate::trainer::lora_params`] order, so host checkpoints line up tensor by tensor) and the
+//! training memory plan ([`TrainPlan`]). It owns no math of its own: every op is a launcher
+//! tested against the CPU reference (`rollout.rs`, `train_kernels.rs`, `attention_train.rs`),
+//! and the CPU training core (`crate::cpu::train`, `crate::trainer::step`) is the oracle of the
+//! whole step (tests/cuda_train.rs).
+//!
+//! ```text
+//! micro-batch (S sequences packed into N rows, T scored tokens)
+//!   ids ─► embed ─► xs[0] ─► layer 0 ─► xs[1] ─► … ─► xs[L] ─► final norm hf [N,D]
+//!   per chunk of ≤ C scored rows: hsel = hf[rows] ─► logits f32 [C,V] ─► logp, entropy, lse
+//!   GRPO loss kernel over the T tokens ─► dL/dlogp
+//!   per chunk: logits again ─► dlogits in place ─► bf16 ─► dhsel = dlogits·W_lm ─► dh[rows]
+//!   final norm bwd ─► dx ─► layer L-1 bwd … layer 0 bwd   (dx: dL/d residual stream)
+//!   layer bwd (recompute: rerun the layer's forward from xs[l] first):
+//!     down ─► swiglu ─► gate/up ─► post-norm (+dx) ─► o ─► attention ─► RoPE ─► q/k norm
+//!     ─► q/k/v ─► input-norm (+dx)
+//!   every projection: dx = dy·W (cuBLAS, frozen bf16 W), LoRA: u = x·Aᵀ, dyB = dy·B,
+//!     dB += s·dyᵀu, dA += s·(dyB)ᵀx, dx += s·(dyB)·A (fused low-rank kernels; W + BA never formed)
+//! after the micro-batches: Σ g² ─► clip scale (host, from 2 f64) ─► AdamW on the flat buffers
+//! ```
+//!
+//! Memory: with `Recompute::Layer` (the default of the CUDA path) only the L+1 layer inputs
+//! [N,D] bf16 are kept and one layer's activations exist at a time; `Recompute::None` keeps
+//! every layer's activations (faster, L times the activation memory). The lm_head never holds
+//! more than [C,V] f32 logits and [C,V] bf16 dlogits ([`TRAIN_LOGIT_CHUNK_ROWS`]).
+//!
+//! Not on the GPU yet (clear errors): LoRA dropout, full fine-tuning, an entropy bonus.
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use half::bf16;
+use std::ffi::c_void;
+use std::ops::Range;
+use std::time::Instant;
+
+use super::engine::{check, gemm_logits, get, gib, put, CudaEngine, DeviceLinear, DeviceWeights};
+use super::{
+    cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_grad_scratch_len, CudaDevice,
+    GrpoLossScalars, GrpoLossTotals, TrainAttnShape, GRPO_FIELDS,
+};
+use crate::cpu::train::{Grads, Recompute, Sequence};
+use crate::lora::LoraWeights;
+use crate::loss::{grpo_loss, sequence_weights, GrpoInputs, GrpoMetrics, OldLogp};
+use crate::model::config::ModelConfig;
+use crate::model::weights::Proj;
+use crate::optim::{AdamWState, StepReport};
+use crate::trainer::state::TrainState;
+use crate::trainer::step::{
+    prepare_with, step_metrics, GrpoBatch, GrpoGradients, GrpoOptions, Prepared, StepMetrics,
+};
+use crate::{Error, Result};
+
+/// Scored rows of one lm_head chunk: [C, V] f32 logits and [C, V] bf16 dlogits exist at a time
+/// (1024 × 151,936: 0.62 GB + 0.31 GB).
+pub const TRAIN_LOGIT_CHUNK_ROWS: usize = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Packed micro-batch (pure; tested without a GPU)
+
+/// Sequences packed into rows without padding, as the CPU training core stacks them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedBatch {
+    /// [N] token of each row.
+    pub ids: Vec<u32>,
+    /// [N] position of each row within its sequence.
+    pub pos: Vec<i32>,
+    /// [S+1] rows of sequence s are cu_rows[s]..cu_rows[s+1].
+    pub cu_rows: Vec<i32>,
+    /// Longest sequence (rows).
+    pub max_rows: usize,
+    /// [T] rows whose next token is scored (t + 1 ∈ [prompt_len, len)), in output order.
+    pub scored: Vec<u32>,
+    /// [T] the token each scored row predicts.
+    pub targets: Vec<u32>,
+    /// [T] sequence (within the batch) of each scored token.
+    pub token_seq: Vec<i32>,
+    /// [S+1] sequence s's tokens are outputs token_off[s]..token_off[s+1].
+    pub token_off: Vec<usize>,
+}
+
+impl PackedBatch {
+    pub fn new(seqs: &[Sequence]) -> Result<PackedBatch> {
+        let mut b = PackedBatch {
+            ids: vec![],
+            pos: vec![],
+            cu_rows: vec![0],
+            max_rows: 0,
+            scored: vec![],
+            targets: vec![],
+            token_seq: vec![],
+            token_off: vec![0],
+        };
+        for (s, seq) in seqs.iter().enumerate() {
+            let len = seq.tokens.len();
+            if seq.prompt_len == 0 || seq.prompt_len > len {
+                return Err(Error::invalid(format!(
+                    "sequence {s}: prompt_len {} must be in [1, len = {len}]",
+                    seq.prompt_len
+                )));
+            }
+            let n0 = b.ids.len();
+            for t in 0..len {
+                if t + 1 >= seq.prompt_len && t + 1 < len {
+                    b.scored.push((n0 + t) as u32);
+                    b.targets.push(seq.tokens[t + 1]);
+                    b.token_seq.push(s as i32);
+                }
+                b.pos.push(t as i32);
+            }
+            b.ids.extend_from_slice(seq.tokens);
+            b.max_rows = b.max_rows.max(len);
+            b.cu_rows.push(b.ids.len() as i32);
+            b.token_off.push(b.scored.len());
+        }
+        if b.ids.len() > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "a micro-batch of {} rows exceeds i32 row indices",
+                b.ids.len()
+            )));
+        }
+        Ok(b)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn num_seqs(&self) -> usize {
+        self.cu_rows.len() - 1
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.scored.len()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory plan (pure arithmetic; tested without a GPU)
+
+/// Sizes of the training step's device buffers (the f32 LoRA state is separate:
+/// `lora_bytes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TrainPlan {
+    /// Rows (tokens) of the largest micro-batch.
+    pub max_rows: usize,
+    pub max_seqs: usize,
+    /// Scored tokens of the largest micro-batch.
+    pub max_tokens: usize,
+    /// Rows of one lm_head chunk.
+    pub chunk_rows: usize,
+    /// Layers whose activations exist at once (1 with recompute, L without).
+    pub saved_layers: usize,
+    pub lora_rank: usize,
+    /// Largest f32 scratch of one LoRA-gradient launch.
+    pub lora_scratch: usize,
+    pub activation_bytes: usize,
+    pub backward_bytes: usize,
+    pub logits_bytes: usize,
+    /// params, grads, m, v (f32 each).
+    pub lora_bytes: usize,
+}
+
+impl TrainPlan {
+    pub fn new(
+        c: &ModelConfig,
+        max_rows: usize,
+        max_seqs: usize,
+        max_tokens: usize,
+        lora_params: usize,
+        lora_rank: usize,
+        recompute: Recompute,
+    ) -> TrainPlan {
+        let (d, qd, kvd, i, v) = (
+            c.hidden_size,
+            c.q_dim(),
+            c.kv_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let (l, h, r) = (c.num_hidden_layers, c.num_attention_heads, max_rows);
+        let saved_layers = match recompute {
+            Recompute::None => l,
+            Recompute::Layer => 1,
+        };
+        let qk = if c.qk_norm { qd + kvd } else { 0 };
+        // One layer's activations per row, bf16: h1, x_mid, h2, proj (D); q, attn (qd); k, v
+        // (kvd); q_pre, k_pre (Qwen3); gate, up, act (I); plus lse (H f32).
+        let layer_row = (4 * d + 2 * qd + 2 * kvd + qk + 3 * i) * 2 + h * 4;
+        // xs: L+1 layer inputs; hf (final norm); per row ids, pos (4 B each).
+        let activation_bytes = (l + 1) * r * d * 2 + saved_layers * r * layer_row + r * d * 2 + r * 8;
+        // dx, dtmp, dh (D); dattn, dq (qd); dk, dv (kvd); dq_pre, dk_pre (Qwen3); dgate, dup,
+        // dact (I), bf16; delta (H f32); xa, u, dyb (rank f32).
+        let per_row_bwd = (3 * d + 2 * qd + 2 * kvd + qk + 3 * i) * 2 + h * 4 + 3 * lora_rank.max(1) * 4;
+        let lora_scratch = Proj::ALL
+            .iter()
+            .map(|p| {
+                let (din, dout) = p.dims(c);
+                lora_grad_scratch_len(r, dout, lora_rank).max(lora_grad_scratch_len(r, lora_rank, din))
+            })
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let backward_bytes = r * per_row_bwd + lora_scratch * 4;
+        let chunk_rows = TRAIN_LOGIT_CHUNK_ROWS.min(max_tokens.max(1));
+        // logits f32 + dlogits bf16 [C, V], hsel/dhsel bf16 [C, D]; per token: scored row,
+        // target, seq (4 B), logp, entropy, lse, mean_s, grad, old, ref (4 B); per sequence:
+        // advantage (4 B), weight (8 B); the loss partials.
+        let logits_bytes = chunk_rows * v * 6
+            + 2 * chunk_rows * d * 2
+            + max_tokens * 10 * 4
+            + max_seqs * 12
+            + grpo_loss_partials_len(max_tokens.max(1)) * 8;
+        let lora_bytes = 4 * lora_params * 4 + grad_norm_partials_len(lora_params.max(1)) * 8;
+        TrainPlan {
+            max_rows,
+            max_seqs,
+            max_tokens,
+            chunk_rows,
+            saved_layers,
+            lora_rank,
+            lora_scratch,
+            activation_bytes,
+            backward_bytes,
+            logits_bytes,
+            lora_bytes,
+        }
+    }
+
+    /// Bytes of the step's buffers (weights and the rollout plan not included).
+    pub fn total_bytes(&self) -> usize {
+        self.activation_bytes + self.backward_bytes + self.logits_bytes + self.lora_bytes
+    }
+
+    fn covers(&self, o: &TrainPlan) -> bool {
+        self.max_rows >= o.max_rows
+            && self.max_seqs >= o.max_seqs
+            && self.max_tokens >= o.max_tokens
+            && self.chunk_rows >= o.chunk_rows
+            && self.saved_layers >= o.saved_layers
+            && self.lora_scratch >= o.lora_scratch
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flat LoRA layout
+
+/// Where each A and B lives in the flat f32 buffers.
+#[derive(Clone, Debug)]
+struct PairRanges {
+    a: Range<usize>,
+    b: Range<usize>,
+}
+
+/// The adapter's shape: per layer and projection, the ranges of A (r, in) and B (out, r) in
+/// the flat buffers, in `lora_params` order (layer, projection, A then B).
+#[derive(Clone, Debug)]
+struct FlatLora {
+    rank: usize,
+    scale: f32,
+    pairs: Vec<[Option<PairRanges>; 7]>,
+    len: usize,
+    /// Tensor sizes in order (AdamW moments on the host are one Vec per tensor).
+    sizes: Vec<usize>,
+}
+
+impl FlatLora {
+    fn of(w: &LoraWeights) -> FlatLora {
+        let mut off = 0;
+        let mut sizes = Vec::new();
+        let pairs = w
+            .layers
+            .iter()
+            .map(|layer| {
+                let mut out: [Option<PairRanges>; 7] = Default::default();
+                for (slot, pair) in out.iter_mut().zip(layer.iter()) {
+                    if let Some(p) = pair {
+                        let a = off..off + p.a.len();
+                        off += p.a.len();
+                        let b = off..off + p.b.len();
+                        off += p.b.len();
+                        sizes.push(p.a.len());
+                        sizes.push(p.b.len());
+                        *slot = Some(PairRanges { a, b });
+                    }
+                }
+                out
+            })
+            .collect();
+        FlatLora {
+            rank: w.config.r,
+            scale: w.config.scale(),
+            pairs,
+            len: off,
+            sizes,
+        }
+    }
+
+    fn flatten(w: &LoraWeights) -> Vec<f32> {
+        crate::trainer::lora_params(w).concat()
+    }
+
+    fn pair(&self, l: usize, p: Proj) -> Option<&PairRanges> {
+        self.pairs[l][p as usize].as_ref()
+    }
+}
+
+/// Splits a flat vector into tensors of `sizes`.
+fn split_sizes(flat: &[f32], sizes: &[usize]) -> Vec<Vec<f32>> {
+    let mut off = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let v = flat[off..off + n].to_vec();
+            off += n;
+            v
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buffers
+
+/// One layer's forward activations (R = plan rows).
+struct LayerActs {
+    h1: CudaSlice<bf16>,            // (R, D) rmsnorm(x_in)
+    q_pre: Option<CudaSlice<bf16>>, // (R, qd) before the q norm (Qwen3)
+    k_pre: Option<CudaSlice<bf16>>, // (R, kvd)
+    q: CudaSlice<bf16>,             // (R, qd) after norm + RoPE
+    k: CudaSlice<bf16>,             // (R, kvd)
+    v: CudaSlice<bf16>,             // (R, kvd)
+    attn: CudaSlice<bf16>,          // (R, qd) attention output (o_proj input)
+    lse: CudaSlice<f32>,            // (R, H)
+    x_mid: CudaSlice<bf16>,         // (R, D) after the attention residual
+    h2: CudaSlice<bf16>,            // (R, D) rmsnorm(x_mid)
+    gate: CudaSlice<bf16>,          // (R, I)
+    up: CudaSlice<bf16>,            // (R, I)
+    act: CudaSlice<bf16>,           // (R, I) silu(gate)·up (down_proj input)
+    proj: CudaSlice<bf16>,          // (R, D) o / down output
+}
+
+impl LayerActs {
+    fn alloc(dev: &CudaDevice, c: &ModelConfig, r: usize) -> Result<LayerActs> {
+        let (d, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let bf = |n: usize| dev.alloc_zeros::<bf16>(n.max(1));
+        Ok(LayerActs {
+            h1: bf(r * d)?,
+            q_pre: if c.qk_norm { Some(bf(r * qd)?) } else { None },
+            k_pre: if c.qk_norm { Some(bf(r * kvd)?) } else { None },
+            q: bf(r * qd)?,
+            k: bf(r * kvd)?,
+            v: bf(r * kvd)?,
+            attn: bf(r * qd)?,
+            lse: dev.alloc_zeros((r * c.num_attention_heads).max(1))?,
+            x_mid: bf(r * d)?,
+            h2: bf(r * d)?,
+            gate: bf(r * i)?,
+            up: bf(r * i)?,
+            act: bf(r * i)?,
+            proj: bf(r * d)?,
+        })
+    }
+}
+
+/// Every device buffer of a [`TrainPlan`] (R rows, S sequences, T tokens, C chunk rows).
+struct TrainBuffers {
+    ids: CudaSlice<u32>,       // (R)
+    pos: CudaSlice<i32>,       // (R)
+    cu_rows: CudaSlice<i32>,   // (S+1)
+    scored: CudaSlice<u32>,    // (T)
+    targets: CudaSlice<u32>,   // (T)
+    token_seq: CudaSlice<i32>, // (T)
+    adv: CudaSlice<f32>,       // (S)
+    seq_w: CudaSlice<f64>,     // (S)
+    old: CudaSlice<f32>,       // (T)
+    refl: CudaSlice<f32>,      // (T)
+    xs: Vec<CudaSlice<bf16>>,  // L+1 × (R, D) layer inputs (xs[L]: the last layer's output)
+    acts: Vec<LayerActs>,      // saved_layers
+    hf: CudaSlice<bf16>,       // (R, D) final norm
+    hsel: CudaSlice<bf16>,     // (C, D)
+    dhsel: CudaSlice<bf16>,    // (C, D)
+    logits: CudaSlice<f32>,    // (C, V)
+    dlogits: CudaSlice<bf16>,  // (C, V)
+    logp: CudaSlice<f32>,      // (T)
+    entropy: CudaSlice<f32>,   // (T)
+    lse_t: CudaSlice<f32>,     // (T)
+    mean_s: CudaSlice<f32>,    // (T)
+    grad_logp: CudaSlice<f32>, // (T)
+    loss_partials: CudaSlice<f64>,
+    loss_totals: CudaSlice<f64>, // (GRPO_FIELDS)
+    dx: CudaSlice<bf16>,         // (R, D) dL/d residual stream
+    dtmp: CudaSlice<bf16>,       // (R, D)
+    dh: CudaSlice<bf16>,         // (R, D) dL/d normed input of a block
+    dattn: CudaSlice<bf16>,      // (R, qd)
+    dq: CudaSlice<bf16>,         // (R, qd)
+    dk: CudaSlice<bf16>,         // (R, kvd)
+    dv: CudaSlice<bf16>,         // (R, kvd)
+    dq_pre: CudaSlice<bf16>,     // (R, qd) Qwen3
+    dk_pre: CudaSlice<bf16>,     // (R, kvd) Qwen3
+    dgate: CudaSlice<bf16>,      // (R, I)
+    dup: CudaSlice<bf16>,        // (R, I)
+    dact: CudaSlice<bf16>,       // (R, I)
+    delta: CudaSlice<f32>,       // (R, H)
+    xa: CudaSlice<f32>,          // (R, rank)
+    u: CudaSlice<f32>,           // (R, rank)
+    dyb: CudaSlice<f32>,         // (R, rank)
+    lora_scratch: CudaSlice<f32>,
+}
+
+impl TrainBuffers {
+    fn alloc(dev: &CudaDevice, c: &ModelConfig, p: &TrainPlan) -> Result<TrainBuffers> {
+        let (d, qd, kvd, i, v) = (
+            c.hidden_size,
+            c.q_dim(),
+            c.kv_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let (r, s, t, ch) = (p.max_rows, p.max_seqs, p.max_tokens.max(1), p.chunk_rows);
+        let rank = p.lora_rank.max(1);
+        let bf = |n: usize| dev.alloc_zeros::<bf16>(n.max(1));
+        let f = |n: usize| dev.alloc_zeros::<f32>(n.max(1));
+        let qk = c.qk_norm;
+        Ok(TrainBuffers {
+            ids: dev.alloc_zeros(r.max(1))?,
+            pos: dev.alloc_zeros(r.max(1))?,
+            cu_rows: dev.alloc_zeros(s + 1)?,
+            scored: dev.alloc_zeros(t)?,
+            targets: dev.alloc_zeros(t)?,
+            token_seq: dev.alloc_zeros(t)?,
+            adv: f(s)?,
+            seq_w: dev.alloc_zeros(s.max(1))?,
+            old: f(t)?,
+            refl: f(t)?,
+            xs: (0..=c.num_hidden_layers)
+                .map(|_| bf(r * d))
+                .collect::<Result<_>>()?,
+            acts: (0..p.saved_layers)
+                .map(|_| LayerActs::alloc(dev, c, r))
+                .collect::<Result<_>>()?,
+            hf: bf(r * d)?,
+            hsel: bf(ch * d)?,
+            dhsel: bf(ch * d)?,
+            logits: f(ch * v)?,
+            dlogits: bf(ch * v)?,
+            logp: f(t)?,
+            entropy: f(t)?,
+            lse_t: f(t)?,
+            mean_s: f(t)?,
+            grad_logp: f(t)?,
+            loss_partials: dev.alloc_zeros(grpo_loss_partials_len(t))?,
+            loss_totals: dev.alloc_zeros(GRPO_FIELDS)?,
+            dx: bf(r * d)?,
+            dtmp: bf(r * d)?,
+            dh: bf(r * d)?,
+            dattn: bf(r * qd)?,
+            dq: bf(r * qd)?,
+            dk: bf(r * kvd)?,
+            dv: bf(r * kvd)?,
+            dq_pre: bf(if qk { r * qd } else { 1 })?,
+            dk_pre: bf(if qk { r * kvd } else { 1 })?,
+            dgate: bf(r * i)?,
+            dup: bf(r * i)?,
+            dact: bf(r * i)?,
+            delta: f(r * c.num_attention_heads)?,
+            xa: f(r * rank)?,
+            u: f(r * rank)?,
+            dyb: f(r * rank)?,
+            lora_scratch: f(p.lora_scratch)?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM and projections
+
+/// Row-major dx (rows, d_in) = dy (rows, d_out) · W (d_out, d_in) + beta · dx, bf16 in and out,
+/// f32 compute. Column-major view: dxᵀ (d_in, rows) = Wᵀ · dyᵀ where row-major W is the
+/// column-major (d_in, d_out) matrix with ld d_in (OP_N) and row-major dy the column-major
+/// (d_out, rows) with ld d_out (OP_N): `gemm(N, N, m = d_in, n = rows, k = d_out)`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_dx(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    dy: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<bf16>,
+    dx: &mut impl DevicePtrMut<bf16>,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    beta: f32,
+) -> Result<()> {
+    check("gemm_dx dy", dy.len(), rows * d_out)?;
+    check("gemm_dx w", w.len(), d_out * d_in)?;
+    check("gemm_dx dx", dx.len(), rows * d_in)?;
+    let int = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::invalid(format!("gemm_dx: {what} = {v} exceeds i32")))
+    };
+    let (m, n, k) = (int(d_in, "in")?, int(rows, "rows")?, int(d_out, "out")?);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let s = dev.stream();
+    let (dyp, _a) = dy.device_ptr(s);
+    let (wp, _b) = w.device_ptr(s);
+    let (dxp, _c) = dx.device_ptr_mut(s);
+    let alpha = 1.0f32;
+    // SAFETY: pointers of buffers with the lengths checked above; alpha/beta host f32 for
+    // COMPUTE_32F; the handle is bound to the device stream (ordered with the kernels).
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_N,
+            cublasOperation_t::CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            &alpha as *const f32 as *const c_void,
+            wp as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            m,
+            dyp as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            k,
+            &beta as *const f32 as *const c_void,
+            dxp as *mut c_void,
+            cudaDataType::CUDA_R_16BF,
+            m,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| {
+        Error::Cuda(format!(
+            "cublasGemmEx dx ({rows}×{d_out} · {d_out}×{d_in}): {e:?}"
+        ))
+    })?;
+    Ok(())
+}
+
+/// The adapter's A and B of one projection as views of the flat params, with scale and rank.
+struct LoraAB<'a> {
+    a: CudaView<'a, f32>,
+    b: CudaView<'a, f32>,
+    scale: f32,
+    rank: usize,
+}
+
+/// The live adapter as seen by a forward: flat params + layout (None: adapter off).
+#[derive(Clone, Copy)]
+struct LoraRef<'a> {
+    params: &'a CudaSlice<f32>,
+    flat: &'a FlatLora,
+}
+
+impl<'a> LoraRef<'a> {
+    fn pair(&self, l: usize, p: Proj) -> Option<LoraAB<'a>> {
+        self.flat.pair(l, p).map(|r| LoraAB {
+            a: self.params.slice(r.a.clone()),
+            b: self.params.slice(r.b.clone()),
+            scale: self.flat.scale,
+            rank: self.flat.rank,
+        })
+    }
+}
+
+/// What every op of the step needs.
+struct Ctx<'a> {
+    dev: &'a CudaDevice,
+    blas: &'a CudaBlas,
+    c: &'a ModelConfig,
+    w: &'a DeviceWeights,
+    inv_freq: &'a CudaSlice<f32>,
+}
+
+impl Ctx<'_> {
+    fn attn_shape(&self) -> TrainAttnShape {
+        TrainAttnShape {
+            n_heads: self.c.num_attention_heads,
+            n_kv_heads: self.c.num_key_value_heads,
+            head_dim: self.c.head_dim,
+            window: self.c.sliding_window,
+        }
+    }
+
+    /// y (n, out) = x Wᵀ + b + s·(x Aᵀ) Bᵀ, bf16 (the rollout engine's projection, with the
+    /// adapter read from the flat params).
+    fn proj_fwd(
+        &self,
+        x: &impl DevicePtr<bf16>,
+        lin: &DeviceLinear,
+        lora: Option<LoraAB<'_>>,
+        xa: &mut CudaSlice<f32>,
+        y: &mut impl DevicePtrMut<bf16>,
+        n: usize,
+    ) -> Result<()> {
+        check("proj x", x.len(), n * lin.d_in)?;
+        check("proj y", y.len(), n * lin.d_out)?;
+        {
+            let s = self.dev.stream();
+            let (xp, _x) = x.device_ptr(s);
+            let (wp, _w) = lin.w.device_ptr(s);
+            let (yp, _y) = y.device_ptr_mut(s);
+            super::engine::gemm_raw(
+                self.dev,
+                self.blas,
+                xp,
+                wp,
+                yp,
+                cudaDataType::CUDA_R_16BF,
+                n,
+                lin.d_in,
+                lin.d_out,
+            )?;
+        }
+        if let Some(b) = &lin.b {
+            self.dev.add_bias_bf16(y, b, n, lin.d_out)?;
+        }
+        if let Some(ab) = lora {
+            let mut xa = xa.slice_mut(..n * ab.rank);
+            self.dev.lora_xa_bf16(x, &ab.a, &mut xa, n, lin.d_in, ab.rank)?;
+            self.dev
+                .lora_expand_add_bf16(y, &xa, &ab.b, ab.scale, n, lin.d_out, ab.rank)?;
+        }
+        Ok(())
+    }
+
+    /// Backward of [`Self::proj_fwd`]: dx (n, in) = dy·W (+ dx when `accumulate`) + s·(dy B) A;
+    /// with an adapter also dB += s·dyᵀ(x Aᵀ) and dA += s·(dy B)ᵀ x into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_bwd(
+        &self,
+        x: &impl DevicePtr<bf16>,
+        lin: &DeviceLinear,
+        lora: Option<(LoraAB<'_>, &PairRanges)>,
+        grads: &mut CudaSlice<f32>,
+        dy: &impl DevicePtr<bf16>,
+        dx: &mut impl DevicePtrMut<bf16>,
+        accumulate: bool,
+        sc: &mut Scratch<'_>,
+        n: usize,
+    ) -> Result<()> {
+        gemm_dx(
+            self.dev,
+            self.blas,
+            dy,
+            &lin.w,
+            dx,
+            n,
+            lin.d_in,
+            lin.d_out,
+            if accumulate { 1.0 } else { 0.0 },
+        )?;
+        if let Some((ab, ranges)) = lora {
+            let r = ab.rank;
+            let mut u = sc.u.slice_mut(..n * r);
+            let mut dyb = sc.dyb.slice_mut(..n * r);
+            self.dev.lora_bwd_xa_bf16(x, &ab.a, &mut u, n, lin.d_in, r)?;
+            self.dev.lora_bwd_dyb_bf16(dy, &ab.b, &mut dyb, n, lin.d_out, r)?;
+            self.dev.lora_grad_b_bf16(
+                dy,
+                &u,
+                &mut grads.slice_mut(ranges.b.clone()),
+                sc.lora_scratch,
+                ab.scale,
+                n,
+                lin.d_out,
+                r,
+            )?;
+            self.dev.lora_grad_a_bf16(
+                &dyb,
+                x,
+                &mut grads.slice_mut(ranges.a.clone()),
+                sc.lora_scratch,
+                ab.scale,
+                n,
+                lin.d_in,
+                r,
+            )?;
+            self.dev
+                .lora_bwd_dx_bf16(&dyb, &ab.a, dx, ab.scale, n, lin.d_in, r)?;
+        }
+        Ok(())
+    }
+}
+
+/// f32 scratch of the LoRA backward.
+struct Scratch<'a> {
+    u: &'a mut CudaSlice<f32>,
+    dyb: &'a mut CudaSlice<f32>,
+    lora_scratch: &'a mut CudaSlice<f32>,
+}
+
+/// Row geometry of one forward.
+struct Rows<'a> {
+    n: usize,
+    ns: usize,
+    max_rows: usize,
+    pos: &'a CudaSlice<i32>,
+    cu_rows: &'a CudaSlice<i32>,
+}
+
+/// One decoder layer's forward from `x_in` (n, D) into `x_out`, every activation into `a`.
+/// The single source of truth for the forward, the recompute and the log-prob-only passes.
+fn layer_fwd(
+    ctx: &Ctx<'_>,
+    l: usize,
+    lora: Option<LoraRef<'_>>,
+    rows: &Rows<'_>,
+    x_in: &CudaSlice<bf16>,
+    x_out: &mut CudaSlice<bf16>,
+    a: &mut LayerActs,
+    xa: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let (dev, c) = (ctx.dev, ctx.c);
+    let lw = &ctx.w.layers[l];
+    let n = rows.n;
+    let (d, hd, qd, kvd, inter) = (
+        c.hidden_size,
+        c.head_dim,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+    );
+    let (nh, nkv, eps) = (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps);
+    let pair = |p: Proj| lora.and_then(|lr| lr.pair(l, p));
+    let lin = |p: Proj| &lw.proj[p as usize];
+
+    dev.rmsnorm_fwd_bf16(
+        &x_in.slice(..n * d),
+        &lw.input_norm,
+        &mut a.h1.slice_mut(..n * d),
+        n,
+        d,
+        eps,
+    )?;
+    let h1 = a.h1.slice(..n * d);
+    match (&mut a.q_pre, &mut a.k_pre, &lw.q_norm, &lw.k_norm) {
+        (Some(q_pre), Some(k_pre), Some(qn), Some(kn)) => {
+            ctx.proj_fwd(
+                &h1,
+                lin(Proj::Q),
+                pair(Proj::Q),
+                xa,
+                &mut q_pre.slice_mut(..n * qd),
+                n,
+            )?;
+            ctx.proj_fwd(
+                &h1,
+                lin(Proj::K),
+                pair(Proj::K),
+                xa,
+                &mut k_pre.slice_mut(..n * kvd),
+                n,
+            )?;
+            dev.rmsnorm_fwd_bf16(
+                &q_pre.slice(..n * qd),
+                qn,
+                &mut a.q.slice_mut(..n * qd),
+                n * nh,
+                hd,
+                eps,
+            )?;
+            dev.rmsnorm_fwd_bf16(
+                &k_pre.slice(..n * kvd),
+                kn,
+                &mut a.k.slice_mut(..n * kvd),
+                n * nkv,
+                hd,
+                eps,
+            )?;
+        }
+        (None, None, None, None) => {
+            ctx.proj_fwd(
+                &h1,
+                lin(Proj::Q),
+                pair(Proj::Q),
+                xa,
+                &mut a.q.slice_mut(..n * qd),
+                n,
+            )?;
+            ctx.proj_fwd(
+                &h1,
+                lin(Proj::K),
+                pair(Proj::K),
+                xa,
+                &mut a.k.slice_mut(..n * kvd),
+                n,
+            )?;
+        }
+        _ => {
+            return Err(Error::Cuda(
+                "internal: q/k norm weights and buffers disagree".into(),
+            ))
+        }
+    }
+    ctx.proj_fwd(
+        &h1,
+        lin(Proj::V),
+        pair(Proj::V),
+        xa,
+        &mut a.v.slice_mut(..n * kvd),
+        n,
+    )?;
+    dev.rope_fwd_bf16(
+        &mut a.q.slice_mut(..n * qd),
+        &mut a.k.slice_mut(..n * kvd),
+        &rows.pos.slice(..n),
+        ctx.inv_freq,
+        n,
+        nh,
+        nkv,
+        hd,
+    )?;
+    dev.attention_train_fwd_bf16(
+        &a.q.slice(..n * qd),
+        &a.k.slice(..n * kvd),
+        &a.v.slice(..n * kvd),
+        &rows.cu_rows.slice(..rows.ns + 1),
+        &mut a.attn.slice_mut(..n * qd),
+        &mut a.lse.slice_mut(..n * nh),
+        &ctx.attn_shape(),
+        rows.ns,
+        n,
+        rows.max_rows,
+    )?;
+    ctx.proj_fwd(
+        &a.attn.slice(..n * qd),
+        lin(Proj::O),
+        pair(Proj::O),
+        xa,
+        &mut a.proj.slice_mut(..n * d),
+        n,
+    )?;
+    // x_mid = x_in + o
+    let st = dev.stream();
+    st.memcpy_dtod(&x_in.slice(..n * d), &mut a.x_mid.slice_mut(..n * d))
+        .map_err(cuda_err("copying the residual stream"))?;
+    dev.residual_add_bf16(&mut a.x_mid.slice_mut(..n * d), &a.proj.slice(..n * d), n * d)?;
+    dev.rmsnorm_fwd_bf16(
+        &a.x_mid.slice(..n * d),
+        &lw.post_norm,
+        &mut a.h2.slice_mut(..n * d),
+        n,
+        d,
+        eps,
+    )?;
+    let h2 = a.h2.slice(..n * d);
+    ctx.proj_fwd(
+        &h2,
+        lin(Proj::Gate),
+        pair(Proj::Gate),
+        xa,
+        &mut a.gate.slice_mut(..n * inter),
+        n,
+    )?;
+    ctx.proj_fwd(
+        &h2,
+        lin(Proj::Up),
+        pair(Proj::Up),
+        xa,
+        &mut a.up.slice_mut(..n * inter),
+        n,
+    )?;
+    dev.swiglu_fwd_bf16(
+        &a.gate.slice(..n * inter),
+        &a.up.slice(..n * inter),
+        &mut a.act.slice_mut(..n * inter),
+        n * inter,
+    )?;
+    ctx.proj_fwd(
+        &a.act.slice(..n * inter),
+        lin(Proj::Down),
+        pair(Proj::Down),
+        xa,
+        &mut a.proj.slice_mut(..n * d),
+        n,
+    )?;
+    st.memcpy_dtod(&a.x_mid.slice(..n * d), &mut x_out.slice_mut(..n * d))
+        .map_err(cuda_err("copying the residual stream"))?;
+    dev.residual_add_bf16(&mut x_out.slice_mut(..n * d), &a.proj.slice(..n * d), n * d)?;
+    Ok(())
+}
+
+/// One layer's backward: on entry `b.dx` holds dL/d(layer output); on return dL/d(layer input).
+/// `a` must hold this layer's forward activations and `x_in` its input.
+#[allow(clippy::too_many_arguments)]
+fn layer_bwd(
+    ctx: &Ctx<'_>,
+    l: usize,
+    lora: LoraRef<'_>,
+    grads: &mut CudaSlice<f32>,
+    rows: &Rows<'_>,
+    x_in: &CudaSlice<bf16>,
+    a: &LayerActs,
+    g: &mut BwdBufs<'_>,
+) -> Result<()> {
+    let (dev, c) = (ctx.dev, ctx.c);
+    let lw = &ctx.w.layers[l];
+    let n = rows.n;
+    let (d, hd, qd, kvd, inter) = (
+        c.hidden_size,
+        c.head_dim,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+    );
+    let (nh, nkv, eps) = (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps);
+    let pair = |p: Proj| {
+        lora.pair(l, p)
+            .map(|ab| (ab, lora.flat.pair(l, p).expect("pair exists")))
+    };
+    let lin = |p: Proj| &lw.proj[p as usize];
+    let mut sc = Scratch {
+        u: &mut *g.u,
+        dyb: &mut *g.dyb,
+        lora_scratch: &mut *g.lora_scratch,
+    };
+
+    // --- MLP: x_out = x_mid + down(silu(gate(h2))·up(h2))
+    ctx.proj_bwd(
+        &a.act.slice(..n * inter),
+        lin(Proj::Down),
+        pair(Proj::Down),
+        grads,
+        &g.dx.slice(..n * d),
+        &mut g.dact.slice_mut(..n * inter),
+        false,
+        &mut sc,
+        n,
+    )?;
+    dev.swiglu_bwd_bf16(
+        &a.gate.slice(..n * inter),
+        &a.up.slice(..n * inter),
+        &g.dact.slice(..n * inter),
+        &mut g.dgate.slice_mut(..n * inter),
+        &mut g.dup.slice_mut(..n * inter),
+        n * inter,
+    )?;
+    let h2 = a.h2.slice(..n * d);
+    ctx.proj_bwd(
+        &h2,
+        lin(Proj::Gate),
+        pair(Proj::Gate),
+        grads,
+        &g.dgate.slice(..n * inter),
+        &mut g.dh.slice_mut(..n * d),
+        false,
+        &mut sc,
+        n,
+    )?;
+    ctx.proj_bwd(
+        &h2,
+        lin(Proj::Up),
+        pair(Proj::Up),
+        grads,
+        &g.dup.slice(..n * inter),
+        &mut g.dh.slice_mut(..n * d),
+        true,
+        &mut sc,
+        n,
+    )?;
+    dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+        &a.x_mid.slice(..n * d),
+        &lw.post_norm,
+        &g.dh.slice(..n * d),
+        &mut g.dtmp.slice_mut(..n * d),
+        None,
+        n,
+        d,
+        eps,
+    )?;
+    dev.residual_add_bf16(&mut g.dx.slice_mut(..n * d), &g.dtmp.slice(..n * d), n * d)?;
+
+    // --- attention: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1)))
+    ctx.proj_bwd(
+        &a.attn.slice(..n * qd),
+        lin(Proj::O),
+        pair(Proj::O),
+        grads,
+        &g.dx.slice(..n * d),
+        &mut g.dattn.slice_mut(..n * qd),
+        false,
+        &mut sc,
+        n,
+    )?;
+    dev.attention_train_bwd_bf16(
+        &a.q.slice(..n * qd),
+        &a.k.slice(..n * kvd),
+        &a.v.slice(..n * kvd),
+        &a.attn.slice(..n * qd),
+        &g.dattn.slice(..n * qd),
+        &a.lse.slice(..n * nh),
+        &rows.cu_rows.slice(..rows.ns + 1),
+        &mut g.dq.slice_mut(..n * qd),
+        &mut g.dk.slice_mut(..n * kvd),
+        &mut g.dv.slice_mut(..n * kvd),
+        &mut g.delta.slice_mut(..n * nh),
+        &ctx.attn_shape(),
+        rows.ns,
+        n,
+        rows.max_rows,
+    )?;
+    dev.rope_bwd_bf16(
+        &mut g.dq.slice_mut(..n * qd),
+        &mut g.dk.slice_mut(..n * kvd),
+        &rows.pos.slice(..n),
+        ctx.inv_freq,
+        n,
+        nh,
+        nkv,
+        hd,
+    )?;
+    let h1 = a.h1.slice(..n * d);
+    let qk_norm = match (&a.q_pre, &a.k_pre, &lw.q_norm, &lw.k_norm) {
+        (Some(q_pre), Some(k_pre), Some(qn), Some(kn)) => {
+            dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+                &q_pre.slice(..n * qd),
+                qn,
+                &g.dq.slice(..n * qd),
+                &mut g.dq_pre.slice_mut(..n * qd),
+                None,
+                n * nh,
+                hd,
+                eps,
+            )?;
+            dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+                &k_pre.slice(..n * kvd),
+                kn,
+                &g.dk.slice(..n * kvd),
+                &mut g.dk_pre.slice_mut(..n * kvd),
+                None,
+                n * nkv,
+                hd,
+                eps,
+            )?;
+            true
+        }
+        _ => false,
+    };
+    let (dq, dk) = if qk_norm {
+        (g.dq_pre.slice(..n * qd), g.dk_pre.slice(..n * kvd))
+    } else {
+        (g.dq.slice(..n * qd), g.dk.slice(..n * kvd))
+    };
+    let mut dh = g.dh.slice_mut(..n * d);
+    ctx.proj_bwd(
+        &h1,
+        lin(Proj::Q),
+        pair(Proj::Q),
+        grads,
+        &dq,
+        &mut dh,
+        false,
+        &mut sc,
+        n,
+    )?;
+    ctx.proj_bwd(
+        &h1,
+        lin(Proj::K),
+        pair(Proj::K),
+        grads,
+        &dk,
+        &mut dh,
+        true,
+        &mut sc,
+        n,
+    )?;
+    ctx.proj_bwd(
+        &h1,
+        lin(Proj::V),
+        pair(Proj::V),
+        grads,
+        &g.dv.slice(..n * kvd),
+        &mut dh,
+        true,
+        &mut sc,
+        n,
+    )?;
+    drop(dh);
+    dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+        &x_in.slice(..n * d),
+        &lw.input_norm,
+        &g.dh.slice(..n * d),
+        &mut g.dtmp.slice_mut(..n * d),
+        None,
+        n,
+        d,
+        eps,
+    )?;
+    dev.residual_add_bf16(&mut g.dx.slice_mut(..n * d), &g.dtmp.slice(..n * d), n * d)?;
+    Ok(())
+}
+
+/// The backward's buffers, borrowed from [`TrainBuffers`].
+struct BwdBufs<'a> {
+    dx: &'a mut CudaSlice<bf16>,
+    dtmp: &'a mut CudaSlice<bf16>,
+    dh: &'a mut CudaSlice<bf16>,
+    dattn: &'a mut CudaSlice<bf16>,
+    dq: &'a mut CudaSlice<bf16>,
+    dk: &'a mut CudaSlice<bf16>,
+    dv: &'a mut CudaSlice<bf16>,
+    dq_pre: &'a mut CudaSlice<bf16>,
+    dk_pre: &'a mut CudaSlice<bf16>,
+    dgate: &'a mut CudaSlice<bf16>,
+    dup: &'a mut CudaSlice<bf16>,
+    dact: &'a mut CudaSlice<bf16>,
+    delta: &'a mut CudaSlice<f32>,
+    u: &'a mut CudaSlice<f32>,
+    dyb: &'a mut CudaSlice<f32>,
+    lora_scratch: &'a mut CudaSlice<f32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trainer
+
+/// Timings of the last update (host wall clock around synchronized phases).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TrainStats {
+    /// Reference / old log-prob passes (β > 0, num_iterations > 1).
+    pub prepare_ms: f64,
+    /// Forward, loss and backward of every micro-batch.
+    pub grad_ms: f64,
+    /// Grad norm, clipping decision, AdamW and the copy into the rollout adapter.
+    pub optimizer_ms: f64,
+    pub micro_batches: usize,
+    /// Rows (prompt + completion tokens) forwarded and backpropagated.
+    pub rows: usize,
+    pub plan_bytes: usize,
+}
+
+/// What a forward of one micro-batch leaves on the host.
+struct MicroOut {
+    logp: Vec<f32>,
+    entropy_sum: f64,
+}
+
+/// The GRPO update on the GPU (see the module comment).
+pub struct CudaTrainer {
+    flat: FlatLora,
+    params: CudaSlice<f32>, // (P) the adapter, lora_params order
+    grads: CudaSlice<f32>,  // (P)
+    m: CudaSlice<f32>,      // (P) AdamW first moment
+    v: CudaSlice<f32>,      // (P) AdamW second moment
+    norm_partials: CudaSlice<f64>,
+    norm_stats: CudaSlice<f64>, // (2) Σ g², #non-finite
+    plan: Option<(TrainPlan, TrainBuffers)>,
+    cast: CudaFunction,
+    pub last_stats: TrainStats,
+}
+
+impl CudaTrainer {
+    /// A trainer for `lora` (which also becomes the engine's live adapter) with AdamW moments
+    /// `adam` (empty: zeros, as on a first step).
+    pub fn new(engine: &mut CudaEngine, lora: &LoraWeights, adam: &AdamWState) -> Result<CudaTrainer> {
+        let c = &engine.config;
+        if lora.layers.len() != c.num_hidden_layers {
+            return Err(Error::invalid(format!(
+                "the adapter has {} layers, the model {}",
+                lora.layers.len(),
+                c.num_hidden_layers
+            )));
+        }
+        if lora.config.dropout > 0.0 {
+            return Err(Error::invalid(format!(
+                "lora dropout {} is not supported by the CUDA training step yet; set lora.dropout = 0 \
+                 or train with --device cpu",
+                lora.config.dropout
+            )));
+        }
+        engine.set_adapter_now(Some(lora))?;
+        let flat = FlatLora::of(lora);
+        let host = FlatLora::flatten(lora);
+        let dev = &engine.dev;
+        let params = dev.upload(&nonempty(&host))?;
+        let (m, v) = if adam.m.is_empty() && adam.v.is_empty() {
+            (
+                dev.alloc_zeros(flat.len.max(1))?,
+                dev.alloc_zeros(flat.len.max(1))?,
+            )
+        } else {
+            adam.check_sizes(&flat.sizes)?;
+            (
+                dev.upload(&nonempty(&adam.m.concat()))?,
+                dev.upload(&nonempty(&adam.v.concat()))?,
+            )
+        };
+        let cast = dev.function("cast_f32_to_bf16")?;
+        Ok(CudaTrainer {
+            grads: dev.alloc_zeros(flat.len.max(1))?,
+            norm_partials: dev.alloc_zeros(grad_norm_partials_len(flat.len.max(1)))?,
+            norm_stats: dev.alloc_zeros(2)?,
+            flat,
+            params,
+            m,
+            v,
+            plan: None,
+            cast,
+            last_stats: TrainStats::default(),
+        })
+    }
+
+    /// Trainable parameters.
+    pub fn num_params(&self) -> usize {
+        self.flat.len
+    }
+
+    /// The plan of the buffers held (None before the first step).
+    pub fn plan(&self) -> Option<&TrainPlan> {
+        self.plan.as_ref().map(|(p, _)| p)
+    }
+
+    /// Copies the adapter on the device into `into` (same shape as the one given to `new`).
+    pub fn download_lora(&self, engine: &CudaEngine, into: &mut LoraWeights) -> Result<()> {
+        let host = get(&engine.dev, "lora params", &self.params, self.flat.len)?;
+        let mut dst = crate::trainer::lora_params_mut(into);
+        let parts = split_sizes(&host, &self.flat.sizes);
+        if dst.len() != parts.len() {
+            return Err(Error::invalid("download_lora: the adapter's shape changed"));
+        }
+        for (d, s) in dst.iter_mut().zip(parts) {
+            if d.len() != s.len() {
+                return Err(Error::invalid("download_lora: the adapter's shape changed"));
+            }
+            d.copy_from_slice(&s);
+        }
+        Ok(())
+    }
+
+    /// Copies the AdamW moments into `into` (its `step` is kept by the host and left as is).
+    pub fn download_adam(&self, engine: &CudaEngine, into: &mut AdamWState) -> Result<()> {
+        if into.step == 0 {
+            into.m.clear();
+            into.v.clear();
+            return Ok(());
+        }
+        let m = get(&engine.dev, "AdamW m", &self.m, self.flat.len)?;
+        let v = get(&engine.dev, "AdamW v", &self.v, self.flat.len)?;
+        into.m = split_sizes(&m, &self.flat.sizes);
+        into.v = split_sizes(&v, &self.flat.sizes);
+        Ok(())
+    }
+
+    /// Makes sure the held buffers serve `want`; grows them otherwise.
+    fn ensure_plan(&mut self, engine: &CudaEngine, want: TrainPlan) -> Result<()> {
+        if let Some((have, _)) = &self.plan {
+            if have.covers(&want) {
+                return Ok(());
+            }
+        }
+        let want = match &self.plan {
+            Some((have, _)) => TrainPlan::new(
+                &engine.config,
+                have.max_rows.max(want.max_rows),
+                have.max_seqs.max(want.max_seqs),
+                have.max_tokens.max(want.max_tokens),
+                self.flat.len,
+                self.flat.rank,
+                if have.saved_layers.max(want.saved_layers) > 1 {
+                    Recompute::None
+                } else {
+                    Recompute::Layer
+                },
+            ),
+            None => want,
+        };
+        self.plan = None;
+        engine.dev.synchronize()?;
+        let (free, _) = engine
+            .dev
+            .context()
+            .mem_get_info()
+            .map_err(cuda_err("querying free device memory"))?;
+        let need = want.total_bytes() - want.lora_bytes;
+        if need > free {
+            return Err(Error::Cuda(format!(
+                "the training step needs {:.2} GiB (activations {:.2}, backward {:.2}, logits {:.2}) \
+                 but only {:.2} GiB are free; use more micro-batches (gradient_accumulation_steps), \
+                 shorter completions, or recompute = \"layer\"",
+                gib(need),
+                gib(want.activation_bytes),
+                gib(want.backward_bytes),
+                gib(want.logits_bytes),
+                gib(free)
+            )));
+        }
+        let bufs = TrainBuffers::alloc(&engine.dev, &engine.config, &want)?;
+        self.plan = Some((want, bufs));
+        Ok(())
+    }
+
+    fn plan_for(&self, c: &ModelConfig, p: &Prepared, opts: &GrpoOptions) -> TrainPlan {
+        let ranges = p.micro_batches(opts);
+        let (mut rows, mut seqs, mut toks) = (1, 1, 1);
+        for rg in &ranges {
+            rows = rows.max(rg.clone().map(|i| p.tokens[i].len()).sum::<usize>());
+            seqs = seqs.max(rg.len());
+            toks = toks.max(rg.clone().map(|i| p.lengths[i]).sum::<usize>());
+        }
+        TrainPlan::new(c, rows, seqs, toks, self.flat.len, self.flat.rank, opts.recompute)
+    }
+
+    fn check_options(&self, opts: &GrpoOptions) -> Result<()> {
+        if opts.full_fine_tuning {
+            return Err(Error::invalid(
+                "full fine-tuning is not supported by the CUDA training step yet; train a LoRA \
+                 adapter or use --device cpu",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Log-probs (and the entropy sum) of the completion tokens of `seqs`, with the trainer's
+    /// adapter (`adapter`) or without it; no gradients. The rows of `seqs` must fit the plan.
+    fn logprobs_planned(
+        &mut self,
+        engine: &CudaEngine,
+        seqs: &[Sequence],
+        adapter: bool,
+        temperature: f32,
+    ) -> Result<MicroOut> {
+        let pk = PackedBatch::new(seqs)?;
+        self.forward(engine, &pk, adapter, temperature, false)
+    }
+
+    /// Uploads the packed rows, runs the forward (saving activations when `train`), and the
+    /// chunked lm_head gather; leaves logp/entropy/lse/mean_s of the T tokens on the device.
+    fn forward(
+        &mut self,
+        engine: &CudaEngine,
+        pk: &PackedBatch,
+        adapter: bool,
+        temperature: f32,
+        train: bool,
+    ) -> Result<MicroOut> {
+        let (plan, b) = self
+            .plan
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("internal: forward without a training plan".into()))?;
+        let c = &engine.config;
+        let dev = &engine.dev;
+        let (n, ns, t) = (pk.rows(), pk.num_seqs(), pk.num_tokens());
+        if n > plan.max_rows || ns > plan.max_seqs || t > plan.max_tokens {
+            return Err(Error::Cuda(format!(
+                "internal: a micro-batch of {n} rows / {ns} sequences / {t} tokens against a plan of \
+                 {} / {} / {}",
+                plan.max_rows, plan.max_seqs, plan.max_tokens
+            )));
+        }
+        let ctx = Ctx {
+            dev,
+            blas: dev.blas()?,
+            c,
+            w: &engine.weights,
+            inv_freq: &engine.inv_freq,
+        };
+        let (d, v) = (c.hidden_size, c.vocab_size);
+        put(dev, "token ids", &pk.ids, &mut b.ids)?;
+        put(dev, "positions", &pk.pos, &mut b.pos)?;
+        put(dev, "cu_rows", &pk.cu_rows, &mut b.cu_rows)?;
+        put(dev, "scored rows", &pk.scored, &mut b.scored)?;
+        put(dev, "targets", &pk.targets, &mut b.targets)?;
+        put(dev, "token sequences", &pk.token_seq, &mut b.token_seq)?;
+        dev.embedding_fwd_bf16(
+            &engine.weights.embed,
+            &b.ids.slice(..n),
+            &mut b.xs[0].slice_mut(..n * d),
+            n,
+            d,
+            v,
+        )?;
+        let lora = adapter.then_some(LoraRef {
+            params: &self.params,
+            flat: &self.flat,
+        });
+        let rows = Rows {
+            n,
+            ns,
+            max_rows: pk.max_rows,
+            pos: &b.pos,
+            cu_rows: &b.cu_rows,
+        };
+        let nl = c.num_hidden_layers;
+        for l in 0..nl {
+            // Training keeps every layer input; a log-prob pass ping-pongs xs[0] and xs[1].
+            let (i, o) = if train { (l, l + 1) } else { (l % 2, 1 - l % 2) };
+            let (lo, hi) = b.xs.split_at_mut(i.max(o));
+            let (x_in, x_out) = if i < o {
+                (&lo[i], &mut hi[0])
+            } else {
+                (&hi[0], &mut lo[o])
+            };
+            let ai = if train && plan.saved_layers > 1 { l } else { 0 };
+            layer_fwd(&ctx, l, lora, &rows, x_in, x_out, &mut b.acts[ai], &mut b.xa)?;
+        }
+        let last = if train { nl } else { nl % 2 };
+        dev.rmsnorm_fwd_bf16(
+            &b.xs[last].slice(..n * d),
+            &engine.weights.final_norm,
+            &mut b.hf.slice_mut(..n * d),
+            n,
+            d,
+            c.rms_norm_eps,
+        )?;
+        // lm_head + log-softmax gather, chunk by chunk.
+        let ch = plan.chunk_rows;
+        let mut start = 0;
+        while start < t {
+            let m = ch.min(t - start);
+            dev.embedding_fwd_bf16(
+                &b.hf.slice(..n * d),
+                &b.scored.slice(start..start + m),
+                &mut b.hsel.slice_mut(..m * d),
+                m,
+                d,
+                n,
+            )?;
+            gemm_logits(
+                dev,
+                ctx.blas,
+                &b.hsel.slice(..m * d),
+                engine.weights.lm_head(),
+                &mut b.logits.slice_mut(..m * v),
+                m,
+                d,
+                v,
+            )?;
+            dev.logprob_gather_fwd_f32(
+                &b.logits.slice(..m * v),
+                &b.targets.slice(start..start + m),
+                &mut b.logp.slice_mut(start..start + m),
+                &mut b.entropy.slice_mut(start..start + m),
+                &mut b.lse_t.slice_mut(start..start + m),
+                &mut b.mean_s.slice_mut(start..start + m),
+                m,
+                v,
+                temperature,
+            )?;
+            start += m;
+        }
+        let logp = get(dev, "log-probs", &b.logp, t)?;
+        let entropy = get(dev, "entropies", &b.entropy, t)?;
+        Ok(MicroOut {
+            logp,
+            entropy_sum: entropy.iter().map(|&e| e as f64).sum(),
+        })
+    }
+
+    /// Loss and backward of the micro-batch whose forward (train = true) just ran: GRPO loss
+    /// over its T tokens with the batch's weights, then the lm_head and every layer backward,
+    /// accumulating the LoRA gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn loss_backward(
+        &mut self,
+        engine: &CudaEngine,
+        pk: &PackedBatch,
+        adv: &[f32],
+        seq_w: &[f64],
+        old: Option<&[f32]>,
+        refl: Option<&[f32]>,
+        opts: &GrpoOptions,
+    ) -> Result<GrpoLossTotals> {
+        let (plan, b) = self
+            .plan
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("internal: backward without a training plan".into()))?;
+        let c = &engine.config;
+        let dev = &engine.dev;
+        let (n, ns, t) = (pk.rows(), pk.num_seqs(), pk.num_tokens());
+        let (d, v, nl) = (c.hidden_size, c.vocab_size, c.num_hidden_layers);
+        let ctx = Ctx {
+            dev,
+            blas: dev.blas()?,
+            c,
+            w: &engine.weights,
+            inv_freq: &engine.inv_freq,
+        };
+        // --- the loss over the T tokens
+        put(dev, "advantages", adv, &mut b.adv)?;
+        put(dev, "sequence weights", seq_w, &mut b.seq_w)?;
+        if let Some(o) = old {
+            put(dev, "old log-probs", o, &mut b.old)?;
+        }
+        if let Some(r) = refl {
+            put(dev, "reference log-probs", r, &mut b.refl)?;
+        }
+        let totals = if t == 0 {
+            GrpoLossTotals::default()
+        } else {
+            let old_v = old.map(|_| b.old.slice(..t));
+            let ref_v = refl.map(|_| b.refl.slice(..t));
+            dev.grpo_loss_fwd_bwd_f32(
+                &b.logp.slice(..t),
+                old_v.as_ref(),
+                ref_v.as_ref(),
+                &b.token_seq.slice(..t),
+                &b.adv.slice(..ns),
+                &b.seq_w.slice(..ns),
+                &mut b.grad_logp.slice_mut(..t),
+                None::<&mut CudaSlice<f32>>,
+                &mut b.loss_partials,
+                &mut b.loss_totals,
+                t,
+                ns,
+                GrpoLossScalars::from_config(&opts.loss),
+            )?;
+            GrpoLossTotals::from_sums(&get(dev, "loss totals", &b.loss_totals, GRPO_FIELDS)?)?
+        };
+
+        // --- lm_head backward into dh (rows that are not scored get no gradient)
+        let st = dev.stream();
+        st.memset_zeros(&mut b.dh.slice_mut(..n * d))
+            .map_err(cuda_err("zeroing dh"))?;
+        let ch = plan.chunk_rows;
+        let mut start = 0;
+        while start < t {
+            let m = ch.min(t - start);
+            dev.embedding_fwd_bf16(
+                &b.hf.slice(..n * d),
+                &b.scored.slice(start..start + m),
+                &mut b.hsel.slice_mut(..m * d),
+                m,
+                d,
+                n,
+            )?;
+            gemm_logits(
+                dev,
+                ctx.blas,
+                &b.hsel.slice(..m * d),
+                engine.weights.lm_head(),
+                &mut b.logits.slice_mut(..m * v),
+                m,
+                d,
+                v,
+            )?;
+            dev.logprob_gather_bwd_f32(
+                &mut b.logits.slice_mut(..m * v),
+                &b.targets.slice(start..start + m),
+                &b.grad_logp.slice(start..start + m),
+                None::<&CudaSlice<f32>>,
+                &b.lse_t.slice(start..start + m),
+                &b.mean_s.slice(start..start + m),
+                m,
+                v,
+                opts.temperature,
+            )?;
+            cast_f32_to_bf16(
+                dev,
+                &self.cast,
+                &b.logits.slice(..m * v),
+                &mut b.dlogits.slice_mut(..m * v),
+            )?;
+            gemm_dx(
+                dev,
+                ctx.blas,
+                &b.dlogits.slice(..m * v),
+                engine.weights.lm_head(),
+                &mut b.dhsel.slice_mut(..m * d),
+                m,
+                d,
+                v,
+                0.0,
+            )?;
+            dev.scatter_rows_bf16(
+                &b.dhsel.slice(..m * d),
+                &b.scored.slice(start..start + m),
+                &mut b.dh.slice_mut(..n * d),
+                m,
+                d,
+            )?;
+            start += m;
+        }
+        dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+            &b.xs[nl].slice(..n * d),
+            &engine.weights.final_norm,
+            &b.dh.slice(..n * d),
+            &mut b.dx.slice_mut(..n * d),
+            None,
+            n,
+            d,
+            c.rms_norm_eps,
+        )?;
+
+        // --- layers, last to first
+        let lora = LoraRef {
+            params: &self.params,
+            flat: &self.flat,
+        };
+        let rows = Rows {
+            n,
+            ns,
+            max_rows: pk.max_rows,
+            pos: &b.pos,
+            cu_rows: &b.cu_rows,
+        };
+        let mut g = BwdBufs {
+            dx: &mut b.dx,
+            dtmp: &mut b.dtmp,
+            dh: &mut b.dh,
+            dattn: &mut b.dattn,
+            dq: &mut b.dq,
+            dk: &mut b.dk,
+            dv: &mut b.dv,
+            dq_pre: &mut b.dq_pre,
+            dk_pre: &mut b.dk_pre,
+            dgate: &mut b.dgate,
+            dup: &mut b.dup,
+            dact: &mut b.dact,
+            delta: &mut b.delta,
+            u: &mut b.u,
+            dyb: &mut b.dyb,
+            lora_scratch: &mut b.lora_scratch,
+        };
+        for l in (0..nl).rev() {
+            let ai = if plan.saved_layers > 1 { l } else { 0 };
+            if plan.saved_layers == 1 {
+                // Recompute this layer's activations from its saved input (same kernels, same
+                // order: bit-identical to the forward). Its output goes to a scratch copy of
+                // xs[l+1] (it is identical, and no longer needed: the final norm backward ran).
+                let (lo, hi) = b.xs.split_at_mut(l + 1);
+                layer_fwd(
+                    &ctx,
+                    l,
+                    Some(lora),
+                    &rows,
+                    &lo[l],
+                    &mut hi[0],
+                    &mut b.acts[0],
+                    &mut b.xa,
+                )?;
+            }
+            layer_bwd(
+                &ctx,
+                l,
+                lora,
+                &mut self.grads,
+                &rows,
+                &b.xs[l],
+                &b.acts[ai],
+                &mut g,
+            )?;
+        }
+        Ok(totals)
+    }
+
+    /// The gradients of one pass over the prepared batch (accumulated in `self.grads`, zeroed
+    /// first), with the loss, metrics and log-probs the CPU's `gradients` reports.
+    fn gradients(&mut self, engine: &CudaEngine, p: &Prepared, opts: &GrpoOptions) -> Result<GrpoGradients> {
+        let cfg = &opts.loss;
+        let weights = sequence_weights(&p.lengths, cfg.loss_type, cfg.max_completion_length);
+        let mut tok_off = vec![0usize];
+        for &l in &p.lengths {
+            tok_off.push(tok_off.last().unwrap() + l);
+        }
+        engine
+            .dev
+            .stream()
+            .memset_zeros(&mut self.grads)
+            .map_err(cuda_err("zeroing the gradients"))?;
+        let mut logp_all = Vec::with_capacity(*tok_off.last().unwrap());
+        let (mut entropy_sum, mut sums) = (0f64, [0f64; GRPO_FIELDS]);
+        for rg in p.micro_batches(opts) {
+            let seqs = p.seqs(rg.clone());
+            let pk = PackedBatch::new(&seqs)?;
+            let out = self.forward(engine, &pk, true, opts.temperature, true)?;
+            let toks = tok_off[rg.start]..tok_off[rg.end];
+            let tot = self.loss_backward(
+                engine,
+                &pk,
+                &p.adv[rg.clone()],
+                &weights[rg.clone()],
+                p.old.as_ref().map(|o| &o[toks.clone()]),
+                p.reference.as_ref().map(|r| &r[toks.clone()]),
+                opts,
+            )?;
+            for (s, x) in sums.iter_mut().zip([
+                tot.loss,
+                tot.kl_sum,
+                tot.ratio_sum,
+                tot.clip_low as f64,
+                tot.clip_high as f64,
+            ]) {
+                *s += x;
+            }
+            entropy_sum += out.entropy_sum;
+            logp_all.extend_from_slice(&out.logp);
+            self.last_stats.micro_batches += 1;
+            self.last_stats.rows += pk.rows();
+        }
+        let n_tok = logp_all.len();
+        // Metrics from the device totals; the loss value exactly as the CPU reports it (the
+        // same f64 aggregation over the downloaded log-probs), so the two backends log alike.
+        let totals = GrpoLossTotals::from_sums(&sums)?;
+        let metrics: GrpoMetrics = totals.metrics(n_tok, p.reference.is_some());
+        let loss = grpo_loss(
+            cfg,
+            &GrpoInputs {
+                logp: &logp_all,
+                old_logp: match &p.old {
+                    Some(o) => OldLogp::Given(o),
+                    None => OldLogp::Current,
+                },
+                ref_logp: p.reference.as_deref(),
+                advantages: &p.adv,
+                lengths: &p.lengths,
+            },
+        )?
+        .loss;
+        let split =
+            |v: &[f32]| -> Vec<Vec<f32>> { tok_off.windows(2).map(|w| v[w[0]..w[1]].to_vec()).collect() };
+        Ok(GrpoGradients {
+            grads: Grads {
+                lora: None,
+                weights: None,
+            },
+            loss,
+            metrics,
+            entropy: if n_tok == 0 {
+                0.0
+            } else {
+                entropy_sum / n_tok as f64
+            },
+            advantages: p.all_adv.clone(),
+            stats: p.stats.clone(),
+            keep: p.keep.clone(),
+            logp: split(&logp_all),
+            ref_logp: p.reference.as_deref().map(split),
+        })
+    }
+
+    /// Advantages, filtering, and the reference / old log-probs on the GPU.
+    fn prepare(&mut self, engine: &CudaEngine, batch: &GrpoBatch, opts: &GrpoOptions) -> Result<Prepared> {
+        self.check_options(opts)?;
+        // A first pass with empty log-prob providers sizes the plan from the prepared batch;
+        // the passes that need log-probs then run inside it.
+        let mut sizing = opts.clone();
+        sizing.loss.beta = 0.0;
+        sizing.num_iterations = 1;
+        let shape_only = prepare_with(&engine.config, None, batch, &sizing, &mut |_, _| Ok(Vec::new()))?;
+        let want = self.plan_for(&engine.config, &shape_only, opts);
+        self.ensure_plan(engine, want)?;
+        let need_logp = opts.loss.beta > 0.0 || opts.num_iterations > 1;
+        if !need_logp {
+            return Ok(shape_only);
+        }
+        let t0 = Instant::now();
+        let temperature = opts.temperature;
+        let mut err = None;
+        let p = {
+            let this = &mut *self;
+            prepare_with(&engine.config, None, batch, opts, &mut |seqs, adapter| {
+                this.logprobs_planned(engine, seqs, adapter, temperature)
+                    .map(|o| o.logp)
+                    .inspect_err(|e| err = Some(e.to_string()))
+            })
+        };
+        self.last_stats.prepare_ms = t0.elapsed().as_secs_f64() * 1e3;
+        p.map_err(|e| match err {
+            Some(m) => Error::Cuda(m),
+            None => e,
+        })
+    }
+
+    /// Gradients of the GRPO loss on `batch` for the current adapter, without stepping; the
+    /// LoRA gradients are downloaded into `grads.lora` (tests and tools).
+    pub fn grpo_gradients(
+        &mut self,
+        engine: &CudaEngine,
+        batch: &GrpoBatch,
+        opts: &GrpoOptions,
+        shape_of: &LoraWeights,
+    ) -> Result<GrpoGradients> {
+        let p = self.prepare(engine, batch, opts)?;
+        let mut g = self.gradients(engine, &p, opts)?;
+        let host = get(&engine.dev, "gradients", &self.grads, self.flat.len)?;
+        let mut lg = shape_of.zeros_like();
+        for (d, s) in crate::trainer::lora_params_mut(&mut lg)
+            .into_iter()
+            .zip(split_sizes(&host, &self.flat.sizes))
+        {
+            d.copy_from_slice(&s);
+        }
+        g.grads.lora = Some(lg);
+        Ok(g)
+    }
+
+    /// The GRPO policy update on the GPU: `num_iterations` optimiser steps on the same
+    /// rollouts, exactly as [`crate::trainer::step::grpo_update`] does on the CPU (skipped
+    /// steps, schedule, metrics). The engine's live adapter is the updated one on return; the
+    /// host copy of the adapter and the AdamW moments are fetched with [`Self::download_lora`]
+    /// and [`Self::download_adam`] (checkpoints).
+    pub fn grpo_update(
+        &mut self,
+        engine: &mut CudaEngine,
+        state: &mut TrainState,
+        batch: &GrpoBatch,
+        opts: &GrpoOptions,
+    ) -> Result<Vec<StepMetrics>> {
+        self.last_stats = TrainStats::default();
+        let p = self.prepare(engine, batch, opts)?;
+        let mut out = Vec::with_capacity(opts.num_iterations);
+        for iteration in 0..opts.num_iterations {
+            let t0 = Instant::now();
+            let g = self.gradients(engine, &p, opts)?;
+            engine.dev.synchronize()?;
+            let t1 = Instant::now();
+            let lr = opts.schedule.lr_at(state.step as usize);
+            let opt = opts.optimizer.with_lr(lr);
+            opt.validate()?;
+            let rep = self.apply_update(engine, state, &opt, opts.max_grad_norm, !g.loss.is_finite())?;
+            engine.dev.synchronize()?;
+            self.last_stats.grad_ms += (t1 - t0).as_secs_f64() * 1e3;
+            self.last_stats.optimizer_ms += t1.elapsed().as_secs_f64() * 1e3;
+            out.push(step_metrics(
+                state,
+                iteration,
+                &g,
+                &rep,
+                lr,
+                batch,
+                p.tokens.len(),
+            ));
+            state.step += 1;
+            state.skipped_steps += rep.skipped as u64;
+        }
+        self.last_stats.plan_bytes = self.plan().map_or(0, |p| p.total_bytes());
+        Ok(out)
+    }
+
+    /// Grad norm → clip decision (host, as `optim::clip_and_step`) → AdamW on the flat
+    /// buffers → copy into the engine's live adapter. Skipped (nothing changes) on a
+    /// non-finite gradient or `force_skip`.
+    fn apply_update(
+        &mut self,
+        engine: &mut CudaEngine,
+        state: &mut TrainState,
+        opt: &crate::optim::AdamW,
+        max_grad_norm: f32,
+        force_skip: bool,
+    ) -> Result<StepReport> {
+        let dev = &engine.dev;
+        dev.grad_sq_norm_f32(
+            &self.grads.slice(..self.flat.len),
+            &mut self.norm_partials,
+            &mut self.norm_stats,
+        )?;
+        let s = get(dev, "gradient norm", &self.norm_stats, 2)?;
+        let clip = super::clip_report_from_stats([s[0], s[1]], max_grad_norm);
+        if force_skip || !clip.finite {
+            return Ok(StepReport {
+                grad_norm: clip.norm,
+                clip_scale: 1.0,
+                skipped: true,
+            });
+        }
+        state.adam.step += 1;
+        let scalars = opt.scalars(state.adam.step);
+        let len = self.flat.len;
+        dev.adamw_step_f32(
+            &mut self.params.slice_mut(..len),
+            &mut self.m.slice_mut(..len),
+            &mut self.v.slice_mut(..len),
+            &self.grads.slice(..len),
+            Some(&self.norm_stats),
+            clip.scale,
+            &scalars,
+        )?;
+        engine.copy_adapter_from_flat(&self.params, |l, p| {
+            self.flat.pair(l, p).map(|r| (r.a.clone(), r.b.clone()))
+        })?;
+        Ok(StepReport {
+            grad_norm: clip.norm,
+            clip_scale: clip.scale,
+            skipped: false,
+        })
+    }
+}
+
+/// out (bf16) = in (f32), n = in.len().
+fn cast_f32_to_bf16(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    input: &impl DevicePtr<f32>,
+    out: &mut impl DevicePtrMut<bf16>,
+) -> Result<()> {
+    let n = input.len();
+    check("cast out", out.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let s = dev.stream();
+    let (op, _o) = out.device_ptr_mut(s);
+    let (ip, _i) = input.device_ptr(s);
+    let mut l = s.launch_builder(f);
+    l.arg(&op).arg(&ip).arg(&n64);
+    let grid = n.div_ceil(256).clamp(1, 65_535) as u32;
+    // SAFETY: (bf16* out, const float* in, size_t n); both hold n elements (checked); the
+    // kernel is grid-stride.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(cuda_err("cast_f32_to_bf16"))?;
+    Ok(())
+}
+
+/// A LoRA of rank r (alpha 2r) on every projection.
+pub fn all_linear(r: usize) -> crate::lora::LoraConfig {
+    crate::lora::LoraConfig {
+        r,
+        alpha: 2.0 * r as f32,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: Proj::ALL.to_vec(),
+    }
+}
+
+/// cudarc cannot allocate or copy empty buffers: at least one element.
+fn nonempty(v: &[f32]) -> Vec<f32> {
+    if v.is_empty() {
+        vec![0.0]
+    } else {
+        v.to_vec()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `rft bench train`
+
+/// What `rft bench train --json` prints.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainBench {
+    pub shape: String,
+    pub device: String,
+    pub sequences: usize,
+    pub seq_len: usize,
+    pub prompt_len: usize,
+    pub lora_rank: usize,
+    pub recompute: String,
+    pub trainable_params: usize,
+    /// Median over the timed steps.
+    pub step_ms: f64,
+    pub step_ms_all: Vec<f64>,
+    /// Rows (prompt + completion tokens) per second of the median step.
+    pub tokens_per_s: f64,
+    pub weight_bytes: usize,
+    pub plan_bytes: usize,
+    /// Device memory in use after the steps, over what was free before the engine was made
+    /// (everything is planned up front, so this is the peak up to cuBLAS's workspace).
+    pub peak_gpu_bytes_measured: usize,
+    pub grad_ms: f64,
+    pub optimizer_ms: f64,
+}
+
+/// One GRPO step of `sequences` × `seq_len` tokens (prompt `prompt_len`, the rest scored) on
+/// random weights of a preset shape with a rank-`lora_rank` adapter on every projection;
+/// `steps` timed steps after one warm-up.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_train(
+    shape: &str,
+    sequences: usize,
+    seq_len: usize,
+    prompt_len: usize,
+    lora_rank: usize,
+    recompute: Recompute,
+    micro_batch_size: usize,
+    steps: usize,
+    ordinal: usize,
+) -> Result<TrainBench> {
+    super::availability().map_err(Error::CudaUnavailable)?;
+    let config = ModelConfig::preset(shape).ok_or_else(|| {
+        Error::invalid(format!(
+            "unknown shape {shape:?}; expected qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b"
+        ))
+    })?;
+    if sequences == 0 || lora_rank == 0 || steps == 0 {
+        return Err(Error::invalid("--sequences, --lora-rank and --steps must be ≥ 1"));
+    }
+    if prompt_len == 0 || prompt_len >= seq_len {
+        return Err(Error::invalid(format!(
+            "--prompt-len must be in [1, --seq-len), got {prompt_len} with --seq-len {seq_len}"
+        )));
+    }
+    let dev0 = CudaDevice::new(ordinal)?;
+    let (free0, _) = dev0.context().mem_get_info().map_err(cuda_err("mem_get_info"))?;
+    drop(dev0);
+    let mut engine = CudaEngine::random(config.clone(), 1, ordinal)?;
+    // PEFT init leaves B = 0; a non-zero B exercises every term of the backward.
+    let lora = LoraWeights::new_random(all_linear(lora_rank), &config, 3, 0.02, 1e-3);
+    let mut trainer = CudaTrainer::new(&mut engine, &lora, &AdamWState::default())?;
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rnd = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let g = 8.min(sequences);
+    let seqs: Vec<crate::trainer::GrpoSeq> = (0..sequences)
+        .map(|_| crate::trainer::GrpoSeq {
+            prompt_ids: (0..prompt_len)
+                .map(|_| (rnd() % config.vocab_size as u64) as u32)
+                .collect(),
+            completion_ids: (0..seq_len - prompt_len)
+                .map(|_| (rnd() % config.vocab_size as u64) as u32)
+                .collect(),
+            old_logp: None,
+        })
+        .collect();
+    let batch = GrpoBatch {
+        group_size: g,
+        rewards: (0..sequences).map(|_| (rnd() % 2) as f32).collect(),
+        seqs,
+        advantages: None,
+    };
+    let opts = GrpoOptions {
+        recompute,
+        micro_batch_size,
+        optimizer: crate::optim::AdamW {
+            lr: 1e-5,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut state = TrainState::new(0);
+    trainer.grpo_update(&mut engine, &mut state, &batch, &opts)?; // warm-up: plan, cuBLAS heuristics
+    let mut times = Vec::with_capacity(steps);
+    let (mut grad_ms, mut opt_ms) = (0.0, 0.0);
+    for _ in 0..steps {
+        engine.dev.synchronize()?;
+        let t = Instant::now();
+        trainer.grpo_update(&mut engine, &mut state, &batch, &opts)?;
+        engine.dev.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        grad_ms += trainer.last_stats.grad_ms;
+        opt_ms += trainer.last_stats.optimizer_ms;
+    }
+    let (free1, _) = engine
+        .dev
+        .context()
+        .mem_get_info()
+        .map_err(cuda_err("mem_get_info"))?;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let step_ms = sorted[sorted.len() / 2];
+    Ok(TrainBench {
+        shape: shape.to_string(),
+        device: engine.dev.name().to_string(),
+        sequences,
+        seq_len,
+        prompt_len,
+        lora_rank,
+        recompute: format!("{recompute:?}").to_lowercase(),
+        trainable_params: trainer.num_params(),
+        step_ms,
+        step_ms_all: times,
+        tokens_per_s: (sequences * seq_len) as f64 / (step_ms / 1e3),
+        weight_bytes: engine.weight_bytes(),
+        plan_bytes: trainer.plan().map_or(0, |p| p.total_bytes()),
+        peak_gpu_bytes_measured: free0.saturating_sub(free1),
+        grad_ms: grad_ms / steps as f64,
+        optimizer_ms: opt_ms / steps as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bf16 bytes of every weight of `c` (embeddings once when tied).
+    fn bf16_weight_bytes(c: &ModelConfig) -> usize {
+        let per_layer: usize = Proj::ALL
+            .iter()
+            .map(|p| {
+                let (i, o) = p.dims(c);
+                i * o
+            })
+            .sum::<usize>()
+            + 2 * c.hidden_size;
+        let emb = c.vocab_size * c.hidden_size * if c.tie_word_embeddings { 1 } else { 2 };
+        (emb + c.num_hidden_layers * per_layer + c.hidden_size) * 2
+    }
+
+    #[test]
+    fn packed_batch_matches_the_cpu_layout() {
+        let a = [5u32, 6, 7, 8];
+        let b = [1u32, 2];
+        let seqs = [
+            Sequence {
+                tokens: &a,
+                prompt_len: 2,
+            },
+            Sequence {
+                tokens: &b,
+                prompt_len: 2,
+            },
+        ];
+        let pk = PackedBatch::new(&seqs).unwrap();
+        assert_eq!(pk.ids, vec![5, 6, 7, 8, 1, 2]);
+        assert_eq!(pk.pos, vec![0, 1, 2, 3, 0, 1]);
+        assert_eq!(pk.cu_rows, vec![0, 4, 6]);
+        assert_eq!(pk.max_rows, 4);
+        // Row 1 (token 6) predicts 7, row 2 predicts 8; sequence 2 has no completion.
+        assert_eq!(pk.scored, vec![1, 2]);
+        assert_eq!(pk.targets, vec![7, 8]);
+        assert_eq!(pk.token_seq, vec![0, 0]);
+        assert_eq!(pk.token_off, vec![0, 2, 2]);
+        let bad = [Sequence {
+            tokens: &b,
+            prompt_len: 0,
+        }];
+        let e = PackedBatch::new(&bad).unwrap_err().to_string();
+        assert!(e.contains("sequence 0: prompt_len 0"), "{e}");
+    }
+
+    #[test]
+    fn train_plan_fits_the_issue_targets() {
+        // Qwen2.5-0.5B, 64 × 384 tokens, r = 16 on every projection, layer recompute: the
+        // step's buffers plus the bf16 weights must leave room under the 10 GiB target.
+        let c = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        let n = LoraWeights::init(all_linear(16), &c, 0).num_params();
+        let p = TrainPlan::new(&c, 64 * 384, 64, 64 * 256, n, 16, Recompute::Layer);
+        let weights = bf16_weight_bytes(&c);
+        let total = p.total_bytes() + weights;
+        assert!(total < 8 << 30, "0.5B plan {:.2} GiB", gib(total));
+        // Without recompute the activations of 24 layers exceed it (the switch matters).
+        let all = TrainPlan::new(&c, 64 * 384, 64, 64 * 256, n, 16, Recompute::None);
+        assert!(all.activation_bytes > 10 * p.activation_bytes);
+        // Qwen2.5-1.5B under 16 GiB.
+        let c = ModelConfig::preset("qwen2.5-1.5b").unwrap();
+        let n = LoraWeights::init(all_linear(16), &c, 0).num_params();
+        let p = TrainPlan::new(&c, 64 * 384, 64, 64 * 256, n, 16, Recompute::Layer);
+        let total = p.total_bytes() + bf16_weight_bytes(&c);
+        assert!(total < 14 << 30, "1.5B plan {:.2} GiB", gib(total));
+    }
+
+    #[test]
+    fn flat_lora_follows_lora_params_order() {
+        let c = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        let mut c = c;
+        c.num_hidden_layers = 2;
+        let lora = LoraWeights::new_random(all_linear(2), &c, 1, 0.1, 0.1);
+        let flat = FlatLora::of(&lora);
+        let host = FlatLora::flatten(&lora);
+        assert_eq!(flat.len, host.len());
+        let pr = flat.pair(1, Proj::Up).unwrap();
+        let pair = lora.pair(1, Proj::Up).unwrap();
+        assert_eq!(&host[pr.a.clone()], &pair.a[..]);
+        assert_eq!(&host[pr.b.clone()], &pair.b[..]);
+        let parts = split_sizes(&host, &flat.sizes);
+        assert_eq!(parts.concat(), host);
+    }
+}
