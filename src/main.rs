@@ -173,6 +173,45 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// One CUDA GRPO training step (forward, loss, LoRA backward, AdamW) on random weights of
+    /// a real model shape: step time, tokens/s, peak GPU memory.
+    Train {
+        /// qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b.
+        #[arg(long, default_value = "qwen2.5-0.5b")]
+        shape: String,
+        #[arg(long, default_value_t = 64)]
+        sequences: usize,
+        /// Tokens per sequence (prompt + completion).
+        #[arg(long, default_value_t = 384)]
+        seq_len: usize,
+        /// Prompt tokens per sequence (the rest are scored completion tokens).
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// LoRA rank on every projection.
+        #[arg(long, default_value_t = 16)]
+        lora_rank: usize,
+        /// Activation memory: `layer` recomputes each layer in the backward, `none` saves all.
+        #[arg(long, value_enum, default_value = "layer")]
+        recompute: RecomputeArg,
+        /// Sequences per forward/backward (0: the whole batch at once).
+        #[arg(long, default_value_t = 0)]
+        micro_batch_size: usize,
+        /// Timed steps (after one warm-up step); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Print one JSON object instead of a text summary.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RecomputeArg {
+    Layer,
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -444,6 +483,60 @@ fn run(cli: Cli) -> Result<()> {
                     r.weight_bytes as f64 / (1u64 << 30) as f64,
                     r.plan_bytes as f64 / (1u64 << 30) as f64,
                     r.peak_gpu_bytes_measured as f64 / (1u64 << 30) as f64,
+                );
+            }
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Train {
+                    shape,
+                    sequences,
+                    seq_len,
+                    prompt_len,
+                    lora_rank,
+                    recompute,
+                    micro_batch_size,
+                    steps,
+                    device,
+                    json,
+                },
+        } => {
+            let r = rft::cuda::train::bench_train(
+                &shape,
+                sequences,
+                seq_len,
+                prompt_len,
+                lora_rank,
+                match recompute {
+                    RecomputeArg::Layer => rft::cpu::train::Recompute::Layer,
+                    RecomputeArg::None => rft::cpu::train::Recompute::None,
+                },
+                micro_batch_size,
+                steps,
+                device,
+            )
+            .context("rft bench train")?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                println!(
+                    "{} on {}: {} × {} tokens (prompt {}), LoRA r{} ({} params), recompute {}: \
+                     {:.1} ms/step, {:.0} tok/s, weights {:.2} GiB, plan {:.2} GiB, measured {:.2} GiB",
+                    r.shape,
+                    r.device,
+                    r.sequences,
+                    r.seq_len,
+                    r.prompt_len,
+                    r.lora_rank,
+                    r.trainable_params,
+                    r.recompute,
+                    r.step_ms,
+                    r.tokens_per_s,
+                    gib(r.weight_bytes),
+                    gib(r.plan_bytes),
+                    gib(r.peak_gpu_bytes_measured),
                 );
             }
             Ok(())

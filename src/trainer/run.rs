@@ -86,6 +86,7 @@
 
 use crate::cpu::engine::CpuEngine;
 use crate::cpu::train::Recompute;
+use crate::cuda::{CudaEngine, CudaTrainer};
 use crate::data::dataset::{Dataset, Item, PromptSampler, SamplerState};
 use crate::data::input::{encode_prompt, PromptSpec};
 use crate::data::tasks::TaskConfig;
@@ -405,6 +406,20 @@ impl TrainConfig {
         }
     }
 
+    /// Why this config cannot train on the GPU yet (None: it can).
+    pub fn cuda_unsupported(&self) -> Option<String> {
+        if self.model.as_ref().is_some_and(|m| m.full_fine_tuning) {
+            return Some("full fine-tuning runs on the CPU only for now (use a LoRA adapter)".into());
+        }
+        if self.lora.dropout > 0.0 {
+            return Some(format!(
+                "lora.dropout = {} is not supported by the CUDA training step yet (set it to 0)",
+                self.lora.dropout
+            ));
+        }
+        None
+    }
+
     fn grpo_options(&self) -> Result<GrpoOptions> {
         let warmup = Warmup::from_config(self.warmup_steps, self.warmup_ratio);
         let schedule = LrSchedule::new(
@@ -501,6 +516,12 @@ struct Prompt {
     text: String,
 }
 
+/// The GPU side of a run: the rollout engine (with the live adapter) and the update.
+struct CudaBackend {
+    engine: CudaEngine,
+    trainer: CudaTrainer,
+}
+
 /// The GRPO trainer. Owns the engine (with the live adapter), the data and the grader.
 pub struct Trainer {
     pub config: TrainConfig,
@@ -509,7 +530,10 @@ pub struct Trainer {
     /// Where the config's relative paths start (saved in checkpoints for `--resume`).
     base_dir: Option<PathBuf>,
     base_model: String,
+    /// The host model and adapter: the CPU backend, and the copy checkpoints are written from.
     engine: CpuEngine,
+    /// Rollouts and updates on the GPU (then `engine`'s adapter is refreshed before saves).
+    cuda: Option<CudaBackend>,
     tok: Tokenizer,
     train: Vec<(Item, Prompt)>,
     val: Vec<(Item, Prompt)>,
@@ -535,17 +559,19 @@ impl Trainer {
             .clone()
             .ok_or_else(|| Error::invalid("config: [model] path is required"))?;
         let model_dir = resolve(base_dir, &m.path);
-        match config.device {
-            Device::Cpu | Device::Auto => {}
+        let use_cuda = match config.device {
+            Device::Cpu => false,
             Device::Cuda => {
-                let why = crate::cuda::availability()
-                    .err()
-                    .unwrap_or_else(|| "the CUDA training engine is not implemented yet".to_string());
-                return Err(Error::CudaUnavailable(format!(
-                    "device = \"cuda\": {why}; use device = \"cpu\""
-                )));
+                crate::cuda::availability().map_err(|why| {
+                    Error::CudaUnavailable(format!("device = \"cuda\": {why}; use device = \"cpu\""))
+                })?;
+                config.cuda_unsupported().map_or(Ok(()), |why| {
+                    Err(Error::invalid(format!("device = \"cuda\": {why}")))
+                })?;
+                true
             }
-        }
+            Device::Auto => crate::cuda::availability().is_ok() && config.cuda_unsupported().is_none(),
+        };
         let engine = CpuEngine::load(&model_dir)?;
         let tok = Tokenizer::from_dir(&model_dir)?;
         let splits = config.data.load(base_dir)?;
@@ -578,7 +604,52 @@ impl Trainer {
             let lora = peft::load(&dir, t.engine.config())?;
             t.engine.set_adapter(Some(lora));
         }
+        if use_cuda {
+            t.enable_cuda(0)?;
+        }
         Ok(t)
+    }
+
+    /// Moves rollouts and updates to CUDA device `ordinal`: a [`CudaEngine`] made from the host
+    /// model's weights (bf16) with the current adapter live on it, and a [`CudaTrainer`] with
+    /// the current AdamW state. The host copies (`engine()`) are refreshed from the device
+    /// before every save.
+    pub fn enable_cuda(&mut self, ordinal: usize) -> Result<()> {
+        if let Some(why) = self.config.cuda_unsupported() {
+            return Err(Error::invalid(format!("CUDA training: {why}")));
+        }
+        let lora = self
+            .engine
+            .adapter
+            .as_ref()
+            .ok_or_else(|| Error::invalid("CUDA training needs a LoRA adapter"))?;
+        let mut engine =
+            CudaEngine::from_weights(self.engine.config().clone(), &self.engine.model.weights, ordinal)?;
+        engine.set_max_batch_seqs(self.config.rollout_batch_size);
+        let trainer = CudaTrainer::new(&mut engine, lora, &self.state.adam)?;
+        self.cuda = Some(CudaBackend { engine, trainer });
+        Ok(())
+    }
+
+    /// "cpu" or "cuda": where rollouts and updates run.
+    pub fn device(&self) -> &'static str {
+        if self.cuda.is_some() {
+            "cuda"
+        } else {
+            "cpu"
+        }
+    }
+
+    /// Copies the adapter and the AdamW moments from the GPU into the host copies (no-op on
+    /// the CPU).
+    fn sync_host(&mut self) -> Result<()> {
+        if let Some(c) = &self.cuda {
+            if let Some(l) = self.engine.adapter.as_mut() {
+                c.trainer.download_lora(&c.engine, l)?;
+            }
+            c.trainer.download_adam(&c.engine, &mut self.state.adam)?;
+        }
+        Ok(())
     }
 
     /// The embeddable constructor: your engine (model), tokenizer, datasets and grader.
@@ -637,6 +708,7 @@ impl Trainer {
             base_model: String::new(),
             base_dir: None,
             engine,
+            cuda: None,
             tok,
             train,
             val,
@@ -710,9 +782,11 @@ impl Trainer {
                     ..*params
                 };
                 let t0 = Instant::now();
-                let mut out = self
-                    .engine
-                    .generate(&prompts, g, &chunk_params, &stop, Some(&decode))?;
+                let engine: &mut dyn Engine = match self.cuda.as_mut() {
+                    Some(c) => &mut c.engine,
+                    None => &mut self.engine,
+                };
+                let mut out = engine.generate(&prompts, g, &chunk_params, &stop, Some(&decode))?;
                 gen_s += t0.elapsed().as_secs_f64();
                 let samples: Vec<Sample> = out
                     .iter()
@@ -843,8 +917,15 @@ impl Trainer {
             advantages: None,
         };
         let t_train = Instant::now();
-        let lora = self.engine.adapter.as_mut();
-        let metrics = grpo_update(&mut self.engine.model, lora, &mut self.state, &batch, &self.opts)?;
+        let metrics = match self.cuda.as_mut() {
+            Some(c) => c
+                .trainer
+                .grpo_update(&mut c.engine, &mut self.state, &batch, &self.opts)?,
+            None => {
+                let lora = self.engine.adapter.as_mut();
+                grpo_update(&mut self.engine.model, lora, &mut self.state, &batch, &self.opts)?
+            }
+        };
         rec.train_seconds = t_train.elapsed().as_secs_f64();
         let train_tokens: usize = batch
             .seqs
@@ -878,7 +959,8 @@ impl Trainer {
         self.log(Record::Eval(rec.clone()))?;
         if self.best_val.is_none_or(|b| rec.accuracy > b) {
             self.best_val = Some(rec.accuracy);
-            self.save_weights(&self.output_dir.join("adapter_best"))?;
+            let dir = self.output_dir.join("adapter_best");
+            self.save_weights(&dir)?;
         }
         Ok(Some(rec))
     }
@@ -913,7 +995,8 @@ impl Trainer {
     }
 
     /// The trained parameters, as a PEFT adapter or (full fine-tuning) an HF model directory.
-    pub fn save_weights(&self, dir: &Path) -> Result<()> {
+    pub fn save_weights(&mut self, dir: &Path) -> Result<()> {
+        self.sync_host()?;
         match &self.engine.adapter {
             Some(l) => peft::save(dir, l, &self.base_model),
             None => {
@@ -924,7 +1007,8 @@ impl Trainer {
     }
 
     /// Writes a resumable checkpoint to `OUTPUT_DIR/checkpoint`.
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.sync_host()?;
         let dir = self.output_dir.join("checkpoint");
         let params = match &self.engine.adapter {
             Some(l) => Trainable::Lora(l.clone()),
@@ -966,6 +1050,14 @@ impl Trainer {
         self.best_val = ck.config["best_val"].as_f64();
         self.rollout_tokens = ck.config["rollout_tokens"].as_u64().unwrap_or(0);
         self.train_tokens = ck.config["train_tokens"].as_u64().unwrap_or(0);
+        if let Some(c) = self.cuda.as_mut() {
+            let lora = self
+                .engine
+                .adapter
+                .as_ref()
+                .ok_or_else(|| Error::invalid("CUDA training needs a LoRA adapter"))?;
+            c.trainer = CudaTrainer::new(&mut c.engine, lora, &self.state.adam)?;
+        }
         Ok(())
     }
 
@@ -1027,13 +1119,14 @@ impl Trainer {
         }
         bar.finish_and_clear();
         self.save_checkpoint()?;
-        self.save_weights(&self.output_dir.join("adapter_last"))?;
+        let last = self.output_dir.join("adapter_last");
+        self.save_weights(&last)?;
         let records = crate::trainer::metrics::read_records(&self.output_dir.join("metrics.jsonl"))?;
         let mut summary = Summary::from_records(&records);
         summary.wall_seconds = t0.elapsed().as_secs_f64();
         summary.rollout_tokens = self.rollout_tokens;
         summary.train_tokens = self.train_tokens;
-        summary.device = "cpu".into();
+        summary.device = self.device().into();
         summary.interrupted = interrupted;
         summary.steps = self.step_count();
         summary.write(&self.output_dir)?;
