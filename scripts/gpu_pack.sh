@@ -2,8 +2,9 @@
 # Packs everything the GPU machine should run into .gpu/ (via ../shared/gpu/pack.sh) and writes
 # .gpu/extra.sh with the GPU-only checks: every GPU test with RFT_REQUIRE_GPU=1 (a skip is a
 # failure there), the CUDA generate smoke test, and the rollout benches of the CUDA issue next to
-# the Hugging Face peers (../shared/peers/, same machine). Then on the GPU machine:
-#     bash .gpu/run.sh            (SKIP_BENCH=1 skips the criterion benches)
+# the Hugging Face peers (../shared/peers/, same machine), the training-step benches, and the
+# embedded default run on the GPU (200 steps). Then on the GPU machine:
+#     SKIP_BENCH=1 bash .gpu/run.sh      (SKIP_BENCH=1 skips the criterion benches)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NVCC="${NVCC:-$(scripts/install-nvcc.sh | tail -1)}"
@@ -19,9 +20,14 @@ set -x
 .gpu/bin/rft generate --model tests/fixtures/models/qwen2 --prompt "12 + 7 =" --device cuda --max-new-tokens 8 --num-samples 2 --seed 1
 .gpu/bin/rft generate --model tests/fixtures/models/qwen2 --prompt "12 + 7 =" --device cpu --max-new-tokens 8 --num-samples 2 --seed 1
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --json
+.gpu/bin/rft bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
+timeout 240 .gpu/bin/rft train --device cuda --max-steps 200 --output-dir /tmp/rft-default-cuda && cat /tmp/rft-default-cuda/summary.json && tail -n 3 /tmp/rft-default-cuda/metrics.jsonl
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
+.gpu/bin/rft bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
+.gpu/bin/rft bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --json
+.gpu/bin/rft bench train --shape qwen2.5-7b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 16 --steps 1 --json
 EXTRA
 # run.sh runs the test binaries before extra.sh; make the GPU tests strict there too.
 sed -i 's|^export CARGO_MANIFEST_DIR=|export RFT_REQUIRE_GPU=1 CARGO_MANIFEST_DIR=|' .gpu/run.sh

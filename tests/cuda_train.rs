@@ -192,7 +192,7 @@ fn check_pass(name: &str, label: &str, opts: &GrpoOptions) {
     let b = batch(&model.config);
     let cpu = grpo_gradients(&model, Some(&lora), &b, opts).unwrap();
     let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
-    let gpu = tr.grpo_gradients(&engine, &b, opts, &lora).unwrap();
+    let gpu = tr.grpo_gradients(&engine, &b, opts).unwrap();
     eprintln!("cuda_train {name} {label}:");
     let dl = compare_logp("logp", &gpu.logp, &cpu.logp);
     if let (Some(g), Some(c)) = (&gpu.ref_logp, &cpu.ref_logp) {
@@ -288,10 +288,10 @@ fn cuda_recompute_is_bit_identical_and_micro_batches_add_up() {
     let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
     let loss = GrpoLossConfig::default();
     let saved = tr
-        .grpo_gradients(&engine, &b, &opts(loss.clone(), 2, Recompute::None), &lora)
+        .grpo_gradients(&engine, &b, &opts(loss.clone(), 2, Recompute::None))
         .unwrap();
     let recomputed = tr
-        .grpo_gradients(&engine, &b, &opts(loss.clone(), 2, Recompute::Layer), &lora)
+        .grpo_gradients(&engine, &b, &opts(loss.clone(), 2, Recompute::Layer))
         .unwrap();
     // The same kernels in the same order on the same rows: identical bits.
     assert_eq!(saved.logp, recomputed.logp);
@@ -303,7 +303,7 @@ fn cuda_recompute_is_bit_identical_and_micro_batches_add_up() {
     // One micro-batch vs two: the GEMMs see other row counts (cuBLAS may pick other kernels),
     // so equality holds to bf16 rounding, not bits.
     let whole = tr
-        .grpo_gradients(&engine, &b, &opts(loss, 1, Recompute::Layer), &lora)
+        .grpo_gradients(&engine, &b, &opts(loss, 1, Recompute::Layer))
         .unwrap();
     eprintln!("cuda_train micro-batches 1 vs 2:");
     compare_tensors(
@@ -414,7 +414,7 @@ fn cuda_trainer_rejects_what_it_does_not_support() {
     let mut o = opts(GrpoLossConfig::default(), 1, Recompute::Layer);
     o.full_fine_tuning = true;
     let e = tr
-        .grpo_gradients(&engine, &batch(&model.config), &o, &lora)
+        .grpo_gradients(&engine, &batch(&model.config), &o)
         .err()
         .expect("full fine-tuning must be refused")
         .to_string();

@@ -1149,6 +1149,9 @@ struct MicroOut {
 /// The GRPO update on the GPU (see the module comment).
 pub struct CudaTrainer {
     flat: FlatLora,
+    /// The adapter's shape and config (its values are the initial ones; the live values are on
+    /// the device).
+    shape: LoraWeights,
     params: CudaSlice<f32>, // (P) the adapter, lora_params order
     grads: CudaSlice<f32>,  // (P)
     m: CudaSlice<f32>,      // (P) AdamW first moment
@@ -1198,6 +1201,7 @@ impl CudaTrainer {
         };
         let cast = dev.function("cast_f32_to_bf16")?;
         Ok(CudaTrainer {
+            shape: lora.clone(),
             grads: dev.alloc_zeros(flat.len.max(1))?,
             norm_partials: dev.alloc_zeros(grad_norm_partials_len(flat.len.max(1)))?,
             norm_stats: dev.alloc_zeros(2)?,
@@ -1747,7 +1751,9 @@ impl CudaTrainer {
         let mut sizing = opts.clone();
         sizing.loss.beta = 0.0;
         sizing.num_iterations = 1;
-        let shape_only = prepare_with(&engine.config, None, batch, &sizing, &mut |_, _| Ok(Vec::new()))?;
+        let shape_only = prepare_with(&engine.config, Some(&self.shape), batch, &sizing, &mut |_, _| {
+            Ok(Vec::new())
+        })?;
         let want = self.plan_for(&engine.config, &shape_only, opts);
         self.ensure_plan(engine, want)?;
         let need_logp = opts.loss.beta > 0.0 || opts.num_iterations > 1;
@@ -1756,20 +1762,13 @@ impl CudaTrainer {
         }
         let t0 = Instant::now();
         let temperature = opts.temperature;
-        let mut err = None;
-        let p = {
-            let this = &mut *self;
-            prepare_with(&engine.config, None, batch, opts, &mut |seqs, adapter| {
-                this.logprobs_planned(engine, seqs, adapter, temperature)
-                    .map(|o| o.logp)
-                    .inspect_err(|e| err = Some(e.to_string()))
-            })
-        };
+        let shape = self.shape.clone();
+        let p = prepare_with(&engine.config, Some(&shape), batch, opts, &mut |seqs, adapter| {
+            self.logprobs_planned(engine, seqs, adapter, temperature)
+                .map(|o| o.logp)
+        });
         self.last_stats.prepare_ms = t0.elapsed().as_secs_f64() * 1e3;
-        p.map_err(|e| match err {
-            Some(m) => Error::Cuda(m),
-            None => e,
-        })
+        p
     }
 
     /// Gradients of the GRPO loss on `batch` for the current adapter, without stepping; the
@@ -1779,12 +1778,11 @@ impl CudaTrainer {
         engine: &CudaEngine,
         batch: &GrpoBatch,
         opts: &GrpoOptions,
-        shape_of: &LoraWeights,
     ) -> Result<GrpoGradients> {
         let p = self.prepare(engine, batch, opts)?;
         let mut g = self.gradients(engine, &p, opts)?;
         let host = get(&engine.dev, "gradients", &self.grads, self.flat.len)?;
-        let mut lg = shape_of.zeros_like();
+        let mut lg = self.shape.zeros_like();
         for (d, s) in crate::trainer::lora_params_mut(&mut lg)
             .into_iter()
             .zip(split_sizes(&host, &self.flat.sizes))
