@@ -288,10 +288,10 @@ fn cuda_recompute_is_bit_identical_and_micro_batches_add_up() {
     let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
     let loss = GrpoLossConfig::default();
     let saved = tr
-        .grpo_gradients(&engine, &b, &opts(loss.clone(), 2, Recompute::None))
+        .grpo_gradients(&engine, &b, &opts(loss, 2, Recompute::None))
         .unwrap();
     let recomputed = tr
-        .grpo_gradients(&engine, &b, &opts(loss.clone(), 2, Recompute::Layer))
+        .grpo_gradients(&engine, &b, &opts(loss, 2, Recompute::Layer))
         .unwrap();
     // The same kernels in the same order on the same rows: identical bits.
     assert_eq!(saved.logp, recomputed.logp);
@@ -415,8 +415,7 @@ fn cuda_trainer_rejects_what_it_does_not_support() {
     o.full_fine_tuning = true;
     let e = tr
         .grpo_gradients(&engine, &batch(&model.config), &o)
-        .err()
-        .expect("full fine-tuning must be refused")
+        .expect_err("full fine-tuning must be refused")
         .to_string();
     assert!(e.contains("full fine-tuning"), "{e}");
 }

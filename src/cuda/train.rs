@@ -712,6 +712,7 @@ struct Rows<'a> {
 
 /// One decoder layer's forward from `x_in` (n, D) into `x_out`, every activation into `a`.
 /// The single source of truth for the forward, the recompute and the log-prob-only passes.
+#[allow(clippy::too_many_arguments)]
 fn layer_fwd(
     ctx: &Ctx<'_>,
     l: usize,
@@ -1053,41 +1054,42 @@ fn layer_bwd(
     } else {
         (g.dq.slice(..n * qd), g.dk.slice(..n * kvd))
     };
-    let mut dh = g.dh.slice_mut(..n * d);
-    ctx.proj_bwd(
-        &h1,
-        lin(Proj::Q),
-        pair(Proj::Q),
-        grads,
-        &dq,
-        &mut dh,
-        false,
-        &mut sc,
-        n,
-    )?;
-    ctx.proj_bwd(
-        &h1,
-        lin(Proj::K),
-        pair(Proj::K),
-        grads,
-        &dk,
-        &mut dh,
-        true,
-        &mut sc,
-        n,
-    )?;
-    ctx.proj_bwd(
-        &h1,
-        lin(Proj::V),
-        pair(Proj::V),
-        grads,
-        &g.dv.slice(..n * kvd),
-        &mut dh,
-        true,
-        &mut sc,
-        n,
-    )?;
-    drop(dh);
+    {
+        let mut dh = g.dh.slice_mut(..n * d);
+        ctx.proj_bwd(
+            &h1,
+            lin(Proj::Q),
+            pair(Proj::Q),
+            grads,
+            &dq,
+            &mut dh,
+            false,
+            &mut sc,
+            n,
+        )?;
+        ctx.proj_bwd(
+            &h1,
+            lin(Proj::K),
+            pair(Proj::K),
+            grads,
+            &dk,
+            &mut dh,
+            true,
+            &mut sc,
+            n,
+        )?;
+        ctx.proj_bwd(
+            &h1,
+            lin(Proj::V),
+            pair(Proj::V),
+            grads,
+            &g.dv.slice(..n * kvd),
+            &mut dh,
+            true,
+            &mut sc,
+            n,
+        )?;
+    }
     dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
         &x_in.slice(..n * d),
         &lw.input_norm,
