@@ -22,6 +22,7 @@ set -x
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --json
 .gpu/bin/rft bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
 timeout 240 .gpu/bin/rft train --device cuda --max-steps 200 --output-dir /tmp/rft-default-cuda && cat /tmp/rft-default-cuda/summary.json && tail -n 3 /tmp/rft-default-cuda/metrics.jsonl
+python3 scripts/random_model.py /tmp/rft-q05 qwen2.5-0.5b && timeout 180 .gpu/bin/rft train scripts/gpu_smoke_0.5b.toml --output-dir /tmp/rft-q05-run && tail -n 4 /tmp/rft-q05-run/metrics.jsonl
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
