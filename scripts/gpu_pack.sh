@@ -2,7 +2,8 @@
 # Packs everything the GPU machine should run into .gpu/ (via ../shared/gpu/pack.sh) and writes
 # .gpu/extra.sh with the GPU-only checks: every GPU test with RFT_REQUIRE_GPU=1 (a skip is a
 # failure there), the CUDA generate smoke test, and the rollout benches of the CUDA issue next to
-# the Hugging Face peers (../shared/peers/, same machine). Then on the GPU machine:
+# the Hugging Face peers (../shared/peers/, same machine); the 64-sequence bench once more with
+# RFT_CUDA_GRAPHS=0 (eager decode steps) to show what the decode graphs save. Then on the GPU machine:
 #     bash .gpu/run.sh            (SKIP_BENCH=1 skips the criterion benches)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ set -x
 .gpu/bin/rft generate --model tests/fixtures/models/qwen2 --prompt "12 + 7 =" --device cpu --max-new-tokens 8 --num-samples 2 --seed 1
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
+RFT_CUDA_GRAPHS=0 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
 EXTRA

@@ -23,9 +23,11 @@ mod kernels;
 mod rollout;
 mod train_kernels;
 
-pub use device::CudaDevice;
+pub use device::{CudaDevice, CUBLAS_WORKSPACE_BYTES};
 pub use engine::{CudaEngine, MemoryPlan};
-pub use rollout::{decode_splits, AttnShape, SamplingParamsDev, ROLLOUT_KERNEL_NAMES};
+pub use rollout::{
+    decode_partitions, AttnShape, SamplingParamsDev, DECODE_PARTITION_SIZE, ROLLOUT_KERNEL_NAMES,
+};
 pub use train_kernels::{
     clip_report_from_stats, grad_norm_blocks, grad_norm_partials_len, grpo_loss_blocks,
     grpo_loss_partials_len, lora_grad_scratch_len, lora_grad_splits, rmsnorm_bwd_blocks,
