@@ -15,13 +15,23 @@
 // Kernels:
 //   kv_cache_append_bf16          writes new rows' k, v into the cache at (seq, pos)
 //   attention_decode_bf16         one query per sequence at position len-1 (its newest token,
-//                                 already appended), flash-decoding: grid.z splits the
-//                                 positions; with splits > 1 it writes f32 partials that
-//   attention_decode_combine_bf16 merges (log-sum-exp rescaling) into the bf16 output
+//                                 already appended), flash-decoding over FIXED partitions of
+//                                 part_size positions (grid.z = partition index): a sequence
+//                                 with one partition is written out directly, one with more
+//                                 writes f32 partials that
+//   attention_decode_combine_bf16 merges (log-sum-exp rescaling, partitions in index order)
+//                                 into the bf16 output
+//
+// Batch invariance of decode: how a sequence's positions are partitioned, the order every sum
+// runs in, and which kernel writes its output depend only on its own length (and the window),
+// never on the other sequences of the batch or on the grid (grid.z only has to cover the
+// longest sequence; partitions past a sequence's end exit at once). So a sequence's output is
+// bit-identical whether it is decoded alone or in any batch, and a grid sized for the memory
+// plan's longest sequence (a CUDA graph) gives the same bits as one sized for the step.
 //   attention_prefill_bf16        many queries per sequence (prompt tokens), tiled: 16 query
 //                                 rows × 32 key positions per step through shared memory
 //
-// Rust launchers: src/cuda/rollout.rs (shapes, splits, shared memory sizes).
+// Rust launchers: src/cuda/rollout.rs (shapes, partitions, shared memory sizes).
 
 #include "common.cuh"
 
@@ -97,12 +107,25 @@ static __device__ __forceinline__ void load_head_slice(const bf16* __restrict__ 
     }
 }
 
+// Partitions of a sequence's valid span [start, len): ceil((len - start) / part_size), at
+// least 1 (a sequence of length 0 has one empty partition, whose output is 0). `len` is
+// seq_lens[s] clamped to [0, cap], cap = page_size · max_pages; start = len - window under a
+// sliding window that the sequence has outgrown, else 0. The decode and combine kernels both
+// call this, so they agree on every sequence's partitions.
+static __device__ __forceinline__ int decode_num_parts(int len, int window, int part_size) {
+    const int start = (window > 0 && len > window) ? len - window : 0;
+    return max(1, CEIL_DIV(len - start, part_size));
+}
+
 // One block = (sequence s = blockIdx.x, a group of ≤ ATTN_GMAX query heads sharing kv head kvh
-// = blockIdx.y, split = blockIdx.z). Warp w walks positions t0 + w, t0 + w + ATTN_WARPS, ... of
-// the split's range [t0, t1): it loads k and v of position t once for all the group's heads,
-// reduces each q·k over the warp, and keeps an online softmax (m, l, acc) per head. The warps'
-// states are merged in shared memory; the block then writes either the normalized output
-// (splits == 1) or its unnormalized partial (acc, m, l) for the combine kernel.
+// = blockIdx.y, partition p = blockIdx.z). Partition p of s covers positions
+// [start + p·part_size, min(start + (p+1)·part_size, len)); a block whose p is past the
+// sequence's last partition returns at once. Warp w walks positions t0 + w, t0 + w +
+// ATTN_WARPS, ... of the partition: it loads k and v of position t once for all the group's
+// heads, reduces each q·k over the warp, and keeps an online softmax (m, l, acc) per head. The
+// warps' states are merged in shared memory in warp order; the block then writes either the
+// normalized output (the sequence has one partition) or its unnormalized partial (acc, m, l)
+// for the combine kernel (more than one).
 //
 // Dynamic shared memory: ATTN_WARPS · ATTN_GMAX · (hd + 2) floats.
 template <int E>
@@ -111,7 +134,7 @@ static __device__ void attention_decode_block(bf16* __restrict__ out, float* __r
                                               const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                               const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                                               int n_heads, int n_kv_heads, int hd, int page_size, int max_pages,
-                                              int window, int splits, float scale) {
+                                              int window, int part_size, float scale) {
     extern __shared__ float attn_smem[];
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
@@ -122,14 +145,27 @@ static __device__ void attention_decode_block(bf16* __restrict__ out, float* __r
     const int sub = blockIdx.y % sub_groups;
     const int h0 = kvh * group + sub * ATTN_GMAX;
     const int gcount = min(ATTN_GMAX, group - sub * ATTN_GMAX);
-    const int split = blockIdx.z;
+    const int part = blockIdx.z;
+    const int max_parts = gridDim.z;
 
-    // Valid positions [start, len) of this sequence; this split's share [t0, t1).
+    // Valid positions [start, len) of this sequence; this partition's share [t0, t1).
     const int len = min(max(seq_lens[s], 0), page_size * max_pages);
     const int start = (window > 0 && len > window) ? len - window : 0;
-    const int chunk = CEIL_DIV(len - start, splits);
-    const int t0 = start + split * chunk;
-    const int t1 = min(t0 + chunk, len);
+    const int nparts = decode_num_parts(len, window, part_size);
+    if (nparts > max_parts) {
+        // The grid does not cover this sequence (a launcher bug: max_len below a seq_len).
+        // Say so loudly with NaN, which the sampler rejects, instead of a silent wrong answer;
+        // and never touch partials the caller did not size for.
+        if (part == 0) {
+            for (int idx = threadIdx.x; idx < gcount * hd; idx += blockDim.x) {
+                out[((size_t)s * n_heads + h0 + idx / hd) * hd + idx % hd] = f32_to_bf16(__int_as_float(0x7fc00000));
+            }
+        }
+        return;
+    }
+    if (part >= nparts) return;  // whole block, before any barrier
+    const int t0 = start + part * part_size;
+    const int t1 = min(t0 + part_size, len);
 
     float qr[ATTN_GMAX][E];
     float m[ATTN_GMAX], l[ATTN_GMAX], acc[ATTN_GMAX][E];
@@ -147,6 +183,9 @@ static __device__ void attention_decode_block(bf16* __restrict__ out, float* __r
         for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
     }
 
+    // Unrolled by 2 so a warp has the next position's k/v loads in flight while it reduces
+    // this one's (the order of the online-softmax updates is unchanged).
+#pragma unroll 2
     for (int t = t0 + warp; t < t1; t += ATTN_WARPS) {
         const size_t off = kv_offset(block_table, s, t, page_size, max_pages, n_kv_heads, kvh, hd);
         float kx[E], vx[E];
@@ -210,14 +249,14 @@ static __device__ void attention_decode_block(bf16* __restrict__ out, float* __r
             sum_a += wgt * slot[d];
         }
         const int h = h0 + g;
-        if (splits == 1) {
+        if (nparts == 1) {
             out[((size_t)s * n_heads + h) * hd + d] = f32_to_bf16(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
         } else {
-            const size_t part = ((size_t)s * n_heads + h) * splits + split;
-            part_o[part * hd + d] = sum_a;
+            const size_t pi = ((size_t)s * n_heads + h) * max_parts + part;
+            part_o[pi * hd + d] = sum_a;
             if (d == 0) {
-                part_ml[part * 2] = mx;
-                part_ml[part * 2 + 1] = sum_l;
+                part_ml[pi * 2] = mx;
+                part_ml[pi * 2 + 1] = sum_l;
             }
         }
     }
@@ -225,50 +264,61 @@ static __device__ void attention_decode_block(bf16* __restrict__ out, float* __r
 
 // q (num_seqs, n_heads, hd) bf16: each sequence's newest token, at position seq_lens[s] - 1,
 // whose k and v are already in the cache. seq_lens (num_seqs) i32; a length of 0 gives a zero
-// output. out (num_seqs, n_heads, hd) bf16, written when splits == 1; else part_o
-// (num_seqs, n_heads, splits, hd) f32 and part_ml (num_seqs, n_heads, splits, 2) f32 are
-// written and attention_decode_combine_bf16 produces out. window 0 = no sliding window.
-// grid = (num_seqs, n_kv_heads · ceil(group / ATTN_GMAX), splits), block = ATTN_WARPS·32,
-// dynamic shared memory ATTN_WARPS·ATTN_GMAX·(hd+2)·4 bytes. hd ≤ 256, even.
+// output. out (num_seqs, n_heads, hd) bf16, written here for sequences of one partition; for
+// the others part_o (num_seqs, n_heads, max_parts, hd) f32 and part_ml (num_seqs, n_heads,
+// max_parts, 2) f32 receive partitions 0..nparts-1 and attention_decode_combine_bf16 produces
+// out. window 0 = no sliding window. grid = (num_seqs, n_kv_heads · ceil(group / ATTN_GMAX),
+// max_parts) with max_parts ≥ every sequence's partition count, block = ATTN_WARPS·32, dynamic
+// shared memory ATTN_WARPS·ATTN_GMAX·(hd+2)·4 bytes. hd ≤ 256, even.
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP_SIZE)
     attention_decode_bf16(bf16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
                           const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
                           const bf16* __restrict__ v_cache, const int* __restrict__ block_table,
                           const int* __restrict__ seq_lens, int n_heads, int n_kv_heads, int hd,
-                          int page_size, int max_pages, int window, int splits, float scale) {
+                          int page_size, int max_pages, int window, int part_size, float scale) {
     if (hd <= 32) {
         attention_decode_block<1>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
-                                  n_kv_heads, hd, page_size, max_pages, window, splits, scale);
+                                  n_kv_heads, hd, page_size, max_pages, window, part_size, scale);
     } else if (hd <= 64) {
         attention_decode_block<2>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
-                                  n_kv_heads, hd, page_size, max_pages, window, splits, scale);
+                                  n_kv_heads, hd, page_size, max_pages, window, part_size, scale);
     } else if (hd <= 128) {
         attention_decode_block<4>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
-                                  n_kv_heads, hd, page_size, max_pages, window, splits, scale);
+                                  n_kv_heads, hd, page_size, max_pages, window, part_size, scale);
     } else {
         attention_decode_block<8>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
-                                  n_kv_heads, hd, page_size, max_pages, window, splits, scale);
+                                  n_kv_heads, hd, page_size, max_pages, window, part_size, scale);
     }
 }
 
-// out[s, h, :] = Σ_i e^{m_i - M} acc_i / Σ_i e^{m_i - M} l_i over the splits i of (s, h), M =
-// max m_i (empty splits have m = -inf, l = 0, acc = 0 and drop out). part_o (num_seqs, n_heads,
-// splits, hd), part_ml (num_seqs, n_heads, splits, 2) f32; out (num_seqs, n_heads, hd) bf16.
+// For each (s, h) whose sequence has nparts > 1 partitions (computed from seq_lens[s] exactly
+// as the decode kernel does): out[s, h, :] = Σ_i e^{m_i - M} acc_i / Σ_i e^{m_i - M} l_i over
+// i = 0 .. nparts-1 in that order, M = max m_i (a partition that saw no valid position has
+// m = -inf, l = 0, acc = 0 and drops out). Sequences of one partition (written by the decode
+// kernel) and ones the grid did not cover (nparts > max_parts, NaN there) are left alone.
+// part_o (num_seqs, n_heads, max_parts, hd), part_ml (num_seqs, n_heads, max_parts, 2) f32;
+// out (num_seqs, n_heads, hd) bf16; cap = page_size · max_pages of the cache.
 // grid = num_seqs · n_heads, block = multiple of 32 (threads over hd).
 extern "C" __global__ void attention_decode_combine_bf16(bf16* __restrict__ out, const float* __restrict__ part_o,
-                                                         const float* __restrict__ part_ml, int rows, int hd,
-                                                         int splits) {
+                                                         const float* __restrict__ part_ml,
+                                                         const int* __restrict__ seq_lens, int n_heads, int hd,
+                                                         int cap, int window, int part_size, int max_parts,
+                                                         int rows) {
     const int r = blockIdx.x;  // = s · n_heads + h
     if (r >= rows) return;
-    const float* ml = part_ml + (size_t)r * splits * 2;
+    const int s = r / n_heads;
+    const int len = min(max(seq_lens[s], 0), cap);
+    const int nparts = decode_num_parts(len, window, part_size);
+    if (nparts <= 1 || nparts > max_parts) return;
+    const float* ml = part_ml + (size_t)r * max_parts * 2;
     float mx = -INFINITY;
-    for (int i = 0; i < splits; ++i) mx = fmaxf(mx, ml[2 * i]);
+    for (int i = 0; i < nparts; ++i) mx = fmaxf(mx, ml[2 * i]);
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float sum_l = 0.0f, sum_a = 0.0f;
-        for (int i = 0; i < splits; ++i) {
+        for (int i = 0; i < nparts; ++i) {
             const float wgt = ml[2 * i] == -INFINITY ? 0.0f : expf(ml[2 * i] - mx);
             sum_l += wgt * ml[2 * i + 1];
-            sum_a += wgt * part_o[((size_t)r * splits + i) * hd + d];
+            sum_a += wgt * part_o[((size_t)r * max_parts + i) * hd + d];
         }
         out[(size_t)r * hd + d] = f32_to_bf16(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
     }

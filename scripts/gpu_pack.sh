@@ -2,8 +2,10 @@
 # Packs everything the GPU machine should run into .gpu/ (via ../shared/gpu/pack.sh) and writes
 # .gpu/extra.sh with the GPU-only checks: every GPU test with RFT_REQUIRE_GPU=1 (a skip is a
 # failure there), the CUDA generate smoke test, and the rollout benches of the CUDA issue next to
-# the Hugging Face peers (../shared/peers/, same machine), the training-step benches, and the
-# embedded default run on the GPU (200 steps). Then on the GPU machine:
+# the Hugging Face peers (../shared/peers/, same machine), the training-step benches, the
+# embedded default run on the GPU (200 steps), a real-scale `rft train` smoke run, and the
+# 64-sequence bench once more with RFT_CUDA_GRAPHS=0 (eager decode steps) to show what the
+# decode graphs save. Then on the GPU machine:
 #     SKIP_BENCH=1 bash .gpu/run.sh      (SKIP_BENCH=1 skips the criterion benches)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,7 @@ set -x
 timeout 240 .gpu/bin/rft train --device cuda --max-steps 200 --output-dir /tmp/rft-default-cuda && cat /tmp/rft-default-cuda/summary.json && tail -n 3 /tmp/rft-default-cuda/metrics.jsonl
 python3 scripts/random_model.py /tmp/rft-q05 qwen2.5-0.5b && timeout 180 .gpu/bin/rft train scripts/gpu_smoke_0.5b.toml --output-dir /tmp/rft-q05-run && tail -n 4 /tmp/rft-q05-run/metrics.jsonl
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
+RFT_CUDA_GRAPHS=0 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
 .gpu/bin/rft bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
 .gpu/bin/rft bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --json

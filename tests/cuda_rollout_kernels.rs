@@ -4,14 +4,16 @@
 //! Inputs are rounded to bf16 before BOTH sides see them, so tolerances only cover the kernels'
 //! own rounding (one bf16 store: ≤ 2^-9 relative) and f32 summation order; each is justified
 //! where it is set. Without a usable GPU every test prints "skipping: <reason>" and passes;
-//! `RFT_REQUIRE_GPU=1` makes that a failure. Pure-host tests (split heuristic, fatbin names) run
+//! `RFT_REQUIRE_GPU=1` makes that a failure. Pure-host tests (decode partitions, fatbin names) run
 //! everywhere.
 
 mod common;
 use common::{bf, device_or_skip, uniform_vec};
 use rft::cpu::model::attend;
 use rft::cpu::ops;
-use rft::cuda::{decode_splits, kernels_fatbin, AttnShape, CudaDevice, ROLLOUT_KERNEL_NAMES};
+use rft::cuda::{
+    decode_partitions, kernels_fatbin, AttnShape, CudaDevice, DECODE_PARTITION_SIZE, ROLLOUT_KERNEL_NAMES,
+};
 use rft::model::config::ModelConfig;
 use rft::sampling::{uniform, Sampler, SamplingParams};
 
@@ -52,16 +54,32 @@ fn rollout_kernels_are_in_the_fatbin() {
 }
 
 #[test]
-fn decode_splits_heuristic() {
-    // 64 sequences × 2 kv blocks already fill 132 SMs about once: 3 splits for two waves.
-    assert_eq!(decode_splits(64, 2, 4096, 132), 3);
-    // One sequence, long context: many splits, capped at 64.
-    assert_eq!(decode_splits(1, 2, 100_000, 132), 64);
-    // Short contexts never split below 64 positions per split.
-    assert_eq!(decode_splits(1, 2, 17, 132), 1);
-    assert_eq!(decode_splits(1, 2, 300, 132), 5);
-    assert_eq!(decode_splits(1024, 2, 4096, 132), 1);
-    assert_eq!(decode_splits(0, 2, 0, 132), 1);
+fn decode_partitions_depend_on_the_sequence_only() {
+    let p = DECODE_PARTITION_SIZE;
+    assert_eq!(p % 16, 0, "a partition never splits a KV page");
+    assert_eq!(
+        decode_partitions(0, None),
+        1,
+        "an empty sequence has one (empty) partition"
+    );
+    assert_eq!(decode_partitions(1, None), 1);
+    assert_eq!(decode_partitions(p, None), 1);
+    assert_eq!(decode_partitions(p + 1, None), 2);
+    // The GRPO rollout shape: prompt 128 + 256 new tokens.
+    assert_eq!(decode_partitions(384, None), 384usize.div_ceil(p));
+    assert_eq!(decode_partitions(32_768, None), 32_768 / p);
+    // A sliding window bounds the attended span.
+    assert_eq!(decode_partitions(100_000, Some(4096)), 4096usize.div_ceil(p));
+    assert_eq!(decode_partitions(50, Some(4096)), 1);
+    // Monotone in the length: a grid sized for the longest sequence covers every shorter one.
+    for w in [None, Some(100), Some(1000)] {
+        let mut prev = 0;
+        for len in 0..3000 {
+            let n = decode_partitions(len, w);
+            assert!(n >= prev, "len {len} window {w:?}");
+            prev = n;
+        }
+    }
 }
 
 #[test]
@@ -317,22 +335,106 @@ fn attention_decode_bf16_matches_cpu() {
                         ));
                     }
                 }
-                let auto = decode_splits(num_seqs, shape.decode_blocks_per_seq(), cap, 132);
-                for splits in [1, 7, auto] {
-                    let got = dev
-                        .attention_decode_bf16_host(&q, &kc, &vc, &table, &seq_lens, &shape, splits)
-                        .unwrap();
-                    assert_close(
-                        &format!("decode h {h} kv {kv} hd {hd} window {window:?} contiguous {contiguous} splits {splits}"),
-                        &want,
-                        &got,
-                        ATTN_ATOL,
-                        BF16_STORE_RTOL,
+                // The grid sized for the longest sequence, for the cache's whole span, and far
+                // past it (clamped to the span): same bits, all within tolerance of the CPU.
+                let span = shape.page_size * shape.max_pages;
+                let mut first: Option<Vec<f32>> = None;
+                for max_len in [cap, span, 10 * span] {
+                    let what = format!(
+                        "decode h {h} kv {kv} hd {hd} window {window:?} contiguous {contiguous} max_len {max_len}"
                     );
+                    let got = dev
+                        .attention_decode_bf16_host(&q, &kc, &vc, &table, &seq_lens, &shape, max_len)
+                        .unwrap();
+                    assert_close(&what, &want, &got, ATTN_ATOL, BF16_STORE_RTOL);
+                    match &first {
+                        None => first = Some(got),
+                        Some(f) => assert_bits_eq(&what, f, &got),
+                    }
+                }
+                let batch = first.expect("ran");
+                // Batch invariance: each sequence decoded alone (its grid sized for itself) and
+                // in the reversed batch gives exactly the bits it has in the batch.
+                let width_q = h * hd;
+                let mp = shape.max_pages;
+                for s in 0..num_seqs {
+                    let alone = dev
+                        .attention_decode_bf16_host(
+                            &q[s * width_q..(s + 1) * width_q],
+                            &kc,
+                            &vc,
+                            &table[s * mp..(s + 1) * mp],
+                            &seq_lens[s..s + 1],
+                            &shape,
+                            lens[s],
+                        )
+                        .unwrap();
+                    assert_bits_eq(
+                        &format!("decode h {h} kv {kv} hd {hd} window {window:?} contiguous {contiguous}: sequence {s} (len {}) alone vs in the batch", lens[s]),
+                        &batch[s * width_q..(s + 1) * width_q],
+                        &alone,
+                    );
+                }
+                let order: Vec<usize> = (0..num_seqs).rev().collect();
+                let rq: Vec<f32> = order
+                    .iter()
+                    .flat_map(|&s| q[s * width_q..(s + 1) * width_q].to_vec())
+                    .collect();
+                let rt: Vec<i32> = order
+                    .iter()
+                    .flat_map(|&s| table[s * mp..(s + 1) * mp].to_vec())
+                    .collect();
+                let rl: Vec<i32> = order.iter().map(|&s| seq_lens[s]).collect();
+                let rev = dev
+                    .attention_decode_bf16_host(&rq, &kc, &vc, &rt, &rl, &shape, cap)
+                    .unwrap();
+                for (i, &s) in order.iter().enumerate() {
+                    assert_bits_eq(
+                        &format!("decode h {h} kv {kv} hd {hd} window {window:?}: sequence {s} in the reversed batch"),
+                        &batch[s * width_q..(s + 1) * width_q],
+                        &rev[i * width_q..(i + 1) * width_q],
+                    );
+                }
+                // A grid too small for a sequence (max_len below its length) must not fail
+                // silently: that sequence's output is NaN, the covered ones are unchanged.
+                let short = dev
+                    .attention_decode_bf16_host(&q, &kc, &vc, &table, &seq_lens, &shape, 1)
+                    .unwrap();
+                for s in 0..num_seqs {
+                    let (a, b) = (
+                        &batch[s * width_q..(s + 1) * width_q],
+                        &short[s * width_q..(s + 1) * width_q],
+                    );
+                    if decode_partitions(lens[s], window) > 1 {
+                        assert!(
+                            b.iter().all(|x| x.is_nan()),
+                            "sequence {s} (len {}) not covered: NaN expected",
+                            lens[s]
+                        );
+                    } else {
+                        assert_bits_eq(&format!("sequence {s} covered by a 1-partition grid"), a, b);
+                    }
                 }
             }
         }
     }
+}
+
+/// Bitwise equality of two kernel outputs (batch/grid invariance is exact, not a tolerance).
+fn assert_bits_eq(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    let bad: Vec<usize> = (0..a.len())
+        .filter(|&i| a[i].to_bits() != b[i].to_bits())
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} values differ in their bits, first at {}: {} vs {}",
+        bad.len(),
+        a.len(),
+        bad[0],
+        a[bad[0]],
+        b[bad[0]]
+    );
 }
 
 #[test]

@@ -2,15 +2,20 @@
 //! of the embedded fatbin, and a cuBLAS handle created on first use. Also plain host⇄device
 //! copies (synchronous from the host's view), including f32 ⇄ bf16 conversion for tests.
 //!
-//! Work goes to the context's default (null) stream, so every launch is ordered after the
-//! previous one and cudarc needs no cross-stream event tracking. (CUDA-graph capture needs a
-//! non-null stream: switch `stream` to `ctx.new_stream()` when the engine captures graphs.)
+//! All work of a device goes to ONE stream of its own (non-blocking, created at open), so every
+//! launch is ordered after the previous one. It is not the legacy null stream because CUDA-graph
+//! capture (the rollout engine's decode step) cannot capture that one. cudarc's cross-stream
+//! event tracking is switched off before anything is allocated: with a single stream it buys
+//! nothing, and its per-use event records/waits would break capture (a captured wait on an event
+//! recorded outside the capture invalidates it). The cuBLAS handle gets a workspace of its own
+//! (`cublasSetWorkspace`), so a GEMM under capture never allocates.
 
 use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PinnedHostSlice,
+    ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
@@ -20,6 +25,9 @@ use super::{
     train_kernels::TrainKernels,
 };
 use crate::{Error, Result};
+
+/// Bytes of the cuBLAS workspace (the cuBLAS documentation recommends 32 MiB on Hopper).
+pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -31,7 +39,8 @@ pub struct CudaDevice {
     pub(super) rollout: RolloutKernels,
     /// The training-step kernels (src/cuda/train_kernels.rs).
     pub(super) train: TrainKernels,
-    blas: OnceLock<CudaBlas>,
+    /// The cuBLAS handle and its workspace (the handle is dropped first).
+    blas: OnceLock<(CudaBlas, CudaSlice<u8>)>,
     name: String,
     compute_capability: (i32, i32),
 }
@@ -67,7 +76,13 @@ impl CudaDevice {
         let compute_capability = ctx
             .compute_capability()
             .map_err(cuda_err("querying the compute capability"))?;
-        let stream = ctx.default_stream();
+        // SAFETY: tracking is off before any buffer or stream of this context object exists, and
+        // every buffer is only ever used on `stream` (module comment), so no cross-stream
+        // synchronization is needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda_err(format_args!(
+            "creating a stream on CUDA device {ordinal}"
+        )))?;
         let module = ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|e| {
             Error::Cuda(format!(
                 "loading the embedded kernels (sm_80, sm_90a cubins + compute_90 PTX) on device \
@@ -126,10 +141,11 @@ impl CudaDevice {
             .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
     }
 
-    /// The cuBLAS handle bound to [`Self::stream`], created on first call. `CudaUnavailable`
-    /// when libcublas cannot be loaded (on the GPU machine: LD_LIBRARY_PATH=/usr/local/cuda/lib64).
+    /// The cuBLAS handle bound to [`Self::stream`], created on first call with a workspace of
+    /// [`CUBLAS_WORKSPACE_BYTES`] of its own. `CudaUnavailable` when libcublas cannot be loaded
+    /// (on the GPU machine: LD_LIBRARY_PATH=/usr/local/cuda/lib64).
     pub fn blas(&self) -> Result<&CudaBlas> {
-        if let Some(blas) = self.blas.get() {
+        if let Some((blas, _)) = self.blas.get() {
             return Ok(blas);
         }
         // SAFETY: only tries to dlopen libcublas; cudarc panics on first use if it is missing.
@@ -142,9 +158,43 @@ impl CudaDevice {
         }
         let blas = CudaBlas::new(self.stream.clone())
             .map_err(|e| Error::Cuda(format!("creating the cuBLAS handle: {e:?}")))?;
+        // A workspace of our own, set AFTER the stream (cublasSetStream resets it to the
+        // library's default pool). With it cuBLAS needs no allocation of its own inside a
+        // stream capture (the cuBLAS docs' recommendation for CUDA graphs).
+        let mut workspace = self.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)?;
+        {
+            let (ptr, _w) = workspace.device_ptr_mut(&self.stream);
+            // SAFETY: the handle is live, the buffer holds CUBLAS_WORKSPACE_BYTES bytes, is
+            // 256-byte aligned (a fresh allocation) and lives as long as the handle (both sit in
+            // `self.blas`, the handle dropped first).
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    CUBLAS_WORKSPACE_BYTES,
+                )
+            }
+            .result()
+            .map_err(|e| Error::Cuda(format!("setting the cuBLAS workspace: {e:?}")))?;
+        }
         // A racing thread may have set it first; then ours is dropped.
-        let _ = self.blas.set(blas);
-        Ok(self.blas.get().expect("set above"))
+        let _ = self.blas.set((blas, workspace));
+        Ok(&self.blas.get().expect("set above").0)
+    }
+
+    /// Page-locked host memory of `len` zeros (asynchronous copies from and to it). Not
+    /// write-combined: the host reads it back too.
+    pub fn alloc_pinned<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<PinnedHostSlice<T>> {
+        // SAFETY: flags 0 (plain page-locked memory); zeroed right below before any use.
+        let mut p = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len.max(1), 0) }.map_err(cuda_err(
+            format_args!("allocating {len} elements of pinned host memory"),
+        ))?;
+        let host = p
+            .as_mut_slice()
+            .map_err(cuda_err("waiting for pinned host memory"))?;
+        // SAFETY: T is ValidAsZeroBits, so all-zero bytes are a valid T.
+        unsafe { std::ptr::write_bytes(host.as_mut_ptr(), 0, host.len()) };
+        Ok(p)
     }
 
     /// Waits for all work queued on this device's stream; surfaces asynchronous kernel errors.

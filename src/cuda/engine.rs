@@ -1,53 +1,104 @@
 //! The CUDA rollout engine: [`CudaEngine`] implements [`crate::engine::Engine`] (generate,
 //! score, set_adapter) on one GPU from the launchers of `rollout.rs`/`kernels.rs` and cuBLAS.
 //! It owns the device copies of the weights (bf16), of the live LoRA adapter (f32), and one
-//! memory plan's buffers (paged KV cache, activations, logits, sampling outputs). It does not
-//! own any math of its own: every op is a launcher tested against the CPU reference, and the
-//! CPU engine (`crate::cpu::engine`) is the oracle for its tokens and log-probabilities.
+//! memory plan's buffers (paged KV cache, activations, logits, sampling outputs) with the
+//! decode-step CUDA graphs captured against them. It does not own any math of its own: every
+//! op is a launcher tested against the CPU reference, and the CPU engine
+//! (`crate::cpu::engine`) is the oracle for its tokens and log-probabilities.
 //!
 //! Semantics match the CPU engine exactly: prompts are processed in chunks of
 //! `max_batch_seqs / G` prompts; each prompt is prefilled once and its G samples share its KV
 //! pages; sample g of prompt i draws from stream i·G + g at step = tokens generated so far;
-//! stop checks (EOS, stop strings, max_new_tokens, context) run on the host after every token.
+//! stop checks (EOS, stop strings, max_new_tokens, context) run on the host after every token,
+//! and a sequence that stopped leaves the batch (it costs no more compute).
+//!
+//! # Decode steps as CUDA graphs
+//!
+//! A decode step is ~700 launches (24 layers × norms, 7 GEMMs, biases, RoPE, KV append,
+//! attention + combine, LoRA, residuals, SwiGLU), which alone would cost milliseconds; so the
+//! whole step — unstaging its inputs, the forward from the embedding to the logits, and the
+//! sampler — is captured once into a CUDA graph and replayed ([`run_decode_step`]):
+//! - Buckets: the active sequences are padded to [`decode_bucket`] rows (1, 2, 4, 8, 16, 32,
+//!   48, …), one graph per bucket, captured lazily: a bucket's first step runs eagerly (it
+//!   loads every kernel and lets cuBLAS choose its kernels outside a capture), its second is
+//!   captured and replayed, later ones replay. Graphs live in the plan's [`Buffers`] (dropped
+//!   when those are re-allocated) and are cleared when [`adapter_key`] changes (the adapter's
+//!   buffers, rank or scale; its values are read from the buffers at replay).
+//! - Padded rows: token 0 at position −1 with length 0, every block-table entry the scratch
+//!   page ([`stage_decode_rows`]): the KV append skips them, attention reads nothing, their
+//!   logits and tokens are computed and ignored. Rows never mix in any kernel but the GEMMs.
+//! - Everything that changes per step sits in device buffers at fixed addresses, written by one
+//!   host→device copy from a pinned staging buffer ([`DecodeStaging`]: ids, positions, row
+//!   sequences, lengths, sampling streams/steps, block tables) and unstaged by device copies
+//!   inside the graph; sampling parameters are filled once per call. Kernel arguments depend
+//!   only on the bucket and the plan: the attention grid covers the block-table span
+//!   (fixed-size partitions: blocks past a sequence's length exit), so a graph serves every
+//!   step of its bucket. Tokens and logprobs come back with one copy into pinned memory.
+//! - The eager path runs the same launches one by one: `RFT_CUDA_GRAPHS=0` (or
+//!   [`CudaEngine::cuda_graphs`] = false, or `RFT_CUDA_DEBUG=1`) forces it, and a failed capture
+//!   falls back to it (one line on stderr; [`GenerateStats::graph_error`]). Graph and eager give
+//!   bit-identical results (tests/cuda_engine.rs `cuda_engine_graphs_match_eager`).
+//!
+//! Batch invariance: every kernel but cuBLAS's GEMMs is per row or per sequence with a
+//! summation order fixed by that row (decode attention: fixed 128-position partitions), and
+//! the sampler's randomness is (seed, stream, step). So a sequence's numbers do not depend on
+//! the others in its batch, except through the GEMM kernel cuBLAS picks for the bucket's row
+//! count, which may sum in another order (bf16-rounding differences, a different token only at
+//! a near-tie of the sampled distribution). Equal tokens across batch sizes are asserted on the
+//! fixture models, not guaranteed in general.
 //!
 //! # First GPU run checklist
 //!
-//! 1. Here: `../shared/gpu/pack.sh`, then append to `.gpu/extra.sh`:
-//!    `RFT_REQUIRE_GPU=1 .gpu/test/cuda_engine-* --nocapture --test-threads=1` and
-//!    `.gpu/bin/rft bench rollout --shape qwen2.5-0.5b --json`. There (carry `.gpu`):
-//!    `SKIP_BENCH=1 bash .gpu/run.sh`. Look first at the `cuda_engine ...` lines: every test
-//!    prints what it compared (steps, worst |Δlogit| / |Δlogprob|).
-//! 2. If *everything* fails at load: the message names the step (context, fatbin, cuBLAS, a
-//!    tensor). cuBLAS missing → `LD_LIBRARY_PATH=/usr/local/cuda/lib64`.
-//! 3. If tokens differ from step 0 on every model: the GEMM operand order ([`gemm_raw`]) is the
-//!    first suspect; `RFT_CUDA_DEBUG=1` prints, per forward, the max |x| of the residual stream
-//!    after every layer and of the logits (NaN/inf → the first layer that shows it is the bug).
-//!    `cuda_engine_score_matches_cpu` isolates the forward from sampling and paging.
-//! 4. If generate fails but score passes: paging (block tables, the partial-page copy in
-//!    [`copy_partial_pages`]) or the decode kernel. Run with `--batch-size 1` (one sequence,
-//!    no sharing) vs larger to tell them apart.
-//! 5. A kernel fault shows up at the next synchronizing call (the per-step download); rerun with
-//!    `CUDA_LAUNCH_BLOCKING=1` to attribute it to the launch that caused it.
-//! 6. Then speed: `.gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8
-//!    --num-generations 8 --prompt-len 128 --new-tokens 256 --json`.
+//! 1. Here: `scripts/gpu_pack.sh` (it writes `.gpu/extra.sh`: the GPU tests with
+//!    `RFT_REQUIRE_GPU=1`, the generate smoke test, the rollout benches, one of them also with
+//!    `RFT_CUDA_GRAPHS=0`). There (carry `.gpu`): `SKIP_BENCH=1 bash .gpu/run.sh`. Look first at
+//!    the `cuda_engine ...` lines: every test prints what it compared (steps, worst |Δlogit| /
+//!    |Δlogprob|, graph steps replayed).
+//! 2. If *everything* fails at load: the message names the step (context, stream, fatbin,
+//!    cuBLAS and its workspace, a tensor). cuBLAS missing → `LD_LIBRARY_PATH=/usr/local/cuda/lib64`.
+//! 3. Graph or kernel? Rerun the failing test or command with `RFT_CUDA_GRAPHS=0`: if it then
+//!    passes, the problem is capture/replay (a per-step value frozen into the graph instead of
+//!    staged, a buffer re-allocated under a cached graph, cuBLAS refusing capture — the stderr
+//!    line and `graph_error` in the bench JSON say so); if it still fails, it is a kernel or the
+//!    paging, go on below. `cuda_engine_graphs_match_eager` compares the two directly.
+//! 4. If tokens differ from step 0 on every model: the GEMM operand order ([`gemm_raw`]) is the
+//!    first suspect; `RFT_CUDA_DEBUG=1` (eager) prints, per forward, the max |x| of the residual
+//!    stream after every layer and of the logits (NaN/inf → the first layer that shows it is the
+//!    bug). `cuda_engine_score_matches_cpu` isolates the forward from sampling and paging.
+//! 5. If generate fails but score passes: paging (block tables, the partial-page copy in
+//!    [`copy_partial_pages`]) or the decode kernel (tests/cuda_rollout_kernels.rs
+//!    `attention_decode_bf16_matches_cpu`, also alone-vs-batch bit equality). Run with
+//!    `--batch-size 1` (one sequence, no sharing) vs larger to tell them apart.
+//! 6. A kernel fault shows up at the next synchronizing call (the per-step readback); rerun with
+//!    `CUDA_LAUNCH_BLOCKING=1 RFT_CUDA_GRAPHS=0` to attribute it to the launch that caused it
+//!    (inside a graph every launch is one replay).
+//! 7. Then speed: `.gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8
+//!    --num-generations 8 --prompt-len 128 --new-tokens 256 --json` (`cuda_graphs`,
+//!    `graph_steps`, `decode_ms_per_step`); the same with `RFT_CUDA_GRAPHS=0` shows what the
+//!    graphs save.
 //!
 //! # Memory
 //!
 //! [`MemoryPlan`] sizes every device buffer from the request (sequences, longest prompt, new
 //! tokens; for score: the items) once per call; buffers are kept and grown (re-allocated
-//! whole, before any forward) when a later call needs more. Nothing is allocated inside the
-//! decode loop: each step copies a few small host vectors (ids, positions, block tables,
-//! sampling streams/steps) into the planned buffers and reads back tokens and logprobs.
+//! whole, before any forward; the decode graphs go with them) when a later call needs more.
+//! Nothing is allocated inside the decode loop: each step writes its inputs into the pinned
+//! staging buffer, copies them to the device in one piece, and reads back tokens and logprobs
+//! in one piece. Padded rows use the planned rows (the largest bucket is `max_seqs`), the
+//! scratch page is one extra KV page, and the pinned host buffers are counted in
+//! [`MemoryPlan::pinned_host_bytes`]; the cuBLAS workspace (32 MiB) belongs to the device.
 //!
-//! KV cache: per layer, k and v of (num_pages, PAGE_SIZE, KV, hd) bf16. Pages are assigned on
-//! the host before the chunk starts: first every prompt's pages (ceil(P/16)), then each
-//! sample's own pages for positions from floor(P/16)·16 on. A sample's block table points at
-//! its prompt's full pages (shared) and then at its own pages; the prompt's last partial page
-//! is copied into the sample's first own page after prefill ([`copy_partial_pages`]).
+//! KV cache: per layer, k and v of (num_pages + 1, PAGE_SIZE, KV, hd) bf16. Pages are assigned
+//! on the host before the chunk starts: first every prompt's pages (ceil(P/16)), then each
+//! sample's own pages for positions from floor(P/16)·16 on; the last page is the scratch page.
+//! A sample's block table points at its prompt's full pages (shared), then at its own pages,
+//! then at the scratch page; the prompt's last partial page is copied into the sample's first
+//! own page after prefill ([`copy_partial_pages`]).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice};
 use half::bf16;
 use std::ffi::c_void;
 use std::path::Path;
@@ -76,7 +127,9 @@ pub const SCORE_LOGIT_ROW_BUDGET: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct MemoryPlan {
     pub page_size: usize,
-    /// KV pages per layer (k and v each).
+    /// KV pages per layer (k and v each) for the sequences. One more page, the scratch page
+    /// (index `num_pages`), is allocated after them: padded decode rows and unused block-table
+    /// entries point at it, so nothing but real sequences ever maps to a real page.
     pub num_pages: usize,
     /// Block-table width: pages one sequence can reference.
     pub max_pages_per_seq: usize,
@@ -86,14 +139,19 @@ pub struct MemoryPlan {
     pub max_rows: usize,
     /// Rows of one forward that get logits (and sampling/gather outputs).
     pub max_logit_rows: usize,
-    /// Max over decode steps of num_seqs · splits (flash-decoding partials).
-    pub max_split_parts: usize,
+    /// Flash-decoding partitions the decode attention grid covers: [`super::decode_partitions`]
+    /// of the block-table span (max_pages_per_seq · PAGE_SIZE), the longest a sequence can get;
+    /// 0 without decode. Partials are sized for max_seqs × this.
+    pub max_decode_parts: usize,
     /// LoRA rank the xa scratch is sized for (0: no adapter).
     pub lora_rank: usize,
     pub kv_cache_bytes: usize,
     pub activation_bytes: usize,
     pub logits_bytes: usize,
     pub scratch_bytes: usize,
+    /// Page-locked HOST memory (not in [`Self::total_bytes`], which counts device memory): the
+    /// decode step's staged inputs and the sampled tokens/logprobs read back.
+    pub pinned_host_bytes: usize,
     /// What the plan was made for (growing a plan takes the fieldwise max of two of these).
     pub needs: PlanNeeds,
 }
@@ -197,35 +255,47 @@ impl MemoryPlan {
     }
 
     /// The plan (with byte counts) for `needs` on model `c` with a LoRA of `lora_rank`
-    /// (0 = none) on a GPU with `sm_count` SMs.
-    pub fn new(c: &ModelConfig, needs: PlanNeeds, lora_rank: usize, sm_count: usize) -> MemoryPlan {
+    /// (0 = none).
+    pub fn new(c: &ModelConfig, needs: PlanNeeds, lora_rank: usize) -> MemoryPlan {
         let (d, hd, l) = (c.hidden_size, c.head_dim, c.num_hidden_layers);
         let (qd, kvd, inter, v) = (c.q_dim(), c.kv_dim(), c.intermediate_size, c.vocab_size);
         let (r, s, m) = (needs.max_rows, needs.max_seqs, needs.max_logit_rows);
-        let shape = attn_shape(c, 1, 1);
-        let bps = shape.decode_blocks_per_seq();
-        let max_split_parts = if needs.decode {
-            (1..=s)
-                .map(|n| n * super::decode_splits(n, bps, needs.max_seq_len, sm_count))
-                .max()
-                .unwrap_or(1)
+        let max_decode_parts = if needs.decode {
+            super::decode_partitions(needs.max_pages_per_seq * PAGE_SIZE, c.sliding_window)
         } else {
-            1
+            0
         };
-        let kv_cache_bytes = l * 2 * needs.num_pages * PAGE_SIZE * kvd * 2;
+        // The sequences' pages and the scratch page.
+        let kv_cache_bytes = l * 2 * (needs.num_pages + 1) * PAGE_SIZE * kvd * 2;
         // Per row, bf16: x, h, proj (D); q, q_pre, attn (qd); k, k_pre, v (kvd); gate, up, act (I).
         let per_row_bf16 = 3 * d + 3 * qd + 3 * kvd + 3 * inter;
         // Per row: ids u32, pos i32, row_seq i32; xa f32 (rank).
         let activation_bytes = r * (per_row_bf16 * 2 + 3 * 4 + lora_rank.max(1) * 4);
         // logits f32 [M, V], the gathered normed rows bf16 [M, D], and per logit row: row index,
-        // token, logprob, entropy, target (4 B each).
-        let logits_bytes = m * v * 4 + m * d * 2 + m * 5 * 4;
-        // Flash-decoding partials (acc hd + m, l), block table, cu_rows/pos0/seq_lens, and the
-        // sampling parameters (temperature, top_k, top_p, min_p: 4 B; seed, stream, step: 8 B).
-        let scratch_bytes = max_split_parts * c.num_attention_heads * (hd + 2) * 4
+        // logprob, entropy, target (4 B each).
+        let logits_bytes = m * v * 4 + m * d * 2 + m * 4 * 4;
+        // Flash-decoding partials (acc hd + m, l) for max_seqs × max_decode_parts partitions, block
+        // table, cu_rows/pos0/seq_lens, the sampling parameters (temperature, top_k, top_p,
+        // min_p: 4 B; seed, stream, step: 8 B), the decode step's staged inputs (words of the
+        // largest bucket, max_seqs rows) and the sampled tokens + logprobs (2 words per row).
+        let part_rows = if max_decode_parts > 1 {
+            s * max_decode_parts
+        } else {
+            1
+        };
+        let staging_bytes = DecodeStaging {
+            rows: s,
+            pages: needs.max_pages_per_seq,
+        }
+        .words()
+            * 4;
+        let sampled_bytes = 2 * m * 4;
+        let scratch_bytes = part_rows * c.num_attention_heads * (hd + 2) * 4
             + s * needs.max_pages_per_seq * 4
             + (3 * s + 1) * 4
-            + m * (4 * 4 + 3 * 8);
+            + m * (4 * 4 + 3 * 8)
+            + staging_bytes
+            + sampled_bytes;
         MemoryPlan {
             page_size: PAGE_SIZE,
             num_pages: needs.num_pages,
@@ -233,14 +303,25 @@ impl MemoryPlan {
             max_seqs: s,
             max_rows: r,
             max_logit_rows: m,
-            max_split_parts,
+            max_decode_parts,
             lora_rank,
             kv_cache_bytes,
             activation_bytes,
             logits_bytes,
             scratch_bytes,
+            pinned_host_bytes: staging_bytes + sampled_bytes,
             needs,
         }
+    }
+
+    /// Index of the scratch KV page (after the sequences' pages).
+    pub fn scratch_page(&self) -> usize {
+        self.num_pages
+    }
+
+    /// The most rows one decode step runs (its bucket, padding included).
+    pub fn max_decode_rows(&self) -> usize {
+        self.max_seqs.min(self.max_rows).min(self.max_logit_rows)
     }
 
     pub fn total_bytes(&self) -> usize {
@@ -254,7 +335,7 @@ impl MemoryPlan {
             && self.max_seqs >= o.max_seqs
             && self.max_rows >= o.max_rows
             && self.max_logit_rows >= o.max_logit_rows
-            && self.max_split_parts >= o.max_split_parts
+            && self.max_decode_parts >= o.max_decode_parts
             && self.lora_rank >= o.lora_rank
     }
 }
@@ -280,6 +361,132 @@ pub fn score_groups(lens: &[(usize, usize)]) -> Vec<Vec<usize>> {
         logit_rows += m;
     }
     groups
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode buckets and the staged step inputs (pure; tested without a GPU)
+
+/// The row count a decode step of `n` active sequences is padded to (its bucket: one CUDA graph
+/// each), at most `max_rows` (the plan's [`MemoryPlan::max_decode_rows`]): 1, 2, 4, 8, then
+/// multiples of 16 up to 128, of 32 up to 256, of 64 up to 512, of 128 beyond. Padding costs at
+/// most 15 rows up to 128 (where a step is bound by reading the weights once and extra rows
+/// are nearly free) and under 25 % above, while a run whose sequences finish one by one
+/// captures at most 24 graphs up to 1024 rows.
+pub fn decode_bucket(n: usize, max_rows: usize) -> usize {
+    let b = match n {
+        0..=1 => 1,
+        2 => 2,
+        3..=4 => 4,
+        5..=8 => 8,
+        9..=128 => n.next_multiple_of(16),
+        129..=256 => n.next_multiple_of(32),
+        257..=512 => n.next_multiple_of(64),
+        _ => n.next_multiple_of(128),
+    };
+    b.min(max_rows)
+}
+
+/// Where one decode step's inputs sit in the staging buffers (u32 words; one host→device copy
+/// per step), for a bucket of `rows` rows and block tables of `pages` pages:
+///
+/// | words            | what                         |
+/// |------------------|------------------------------|
+/// | [0, R)           | ids u32 (the newest tokens)  |
+/// | [R, 2R)          | pos i32 (their positions)    |
+/// | [2R, 3R)         | row_seq i32 (= row index)    |
+/// | [3R, 4R)         | seq_lens i32 (= pos + 1)     |
+/// | [4R, 6R)         | sampling stream u64          |
+/// | [6R, 8R)         | sampling step u64            |
+/// | [8R, 8R + R·P)   | block tables i32 (R, P)      |
+///
+/// u64 values start on even words (8-byte aligned) and are stored lo word first, the byte order
+/// of the host and the GPU (little-endian).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeStaging {
+    pub rows: usize,
+    pub pages: usize,
+}
+
+impl DecodeStaging {
+    pub fn words(&self) -> usize {
+        self.rows * (8 + self.pages)
+    }
+    pub fn ids(&self) -> usize {
+        0
+    }
+    pub fn pos(&self) -> usize {
+        self.rows
+    }
+    pub fn row_seq(&self) -> usize {
+        2 * self.rows
+    }
+    pub fn seq_lens(&self) -> usize {
+        3 * self.rows
+    }
+    pub fn stream(&self) -> usize {
+        4 * self.rows
+    }
+    pub fn step(&self) -> usize {
+        6 * self.rows
+    }
+    pub fn block_table(&self) -> usize {
+        8 * self.rows
+    }
+}
+
+/// One active sequence of a decode step, as it is staged.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeRow<'a> {
+    /// The newest token (its k, v are appended this step).
+    pub token: u32,
+    /// Its position (the sequence then attends pos + 1 positions).
+    pub pos: usize,
+    /// Sampling stream and step of the token drawn this step.
+    pub stream: u64,
+    pub step: u64,
+    /// Block-table row (the layout's `pages` page ids).
+    pub table: &'a [i32],
+}
+
+/// Writes `rows` and then padding up to `lay.rows` rows into `out` (`lay.words()` words).
+/// A padded row has token 0, position −1 (the KV append skips it), length 0 (attention reads
+/// no position and outputs 0), stream and step 0, and every block-table entry `scratch_page`;
+/// its logits and sampled token are computed and ignored. Rows are independent in every kernel
+/// of the forward (per-row launches, per-sequence attention), so padding cannot change a real
+/// row's numbers except through cuBLAS's choice of GEMM kernel for the padded row count.
+pub fn stage_decode_rows(lay: &DecodeStaging, rows: &[DecodeRow<'_>], scratch_page: i32, out: &mut [u32]) {
+    assert!(
+        rows.len() <= lay.rows,
+        "{} rows for a bucket of {}",
+        rows.len(),
+        lay.rows
+    );
+    assert_eq!(out.len(), lay.words(), "staging words");
+    let (r, p) = (lay.rows, lay.pages);
+    for i in 0..r {
+        let (token, pos, stream, step) = match rows.get(i) {
+            Some(row) => (row.token, row.pos as i32, row.stream, row.step),
+            None => (0, -1, 0, 0),
+        };
+        out[lay.ids() + i] = token;
+        out[lay.pos() + i] = pos as u32;
+        out[lay.row_seq() + i] = i as u32;
+        out[lay.seq_lens() + i] = (pos + 1) as u32;
+        out[lay.stream() + 2 * i] = stream as u32;
+        out[lay.stream() + 2 * i + 1] = (stream >> 32) as u32;
+        out[lay.step() + 2 * i] = step as u32;
+        out[lay.step() + 2 * i + 1] = (step >> 32) as u32;
+        let table = &mut out[lay.block_table() + i * p..lay.block_table() + (i + 1) * p];
+        match rows.get(i) {
+            Some(row) => {
+                assert_eq!(row.table.len(), p, "block-table row width");
+                for (dst, &page) in table.iter_mut().zip(row.table) {
+                    *dst = page as u32;
+                }
+            }
+            None => table.fill(scratch_page as u32),
+        }
+    }
 }
 
 /// The attention shape of model `c` for a cache of `num_pages` pages.
@@ -577,9 +784,11 @@ impl DeviceLora {
 // Planned buffers
 
 /// Every device buffer of a [`MemoryPlan`]; shapes in comments (R = max_rows, S = max_seqs,
-/// M = max_logit_rows, P = max_pages_per_seq).
+/// M = max_logit_rows, P = max_pages_per_seq, Z = max_decode_parts, W = staging words), the
+/// pinned host buffers of the decode step, and the decode graphs captured against them (they
+/// hold these buffers' addresses, so they live and die with them).
 pub(super) struct Buffers {
-    /// Per layer (k, v): (num_pages, PAGE_SIZE, KV, hd) bf16.
+    /// Per layer (k, v): (num_pages + 1, PAGE_SIZE, KV, hd) bf16; the last page is the scratch page.
     kv: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)>,
     x: CudaSlice<bf16>,          // (R, D) residual stream
     h: CudaSlice<bf16>,          // (R, D) normed
@@ -601,16 +810,52 @@ pub(super) struct Buffers {
     cu_rows: CudaSlice<i32>,     // (S + 1)
     pos0: CudaSlice<i32>,        // (S)
     seq_lens: CudaSlice<i32>,    // (S)
-    part_o: CudaSlice<f32>,      // (parts, H, hd)
-    part_ml: CudaSlice<f32>,     // (parts, H, 2)
+    part_o: CudaSlice<f32>,      // (S, H, Z, hd)
+    part_ml: CudaSlice<f32>,     // (S, H, Z, 2)
     logit_rows: CudaSlice<u32>,  // (M)
     hsel: CudaSlice<bf16>,       // (M, D)
     logits: CudaSlice<f32>,      // (M, V)
-    tokens: CudaSlice<u32>,      // (M)
-    logprobs: CudaSlice<f32>,    // (M)
+    logprobs: CudaSlice<f32>,    // (M) score
     entropy: CudaSlice<f32>,     // (M)
     targets: CudaSlice<u32>,     // (M)
     sampling: SamplingParamsDev, // (M) rows
+    /// (W) a decode step's inputs ([`DecodeStaging`]), copied from `staging_host` in one piece.
+    staging: CudaSlice<u32>,
+    staging_host: PinnedHostSlice<u32>, // (W)
+    /// (2M) sampled tokens of rows [0, m), their logprobs (f32 bits) at [m, 2m): one readback.
+    sampled: CudaSlice<u32>,
+    sampled_host: PinnedHostSlice<u32>, // (2M)
+    graphs: DecodeGraphs,
+}
+
+/// The decode step's CUDA graphs, one per bucket (row count), captured lazily against the
+/// buffers they sit in.
+#[derive(Default)]
+pub(super) struct DecodeGraphs {
+    /// [`adapter_key`] of the adapter the graphs were captured with; another one clears them.
+    adapter_key: Vec<u64>,
+    /// Buckets that ran eagerly once (which loads every kernel the step uses and lets cuBLAS
+    /// pick its kernels outside a capture); captured on their next use.
+    warm: std::collections::HashSet<usize>,
+    by_bucket: std::collections::HashMap<usize, DecodeGraph>,
+}
+
+/// A captured decode step. cudarc's graph holds raw driver handles and so is neither Send nor
+/// Sync, which would take both from [`CudaEngine`] (a buffer of CUDA slices is both).
+pub(super) struct DecodeGraph(CudaGraph);
+
+// SAFETY: the CUDA driver allows graph handles to be used from any thread as long as calls on
+// one graph are serialized. A DecodeGraph is reachable only through `&mut Buffers` (the engine's
+// `&mut self` methods), so no two threads can launch or drop it at the same time.
+unsafe impl Send for DecodeGraph {}
+// SAFETY: as above: shared references to the engine give no access to the graph.
+unsafe impl Sync for DecodeGraph {}
+
+impl DecodeGraphs {
+    fn clear(&mut self) {
+        self.warm.clear();
+        self.by_bucket.clear();
+    }
 }
 
 impl Buffers {
@@ -620,12 +865,21 @@ impl Buffers {
         let (r, s, m) = (p.max_rows, p.max_seqs, p.max_logit_rows);
         let bf = |n: usize| dev.alloc_zeros::<bf16>(n.max(1));
         let mut kv = Vec::with_capacity(c.num_hidden_layers);
+        let pages = p.num_pages + 1; // + the scratch page
         for _ in 0..c.num_hidden_layers {
-            kv.push((
-                bf(p.num_pages * PAGE_SIZE * kvd)?,
-                bf(p.num_pages * PAGE_SIZE * kvd)?,
-            ));
+            kv.push((bf(pages * PAGE_SIZE * kvd)?, bf(pages * PAGE_SIZE * kvd)?));
         }
+        let part_rows = if p.max_decode_parts > 1 {
+            s * p.max_decode_parts
+        } else {
+            1
+        };
+        let staging_words = DecodeStaging {
+            rows: s,
+            pages: p.max_pages_per_seq,
+        }
+        .words()
+        .max(1);
         let qk = c.qk_norm;
         Ok(Buffers {
             kv,
@@ -649,16 +903,20 @@ impl Buffers {
             cu_rows: dev.alloc_zeros(s + 1)?,
             pos0: dev.alloc_zeros(s.max(1))?,
             seq_lens: dev.alloc_zeros(s.max(1))?,
-            part_o: dev.alloc_zeros((p.max_split_parts * c.num_attention_heads * hd).max(1))?,
-            part_ml: dev.alloc_zeros((p.max_split_parts * c.num_attention_heads * 2).max(1))?,
+            part_o: dev.alloc_zeros(part_rows * c.num_attention_heads * hd)?,
+            part_ml: dev.alloc_zeros(part_rows * c.num_attention_heads * 2)?,
             logit_rows: dev.alloc_zeros(m.max(1))?,
             hsel: bf(m * d)?,
             logits: dev.alloc_zeros((m * v).max(1))?,
-            tokens: dev.alloc_zeros(m.max(1))?,
             logprobs: dev.alloc_zeros(m.max(1))?,
             entropy: dev.alloc_zeros(m.max(1))?,
             targets: dev.alloc_zeros(m.max(1))?,
             sampling: SamplingParamsDev::alloc(dev, m)?,
+            staging: dev.alloc_zeros(staging_words)?,
+            staging_host: dev.alloc_pinned(staging_words)?,
+            sampled: dev.alloc_zeros(2 * m.max(1))?,
+            sampled_host: dev.alloc_pinned(2 * m.max(1))?,
+            graphs: DecodeGraphs::default(),
         })
     }
 }
@@ -701,6 +959,45 @@ pub(super) fn get<T: DeviceRepr + Default + Clone>(
     }
     dev.synchronize()?;
     Ok(host)
+}
+
+/// Asynchronous copy of `host` (page-locked) into the first `host.len()` words of `dst`.
+/// The caller keeps `host` unchanged until the stream has passed the copy (the decode loop
+/// writes its staging buffer again only after the previous step's synchronizing readback).
+fn put_pinned(dev: &CudaDevice, what: &str, host: &[u32], dst: &mut CudaSlice<u32>) -> Result<()> {
+    check(what, dst.len(), host.len())?;
+    if host.is_empty() {
+        return Ok(());
+    }
+    let st = dev.stream();
+    let (ptr, _d) = dst.device_ptr_mut(st);
+    // SAFETY: dst holds at least host.len() words (checked); host is page-locked memory owned by
+    // the plan's buffers, alive and unmodified until the stream passes the copy (above).
+    unsafe { cudarc::driver::result::memcpy_htod_async(ptr, host, st.cu_stream()) }
+        .map_err(cuda_err(format_args!("uploading {what}")))
+}
+
+/// Reads back `rows` sampled tokens and their logprobs from `b.sampled` ([0, rows) and
+/// [rows, 2·rows)) with one copy into the pinned buffer, and waits for it.
+fn read_sampled(dev: &CudaDevice, b: &mut Buffers, rows: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    check("sampled", b.sampled.len(), 2 * rows)?;
+    let host = b
+        .sampled_host
+        .as_mut_slice()
+        .map_err(cuda_err("waiting for the pinned readback buffer"))?;
+    check("pinned sampled", host.len(), 2 * rows)?;
+    let st = dev.stream();
+    {
+        let (ptr, _s) = b.sampled.device_ptr(st);
+        // SAFETY: the device buffer holds ≥ 2·rows words (checked), the page-locked destination
+        // too; it is read only after the synchronize below.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host[..2 * rows], ptr, st.cu_stream()) }
+            .map_err(cuda_err("downloading sampled tokens and logprobs"))?;
+    }
+    dev.synchronize()?;
+    let tokens = host[..rows].to_vec();
+    let logprobs = host[rows..2 * rows].iter().map(|&w| f32::from_bits(w)).collect();
+    Ok((tokens, logprobs))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -845,19 +1142,41 @@ pub(super) fn linear(
 // ---------------------------------------------------------------------------------------------
 // One forward
 
-/// How a forward's rows attend.
-enum StepAttn {
-    /// Rows of sequence s are rows cu_rows[s]..cu_rows[s+1] at positions pos0[s], pos0[s]+1, …
-    Prefill {
-        cu_rows: Vec<i32>,
-        pos0: Vec<i32>,
-        max_rows: usize,
-    },
-    /// One row per sequence, at position seq_lens[s] - 1.
-    Decode { seq_lens: Vec<i32>, max_len: usize },
+/// What every forward reads and never writes: the device, the model, its weights, the live
+/// adapter, RoPE's inverse frequencies.
+#[derive(Clone, Copy)]
+struct Model<'a> {
+    dev: &'a CudaDevice,
+    c: &'a ModelConfig,
+    w: &'a DeviceWeights,
+    lora: Option<&'a DeviceLora>,
+    inv_freq: &'a CudaSlice<f32>,
 }
 
-/// The host side of one forward: rows, their sequences and positions, block tables.
+/// How a forward's rows attend (device side; the host data is already in the buffers).
+#[derive(Clone, Copy, Debug)]
+enum AttnLaunch {
+    /// Rows of sequence s are rows cu_rows[s]..cu_rows[s+1] at positions pos0[s], pos0[s]+1, …;
+    /// `max_rows` = the most rows of one sequence (sizes the grid).
+    Prefill { max_rows: usize },
+    /// One row per sequence, at position seq_lens[s] − 1; the grid covers sequences of up to
+    /// `max_len` positions (more only adds blocks that exit at once: same output bits).
+    Decode { max_len: usize },
+}
+
+/// The launch shape of one forward: everything its kernel arguments depend on besides the
+/// plan's buffers and the model.
+#[derive(Clone, Copy, Debug)]
+struct ForwardShape {
+    rows: usize,
+    seqs: usize,
+    attn: AttnLaunch,
+    /// Rows that get logits, gathered through `b.logit_rows` (None: every row, in order).
+    logit_rows: Option<usize>,
+}
+
+/// The host side of one prefill/score forward: rows, their sequences and positions, block
+/// tables; sequence s's rows are cu_rows[s]..cu_rows[s+1] at positions pos0[s], pos0[s]+1, ….
 struct Step {
     ids: Vec<u32>,
     pos: Vec<i32>,
@@ -865,7 +1184,10 @@ struct Step {
     /// (num_seqs, plan.max_pages_per_seq) page ids.
     block_table: Vec<i32>,
     num_seqs: usize,
-    attn: StepAttn,
+    cu_rows: Vec<i32>,
+    pos0: Vec<i32>,
+    /// The most rows of one sequence.
+    max_rows: usize,
     /// Rows that get logits, in order (None: every row, in order).
     logit_rows: Option<Vec<u32>>,
 }
@@ -890,22 +1212,73 @@ pub(super) fn debug_absmax(dev: &CudaDevice, what: &str, buf: &CudaSlice<bf16>, 
     Ok(())
 }
 
-/// Runs `step` through the model; leaves f32 logits of its logit rows in `b.logits` (row-major
-/// (m, V)) and returns m.
-#[allow(clippy::too_many_arguments)]
-fn forward(
-    dev: &CudaDevice,
-    c: &ModelConfig,
-    w: &DeviceWeights,
-    lora: Option<&DeviceLora>,
-    inv_freq: &CudaSlice<f32>,
+/// Uploads `step` (a prefill or score forward) and runs it through the model; leaves f32 logits
+/// of its logit rows in `b.logits` (row-major (m, V)) and returns m.
+fn forward(md: Model<'_>, plan: &MemoryPlan, b: &mut Buffers, step: &Step) -> Result<usize> {
+    let dev = md.dev;
+    let (n, ns) = (step.ids.len(), step.num_seqs);
+    if step.pos.len() != n
+        || step.row_seq.len() != n
+        || step.cu_rows.len() != ns + 1
+        || step.pos0.len() != ns
+        || step.block_table.len() != ns * plan.max_pages_per_seq
+    {
+        return Err(Error::Cuda(format!(
+            "internal: a forward of {n} rows / {ns} sequences with {} positions, {} row \
+             sequences, {} cu_rows, {} pos0, {} block-table entries",
+            step.pos.len(),
+            step.row_seq.len(),
+            step.cu_rows.len(),
+            step.pos0.len(),
+            step.block_table.len()
+        )));
+    }
+    check_forward(plan, n, ns)?;
+    put(dev, "token ids", &step.ids, &mut b.ids)?;
+    put(dev, "positions", &step.pos, &mut b.pos)?;
+    put(dev, "row sequences", &step.row_seq, &mut b.row_seq)?;
+    put(dev, "block tables", &step.block_table, &mut b.block_table)?;
+    put(dev, "cu_rows", &step.cu_rows, &mut b.cu_rows)?;
+    put(dev, "pos0", &step.pos0, &mut b.pos0)?;
+    if let Some(rows) = &step.logit_rows {
+        put(dev, "logit rows", rows, &mut b.logit_rows)?;
+    }
+    let shape = ForwardShape {
+        rows: n,
+        seqs: ns,
+        attn: AttnLaunch::Prefill {
+            max_rows: step.max_rows,
+        },
+        logit_rows: step.logit_rows.as_ref().map(|r| r.len()),
+    };
+    forward_device(md, plan, b, &shape, debug_enabled())
+}
+
+fn check_forward(plan: &MemoryPlan, n: usize, ns: usize) -> Result<()> {
+    if n == 0 || n > plan.max_rows || ns > plan.max_seqs {
+        return Err(Error::Cuda(format!(
+            "internal: a forward of {n} rows / {ns} sequences against a plan of {} / {}",
+            plan.max_rows, plan.max_seqs
+        )));
+    }
+    Ok(())
+}
+
+/// The kernels of one forward over inputs already on the device (ids, pos, row_seq, block
+/// tables, cu_rows/pos0 or seq_lens, logit_rows); leaves f32 logits in `b.logits` and returns
+/// the number of logit rows. Launches only (plus, with `debug`, synchronizing readbacks), so
+/// without `debug` it can run under stream capture: every argument is a function of `shape`,
+/// the plan and the model.
+fn forward_device(
+    md: Model<'_>,
     plan: &MemoryPlan,
     b: &mut Buffers,
-    step: &Step,
-    sm_count: usize,
+    shape: &ForwardShape,
+    debug: bool,
 ) -> Result<usize> {
+    let (dev, c) = (md.dev, md.c);
     let blas = dev.blas()?;
-    let n = step.ids.len();
+    let (n, ns) = (shape.rows, shape.seqs);
     let (d, hd, qd, kvd) = (c.hidden_size, c.head_dim, c.q_dim(), c.kv_dim());
     let (nh, nkv, inter, vocab) = (
         c.num_attention_heads,
@@ -914,41 +1287,31 @@ fn forward(
         c.vocab_size,
     );
     let eps = c.rms_norm_eps;
-    let ns = step.num_seqs;
-    if n == 0 || n > plan.max_rows || ns > plan.max_seqs {
-        return Err(Error::Cuda(format!(
-            "internal: a forward of {n} rows / {ns} sequences against a plan of {} / {}",
-            plan.max_rows, plan.max_seqs
-        )));
-    }
-    let shape = attn_shape(c, plan.num_pages, plan.max_pages_per_seq);
-    put(dev, "token ids", &step.ids, &mut b.ids)?;
-    put(dev, "positions", &step.pos, &mut b.pos)?;
-    put(dev, "row sequences", &step.row_seq, &mut b.row_seq)?;
-    put(dev, "block tables", &step.block_table, &mut b.block_table)?;
-    let splits = match &step.attn {
-        StepAttn::Prefill { cu_rows, pos0, .. } => {
-            put(dev, "cu_rows", cu_rows, &mut b.cu_rows)?;
-            put(dev, "pos0", pos0, &mut b.pos0)?;
-            1
-        }
-        StepAttn::Decode { seq_lens, max_len } => {
-            put(dev, "seq_lens", seq_lens, &mut b.seq_lens)?;
-            let sp = super::decode_splits(ns, shape.decode_blocks_per_seq(), *max_len, sm_count);
-            // The plan sized the partials for the largest n·splits; a longer max_len than
-            // planned cannot happen (positions are bounded by the plan's pages).
-            if sp > 1 && ns * sp > plan.max_split_parts {
-                1
-            } else {
-                sp
+    check_forward(plan, n, ns)?;
+    let attn = attn_shape(c, plan.num_pages + 1, plan.max_pages_per_seq);
+    let parts = match shape.attn {
+        AttnLaunch::Prefill { .. } => 1,
+        AttnLaunch::Decode { max_len } => {
+            if n != ns {
+                return Err(Error::Cuda(format!(
+                    "internal: a decode forward of {n} rows for {ns} sequences"
+                )));
             }
+            let parts =
+                super::decode_partitions(max_len.min(plan.max_pages_per_seq * PAGE_SIZE), c.sliding_window);
+            if parts > 1 && parts > plan.max_decode_parts {
+                return Err(Error::Cuda(format!(
+                    "internal: a decode step of {parts} partitions against a plan of {}",
+                    plan.max_decode_parts
+                )));
+            }
+            parts
         }
     };
-    let debug = debug_enabled();
 
     // x (n, D) = embed[ids]
     dev.embedding_fwd_bf16(
-        &w.embed,
+        &md.w.embed,
         &b.ids.slice(..n),
         &mut b.x.slice_mut(..n * d),
         n,
@@ -956,13 +1319,13 @@ fn forward(
         vocab,
     )?;
     let lora_of = |l: usize, p: Proj| -> Option<(&DeviceLoraPair, f32, usize)> {
-        lora.and_then(|a| {
+        md.lora.and_then(|a| {
             a.layers[l][p as usize]
                 .as_ref()
                 .map(|pair| (pair, a.scale, a.rank))
         })
     };
-    for (l, lw) in w.layers.iter().enumerate() {
+    for (l, lw) in md.w.layers.iter().enumerate() {
         // --- attention block
         dev.rmsnorm_fwd_bf16(
             &b.x.slice(..n * d),
@@ -1051,7 +1414,7 @@ fn forward(
             &mut b.q.slice_mut(..n * qd),
             &mut b.k.slice_mut(..n * kvd),
             &b.pos.slice(..n),
-            inv_freq,
+            md.inv_freq,
             n,
             nh,
             nkv,
@@ -1067,11 +1430,11 @@ fn forward(
             &bt,
             &b.row_seq.slice(..n),
             &b.pos.slice(..n),
-            &shape,
+            &attn,
             n,
         )?;
-        match &step.attn {
-            StepAttn::Prefill { max_rows, .. } => dev.attention_prefill_bf16(
+        match shape.attn {
+            AttnLaunch::Prefill { max_rows } => dev.attention_prefill_bf16(
                 &b.q.slice(..n * qd),
                 kc,
                 vc,
@@ -1079,13 +1442,13 @@ fn forward(
                 &b.cu_rows.slice(..ns + 1),
                 &b.pos0.slice(..ns),
                 &mut b.attn.slice_mut(..n * qd),
-                &shape,
+                &attn,
                 ns,
                 n,
-                *max_rows,
+                max_rows,
             )?,
-            StepAttn::Decode { .. } => {
-                let parts = if splits > 1 { ns * splits } else { 1 };
+            AttnLaunch::Decode { max_len } => {
+                let pr = if parts > 1 { ns * nh * parts } else { 1 };
                 dev.attention_decode_bf16(
                     &b.q.slice(..n * qd),
                     kc,
@@ -1093,11 +1456,11 @@ fn forward(
                     &bt,
                     &b.seq_lens.slice(..ns),
                     &mut b.attn.slice_mut(..n * qd),
-                    &mut b.part_o.slice_mut(..parts * nh * hd),
-                    &mut b.part_ml.slice_mut(..parts * nh * 2),
-                    &shape,
+                    &mut b.part_o.slice_mut(..pr * hd),
+                    &mut b.part_ml.slice_mut(..pr * 2),
+                    &attn,
                     ns,
-                    splits,
+                    max_len,
                 )?
             }
         }
@@ -1167,36 +1530,32 @@ fn forward(
     // Final norm on every row (cheap), then lm_head only on the logit rows.
     dev.rmsnorm_fwd_bf16(
         &b.x.slice(..n * d),
-        &w.final_norm,
+        &md.w.final_norm,
         &mut b.h.slice_mut(..n * d),
         n,
         d,
         eps,
     )?;
-    let m = match &step.logit_rows {
-        None => n,
-        Some(rows) => rows.len(),
-    };
+    let m = shape.logit_rows.unwrap_or(n);
     if m == 0 || m > plan.max_logit_rows {
         return Err(Error::Cuda(format!(
             "internal: {m} logit rows against a plan of {}",
             plan.max_logit_rows
         )));
     }
-    match &step.logit_rows {
+    match shape.logit_rows {
         None => gemm_logits(
             dev,
             blas,
             &b.h.slice(..n * d),
-            w.lm_head(),
+            md.w.lm_head(),
             &mut b.logits.slice_mut(..m * vocab),
             n,
             d,
             vocab,
         )?,
-        Some(rows) => {
+        Some(_) => {
             // Gather the rows with the embedding kernel: "table" = h (n, D), ids = row indices.
-            put(dev, "logit rows", rows, &mut b.logit_rows)?;
             dev.embedding_fwd_bf16(
                 &b.h.slice(..n * d),
                 &b.logit_rows.slice(..m),
@@ -1209,7 +1568,7 @@ fn forward(
                 dev,
                 blas,
                 &b.hsel.slice(..m * d),
-                w.lm_head(),
+                md.w.lm_head(),
                 &mut b.logits.slice_mut(..m * vocab),
                 m,
                 d,
@@ -1225,6 +1584,174 @@ fn forward(
         eprintln!("rft cuda debug: logits ({m} rows): max |z| = {mx}");
     }
     Ok(m)
+}
+
+/// Copies `n` values of type `T` staged at word offset `at` of `b.staging` into `dst[..n]`
+/// (device to device; one memcpy node in a graph).
+fn unstage<T>(
+    dev: &CudaDevice,
+    what: &str,
+    staging: &CudaSlice<u32>,
+    at: usize,
+    n: usize,
+    dst: &mut CudaSlice<T>,
+) -> Result<()> {
+    let words = n * std::mem::size_of::<T>() / 4;
+    check(what, staging.len(), at + words)?;
+    check(what, dst.len(), n)?;
+    let view = staging.slice(at..at + words);
+    // SAFETY: T is u32, i32 or u64 (plain integers: every bit pattern valid), written on the host
+    // as such at this offset ([`DecodeStaging`]); `at` keeps u64 values 8-byte aligned (even
+    // words of a 256-byte aligned allocation).
+    let src = unsafe { view.transmute::<T>(n) }
+        .ok_or_else(|| Error::Cuda(format!("internal: staged {what} do not fit their words")))?;
+    dev.stream()
+        .memcpy_dtod(&src, &mut dst.slice_mut(..n))
+        .map_err(cuda_err(format_args!("unstaging {what}")))
+}
+
+/// The device work of one decode step of `rows` rows (a bucket) whose inputs are staged in
+/// `b.staging` ([`DecodeStaging`]): copy them into the forward's buffers, run the forward with
+/// the attention grid sized for `max_len` positions, and sample every row; tokens land in
+/// `b.sampled[..rows]`, logprobs (f32 bits) in `b.sampled[rows..2·rows]`. Device copies and
+/// launches only — no host copy, allocation or synchronization — so it is what a decode graph
+/// captures (then with `max_len` = the plan's block-table span and no `debug`) and what the
+/// eager path runs.
+fn decode_step_device(
+    md: Model<'_>,
+    plan: &MemoryPlan,
+    b: &mut Buffers,
+    rows: usize,
+    max_len: usize,
+    debug: bool,
+) -> Result<()> {
+    let dev = md.dev;
+    let vocab = md.c.vocab_size;
+    let lay = DecodeStaging {
+        rows,
+        pages: plan.max_pages_per_seq,
+    };
+    if rows == 0 || rows > plan.max_decode_rows() {
+        return Err(Error::Cuda(format!(
+            "internal: a decode step of {rows} rows against a plan of {}",
+            plan.max_decode_rows()
+        )));
+    }
+    unstage(dev, "token ids", &b.staging, lay.ids(), rows, &mut b.ids)?;
+    unstage(dev, "positions", &b.staging, lay.pos(), rows, &mut b.pos)?;
+    unstage(
+        dev,
+        "row sequences",
+        &b.staging,
+        lay.row_seq(),
+        rows,
+        &mut b.row_seq,
+    )?;
+    unstage(
+        dev,
+        "sequence lengths",
+        &b.staging,
+        lay.seq_lens(),
+        rows,
+        &mut b.seq_lens,
+    )?;
+    unstage(
+        dev,
+        "sampling streams",
+        &b.staging,
+        lay.stream(),
+        rows,
+        &mut b.sampling.stream,
+    )?;
+    unstage(
+        dev,
+        "sampling steps",
+        &b.staging,
+        lay.step(),
+        rows,
+        &mut b.sampling.step,
+    )?;
+    unstage(
+        dev,
+        "block tables",
+        &b.staging,
+        lay.block_table(),
+        rows * lay.pages,
+        &mut b.block_table,
+    )?;
+    let shape = ForwardShape {
+        rows,
+        seqs: rows,
+        attn: AttnLaunch::Decode { max_len },
+        logit_rows: None,
+    };
+    forward_device(md, plan, b, &shape, debug)?;
+    sample_into(dev, b, rows, vocab)
+}
+
+/// Samples rows 0..rows of `b.logits` with the parameters in `b.sampling` into `b.sampled`:
+/// tokens at [0, rows), logprobs (f32 bits) at [rows, 2·rows). One launch.
+fn sample_into(dev: &CudaDevice, b: &mut Buffers, rows: usize, vocab: usize) -> Result<()> {
+    check("sampled", b.sampled.len(), 2 * rows)?;
+    let (mut tokens, mut rest) = b.sampled.split_at_mut(rows);
+    // SAFETY: f32 and u32 have the same size and alignment, and any bits are a valid u32; the
+    // kernel writes f32 logprobs that are read back as bits (`read_sampled`).
+    let mut logprobs = unsafe { rest.transmute_mut::<f32>(rows) }
+        .ok_or_else(|| Error::Cuda("internal: the sampled buffer is too short".into()))?;
+    dev.sample_tokens_f32(
+        &b.logits.slice(..rows * vocab),
+        &b.sampling,
+        &mut tokens,
+        &mut logprobs,
+        rows,
+        vocab,
+    )
+}
+
+/// Captures [`decode_step_device`] for a bucket of `rows` rows into a CUDA graph (nothing runs
+/// until it is launched). The attention grid is sized for the plan's block-table span, so the
+/// graph serves every step of the bucket whatever the sequences' lengths.
+fn capture_decode_step(md: Model<'_>, plan: &MemoryPlan, b: &mut Buffers, rows: usize) -> Result<CudaGraph> {
+    let st = md.dev.stream();
+    // Thread-local mode: only this thread's unsafe calls (allocations, synchronizations) are
+    // rejected, so GPU work of other threads (parallel tests) cannot invalidate the capture.
+    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(cuda_err("beginning the decode-step capture"))?;
+    let body = decode_step_device(md, plan, b, rows, plan.max_pages_per_seq * PAGE_SIZE, false);
+    // Always end the capture, also after a failed launch, so the stream leaves capture mode.
+    // cudarc's end_capture first returns any error stored by an earlier drop: take that out.
+    let stored = md.dev.context().check_err();
+    let graph = st.end_capture(CUgraphInstantiate_flags(0));
+    body?;
+    stored.map_err(cuda_err("a CUDA error recorded during the capture"))?;
+    match graph {
+        Ok(Some(g)) => Ok(g),
+        Ok(None) => Err(Error::Cuda("the decode-step capture recorded no work".into())),
+        Err(e) => Err(Error::Cuda(format!(
+            "ending the decode-step capture or instantiating its graph: {e}"
+        ))),
+    }
+}
+
+/// Identifies what a captured decode graph froze of the adapter: its rank, its scale (a kernel
+/// argument) and the address of every A and B buffer (0 where a projection has none). The
+/// adapter's VALUES are not part of it: the graph reads them from those buffers at replay, and
+/// `DeviceLora::upload` copies a same-shaped adapter into the old buffers.
+fn adapter_key(dev: &CudaDevice, lora: Option<&DeviceLora>) -> Vec<u64> {
+    let Some(a) = lora else { return Vec::new() };
+    let mut key = vec![a.rank as u64, a.scale.to_bits() as u64];
+    for layer in &a.layers {
+        for pair in layer {
+            match pair {
+                Some(p) => {
+                    key.push(p.a.device_ptr(dev.stream()).0);
+                    key.push(p.b.device_ptr(dev.stream()).0);
+                }
+                None => key.extend([0, 0]),
+            }
+        }
+    }
+    key
 }
 
 /// After prefill: copies the prompt's last partial page `src` (k and v, every layer) into page
@@ -1269,6 +1796,22 @@ pub struct GenerateStats {
     /// KV bytes the decode steps read (Σ over steps and sequences of len·L·2·KV·hd·2).
     pub decode_kv_bytes_read: f64,
     pub plan_bytes: usize,
+    /// Padding rows the decode steps computed and ignored (Σ over steps of bucket − active).
+    pub decode_padded_rows: usize,
+    /// Whether decode steps replayed CUDA graphs (`graph_steps` > 0).
+    pub cuda_graphs: bool,
+    /// Decode steps that replayed a graph. The others ran eagerly: graphs off
+    /// (`RFT_CUDA_GRAPHS=0`, `RFT_CUDA_DEBUG=1`, [`CudaEngine::cuda_graphs`] false, a failed
+    /// capture) or the first step of a bucket (its warm-up).
+    pub graph_steps: usize,
+    /// Graphs captured during this call (one per bucket; kept with the memory plan, so a later
+    /// call with the same plan and adapter captures none).
+    pub graphs_captured: usize,
+    /// Graphs held after the call.
+    pub graphs_cached: usize,
+    /// Why graphs are off for this engine after a failed capture (None: they are not, or were
+    /// never tried).
+    pub graph_error: Option<String>,
 }
 
 pub struct CudaEngine {
@@ -1283,6 +1826,11 @@ pub struct CudaEngine {
     pub(super) sm_count: usize,
     /// At most this many sequences decode together (a memory bound, not a semantic knob).
     pub max_batch_seqs: usize,
+    /// Decode steps replay CUDA graphs (the default; `RFT_CUDA_GRAPHS=0` in the environment at
+    /// load turns it off). false runs every step eagerly (the same launches, one by one).
+    pub cuda_graphs: bool,
+    /// Set when a capture failed: graphs stay off for this engine, the reason in the stats.
+    pub(super) graph_error: Option<String>,
     pub last_stats: GenerateStats,
 }
 
@@ -1350,12 +1898,19 @@ impl CudaEngine {
             plan: None,
             sm_count,
             max_batch_seqs: 64,
+            cuda_graphs: graphs_enabled_by_env(),
+            graph_error: None,
             last_stats: GenerateStats::default(),
         })
     }
 
     pub fn device(&self) -> &CudaDevice {
         &self.dev
+    }
+
+    /// The GPU's SM count.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     /// Bytes of the bf16 weights on the device (tied embeddings counted once).
@@ -1441,7 +1996,7 @@ impl CudaEngine {
     /// Makes sure the held buffers serve `needs`; grows (re-allocates) them otherwise.
     fn ensure_plan(&mut self, needs: PlanNeeds) -> Result<()> {
         let rank = self.lora.as_ref().map_or(0, |l| l.rank);
-        let want = MemoryPlan::new(&self.config, needs, rank, self.sm_count);
+        let want = MemoryPlan::new(&self.config, needs, rank);
         if let Some((have, _)) = &self.plan {
             if have.covers(&want) {
                 return Ok(());
@@ -1452,8 +2007,10 @@ impl CudaEngine {
             Some((have, _)) => have.needs.max(needs),
             None => needs,
         };
-        let plan = MemoryPlan::new(&self.config, needs, rank, self.sm_count);
-        self.plan = None; // free the old buffers first (cudarc frees on the stream)
+        let plan = MemoryPlan::new(&self.config, needs, rank);
+        // Free the old buffers (and the decode graphs captured against them) first; cudarc
+        // frees on the stream.
+        self.plan = None;
         self.dev.synchronize()?;
         let (free, _total) = self
             .dev
@@ -1476,6 +2033,80 @@ impl CudaEngine {
         let bufs = Buffers::alloc(&self.dev, &self.config, &plan)?;
         self.plan = Some((plan, bufs));
         Ok(())
+    }
+}
+
+/// `RFT_CUDA_GRAPHS=0` turns decode graphs off; anything else (or unset) leaves them on.
+fn graphs_enabled_by_env() -> bool {
+    std::env::var("RFT_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
+}
+
+/// Prints why graphs are off, once per process (every engine falls back on its own).
+fn log_graph_fallback(why: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!(
+            "rft: capturing the decode step as a CUDA graph failed ({why}); decoding eagerly \
+             instead (RFT_CUDA_GRAPHS=0 does so from the start)"
+        )
+    });
+}
+
+/// Runs one decode step of `rows` rows (a bucket) whose inputs are staged: replays the
+/// bucket's graph; or, the first time the bucket is seen, runs it eagerly (warm-up); or, the
+/// second time, captures its graph and replays it. With `use_graphs` false every step is
+/// eager. A failed capture sets `graph_error` (graphs then stay off) and runs the step eagerly.
+#[allow(clippy::too_many_arguments)]
+fn run_decode_step(
+    md: Model<'_>,
+    plan: &MemoryPlan,
+    b: &mut Buffers,
+    rows: usize,
+    step_max_len: usize,
+    use_graphs: bool,
+    graph_error: &mut Option<String>,
+    stats: &mut GenerateStats,
+) -> Result<()> {
+    if !use_graphs || graph_error.is_some() {
+        return decode_step_device(md, plan, b, rows, step_max_len, debug_enabled());
+    }
+    if let Some(DecodeGraph(g)) = b.graphs.by_bucket.get(&rows) {
+        g.launch().map_err(cuda_err("replaying the decode graph"))?;
+        stats.graph_steps += 1;
+        return Ok(());
+    }
+    if b.graphs.warm.insert(rows) {
+        return decode_step_device(md, plan, b, rows, step_max_len, false);
+    }
+    // A graph that cannot be captured, instantiated or launched the first time is a graph
+    // problem, not a kernel one (the same launches just ran eagerly): fall back. A launch error
+    // is returned before anything is enqueued, so the eager step starts from a clean stream.
+    let captured = capture_decode_step(md, plan, b, rows).and_then(|g| {
+        g.launch()
+            .map_err(cuda_err("launching a freshly captured decode graph"))?;
+        Ok(g)
+    });
+    match captured {
+        Ok(g) => {
+            b.graphs.by_bucket.insert(rows, DecodeGraph(g));
+            stats.graphs_captured += 1;
+            stats.graph_steps += 1;
+            Ok(())
+        }
+        Err(e) => {
+            let why = format!("bucket of {rows} rows: {e}");
+            log_graph_fallback(&why);
+            *graph_error = Some(why);
+            decode_step_device(md, plan, b, rows, step_max_len, false)
+        }
+    }
+}
+
+impl Drop for CudaEngine {
+    fn drop(&mut self) {
+        // The decode graphs reference kernels of the device's module, and `dev` (the first field)
+        // would go first: destroy them, with the plan's buffers, while the module is loaded.
+        self.plan = None;
     }
 }
 
@@ -1534,6 +2165,7 @@ impl Engine for CudaEngine {
         );
         self.ensure_plan(needs)?;
         let mut stats = GenerateStats::default();
+        let use_graphs = self.cuda_graphs && !debug_enabled();
         let CudaEngine {
             dev,
             config: c,
@@ -1541,13 +2173,26 @@ impl Engine for CudaEngine {
             inv_freq,
             lora,
             plan,
-            sm_count,
+            graph_error,
             ..
         } = self;
         let (plan, b) = plan.as_mut().expect("ensure_plan set it");
         stats.plan_bytes = plan.total_bytes();
-        let lora = lora.as_ref();
+        let md = Model {
+            dev,
+            c,
+            w: weights,
+            lora: lora.as_ref(),
+            inv_freq,
+        };
+        // Graphs froze the adapter's buffer addresses and scale: another adapter, recapture.
+        let key = adapter_key(dev, md.lora);
+        if b.graphs.adapter_key != key {
+            b.graphs.clear();
+            b.graphs.adapter_key = key;
+        }
         let mp = plan.max_pages_per_seq;
+        let scratch = plan.scratch_page() as i32;
         let vocab = c.vocab_size;
         let kv_row_bytes = (c.num_hidden_layers * 2 * c.kv_dim() * 2) as f64;
         b.sampling.fill_params(dev, params)?;
@@ -1571,7 +2216,8 @@ impl Engine for CudaEngine {
                 let full = plen / PAGE_SIZE;
                 let total = (plen + stop.max_new_tokens).min(ctx).div_ceil(PAGE_SIZE);
                 for s in 0..g {
-                    let mut table = vec![0i32; mp];
+                    // Entries past the sequence's pages point at the scratch page.
+                    let mut table = vec![scratch; mp];
                     table[..full].copy_from_slice(&prompt_pages[j][..full]);
                     for slot in table.iter_mut().take(total).skip(full) {
                         *slot = next_page as i32;
@@ -1614,19 +2260,14 @@ impl Engine for CudaEngine {
                     ids: Vec::with_capacity(rows),
                     pos: Vec::with_capacity(rows),
                     row_seq: Vec::with_capacity(rows),
-                    block_table: vec![0; group.len() * mp],
+                    block_table: vec![scratch; group.len() * mp],
                     num_seqs: group.len(),
-                    attn: StepAttn::Prefill {
-                        cu_rows: Vec::with_capacity(group.len() + 1),
-                        pos0: vec![0; group.len()],
-                        max_rows: group.iter().map(|p| p.len()).max().unwrap_or(0),
-                    },
+                    cu_rows: Vec::with_capacity(group.len() + 1),
+                    pos0: vec![0; group.len()],
+                    max_rows: group.iter().map(|p| p.len()).max().unwrap_or(0),
                     logit_rows: Some(Vec::with_capacity(group.len() * g)),
                 };
-                let StepAttn::Prefill { cu_rows, .. } = &mut step.attn else {
-                    unreachable!()
-                };
-                cu_rows.push(0);
+                step.cu_rows.push(0);
                 for (gi, p) in group.iter().enumerate() {
                     let pages = &prompt_pages[j0 + gi];
                     step.block_table[gi * mp..gi * mp + pages.len()].copy_from_slice(pages);
@@ -1636,13 +2277,13 @@ impl Engine for CudaEngine {
                         step.row_seq.push(gi as i32);
                     }
                     let end = step.ids.len();
-                    cu_rows.push(end as i32);
+                    step.cu_rows.push(end as i32);
                     // The prompt's last row gives the first-token logits of each of its G samples.
                     if let Some(lr) = step.logit_rows.as_mut() {
                         lr.extend(std::iter::repeat_n((end - 1) as u32, g));
                     }
                 }
-                let m = forward(dev, c, weights, lora, inv_freq, plan, b, &step, *sm_count)?;
+                let m = forward(md, plan, b, &step)?;
                 for &(j, src, dst) in &partial_copies {
                     if (j0..j1).contains(&j) {
                         copy_partial_pages(dev, c, b, src, dst)?;
@@ -1655,68 +2296,71 @@ impl Engine for CudaEngine {
                     .map(|si| ((seqs[si].prompt_index) * g + seqs[si].sample_index) as u64)
                     .collect();
                 let steps = vec![0u64; m];
-                sample_and_apply(
-                    dev,
-                    b,
-                    m,
-                    vocab,
-                    &streams,
-                    &steps,
-                    &mut seqs[seq_range],
-                    stop,
-                    decode,
-                    ctx,
-                )?;
+                b.sampling.fill_rows(dev, &streams, &steps)?;
+                sample_into(dev, b, m, vocab)?;
+                let (tokens, lps) = read_sampled(dev, b, m)?;
+                apply_sampled(&mut seqs[seq_range], &tokens, &lps, vocab, stop, decode, ctx)?;
                 j0 = j1;
             }
             stats.prefill_ms += t0.elapsed().as_secs_f64() * 1e3;
 
-            // --- Decode: one token per active sequence per step.
+            // --- Decode: one token per active sequence per step, padded to the step's bucket.
             let t1 = Instant::now();
             let mut active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].done.is_none()).collect();
             while !active.is_empty() {
                 let n = active.len();
-                let mut step = Step {
-                    ids: Vec::with_capacity(n),
-                    pos: Vec::with_capacity(n),
-                    row_seq: (0..n as i32).collect(),
-                    block_table: Vec::with_capacity(n * mp),
-                    num_seqs: n,
-                    attn: StepAttn::Decode {
-                        seq_lens: Vec::with_capacity(n),
-                        max_len: 0,
-                    },
-                    logit_rows: None,
-                };
-                let mut streams = Vec::with_capacity(n);
-                let mut steps = Vec::with_capacity(n);
-                let StepAttn::Decode { seq_lens, max_len } = &mut step.attn else {
-                    unreachable!()
-                };
-                for &si in &active {
-                    let s = &seqs[si];
-                    // The newest token goes to position P + (generated − 1).
-                    let pos = s.prompt_len + s.ids.len() - 1;
-                    step.ids.push(*s.ids.last().expect("a sampled token"));
-                    step.pos.push(pos as i32);
-                    step.block_table.extend_from_slice(&s.table);
-                    seq_lens.push(pos as i32 + 1);
-                    *max_len = (*max_len).max(pos + 1);
-                    streams.push((s.prompt_index * g + s.sample_index) as u64);
-                    steps.push(s.ids.len() as u64);
-                    stats.decode_kv_bytes_read += (pos + 1) as f64 * kv_row_bytes;
+                if n > plan.max_decode_rows() {
+                    return Err(Error::Cuda(format!(
+                        "internal: {n} active sequences against a plan of {} decode rows",
+                        plan.max_decode_rows()
+                    )));
                 }
-                let m = forward(dev, c, weights, lora, inv_freq, plan, b, &step, *sm_count)?;
-                debug_assert_eq!(m, n);
+                let rows = decode_bucket(n, plan.max_decode_rows());
+                let lay = DecodeStaging { rows, pages: mp };
+                let mut max_len = 0;
+                {
+                    let staged: Vec<DecodeRow<'_>> = active
+                        .iter()
+                        .map(|&si| {
+                            let s = &seqs[si];
+                            // The newest token goes to position P + (generated − 1).
+                            let pos = s.prompt_len + s.ids.len() - 1;
+                            max_len = max_len.max(pos + 1);
+                            stats.decode_kv_bytes_read += (pos + 1) as f64 * kv_row_bytes;
+                            DecodeRow {
+                                token: *s.ids.last().expect("a sampled token"),
+                                pos,
+                                stream: (s.prompt_index * g + s.sample_index) as u64,
+                                step: s.ids.len() as u64,
+                                table: &s.table,
+                            }
+                        })
+                        .collect();
+                    let host = b
+                        .staging_host
+                        .as_mut_slice()
+                        .map_err(cuda_err("waiting for the pinned staging buffer"))?;
+                    check("pinned staging", host.len(), lay.words())?;
+                    stage_decode_rows(&lay, &staged, scratch, &mut host[..lay.words()]);
+                    put_pinned(
+                        dev,
+                        "the decode step's inputs",
+                        &host[..lay.words()],
+                        &mut b.staging,
+                    )?;
+                }
+                run_decode_step(md, plan, b, rows, max_len, use_graphs, graph_error, &mut stats)?;
+                let (tokens, lps) = read_sampled(dev, b, rows)?;
                 // Apply to the active sequences (in order) through a gathered view.
                 let mut batch: Vec<Seq> = active.iter().map(|&si| take_seq(&mut seqs[si])).collect();
-                let res = sample_and_apply(dev, b, n, vocab, &streams, &steps, &mut batch, stop, decode, ctx);
+                let res = apply_sampled(&mut batch, &tokens[..n], &lps[..n], vocab, stop, decode, ctx);
                 for (&si, s) in active.iter().zip(batch) {
                     seqs[si] = s;
                 }
                 res?;
                 stats.decode_steps += 1;
                 stats.decode_rows += n;
+                stats.decode_padded_rows += rows - n;
                 active.retain(|&si| seqs[si].done.is_none());
             }
             stats.decode_ms += t1.elapsed().as_secs_f64() * 1e3;
@@ -1731,6 +2375,9 @@ impl Engine for CudaEngine {
                 });
             }
         }
+        stats.cuda_graphs = stats.graph_steps > 0;
+        stats.graphs_cached = b.graphs.by_bucket.len();
+        stats.graph_error = graph_error.clone();
         self.last_stats = stats;
         Ok(out)
     }
@@ -1760,35 +2407,33 @@ impl Engine for CudaEngine {
             inv_freq,
             lora,
             plan,
-            sm_count,
             ..
         } = self;
         let (plan, b) = plan.as_mut().expect("ensure_plan set it");
-        let lora = lora.as_ref();
+        let md = Model {
+            dev,
+            c,
+            w: weights,
+            lora: lora.as_ref(),
+            inv_freq,
+        };
         let mp = plan.max_pages_per_seq;
+        let scratch = plan.scratch_page() as i32;
         for group in &groups {
             let ns = group.len();
             let mut step = Step {
                 ids: Vec::new(),
                 pos: Vec::new(),
                 row_seq: Vec::new(),
-                block_table: vec![0; ns * mp],
+                block_table: vec![scratch; ns * mp],
                 num_seqs: ns,
-                attn: StepAttn::Prefill {
-                    cu_rows: vec![0],
-                    pos0: vec![0; ns],
-                    max_rows: 0,
-                },
+                cu_rows: vec![0],
+                pos0: vec![0; ns],
+                max_rows: 0,
                 logit_rows: Some(Vec::new()),
             };
             let mut targets: Vec<u32> = Vec::new();
             let mut next_page = 0usize;
-            let StepAttn::Prefill {
-                cu_rows, max_rows, ..
-            } = &mut step.attn
-            else {
-                unreachable!()
-            };
             for (gi, &k) in group.iter().enumerate() {
                 let (p, comp) = &items[live[k]];
                 // Rows P-1 .. P+C-2 predict the completion tokens.
@@ -1804,14 +2449,14 @@ impl Engine for CudaEngine {
                     step.pos.push(t as i32);
                     step.row_seq.push(gi as i32);
                 }
-                cu_rows.push(step.ids.len() as i32);
-                *max_rows = (*max_rows).max(seq.len());
+                step.cu_rows.push(step.ids.len() as i32);
+                step.max_rows = step.max_rows.max(seq.len());
                 if let Some(lr) = step.logit_rows.as_mut() {
                     lr.extend((0..comp.len()).map(|j| (base + p.len() - 1 + j) as u32));
                 }
                 targets.extend_from_slice(comp);
             }
-            let m = forward(dev, c, weights, lora, inv_freq, plan, b, &step, *sm_count)?;
+            let m = forward(md, plan, b, &step)?;
             put(dev, "score targets", &targets, &mut b.targets)?;
             dev.logprob_gather_f32(
                 &b.logits.slice(..m * c.vocab_size),
@@ -1850,33 +2495,26 @@ fn take_seq(s: &mut Seq) -> Seq {
     )
 }
 
-/// Samples rows 0..m of `b.logits` for `seqs` (in order), reads back tokens and logprobs, and
-/// applies the CPU engine's stop rules to each sequence.
-#[allow(clippy::too_many_arguments)]
-fn sample_and_apply(
-    dev: &CudaDevice,
-    b: &mut Buffers,
-    m: usize,
-    vocab: usize,
-    streams: &[u64],
-    steps: &[u64],
+/// Applies sampled `tokens` and their logprobs to `seqs` (in order) with the CPU engine's stop
+/// rules.
+fn apply_sampled(
     seqs: &mut [Seq],
+    tokens: &[u32],
+    lps: &[f32],
+    vocab: usize,
     stop: &StopCriteria,
     decode: Option<Decode<'_>>,
     ctx: usize,
 ) -> Result<()> {
-    b.sampling.fill_rows(dev, streams, steps)?;
-    dev.sample_tokens_f32(
-        &b.logits.slice(..m * vocab),
-        &b.sampling,
-        &mut b.tokens.slice_mut(..m),
-        &mut b.logprobs.slice_mut(..m),
-        m,
-        vocab,
-    )?;
-    let tokens = get(dev, "sampled tokens", &b.tokens, m)?;
-    let lps = get(dev, "sampled logprobs", &b.logprobs, m)?;
-    for ((s, &tok), &lp) in seqs.iter_mut().zip(&tokens).zip(&lps) {
+    if tokens.len() != seqs.len() || lps.len() != seqs.len() {
+        return Err(Error::Cuda(format!(
+            "internal: {} tokens and {} logprobs for {} sequences",
+            tokens.len(),
+            lps.len(),
+            seqs.len()
+        )));
+    }
+    for ((s, &tok), &lp) in seqs.iter_mut().zip(tokens).zip(lps) {
         if tok == u32::MAX || tok as usize >= vocab {
             return Err(Error::Cuda(format!(
                 "the sampling kernel rejected the logits of prompt {} sample {} at step {} \
@@ -1917,13 +2555,19 @@ impl CudaEngine {
             inv_freq,
             lora,
             plan,
-            sm_count,
             ..
         } = self;
         let (plan, b) = plan.as_mut().expect("ensure_plan set it");
+        let md = Model {
+            dev,
+            c,
+            w: weights,
+            lora: lora.as_ref(),
+            inv_freq,
+        };
         let mp = plan.max_pages_per_seq;
         let pages = tokens.len().div_ceil(PAGE_SIZE);
-        let mut block_table = vec![0i32; mp];
+        let mut block_table = vec![plan.scratch_page() as i32; mp];
         for (x, slot) in block_table.iter_mut().enumerate().take(pages) {
             *slot = x as i32;
         }
@@ -1933,24 +2577,12 @@ impl CudaEngine {
             row_seq: vec![0; tokens.len()],
             block_table,
             num_seqs: 1,
-            attn: StepAttn::Prefill {
-                cu_rows: vec![0, tokens.len() as i32],
-                pos0: vec![0],
-                max_rows: tokens.len(),
-            },
+            cu_rows: vec![0, tokens.len() as i32],
+            pos0: vec![0],
+            max_rows: tokens.len(),
             logit_rows: Some(vec![tokens.len() as u32 - 1]),
         };
-        let m = forward(
-            dev,
-            c,
-            weights,
-            lora.as_ref(),
-            inv_freq,
-            plan,
-            b,
-            &step,
-            *sm_count,
-        )?;
+        let m = forward(md, plan, b, &step)?;
         get(dev, "logits", &b.logits, m * c.vocab_size)
     }
 }
@@ -1982,6 +2614,16 @@ pub struct RolloutBench {
     pub peak_bandwidth_bytes_s: f64,
     /// decode_bytes_per_step / step time / peak bandwidth.
     pub roofline_fraction: f64,
+    /// Whether the timed run's decode steps replayed CUDA graphs (`RFT_CUDA_GRAPHS=0`: eager).
+    pub cuda_graphs: bool,
+    /// Decode steps of the timed run that replayed a graph.
+    pub graph_steps: usize,
+    /// Graphs captured in the warm-up and the timed run (one per bucket used).
+    pub graphs_captured: usize,
+    /// Padding rows the timed run's decode steps computed (bucket − active, summed).
+    pub decode_padded_rows: usize,
+    /// Why graphs were turned off (a failed capture), if they were.
+    pub graph_error: Option<String>,
 }
 
 /// Random weights of preset `shape` on device `ordinal`; `prompts` random prompts of
@@ -2034,7 +2676,9 @@ pub fn bench_rollout(
         stop_strings: vec![],
         max_new_tokens: new_tokens,
     };
-    // The plan of the timed run, allocated up front; a warm-up (cuBLAS heuristics); the run.
+    // The plan of the timed run, allocated up front; a warm-up of the same batch for 3 tokens
+    // (prefill, then 2 decode steps of the timed run's bucket: the first runs eagerly and loads
+    // every kernel and cuBLAS heuristic, the second captures the bucket's graph); the run.
     engine.ensure_plan(MemoryPlan::for_generate(
         &config,
         prompts,
@@ -2043,15 +2687,16 @@ pub fn bench_rollout(
         new_tokens,
     ))?;
     engine.generate(
-        &ps[..1],
-        1,
+        &ps,
+        num_generations,
         &params,
         &StopCriteria {
-            max_new_tokens: 2,
+            max_new_tokens: 3.min(new_tokens),
             ..stop.clone()
         },
         None,
     )?;
+    let warmup_captured = engine.last_stats.graphs_captured;
     let t = Instant::now();
     let r = engine.generate(&ps, num_generations, &params, &stop, None)?;
     let total_s = t.elapsed().as_secs_f64();
@@ -2088,5 +2733,10 @@ pub fn bench_rollout(
         } else {
             0.0
         },
+        cuda_graphs: st.cuda_graphs,
+        graph_steps: st.graph_steps,
+        graphs_captured: warmup_captured + st.graphs_captured,
+        decode_padded_rows: st.decode_padded_rows,
+        graph_error: st.graph_error,
     })
 }

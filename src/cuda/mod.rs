@@ -26,9 +26,11 @@ pub mod train;
 mod train_kernels;
 pub use attention_train_stub::TrainAttnShape;
 
-pub use device::CudaDevice;
+pub use device::{CudaDevice, CUBLAS_WORKSPACE_BYTES};
 pub use engine::{CudaEngine, MemoryPlan};
-pub use rollout::{decode_splits, AttnShape, SamplingParamsDev, ROLLOUT_KERNEL_NAMES};
+pub use rollout::{
+    decode_partitions, AttnShape, SamplingParamsDev, DECODE_PARTITION_SIZE, ROLLOUT_KERNEL_NAMES,
+};
 pub use train::{CudaTrainer, PackedBatch, TrainPlan};
 pub use train_kernels::{
     clip_report_from_stats, grad_norm_blocks, grad_norm_partials_len, grpo_loss_blocks,

@@ -155,19 +155,37 @@ impl AttnShape {
         self.window.map_or(0, |w| w.min(i32::MAX as usize) as i32)
     }
 
-    /// Decode blocks per sequence and split: kv heads × ceil(group / 8).
+    /// Decode blocks per sequence and partition: kv heads × ceil(group / 8).
     pub fn decode_blocks_per_seq(&self) -> usize {
         self.n_kv_heads * (self.n_heads / self.n_kv_heads).div_ceil(ATTN_GMAX)
     }
 }
 
-/// How many splits of the positions (flash-decoding) a decode step should use: enough blocks
-/// for about two waves over `sm_count` SMs, but no split shorter than 64 positions, at most 64.
-pub fn decode_splits(num_seqs: usize, blocks_per_seq: usize, max_len: usize, sm_count: usize) -> usize {
-    let blocks = (num_seqs * blocks_per_seq).max(1);
-    let want = (2 * sm_count).div_ceil(blocks);
-    let by_len = max_len.div_ceil(64).max(1);
-    want.clamp(1, by_len.min(64))
+/// Positions per flash-decoding partition of the decode attention (a multiple of the KV page
+/// size 16, so a partition never splits a page).
+///
+/// Fixed, not chosen per batch, so that how a sequence's attention is summed depends on that
+/// sequence alone (batch invariance; kernels/attention.cu). Why 128 and not vLLM's 512: this
+/// kernel gives each of a block's 4 warps every 4th position of the partition and walks them
+/// one after another, so a partition's latency grows with its length, and at the sizes GRPO
+/// rollouts run (64 sequences × ≤ 384 positions, Qwen2.5-0.5B: 2 kv-head blocks per sequence)
+/// 128 gives 3 partitions = 384 blocks ≈ 3 per SM on 132 SMs, where 512 would give 128 blocks
+/// (one partition each), a third of the SMs idle. The cost of smaller partitions is partial
+/// traffic: a partition writes n_heads·(hd+2) f32 per 128 positions (29 B per position for
+/// Qwen2.5-0.5B) against 512 B of k and v per position, ≈ 6 % more (and L2-resident for
+/// moderate batches); at 32k positions a sequence has 256 partitions, still one grid.z.
+pub const DECODE_PARTITION_SIZE: usize = 128;
+
+/// Flash-decoding partitions of a sequence of `len` positions: ceil(span / 128) with span the
+/// positions it attends (min(len, window)), at least 1. A decode grid sized for a longest
+/// sequence of `max_len` positions covers every shorter one (the count is monotone in `len`).
+/// Mirrors `decode_num_parts` in kernels/attention.cu.
+pub fn decode_partitions(len: usize, window: Option<usize>) -> usize {
+    let span = match window {
+        Some(w) if w > 0 => len.min(w),
+        _ => len,
+    };
+    span.div_ceil(DECODE_PARTITION_SIZE).max(1)
 }
 
 /// Per-row sampling parameters on the device (rows = sequences sampled this step).
@@ -586,10 +604,14 @@ impl CudaDevice {
     }
 
     /// Decode attention: q (num_seqs, n_heads, hd) at positions seq_lens[s] - 1 over each
-    /// sequence's cache; out (num_seqs, n_heads, hd). With `splits` > 1 the positions are split
-    /// (flash-decoding) and `part_o` (num_seqs·n_heads·splits·hd) and `part_ml`
-    /// (num_seqs·n_heads·splits·2) f32 scratch receive the partials, merged by the combine kernel;
-    /// with `splits` = 1 the scratch is not touched (may be empty).
+    /// sequence's cache; out (num_seqs, n_heads, hd). Flash-decoding over fixed partitions of
+    /// [`DECODE_PARTITION_SIZE`] positions: the grid covers `parts` = [`decode_partitions`]`
+    /// (max_len, window)` partitions, so `max_len` must be at least every seq_lens[s] (a
+    /// sequence the grid does not cover gets NaN, never a silently wrong output); a larger
+    /// `max_len` only adds blocks that exit at once, the output bits do not change. When
+    /// parts > 1, `part_o` (num_seqs·n_heads·parts·hd) and `part_ml` (num_seqs·n_heads·parts·2)
+    /// f32 receive the partials of sequences with more than one partition and the combine
+    /// kernel merges them; with parts = 1 the scratch is not touched (may be a dummy).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode_bf16(
         &self,
@@ -603,7 +625,7 @@ impl CudaDevice {
         part_ml: &mut impl DevicePtrMut<f32>,
         shape: &AttnShape,
         num_seqs: usize,
-        splits: usize,
+        max_len: usize,
     ) -> Result<()> {
         let kn = "attention_decode_bf16";
         shape.check(kn)?;
@@ -632,25 +654,28 @@ impl CudaDevice {
             "num_seqs*max_pages",
         )?;
         check_len("seq_lens", kn, seq_lens.len(), num_seqs, "num_seqs")?;
-        if !(1..=1024).contains(&splits) {
+        let cap = shape.page_size * shape.max_pages;
+        let parts = decode_partitions(max_len.min(cap), shape.window);
+        if parts > 65_535 {
             return Err(Error::invalid(format!(
-                "{kn}: splits {splits} must be in 1..=1024"
+                "{kn}: {parts} partitions of {DECODE_PARTITION_SIZE} positions exceed the grid's \
+                 z limit 65535"
             )));
         }
-        if splits > 1 {
+        if parts > 1 {
             check_len(
                 "part_o",
                 kn,
                 part_o.len(),
-                num_seqs * h * splits * hd,
-                "num_seqs*n_heads*splits*hd",
+                num_seqs * h * parts * hd,
+                "num_seqs*n_heads*parts*hd",
             )?;
             check_len(
                 "part_ml",
                 kn,
                 part_ml.len(),
-                num_seqs * h * splits * 2,
-                "num_seqs*n_heads*splits*2",
+                num_seqs * h * parts * 2,
+                "num_seqs*n_heads*parts*2",
             )?;
         }
         as_i32(kn, "num_seqs·n_heads", num_seqs * h)?;
@@ -673,11 +698,11 @@ impl CudaDevice {
         let (po, _po) = part_o.device_ptr_mut(s);
         let (pm, _pm) = part_ml.device_ptr_mut(s);
         let (h_i, kv_i, hd_i) = (h as i32, shape.n_kv_heads as i32, hd as i32);
-        let (ps, mp, win, sp) = (
+        let (ps, mp, win, part_i) = (
             shape.page_size as i32,
             shape.max_pages as i32,
             shape.window_i32(),
-            splits as i32,
+            DECODE_PARTITION_SIZE as i32,
         );
         let scale = shape.scale();
         let mut l = s.launch_builder(&self.rk().attention_decode_bf16);
@@ -695,24 +720,34 @@ impl CudaDevice {
             .arg(&ps)
             .arg(&mp)
             .arg(&win)
-            .arg(&sp)
+            .arg(&part_i)
             .arg(&scale);
         let smem = (ATTN_WARPS * ATTN_GMAX * (hd + 2) * 4) as u32;
         let grid = (
             num_seqs as u32,
             shape.decode_blocks_per_seq() as u32,
-            splits as u32,
+            parts as u32,
         );
         // SAFETY: argument order as kernels/attention.cu attention_decode_bf16; lengths checked
-        // above (part buffers only when splits > 1, the only case the kernel writes them);
-        // block = 4 warps as the kernel's merge assumes; smem = 4·8·(hd+2) floats ≤ 33 KiB.
+        // above (part buffers only when parts > 1, the only case the kernel writes them: a
+        // sequence with more than one partition needs a grid of more than one); block = 4 warps
+        // as the kernel's merge assumes; smem = 4·8·(hd+2) floats ≤ 33 KiB.
         unsafe { l.launch(cfg(grid, (ATTN_WARPS * 32) as u32, smem)) }.map_err(cuda_err(kn))?;
-        if splits > 1 {
+        if parts > 1 {
             let rows_i = (num_seqs * h) as i32;
+            let (cap_i, parts_i) = (as_i32(kn, "cap", cap)?, parts as i32);
             let mut l = s.launch_builder(&self.rk().attention_decode_combine_bf16);
-            l.arg(&op).arg(&po).arg(&pm).arg(&rows_i).arg(&hd_i).arg(&sp);
-            // SAFETY: (bf16* out, const float* part_o, const float* part_ml, int rows, int hd,
-            // int splits) with rows = num_seqs·n_heads; lengths checked above.
+            l.arg(&op).arg(&po).arg(&pm).arg(&sl);
+            l.arg(&h_i)
+                .arg(&hd_i)
+                .arg(&cap_i)
+                .arg(&win)
+                .arg(&part_i)
+                .arg(&parts_i)
+                .arg(&rows_i);
+            // SAFETY: (bf16* out, const float* part_o, const float* part_ml, const int* seq_lens,
+            // int n_heads, int hd, int cap, int window, int part_size, int max_parts, int rows)
+            // with rows = num_seqs·n_heads and max_parts = the decode grid's z; lengths checked.
             unsafe { l.launch(cfg(((num_seqs * h) as u32, 1, 1), row_block(hd), 0)) }
                 .map_err(cuda_err("attention_decode_combine_bf16"))?;
         }
@@ -1324,7 +1359,8 @@ impl CudaDevice {
         Ok((self.download_bf16(&kc)?, self.download_bf16(&vc)?))
     }
 
-    /// [`Self::attention_decode_bf16`] on host data with `splits` splits (scratch allocated here).
+    /// [`Self::attention_decode_bf16`] on host data, the grid sized for sequences of up to
+    /// `max_len` positions (scratch allocated here).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode_bf16_host(
         &self,
@@ -1334,7 +1370,7 @@ impl CudaDevice {
         block_table: &[i32],
         seq_lens: &[i32],
         shape: &AttnShape,
-        splits: usize,
+        max_len: usize,
     ) -> Result<Vec<f32>> {
         let num_seqs = seq_lens.len();
         let (qd, kc, vc) = (
@@ -1344,8 +1380,9 @@ impl CudaDevice {
         );
         let (bt, sl) = (self.upload(block_table)?, self.upload(seq_lens)?);
         let mut out = self.alloc_zeros::<bf16>(q.len())?;
-        let part = if splits > 1 {
-            num_seqs * shape.n_heads * splits
+        let parts = decode_partitions(max_len.min(shape.page_size * shape.max_pages), shape.window);
+        let part = if parts > 1 {
+            num_seqs * shape.n_heads * parts
         } else {
             1
         };
@@ -1362,7 +1399,7 @@ impl CudaDevice {
             &mut part_ml,
             shape,
             num_seqs,
-            splits,
+            max_len,
         )?;
         self.download_bf16(&out)
     }
