@@ -15,14 +15,20 @@
 //! `rollout.rs` (the rollout kernels' launchers: embedding, RoPE, SwiGLU, KV cache, attention,
 //! LoRA, sampling, log-prob gather), `engine.rs` (the rollout engine: memory plan, forward,
 //! generate/score on the GPU), `train_kernels.rs` (the training step's kernels: log-softmax
-//! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW).
+//! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW;
+//! it also loads the handles of every training kernel), `attention_train.rs` (training attention
+//! over packed sequences: forward saving the log-sum-exp, deterministic backward, row scatter).
 
+mod attention_train;
 mod device;
 pub mod engine;
 mod kernels;
 mod rollout;
 mod train_kernels;
 
+pub use attention_train::{
+    attention_train_row_tiles, packed_max_rows, TrainAttnShape, ATTN_TRAIN_COMPILED_HEAD_DIMS,
+};
 pub use device::CudaDevice;
 pub use engine::{CudaEngine, MemoryPlan};
 pub use rollout::{decode_splits, AttnShape, SamplingParamsDev, ROLLOUT_KERNEL_NAMES};
