@@ -15,17 +15,22 @@
 //! `rollout.rs` (the rollout kernels' launchers: embedding, RoPE, SwiGLU, KV cache, attention,
 //! LoRA, sampling, log-prob gather), `engine.rs` (the rollout engine: memory plan, forward,
 //! generate/score on the GPU), `train_kernels.rs` (the training step's kernels: log-softmax
-//! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW).
+//! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW;
+//! it also loads the handles of every training kernel), `attention_train.rs` (training attention
+//! over packed sequences: forward saving the log-sum-exp, deterministic backward, row scatter),
+//! `train.rs` (the GRPO training step on the GPU: `CudaTrainer`, its memory plan, `bench_train`).
 
-mod attention_train_stub;
+mod attention_train;
 mod device;
 pub mod engine;
 mod kernels;
 mod rollout;
 pub mod train;
 mod train_kernels;
-pub use attention_train_stub::TrainAttnShape;
 
+pub use attention_train::{
+    attention_train_row_tiles, packed_max_rows, TrainAttnShape, ATTN_TRAIN_COMPILED_HEAD_DIMS,
+};
 pub use device::{CudaDevice, CUBLAS_WORKSPACE_BYTES};
 pub use engine::{CudaEngine, MemoryPlan};
 pub use rollout::{

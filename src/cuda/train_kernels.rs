@@ -27,12 +27,14 @@ use crate::{Error, Result};
 
 macro_rules! train_kernels {
     ($($name:ident),* $(,)?) => {
-        /// The training-step kernels, looked up once when the device is opened.
+        /// The training-step kernels, looked up once when the device is opened (fields visible
+        /// to the sibling launcher modules, e.g. attention_train.rs).
         pub(super) struct TrainKernels {
-            $($name: CudaFunction,)*
+            $(pub(super) $name: CudaFunction,)*
         }
 
-        /// Every kernel name of kernels/train.cu (for the fatbin-content test).
+        /// Every kernel name of kernels/train.cu and kernels/attention_train.cu (for the
+        /// fatbin-content test).
         pub const TRAIN_KERNEL_NAMES: &[&str] = &[$(stringify!($name),)*];
 
         impl TrainKernels {
@@ -67,6 +69,18 @@ train_kernels!(
     rope_bwd_bf16,
     grad_sq_norm_partial_f32,
     adamw_step_f32,
+    // kernels/attention_train.cu (launchers in attention_train.rs)
+    attention_train_fwd_hd64_bf16,
+    attention_train_fwd_hd128_bf16,
+    attention_train_fwd_hd256_bf16,
+    attention_train_bwd_delta_bf16,
+    attention_train_bwd_dkdv_hd64_bf16,
+    attention_train_bwd_dkdv_hd128_bf16,
+    attention_train_bwd_dkdv_hd256_bf16,
+    attention_train_bwd_dq_hd64_bf16,
+    attention_train_bwd_dq_hd128_bf16,
+    attention_train_bwd_dq_hd256_bf16,
+    scatter_rows_bf16,
 );
 
 /// f64 fields of one GRPO partial (kernels/train.cu `GRPO_FIELDS`): Σ w·loss, Σ kl, Σ ratio,
@@ -238,7 +252,7 @@ pub fn clip_report_from_stats(stats: [f64; 2], max_norm: f32) -> ClipReport {
     }
 }
 
-fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
+pub(super) fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
     if found != expected {
         return Err(Error::invalid(format!(
             "{kernel}: {what} has {found} elements, expected {expected} = {shape}"
@@ -256,12 +270,12 @@ fn check_min_len(what: &str, kernel: &str, found: usize, needed: usize, shape: &
     Ok(())
 }
 
-fn as_i32(kernel: &str, what: &str, v: usize) -> Result<i32> {
+pub(super) fn as_i32(kernel: &str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(format!("{kernel}: {what} = {v} exceeds i32::MAX")))
 }
 
 /// Threads for one-row-per-block kernels: the row in whole warps, 32..=512.
-fn row_block(dim: usize) -> u32 {
+pub(super) fn row_block(dim: usize) -> u32 {
     dim.next_multiple_of(32).clamp(32, 512) as u32
 }
 
@@ -269,7 +283,7 @@ fn ew_grid(n: usize) -> u32 {
     n.div_ceil(EW_THREADS as usize).clamp(1, EW_MAX_BLOCKS) as u32
 }
 
-fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+pub(super) fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
         block_dim: (block, 1, 1),

@@ -1,0 +1,149 @@
+// Drives the emulated kernels of kernels/attention_train.cu (see run.sh): forward, delta, dk/dv
+// and dq with the grids and shared-memory sizes of src/cuda/attention_train.rs, compared with an
+// f64 reference under the tolerances of tests/cuda_attention_train.rs (atol = mag/64 with mag =
+// Σ|terms| of each output's sum, plus 0.079·|ref|; lse 1e-5 relative).
+#include <cstdio>
+#include <vector>
+#include <functional>
+#include <cmath>
+#include "inc/cuda_bf16.h"
+typedef __nv_bfloat16 bf16;
+void at_mma_emu(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+void at_ldsm_emu(uint32_t (&r)[4], const __nv_bfloat16* p, bool trans);
+void emu_launch(emu_dim3 grid, int threads, const std::function<void()>& kernel);
+unsigned char* emu_dyn_smem = nullptr;
+static std::vector<unsigned char>* emu_smem_vec = nullptr;
+static void set_smem(size_t bytes) { delete emu_smem_vec; emu_smem_vec = new std::vector<unsigned char>(bytes); emu_dyn_smem = emu_smem_vec->data(); }
+static size_t fwd_smem(int c) { int bk = c <= 128 ? 64 : 32; return (size_t)(64 + 2 * bk) * (c + 8) * 2; }
+static size_t dq_smem(int c) { int bk = c <= 128 ? 64 : 32; return (size_t)(128 + 2 * bk) * (c + 8) * 2; }
+static size_t dkdv_smem(int c) { int bq = c <= 64 ? 64 : c <= 128 ? 32 : 16; return (size_t)(128 + 2 * bq) * (c + 8) * 2 + 2 * bq * 4; }
+#include "at_emu.inc"
+
+static uint64_t rng = 88172645463325252ull;
+static float urand(float lo, float hi) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return lo + (hi - lo) * ((rng >> 40) / 16777216.0f); }
+static float bfr(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+static std::vector<bf16> to_bf(const std::vector<float>& v) { std::vector<bf16> o(v.size()); for (size_t i = 0; i < v.size(); ++i) o[i] = __float2bfloat16_rn(v[i]); return o; }
+static std::vector<float> from_bf(const std::vector<bf16>& v) { std::vector<float> o(v.size()); for (size_t i = 0; i < v.size(); ++i) o[i] = __bfloat162float(v[i]); return o; }
+
+struct Ref { std::vector<double> out, lse, dq, dk, dv, mag_out, mag_dq, mag_dk, mag_dv; };
+
+static Ref reference(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v, const std::vector<float>& dout,
+                     const std::vector<int>& cu, int H, int KV, int hd, int window) {
+    const int N = cu.back(); const int grp = H / KV;
+    const double scale = (double)(1.0f / std::sqrt((float)hd));
+    Ref r; r.out.assign((size_t)N * H * hd, 0); r.lse.assign((size_t)N * H, 0); r.dq.assign(r.out.size(), 0);
+    r.dk.assign((size_t)N * KV * hd, 0); r.dv = r.dk; r.mag_out = r.out; r.mag_dq = r.out; r.mag_dk = r.dk; r.mag_dv = r.dk;
+    for (size_t s = 0; s + 1 < cu.size(); ++s) {
+        const int b = cu[s], n = cu[s + 1] - cu[s];
+        for (int h = 0; h < H; ++h) {
+            const int kh = h / grp;
+            for (int i = 0; i < n; ++i) {
+                const int st = (window > 0 && i + 1 > window) ? i + 1 - window : 0;
+                std::vector<double> sc(i + 1 - st), P(sc.size()), dP(sc.size());
+                auto Q = [&](int row, int d) { return (double)q[((size_t)(b + row) * H + h) * hd + d]; };
+                auto K = [&](int row, int d) { return (double)k[((size_t)(b + row) * KV + kh) * hd + d]; };
+                auto V = [&](int row, int d) { return (double)v[((size_t)(b + row) * KV + kh) * hd + d]; };
+                auto DO = [&](int row, int d) { return (double)dout[((size_t)(b + row) * H + h) * hd + d]; };
+                double mx = -1e300;
+                for (int j = st; j <= i; ++j) { double a = 0; for (int d = 0; d < hd; ++d) a += Q(i, d) * K(j, d); sc[j - st] = a * scale; mx = std::max(mx, sc[j - st]); }
+                double z = 0; for (auto x : sc) z += std::exp(x - mx);
+                const double lse = mx + std::log(z);
+                r.lse[(size_t)(b + i) * H + h] = lse;
+                for (size_t jj = 0; jj < sc.size(); ++jj) P[jj] = std::exp(sc[jj] - lse);
+                double delta = 0, D = 0;
+                for (int j = st; j <= i; ++j) { double a = 0; for (int d = 0; d < hd; ++d) a += DO(i, d) * V(j, d); dP[j - st] = a; delta += P[j - st] * a; }
+                for (int d = 0; d < hd; ++d) {
+                    double o = 0, mo = 0;
+                    for (int j = st; j <= i; ++j) { o += P[j - st] * V(j, d); mo += P[j - st] * std::fabs(V(j, d)); }
+                    r.out[((size_t)(b + i) * H + h) * hd + d] = o; r.mag_out[((size_t)(b + i) * H + h) * hd + d] = mo;
+                    D += std::fabs(DO(i, d)) * mo;
+                }
+                for (int j = st; j <= i; ++j) {
+                    const double p = P[j - st], ds = p * (dP[j - st] - delta), mds = p * (std::fabs(dP[j - st]) + std::fabs(delta) + 2 * D);
+                    for (int d = 0; d < hd; ++d) {
+                        const size_t qi = ((size_t)(b + i) * H + h) * hd + d, kj = ((size_t)(b + j) * KV + kh) * hd + d;
+                        r.dq[qi] += scale * ds * K(j, d); r.mag_dq[qi] += scale * mds * std::fabs(K(j, d));
+                        r.dk[kj] += scale * ds * Q(i, d); r.mag_dk[kj] += scale * mds * std::fabs(Q(i, d));
+                        r.dv[kj] += p * DO(i, d); r.mag_dv[kj] += p * std::fabs(DO(i, d));
+                    }
+                }
+            }
+        }
+    }
+    return r;
+}
+
+static int check(const char* what, const std::vector<double>& ref, const std::vector<double>& mag, const std::vector<float>& got, double c, double eps) {
+    int bad = 0; double worst = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        const double err = std::fabs(ref[i] - got[i]);
+        const double tol = c * mag[i] + eps * std::fabs(ref[i]) + 1e-6;
+        worst = std::max(worst, err / tol);
+        if (!(err <= tol)) { if (bad < 5) printf("  %s[%zu]: ref %g got %g mag %g\n", what, i, ref[i], got[i], mag[i]); ++bad; }
+    }
+    printf("  %-4s worst err/tol %.3f  bad %d / %zu\n", what, worst, bad, ref.size());
+    return bad;
+}
+
+static int run(int H, int KV, int hd, int window, std::vector<int> lens) {
+    int HD = hd <= 64 ? 64 : hd <= 128 ? 128 : 256;
+    std::vector<int> cu{0}; int maxr = 0; for (int l : lens) { cu.push_back(cu.back() + l); maxr = std::max(maxr, l); }
+    const int N = cu.back(), S = lens.size();
+    printf("H %d KV %d hd %d (HD %d) window %d lens", H, KV, hd, HD, window); for (int l : lens) printf(" %d", l); printf("\n");
+    auto gen = [&](size_t n, float a) { std::vector<float> x(n); for (auto& e : x) e = bfr(urand(-a, a)); return x; };
+    auto q = gen((size_t)N * H * hd, 2.0f), k = gen((size_t)N * KV * hd, 1.0f), v = gen((size_t)N * KV * hd, 1.0f), dout = gen((size_t)N * H * hd, 1.0f);
+    auto qb = to_bf(q), kb = to_bf(k), vb = to_bf(v), dob = to_bf(dout);
+    std::vector<bf16> out((size_t)N * H * hd, __float2bfloat16_rn(NAN)), dq(out.size(), __float2bfloat16_rn(NAN)), dk((size_t)N * KV * hd, __float2bfloat16_rn(NAN)), dv(dk.size(), __float2bfloat16_rn(NAN));
+    std::vector<float> lse((size_t)N * H, NAN), delta((size_t)N * H, NAN);
+    const float scale = 1.0f / std::sqrt((float)hd);
+    const unsigned tiles = (maxr + 63) / 64;
+    emu_dim3 g1{tiles, (unsigned)H, (unsigned)S}, g2{tiles, (unsigned)KV, (unsigned)S};
+    auto fwd = [&] {
+        if (HD == 64) attention_train_fwd_hd64_bf16(out.data(), lse.data(), qb.data(), kb.data(), vb.data(), cu.data(), H, KV, hd, window, scale);
+        if (HD == 128) attention_train_fwd_hd128_bf16(out.data(), lse.data(), qb.data(), kb.data(), vb.data(), cu.data(), H, KV, hd, window, scale);
+        if (HD == 256) attention_train_fwd_hd256_bf16(out.data(), lse.data(), qb.data(), kb.data(), vb.data(), cu.data(), H, KV, hd, window, scale);
+    };
+    set_smem(fwd_smem(HD));
+    emu_launch(g1, 128, fwd);
+    emu_launch(emu_dim3{(unsigned)((N * H + 7) / 8), 1, 1}, 256, [&] { attention_train_bwd_delta_bf16(delta.data(), out.data(), dob.data(), N, H, hd); });
+    auto dkdv = [&] {
+        if (HD == 64) attention_train_bwd_dkdv_hd64_bf16(dk.data(), dv.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), cu.data(), H, KV, hd, window, scale);
+        if (HD == 128) attention_train_bwd_dkdv_hd128_bf16(dk.data(), dv.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), cu.data(), H, KV, hd, window, scale);
+        if (HD == 256) attention_train_bwd_dkdv_hd256_bf16(dk.data(), dv.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), cu.data(), H, KV, hd, window, scale);
+    };
+    set_smem(dkdv_smem(HD));
+    emu_launch(g2, 128, dkdv);
+    auto dqk = [&] {
+        if (HD == 64) attention_train_bwd_dq_hd64_bf16(dq.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), cu.data(), H, KV, hd, window, scale);
+        if (HD == 128) attention_train_bwd_dq_hd128_bf16(dq.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), cu.data(), H, KV, hd, window, scale);
+        if (HD == 256) attention_train_bwd_dq_hd256_bf16(dq.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), cu.data(), H, KV, hd, window, scale);
+    };
+    set_smem(dq_smem(HD));
+    emu_launch(g1, 128, dqk);
+    Ref r = reference(q, k, v, dout, cu, H, KV, hd, window);
+    std::vector<double> one(r.lse.size(), 0.0);
+    int bad = 0;
+    bad += check("out", r.out, r.mag_out, from_bf(out), 1.0 / 64, 0.079);
+    bad += check("lse", r.lse, one, lse, 0, 1e-5);
+    bad += check("dq", r.dq, r.mag_dq, from_bf(dq), 1.0 / 64, 0.079);
+    bad += check("dk", r.dk, r.mag_dk, from_bf(dk), 1.0 / 64, 0.079);
+    bad += check("dv", r.dv, r.mag_dv, from_bf(dv), 1.0 / 64, 0.079);
+    return bad;
+}
+
+int main(int argc, char** argv) {
+    int bad = 0;
+    bad += run(6, 2, 64, 0, {1, 17, 70});
+    if (argc > 1) {
+        bad += run(4, 4, 128, 0, {1, 17, 70});
+        bad += run(6, 2, 36, 5, {3, 70});
+        bad += run(2, 1, 256, 40, {1, 17, 70});
+        bad += run(4, 2, 96, 1, {33});
+        bad += run(2, 2, 64, 0, {130, 64});
+        bad += run(14, 2, 64, 0, {130, 64, 0, 1});
+        bad += run(12, 2, 128, 100, {129, 5});
+        bad += run(6, 2, 64, 0, {130, 70, 3});
+    }
+    printf(bad ? "FAILED\n" : "ALL OK\n");
+    return bad != 0;
+}
