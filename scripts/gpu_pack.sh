@@ -6,14 +6,14 @@
 # embedded default run on the GPU (200 steps), a real-scale `rft train` smoke run, and the
 # 64-sequence bench once more with RFT_CUDA_GRAPHS=0 (eager decode steps) to show what the
 # decode graphs save. Then on the GPU machine:
-#     SKIP_BENCH=1 bash .gpu/run.sh      (SKIP_BENCH=1 skips the criterion benches)
+#     bash .gpu/run.sh      (SKIP_BENCH=1 skips the criterion benches: kernels, rollout, train)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NVCC="${NVCC:-$(scripts/install-nvcc.sh | tail -1)}"
 RFT_REQUIRE_NVCC=1 ../shared/gpu/pack.sh
 # Keep only what needs the GPU (the CPU tests run in CI), so .gpu stays under the carry limit.
 find .gpu/test -type f ! -name 'cuda_*' -delete
-find .gpu/bench -type f ! -name 'rollout-*' -delete
+find .gpu/bench -type f ! -name 'rollout-*' ! -name 'kernels-*' ! -name 'train-*' -delete
 du -sh .gpu
 export_line='export RFT_REQUIRE_GPU=1 RUST_BACKTRACE=1'
 cat > .gpu/extra.sh <<EXTRA
