@@ -6,7 +6,7 @@
 # embedded default run on the GPU (200 steps), a real-scale `rft train` smoke run, and the
 # 64-sequence bench once more with RFT_CUDA_GRAPHS=0 (eager decode steps) to show what the
 # decode graphs save. Then on the GPU machine:
-#     bash .gpu/run.sh      (SKIP_BENCH=1 skips the criterion benches: kernels, rollout, train)
+#     bash .gpu/go.sh      (unpacks, then run.sh; SKIP_BENCH=1 skips the criterion benches)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NVCC="${NVCC:-$(scripts/install-nvcc.sh | tail -1)}"
@@ -14,6 +14,16 @@ RFT_REQUIRE_NVCC=1 ../shared/gpu/pack.sh
 # Keep only what needs the GPU (the CPU tests run in CI), so .gpu stays under the carry limit.
 find .gpu/test -type f ! -name 'cuda_*' -delete
 find .gpu/bench -type f ! -name 'rollout-*' ! -name 'kernels-*' ! -name 'train-*' -delete
+# Strip symbols and ship the binaries as one xz archive (67 MiB stripped → ~8 MiB), unpacked by
+# .gpu/go.sh on the GPU machine before run.sh: the carry limit is 64 MiB.
+strip .gpu/bin/* .gpu/test/* .gpu/bench/*
+tar -C .gpu -cJf .gpu/binaries.tar.xz bin test bench
+rm -rf .gpu/bin .gpu/test .gpu/bench
+cat > .gpu/go.sh <<'GO'
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root: unpack the binaries, then run everything.
+tar -C .gpu -xJf .gpu/binaries.tar.xz && exec bash .gpu/run.sh
+GO
 du -sh .gpu
 export_line='export RFT_REQUIRE_GPU=1 RUST_BACKTRACE=1'
 cat > .gpu/extra.sh <<EXTRA
@@ -35,4 +45,4 @@ RFT_CUDA_GRAPHS=0 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8 --
 EXTRA
 # run.sh runs the test binaries before extra.sh; make the GPU tests strict there too.
 sed -i 's|^export CARGO_MANIFEST_DIR=|export RFT_REQUIRE_GPU=1 CARGO_MANIFEST_DIR=|' .gpu/run.sh
-echo "packed: run 'bash .gpu/run.sh' on the GPU machine (carry .gpu)"
+echo "packed: run 'bash .gpu/go.sh' on the GPU machine (carry .gpu)"
