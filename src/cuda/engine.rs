@@ -51,7 +51,7 @@
 //!
 //! 1. Here: `scripts/gpu_pack.sh` (it writes `.gpu/extra.sh`: the GPU tests with
 //!    `RFT_REQUIRE_GPU=1`, the generate smoke test, the rollout benches, one of them also with
-//!    `RFT_CUDA_GRAPHS=0`). There (carry `.gpu`): `SKIP_BENCH=1 bash .gpu/run.sh`. Look first at
+//!    `RFT_CUDA_GRAPHS=0`). There (carry `.gpu`): `SKIP_BENCH=1 bash .gpu/go.sh`. Look first at
 //!    the `cuda_engine ...` lines: every test prints what it compared (steps, worst |Δlogit| /
 //!    |Δlogprob|, graph steps replayed).
 //! 2. If *everything* fails at load: the message names the step (context, stream, fatbin,
