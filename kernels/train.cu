@@ -303,7 +303,10 @@ extern "C" __global__ void grpo_loss_fwd_bwd_f32(float* __restrict__ token_loss,
 }
 
 // ----------------------------------------------------------------------------
-// LoRA backward (src/cpu/train.rs::proj_bwd), y = x Wᵀ + s·(x Aᵀ) Bᵀ, A (r, in), B (out, r):
+// LoRA backward (src/cpu/train.rs::proj_bwd), y = x Wᵀ + s·(x Aᵀ) Bᵀ, A (r, in), B (out, r).
+// The training step no longer calls these: it runs the tensor-core kernels of
+// kernels/lora_train.cu on bf16 copies of A and B. These CUDA-core tiles read the f32 adapter
+// exactly and stay as a tested f32-weight reference (tests/cuda_train_kernels.rs).
 //   u   [n, r]   = x Aᵀ                 lora_bwd_xa_bf16   (recomputed; rank side first)
 //   dyb [n, r]   = dy B                 lora_bwd_dyb_bf16
 //   dB  [out, r] += s · dyᵀ u           lora_grad_b_bf16   (reduction over n: split-K)

@@ -11,6 +11,7 @@
 #     scripts/kernel_emu/run.sh          one shape (seconds)
 #     scripts/kernel_emu/run.sh all      every shape (≈ 1 minute)
 #     ASAN=1 scripts/kernel_emu/run.sh all   also AddressSanitizer (out-of-bounds global/shared)
+#     scripts/kernel_emu/run.sh lora_train [all]   kernels/lora_train.cu instead (lora_train_emu.cpp)
 #
 # It checks indexing, masking, tiling and synchronisation structure, not the real hardware's
 # timing or memory model (fibers switch only at barriers): the GPU tests remain the authority.
@@ -19,12 +20,17 @@ here="$(cd "$(dirname "$0")" && pwd)"
 kernels="$here/../../kernels"
 out="${TMPDIR:-/tmp}/rft-kernel-emu"
 mkdir -p "$out"
-python3 "$here/gen.py" "$kernels/attention_train.cu" "$out/at_emu.inc"
+name=attention_train inc=at_emu.inc
+if [[ "${1:-}" == lora_train ]]; then
+    shift
+    name=lora_train inc=lt_emu.inc
+fi
+python3 "$here/gen.py" "$kernels/$name.cu" "$out/$inc"
 flags=(-std=c++17 -O2)
 if [[ "${ASAN:-0}" == 1 ]]; then
     flags=(-std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer)
     export ASAN_OPTIONS=detect_stack_use_after_return=0
 fi
-g++ "${flags[@]}" -I "$here/inc" -I "$kernels" -I "$out" -o "$out/attention_train_emu" \
-    "$here/attention_train_emu.cpp" "$here/emu_rt.cpp"
-"$out/attention_train_emu" "$@"
+g++ "${flags[@]}" -I "$here/inc" -I "$kernels" -I "$out" -o "$out/${name}_emu" \
+    "$here/${name}_emu.cpp" "$here/emu_rt.cpp"
+"$out/${name}_emu" "$@"

@@ -18,12 +18,14 @@
 //! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW;
 //! it also loads the handles of every training kernel), `attention_train.rs` (training attention
 //! over packed sequences: forward saving the log-sum-exp, deterministic backward, row scatter),
-//! `train.rs` (the GRPO training step on the GPU: `CudaTrainer`, its memory plan, `bench_train`).
+//! `lora_train.rs` (the training step's tensor-core LoRA: fused forward, fused input gradient,
+//! deterministic A / B gradients), `train.rs` (the GRPO training step on the GPU: `CudaTrainer`, its memory plan, `bench_train`).
 
 mod attention_train;
 mod device;
 pub mod engine;
 mod kernels;
+mod lora_train;
 mod rollout;
 pub mod train;
 mod train_kernels;
@@ -33,6 +35,11 @@ pub use attention_train::{
 };
 pub use device::{CudaDevice, CUBLAS_WORKSPACE_BYTES};
 pub use engine::{CudaEngine, MemoryPlan};
+pub use lora_train::{
+    lora_train_col_splits, lora_train_compiled_rank, lora_train_fused_smem_bytes,
+    lora_train_grad_scratch_len, lora_train_grad_smem_bytes, lora_train_grad_split,
+    LORA_TRAIN_COMPILED_RANKS, LORA_TRAIN_MAX_RANK,
+};
 pub use rollout::{
     decode_partitions, AttnShape, SamplingParamsDev, DECODE_PARTITION_SIZE, ROLLOUT_KERNEL_NAMES,
 };

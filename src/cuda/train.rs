@@ -6,9 +6,10 @@
 //! rollout samples from the new policy with no host round trip.
 //!
 //! It owns the flat f32 LoRA state (params, grads, AdamW m and v: one buffer each, tensors in
-//! [`crate::trainer::lora_params`] order, so host checkpoints line up tensor by tensor) and the
-//! training memory plan ([`TrainPlan`]). It owns no math of its own: every op is a launcher
-//! tested against the CPU reference (`rollout.rs`, `train_kernels.rs`, `attention_train.rs`),
+//! [`crate::trainer::lora_params`] order, so host checkpoints line up tensor by tensor), the
+//! bf16 copy of the params the LoRA kernels read, and the training memory plan ([`TrainPlan`]).
+//! It owns no math of its own: every op is a launcher tested against the CPU reference
+//! (`rollout.rs`, `train_kernels.rs`, `attention_train.rs`, `lora_train.rs`),
 //! and the CPU training core (`crate::cpu::train`, `crate::trainer::step`) is the oracle of the
 //! whole step (tests/cuda_train.rs).
 //!
@@ -22,8 +23,10 @@
 //!   layer bwd (recompute: rerun the layer's forward from xs[l] first):
 //!     down ─► swiglu ─► gate/up ─► post-norm (+dx) ─► o ─► attention ─► RoPE ─► q/k norm
 //!     ─► q/k/v ─► input-norm (+dx)
-//!   every projection: dx = dy·W (cuBLAS, frozen bf16 W), LoRA: u = x·Aᵀ, dyB = dy·B,
-//!     dB += s·dyᵀu, dA += s·(dyB)ᵀx, dx += s·(dyB)·A (fused low-rank kernels; W + BA never formed)
+//!   every projection: y = x·Wᵀ (cuBLAS, frozen bf16 W), LoRA y += s·xa·Bᵀ with xa = x·Aᵀ kept
+//!     per projection; backward dx = dy·W (cuBLAS), dyb = dy·B and dx += s·dyb·A (one fused
+//!     kernel), dB += s·dyᵀxa, dA += s·dybᵀx (tensor-core kernels of lora_train.rs on bf16
+//!     copies of A and B, refreshed after every AdamW step; W + BA is never formed)
 //! after the micro-batches: Σ g² ─► clip scale (host, from 2 f64) ─► AdamW on the flat buffers
 //! ```
 //!
@@ -46,8 +49,8 @@ use std::time::Instant;
 
 use super::engine::{check, gemm_logits, get, gib, put, CudaEngine, DeviceLinear, DeviceWeights};
 use super::{
-    cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_grad_scratch_len, CudaDevice,
-    GrpoLossScalars, GrpoLossTotals, TrainAttnShape, GRPO_FIELDS,
+    cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_train_compiled_rank,
+    lora_train_grad_scratch_len, CudaDevice, GrpoLossScalars, GrpoLossTotals, TrainAttnShape, GRPO_FIELDS,
 };
 use crate::cpu::train::{Grads, Recompute, Sequence};
 use crate::lora::LoraWeights;
@@ -167,7 +170,7 @@ pub struct TrainPlan {
     pub activation_bytes: usize,
     pub backward_bytes: usize,
     pub logits_bytes: usize,
-    /// params, grads, m, v (f32 each).
+    /// params, grads, m, v (f32 each), the bf16 copy of the params, the grad-norm partials.
     pub lora_bytes: usize,
 }
 
@@ -195,18 +198,21 @@ impl TrainPlan {
         };
         let qk = if c.qk_norm { qd + kvd } else { 0 };
         // One layer's activations per row, bf16: h1, x_mid, h2, proj (D); q, attn (qd); k, v
-        // (kvd); q_pre, k_pre (Qwen3); gate, up, act (I); plus lse (H f32).
-        let layer_row = (4 * d + 2 * qd + 2 * kvd + qk + 3 * i) * 2 + h * 4;
+        // (kvd); q_pre, k_pre (Qwen3); gate, up, act (I); each projection's LoRA xa (rank);
+        // plus lse (H f32).
+        let layer_row =
+            (4 * d + 2 * qd + 2 * kvd + qk + 3 * i + Proj::ALL.len() * lora_rank.max(1)) * 2 + h * 4;
         // xs: L+1 layer inputs; hf (final norm); per row ids, pos (4 B each).
         let activation_bytes = (l + 1) * r * d * 2 + saved_layers * r * layer_row + r * d * 2 + r * 8;
         // dx, dtmp, dh (D); dattn, dq (qd); dk, dv (kvd); dq_pre, dk_pre (Qwen3); dgate, dup,
-        // dact (I), bf16; delta (H f32); xa, u, dyb (rank f32).
-        let per_row_bwd = (3 * d + 2 * qd + 2 * kvd + qk + 3 * i) * 2 + h * 4 + 3 * lora_rank.max(1) * 4;
+        // dact (I), LoRA dyb (rank), bf16; delta (H f32).
+        let per_row_bwd = (3 * d + 2 * qd + 2 * kvd + qk + 3 * i + lora_rank.max(1)) * 2 + h * 4;
         let lora_scratch = Proj::ALL
             .iter()
             .map(|p| {
                 let (din, dout) = p.dims(c);
-                lora_grad_scratch_len(r, dout, lora_rank).max(lora_grad_scratch_len(r, lora_rank, din))
+                lora_train_grad_scratch_len(r, dout, lora_rank)
+                    .max(lora_train_grad_scratch_len(r, din, lora_rank))
             })
             .max()
             .unwrap_or(0)
@@ -221,7 +227,8 @@ impl TrainPlan {
             + max_tokens * 10 * 4
             + max_seqs * 12
             + grpo_loss_partials_len(max_tokens.max(1)) * 8;
-        let lora_bytes = 4 * lora_params * 4 + grad_norm_partials_len(lora_params.max(1)) * 8;
+        let lora_bytes =
+            4 * lora_params * 4 + lora_params * 2 + grad_norm_partials_len(lora_params.max(1)) * 8;
         TrainPlan {
             max_rows,
             max_seqs,
@@ -347,10 +354,11 @@ struct LayerActs {
     up: CudaSlice<bf16>,            // (R, I)
     act: CudaSlice<bf16>,           // (R, I) silu(gate)·up (down_proj input)
     proj: CudaSlice<bf16>,          // (R, D) o / down output
+    xa: Vec<CudaSlice<bf16>>,       // 7 × (R, rank) each projection's x·Aᵀ (Proj order)
 }
 
 impl LayerActs {
-    fn alloc(dev: &CudaDevice, c: &ModelConfig, r: usize) -> Result<LayerActs> {
+    fn alloc(dev: &CudaDevice, c: &ModelConfig, r: usize, rank: usize) -> Result<LayerActs> {
         let (d, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let bf = |n: usize| dev.alloc_zeros::<bf16>(n.max(1));
         Ok(LayerActs {
@@ -368,6 +376,10 @@ impl LayerActs {
             up: bf(r * i)?,
             act: bf(r * i)?,
             proj: bf(r * d)?,
+            xa: Proj::ALL
+                .iter()
+                .map(|_| bf(r * rank.max(1)))
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -411,9 +423,7 @@ struct TrainBuffers {
     dup: CudaSlice<bf16>,        // (R, I)
     dact: CudaSlice<bf16>,       // (R, I)
     delta: CudaSlice<f32>,       // (R, H)
-    xa: CudaSlice<f32>,          // (R, rank)
-    u: CudaSlice<f32>,           // (R, rank)
-    dyb: CudaSlice<f32>,         // (R, rank)
+    dyb: CudaSlice<bf16>,        // (R, rank) LoRA dy·B
     lora_scratch: CudaSlice<f32>,
 }
 
@@ -446,7 +456,7 @@ impl TrainBuffers {
                 .map(|_| bf(r * d))
                 .collect::<Result<_>>()?,
             acts: (0..p.saved_layers)
-                .map(|_| LayerActs::alloc(dev, c, r))
+                .map(|_| LayerActs::alloc(dev, c, r, rank))
                 .collect::<Result<_>>()?,
             hf: bf(r * d)?,
             hsel: bf(ch * d)?,
@@ -473,9 +483,7 @@ impl TrainBuffers {
             dup: bf(r * i)?,
             dact: bf(r * i)?,
             delta: f(r * c.num_attention_heads)?,
-            xa: f(r * rank)?,
-            u: f(r * rank)?,
-            dyb: f(r * rank)?,
+            dyb: bf(r * rank)?,
             lora_scratch: f(p.lora_scratch)?,
         })
     }
@@ -548,26 +556,28 @@ fn gemm_dx(
     Ok(())
 }
 
-/// The adapter's A and B of one projection as views of the flat params, with scale and rank.
+/// The adapter's A and B of one projection as views of the bf16 copy of the flat params, with
+/// scale and rank.
 struct LoraAB<'a> {
-    a: CudaView<'a, f32>,
-    b: CudaView<'a, f32>,
+    a: CudaView<'a, bf16>,
+    b: CudaView<'a, bf16>,
     scale: f32,
     rank: usize,
 }
 
-/// The live adapter as seen by a forward: flat params + layout (None: adapter off).
+/// The live adapter as seen by a forward: the bf16 copy of the flat params + layout (None:
+/// adapter off).
 #[derive(Clone, Copy)]
 struct LoraRef<'a> {
-    params: &'a CudaSlice<f32>,
+    params_bf16: &'a CudaSlice<bf16>,
     flat: &'a FlatLora,
 }
 
 impl<'a> LoraRef<'a> {
     fn pair(&self, l: usize, p: Proj) -> Option<LoraAB<'a>> {
         self.flat.pair(l, p).map(|r| LoraAB {
-            a: self.params.slice(r.a.clone()),
-            b: self.params.slice(r.b.clone()),
+            a: self.params_bf16.slice(r.a.clone()),
+            b: self.params_bf16.slice(r.b.clone()),
             scale: self.flat.scale,
             rank: self.flat.rank,
         })
@@ -593,14 +603,14 @@ impl Ctx<'_> {
         }
     }
 
-    /// y (n, out) = x Wᵀ + b + s·(x Aᵀ) Bᵀ, bf16 (the rollout engine's projection, with the
-    /// adapter read from the flat params).
+    /// y (n, out) = x Wᵀ + b + s·bf16(x Aᵀ) Bᵀ, bf16, with the adapter read from the bf16 copy
+    /// of the flat params; `xa` (≥ n·rank) receives bf16(x Aᵀ) for the backward.
     fn proj_fwd(
         &self,
         x: &impl DevicePtr<bf16>,
         lin: &DeviceLinear,
         lora: Option<LoraAB<'_>>,
-        xa: &mut CudaSlice<f32>,
+        xa: &mut CudaSlice<bf16>,
         y: &mut impl DevicePtrMut<bf16>,
         n: usize,
     ) -> Result<()> {
@@ -627,22 +637,31 @@ impl Ctx<'_> {
             self.dev.add_bias_bf16(y, b, n, lin.d_out)?;
         }
         if let Some(ab) = lora {
-            let mut xa = xa.slice_mut(..n * ab.rank);
-            self.dev.lora_xa_bf16(x, &ab.a, &mut xa, n, lin.d_in, ab.rank)?;
-            self.dev
-                .lora_expand_add_bf16(y, &xa, &ab.b, ab.scale, n, lin.d_out, ab.rank)?;
+            self.dev.lora_train_fwd_bf16(
+                x,
+                &ab.a,
+                &ab.b,
+                y,
+                Some(&mut xa.slice_mut(..n * ab.rank)),
+                ab.scale,
+                n,
+                lin.d_in,
+                lin.d_out,
+                ab.rank,
+            )?;
         }
         Ok(())
     }
 
     /// Backward of [`Self::proj_fwd`]: dx (n, in) = dy·W (+ dx when `accumulate`) + s·(dy B) A;
-    /// with an adapter also dB += s·dyᵀ(x Aᵀ) and dA += s·(dy B)ᵀ x into `grads`.
+    /// with an adapter also dB += s·dyᵀ xa and dA += s·(dy B)ᵀ x into `grads`, xa being the
+    /// forward's bf16(x Aᵀ) of this projection.
     #[allow(clippy::too_many_arguments)]
     fn proj_bwd(
         &self,
         x: &impl DevicePtr<bf16>,
         lin: &DeviceLinear,
-        lora: Option<(LoraAB<'_>, &PairRanges)>,
+        lora: Option<(LoraAB<'_>, &PairRanges, &CudaSlice<bf16>)>,
         grads: &mut CudaSlice<f32>,
         dy: &impl DevicePtr<bf16>,
         dx: &mut impl DevicePtrMut<bf16>,
@@ -661,15 +680,15 @@ impl Ctx<'_> {
             lin.d_out,
             if accumulate { 1.0 } else { 0.0 },
         )?;
-        if let Some((ab, ranges)) = lora {
+        if let Some((ab, ranges, xa)) = lora {
             let r = ab.rank;
-            let mut u = sc.u.slice_mut(..n * r);
             let mut dyb = sc.dyb.slice_mut(..n * r);
-            self.dev.lora_bwd_xa_bf16(x, &ab.a, &mut u, n, lin.d_in, r)?;
-            self.dev.lora_bwd_dyb_bf16(dy, &ab.b, &mut dyb, n, lin.d_out, r)?;
-            self.dev.lora_grad_b_bf16(
+            self.dev.lora_train_bwd_dx_bf16(
+                dy, &ab.a, &ab.b, dx, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r,
+            )?;
+            self.dev.lora_train_grad_b_bf16(
                 dy,
-                &u,
+                &xa.slice(..n * r),
                 &mut grads.slice_mut(ranges.b.clone()),
                 sc.lora_scratch,
                 ab.scale,
@@ -677,7 +696,7 @@ impl Ctx<'_> {
                 lin.d_out,
                 r,
             )?;
-            self.dev.lora_grad_a_bf16(
+            self.dev.lora_train_grad_a_bf16(
                 &dyb,
                 x,
                 &mut grads.slice_mut(ranges.a.clone()),
@@ -687,17 +706,14 @@ impl Ctx<'_> {
                 lin.d_in,
                 r,
             )?;
-            self.dev
-                .lora_bwd_dx_bf16(&dyb, &ab.a, dx, ab.scale, n, lin.d_in, r)?;
         }
         Ok(())
     }
 }
 
-/// f32 scratch of the LoRA backward.
+/// Scratch of the LoRA backward: dyb (R, rank) bf16 and the gradients' row-split partials.
 struct Scratch<'a> {
-    u: &'a mut CudaSlice<f32>,
-    dyb: &'a mut CudaSlice<f32>,
+    dyb: &'a mut CudaSlice<bf16>,
     lora_scratch: &'a mut CudaSlice<f32>,
 }
 
@@ -721,7 +737,6 @@ fn layer_fwd(
     x_in: &CudaSlice<bf16>,
     x_out: &mut CudaSlice<bf16>,
     a: &mut LayerActs,
-    xa: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let (dev, c) = (ctx.dev, ctx.c);
     let lw = &ctx.w.layers[l];
@@ -752,7 +767,7 @@ fn layer_fwd(
                 &h1,
                 lin(Proj::Q),
                 pair(Proj::Q),
-                xa,
+                &mut a.xa[Proj::Q as usize],
                 &mut q_pre.slice_mut(..n * qd),
                 n,
             )?;
@@ -760,7 +775,7 @@ fn layer_fwd(
                 &h1,
                 lin(Proj::K),
                 pair(Proj::K),
-                xa,
+                &mut a.xa[Proj::K as usize],
                 &mut k_pre.slice_mut(..n * kvd),
                 n,
             )?;
@@ -786,7 +801,7 @@ fn layer_fwd(
                 &h1,
                 lin(Proj::Q),
                 pair(Proj::Q),
-                xa,
+                &mut a.xa[Proj::Q as usize],
                 &mut a.q.slice_mut(..n * qd),
                 n,
             )?;
@@ -794,7 +809,7 @@ fn layer_fwd(
                 &h1,
                 lin(Proj::K),
                 pair(Proj::K),
-                xa,
+                &mut a.xa[Proj::K as usize],
                 &mut a.k.slice_mut(..n * kvd),
                 n,
             )?;
@@ -809,7 +824,7 @@ fn layer_fwd(
         &h1,
         lin(Proj::V),
         pair(Proj::V),
-        xa,
+        &mut a.xa[Proj::V as usize],
         &mut a.v.slice_mut(..n * kvd),
         n,
     )?;
@@ -839,7 +854,7 @@ fn layer_fwd(
         &a.attn.slice(..n * qd),
         lin(Proj::O),
         pair(Proj::O),
-        xa,
+        &mut a.xa[Proj::O as usize],
         &mut a.proj.slice_mut(..n * d),
         n,
     )?;
@@ -861,7 +876,7 @@ fn layer_fwd(
         &h2,
         lin(Proj::Gate),
         pair(Proj::Gate),
-        xa,
+        &mut a.xa[Proj::Gate as usize],
         &mut a.gate.slice_mut(..n * inter),
         n,
     )?;
@@ -869,7 +884,7 @@ fn layer_fwd(
         &h2,
         lin(Proj::Up),
         pair(Proj::Up),
-        xa,
+        &mut a.xa[Proj::Up as usize],
         &mut a.up.slice_mut(..n * inter),
         n,
     )?;
@@ -883,7 +898,7 @@ fn layer_fwd(
         &a.act.slice(..n * inter),
         lin(Proj::Down),
         pair(Proj::Down),
-        xa,
+        &mut a.xa[Proj::Down as usize],
         &mut a.proj.slice_mut(..n * d),
         n,
     )?;
@@ -919,11 +934,10 @@ fn layer_bwd(
     let (nh, nkv, eps) = (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps);
     let pair = |p: Proj| {
         lora.pair(l, p)
-            .map(|ab| (ab, lora.flat.pair(l, p).expect("pair exists")))
+            .map(|ab| (ab, lora.flat.pair(l, p).expect("pair exists"), &a.xa[p as usize]))
     };
     let lin = |p: Proj| &lw.proj[p as usize];
     let mut sc = Scratch {
-        u: &mut *g.u,
         dyb: &mut *g.dyb,
         lora_scratch: &mut *g.lora_scratch,
     };
@@ -1119,8 +1133,7 @@ struct BwdBufs<'a> {
     dup: &'a mut CudaSlice<bf16>,
     dact: &'a mut CudaSlice<bf16>,
     delta: &'a mut CudaSlice<f32>,
-    u: &'a mut CudaSlice<f32>,
-    dyb: &'a mut CudaSlice<f32>,
+    dyb: &'a mut CudaSlice<bf16>,
     lora_scratch: &'a mut CudaSlice<f32>,
 }
 
@@ -1155,9 +1168,12 @@ pub struct CudaTrainer {
     /// the device).
     shape: LoraWeights,
     params: CudaSlice<f32>, // (P) the adapter, lora_params order
-    grads: CudaSlice<f32>,  // (P)
-    m: CudaSlice<f32>,      // (P) AdamW first moment
-    v: CudaSlice<f32>,      // (P) AdamW second moment
+    /// (P) bf16 copy of `params`, what the LoRA kernels read; cast from `params` at `new` and
+    /// after every AdamW step.
+    params_bf16: CudaSlice<bf16>,
+    grads: CudaSlice<f32>, // (P)
+    m: CudaSlice<f32>,     // (P) AdamW first moment
+    v: CudaSlice<f32>,     // (P) AdamW second moment
     norm_partials: CudaSlice<f64>,
     norm_stats: CudaSlice<f64>, // (2) Σ g², #non-finite
     plan: Option<(TrainPlan, TrainBuffers)>,
@@ -1184,6 +1200,9 @@ impl CudaTrainer {
                 lora.config.dropout
             )));
         }
+        if lora.num_params() > 0 {
+            lora_train_compiled_rank(lora.config.r)?;
+        }
         engine.set_adapter_now(Some(lora))?;
         let flat = FlatLora::of(lora);
         let host = FlatLora::flatten(lora);
@@ -1202,8 +1221,11 @@ impl CudaTrainer {
             )
         };
         let cast = dev.function("cast_f32_to_bf16")?;
+        let mut params_bf16 = dev.alloc_zeros(flat.len.max(1))?;
+        cast_f32_to_bf16(dev, &cast, &params, &mut params_bf16)?;
         Ok(CudaTrainer {
             shape: lora.clone(),
+            params_bf16,
             grads: dev.alloc_zeros(flat.len.max(1))?,
             norm_partials: dev.alloc_zeros(grad_norm_partials_len(flat.len.max(1)))?,
             norm_stats: dev.alloc_zeros(2)?,
@@ -1387,7 +1409,7 @@ impl CudaTrainer {
             v,
         )?;
         let lora = adapter.then_some(LoraRef {
-            params: &self.params,
+            params_bf16: &self.params_bf16,
             flat: &self.flat,
         });
         let rows = Rows {
@@ -1408,7 +1430,7 @@ impl CudaTrainer {
                 (&hi[0], &mut lo[o])
             };
             let ai = if train && plan.saved_layers > 1 { l } else { 0 };
-            layer_fwd(&ctx, l, lora, &rows, x_in, x_out, &mut b.acts[ai], &mut b.xa)?;
+            layer_fwd(&ctx, l, lora, &rows, x_in, x_out, &mut b.acts[ai])?;
         }
         let last = if train { nl } else { nl % 2 };
         dev.rmsnorm_fwd_bf16(
@@ -1600,7 +1622,7 @@ impl CudaTrainer {
 
         // --- layers, last to first
         let lora = LoraRef {
-            params: &self.params,
+            params_bf16: &self.params_bf16,
             flat: &self.flat,
         };
         let rows = Rows {
@@ -1624,7 +1646,6 @@ impl CudaTrainer {
             dup: &mut b.dup,
             dact: &mut b.dact,
             delta: &mut b.delta,
-            u: &mut b.u,
             dyb: &mut b.dyb,
             lora_scratch: &mut b.lora_scratch,
         };
@@ -1635,16 +1656,7 @@ impl CudaTrainer {
                 // order: bit-identical to the forward). Its output goes to a scratch copy of
                 // xs[l+1] (it is identical, and no longer needed: the final norm backward ran).
                 let (lo, hi) = b.xs.split_at_mut(l + 1);
-                layer_fwd(
-                    &ctx,
-                    l,
-                    Some(lora),
-                    &rows,
-                    &lo[l],
-                    &mut hi[0],
-                    &mut b.acts[0],
-                    &mut b.xa,
-                )?;
+                layer_fwd(&ctx, l, Some(lora), &rows, &lo[l], &mut hi[0], &mut b.acts[0])?;
             }
             layer_bwd(
                 &ctx,
@@ -1876,6 +1888,7 @@ impl CudaTrainer {
             clip.scale,
             &scalars,
         )?;
+        cast_f32_to_bf16(dev, &self.cast, &self.params, &mut self.params_bf16)?;
         engine.copy_adapter_from_flat(&self.params, |l, p| {
             self.flat.pair(l, p).map(|r| (r.a.clone(), r.b.clone()))
         })?;

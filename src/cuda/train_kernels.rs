@@ -33,8 +33,8 @@ macro_rules! train_kernels {
             $(pub(super) $name: CudaFunction,)*
         }
 
-        /// Every kernel name of kernels/train.cu and kernels/attention_train.cu (for the
-        /// fatbin-content test).
+        /// Every kernel name of kernels/train.cu, kernels/attention_train.cu and
+        /// kernels/lora_train.cu (for the fatbin-content test).
         pub const TRAIN_KERNEL_NAMES: &[&str] = &[$(stringify!($name),)*];
 
         impl TrainKernels {
@@ -81,6 +81,19 @@ train_kernels!(
     attention_train_bwd_dq_hd128_bf16,
     attention_train_bwd_dq_hd256_bf16,
     scatter_rows_bf16,
+    // kernels/lora_train.cu (launchers in lora_train.rs)
+    lora_train_fwd_r16_bf16,
+    lora_train_fwd_r32_bf16,
+    lora_train_fwd_r64_bf16,
+    lora_train_fwd_r128_bf16,
+    lora_train_bwd_dx_r16_bf16,
+    lora_train_bwd_dx_r32_bf16,
+    lora_train_bwd_dx_r64_bf16,
+    lora_train_bwd_dx_r128_bf16,
+    lora_train_grad_r16_bf16,
+    lora_train_grad_r32_bf16,
+    lora_train_grad_r64_bf16,
+    lora_train_grad_r128_bf16,
 );
 
 /// f64 fields of one GRPO partial (kernels/train.cu `GRPO_FIELDS`): Σ w·loss, Σ kl, Σ ratio,

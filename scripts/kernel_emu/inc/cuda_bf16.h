@@ -18,6 +18,10 @@ static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 v) { return v.x; }
 struct uint2 { uint32_t x, y; };
 static inline uint2 make_uint2(uint32_t x, uint32_t y) { return uint2{x, y}; }
+// kernels/lora_train.cu
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
+static inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return uint4{x, y, z, w}; }
+static inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short v) { return __nv_bfloat16{v}; }
 struct emu_dim3 { unsigned x = 1, y = 1, z = 1; };
 extern emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 static inline int min(int a, int b) { return a < b ? a : b; }
