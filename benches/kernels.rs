@@ -250,7 +250,8 @@ fn kernels(c: &mut Criterion) {
         })
     });
 
-    // LoRA gradients of the widest projection over every row: u, dyB, dB, dA, dx.
+    // LoRA gradients of the widest projection over every row on CUDA cores (the first kernels,
+    // kept for comparison): u, dyB, dB, dA, dx.
     let xt = bf(&dev, ROWS * D, 27);
     let dyt = bf(&dev, ROWS * I, 28);
     let (mut u, mut dyb) = (f32s(&dev, ROWS * 16, 0), f32s(&dev, ROWS * 16, 0));
@@ -270,6 +271,31 @@ fn kernels(c: &mut Criterion) {
                 dev.lora_grad_a_bf16(&dyb, &xt, &mut da, &mut scratch, 2.0, ROWS, D, 16)
                     .unwrap();
                 dev.lora_bwd_dx_bf16(&dyb, &a, &mut dxt, 2.0, ROWS, D, 16)
+                    .unwrap();
+                sync(&dev)
+            })
+        },
+    );
+
+    // The same LoRA work on tensor cores (what the training step uses): fused forward
+    // y += s·(x Aᵀ) Bᵀ storing xa, fused dx += s·(dy B) A storing dyB, then dB and dA.
+    let (a16, b16) = (bf(&dev, 16 * D, 33), bf(&dev, I * 16, 34));
+    let mut yt = bf(&dev, ROWS * I, 35);
+    let (mut xa16, mut dyb16) = (bf(&dev, ROWS * 16, 0), bf(&dev, ROWS * 16, 0));
+    let tc_scratch = rft::cuda::lora_train_grad_scratch_len(ROWS, I, 16)
+        .max(rft::cuda::lora_train_grad_scratch_len(ROWS, D, 16));
+    let mut scratch_tc = f32s(&dev, tc_scratch.max(1), 0);
+    g.bench_function(
+        "lora_train fwd+bwd (tensor cores) 24576 rows 896->4864 r16",
+        |b| {
+            b.iter(|| {
+                dev.lora_train_fwd_bf16(&xt, &a16, &b16, &mut yt, Some(&mut xa16), 2.0, ROWS, D, I, 16)
+                    .unwrap();
+                dev.lora_train_bwd_dx_bf16(&dyt, &a16, &b16, &mut dxt, &mut dyb16, 2.0, ROWS, D, I, 16)
+                    .unwrap();
+                dev.lora_train_grad_b_bf16(&dyt, &xa16, &mut db, &mut scratch_tc, 2.0, ROWS, I, 16)
+                    .unwrap();
+                dev.lora_train_grad_a_bf16(&dyb16, &xt, &mut da, &mut scratch_tc, 2.0, ROWS, D, 16)
                     .unwrap();
                 sync(&dev)
             })
