@@ -1070,7 +1070,7 @@ pub(super) fn gemm_logits(
     dev: &CudaDevice,
     blas: &CudaBlas,
     x: &impl DevicePtr<bf16>,
-    w: &CudaSlice<bf16>,
+    w: &impl DevicePtr<bf16>,
     y: &mut impl DevicePtrMut<f32>,
     rows: usize,
     d_in: usize,

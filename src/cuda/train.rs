@@ -16,9 +16,11 @@
 //! ```text
 //! micro-batch (S sequences packed into N rows, T scored tokens)
 //!   ids ─► embed ─► xs[0] ─► layer 0 ─► xs[1] ─► … ─► xs[L] ─► final norm hf [N,D]
-//!   per chunk of ≤ C scored rows: hsel = hf[rows] ─► logits f32 [C,V] ─► logp, entropy, lse
+//!   per chunk of ≤ C scored rows: hsel = hf[rows]; per vocabulary chunk of ≤ Vc columns:
+//!     logits f32 [C,Vc] ─► row statistics ─► online-softmax merge ─► logp, entropy, lse, E[s]
 //!   GRPO loss kernel over the T tokens ─► dL/dlogp
-//!   per chunk: logits again ─► dlogits in place ─► bf16 ─► dhsel = dlogits·W_lm ─► dh[rows]
+//!   per chunk: per vocabulary chunk: logits again ─► dlogits in place ─► bf16
+//!     ─► dhsel (f32) += dlogits·W_lm[chunk];  dh[rows] = dhsel
 //!   final norm bwd ─► dx ─► layer L-1 bwd … layer 0 bwd   (dx: dL/d residual stream)
 //!   layer bwd (recompute: rerun the layer's forward from xs[l] first):
 //!     down ─► swiglu ─► gate/up ─► post-norm (+dx) ─► o ─► attention ─► RoPE ─► q/k norm
@@ -33,7 +35,8 @@
 //! Memory: with `Recompute::Layer` (the default of the CUDA path) only the L+1 layer inputs
 //! [N,D] bf16 are kept and one layer's activations exist at a time; `Recompute::None` keeps
 //! every layer's activations (faster, L times the activation memory). The lm_head never holds
-//! more than [C,V] f32 logits and [C,V] bf16 dlogits ([`TRAIN_LOGIT_CHUNK_ROWS`]).
+//! more than [C,Vc] f32 logits and [C,Vc] bf16 dlogits ([`TRAIN_LOGIT_CHUNK_ROWS`],
+//! [`TRAIN_VOCAB_CHUNK`]: 0.2 GB at a 152k vocabulary).
 //!
 //! Not on the GPU yet (clear errors): LoRA dropout, full fine-tuning, an entropy bonus.
 
@@ -64,9 +67,11 @@ use crate::trainer::step::{
 };
 use crate::{Error, Result};
 
-/// Scored rows of one lm_head chunk: [C, V] f32 logits and [C, V] bf16 dlogits exist at a time
-/// (1024 × 151,936: 0.62 GB + 0.31 GB).
+/// Scored rows of one lm_head chunk.
 pub const TRAIN_LOGIT_CHUNK_ROWS: usize = 1024;
+/// Vocabulary columns of one lm_head chunk: [C, Vc] f32 logits and [C, Vc] bf16 dlogits exist
+/// at a time (1024 × 32,768: 134 MB + 67 MB), merged across chunks by an online softmax.
+pub const TRAIN_VOCAB_CHUNK: usize = 32_768;
 
 // ---------------------------------------------------------------------------------------------
 // Packed micro-batch (pure; tested without a GPU)
@@ -146,6 +151,23 @@ impl PackedBatch {
     pub fn num_tokens(&self) -> usize {
         self.scored.len()
     }
+
+    /// The targets as seen by each vocabulary chunk of `chunk` columns: [nchunks × T], entry
+    /// (k, i) = target − k·chunk when the target is in chunk k, else u32::MAX (no one-hot term,
+    /// NaN log-prob: the merge ignores it).
+    pub fn vocab_chunk_targets(&self, vocab: usize, chunk: usize) -> Vec<u32> {
+        let chunk = chunk.max(1);
+        let nc = vocab.div_ceil(chunk).max(1);
+        let t = self.targets.len();
+        let mut out = vec![u32::MAX; nc * t];
+        for (i, &tok) in self.targets.iter().enumerate() {
+            let k = tok as usize / chunk;
+            if k < nc {
+                out[k * t + i] = (tok as usize - k * chunk) as u32;
+            }
+        }
+        out
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,6 +184,8 @@ pub struct TrainPlan {
     pub max_tokens: usize,
     /// Rows of one lm_head chunk.
     pub chunk_rows: usize,
+    /// Vocabulary columns of one lm_head chunk.
+    pub vocab_chunk: usize,
     /// Layers whose activations exist at once (1 with recompute, L without).
     pub saved_layers: usize,
     pub lora_rank: usize,
@@ -175,6 +199,7 @@ pub struct TrainPlan {
 }
 
 impl TrainPlan {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         c: &ModelConfig,
         max_rows: usize,
@@ -183,6 +208,7 @@ impl TrainPlan {
         lora_params: usize,
         lora_rank: usize,
         recompute: Recompute,
+        vocab_chunk: usize,
     ) -> TrainPlan {
         let (d, qd, kvd, i, v) = (
             c.hidden_size,
@@ -219,12 +245,16 @@ impl TrainPlan {
             .max(1);
         let backward_bytes = r * per_row_bwd + lora_scratch * 4;
         let chunk_rows = TRAIN_LOGIT_CHUNK_ROWS.min(max_tokens.max(1));
-        // logits f32 + dlogits bf16 [C, V], hsel/dhsel bf16 [C, D]; per token: scored row,
-        // target, seq (4 B), logp, entropy, lse, mean_s, grad, old, ref (4 B); per sequence:
+        let vc = vocab_chunk.clamp(1, v.max(1));
+        // logits f32 + dlogits bf16 [C, Vc], hsel/dhsel bf16 [C, D], one vocabulary chunk's
+        // statistics (4 × C f32); per token: scored row, target, seq, s_t, logp, entropy, lse,
+        // mean_s, grad, old, ref (4 B) and one target per vocabulary chunk; per sequence:
         // advantage (4 B), weight (8 B); the loss partials.
-        let logits_bytes = chunk_rows * v * 6
+        let logits_bytes = chunk_rows * vc * 6
             + 2 * chunk_rows * d * 2
-            + max_tokens * 10 * 4
+            + chunk_rows * d * 4
+            + 4 * chunk_rows * 4
+            + max_tokens * (11 + v.div_ceil(vc)) * 4
             + max_seqs * 12
             + grpo_loss_partials_len(max_tokens.max(1)) * 8;
         let lora_bytes =
@@ -234,6 +264,7 @@ impl TrainPlan {
             max_seqs,
             max_tokens,
             chunk_rows,
+            vocab_chunk: vc,
             saved_layers,
             lora_rank,
             lora_scratch,
@@ -254,6 +285,7 @@ impl TrainPlan {
             && self.max_seqs >= o.max_seqs
             && self.max_tokens >= o.max_tokens
             && self.chunk_rows >= o.chunk_rows
+            && self.vocab_chunk == o.vocab_chunk
             && self.saved_layers >= o.saved_layers
             && self.lora_scratch >= o.lora_scratch
     }
@@ -386,28 +418,35 @@ impl LayerActs {
 
 /// Every device buffer of a [`TrainPlan`] (R rows, S sequences, T tokens, C chunk rows).
 struct TrainBuffers {
-    ids: CudaSlice<u32>,       // (R)
-    pos: CudaSlice<i32>,       // (R)
-    cu_rows: CudaSlice<i32>,   // (S+1)
-    scored: CudaSlice<u32>,    // (T)
-    targets: CudaSlice<u32>,   // (T)
-    token_seq: CudaSlice<i32>, // (T)
-    adv: CudaSlice<f32>,       // (S)
-    seq_w: CudaSlice<f64>,     // (S)
-    old: CudaSlice<f32>,       // (T)
-    refl: CudaSlice<f32>,      // (T)
-    xs: Vec<CudaSlice<bf16>>,  // L+1 × (R, D) layer inputs (xs[L]: the last layer's output)
-    acts: Vec<LayerActs>,      // saved_layers
-    hf: CudaSlice<bf16>,       // (R, D) final norm
-    hsel: CudaSlice<bf16>,     // (C, D)
-    dhsel: CudaSlice<bf16>,    // (C, D)
-    logits: CudaSlice<f32>,    // (C, V)
-    dlogits: CudaSlice<bf16>,  // (C, V)
-    logp: CudaSlice<f32>,      // (T)
-    entropy: CudaSlice<f32>,   // (T)
-    lse_t: CudaSlice<f32>,     // (T)
-    mean_s: CudaSlice<f32>,    // (T)
-    grad_logp: CudaSlice<f32>, // (T)
+    ids: CudaSlice<u32>,        // (R)
+    pos: CudaSlice<i32>,        // (R)
+    cu_rows: CudaSlice<i32>,    // (S+1)
+    scored: CudaSlice<u32>,     // (T)
+    targets: CudaSlice<u32>,    // (T)
+    token_seq: CudaSlice<i32>,  // (T)
+    adv: CudaSlice<f32>,        // (S)
+    seq_w: CudaSlice<f64>,      // (S)
+    old: CudaSlice<f32>,        // (T)
+    refl: CudaSlice<f32>,       // (T)
+    xs: Vec<CudaSlice<bf16>>,   // L+1 × (R, D) layer inputs (xs[L]: the last layer's output)
+    acts: Vec<LayerActs>,       // saved_layers
+    hf: CudaSlice<bf16>,        // (R, D) final norm
+    hsel: CudaSlice<bf16>,      // (C, D)
+    dhsel: CudaSlice<bf16>,     // (C, D)
+    dhsel_f: CudaSlice<f32>,    // (C, D) accumulated over vocabulary chunks
+    logits: CudaSlice<f32>,     // (C, Vc)
+    dlogits: CudaSlice<bf16>,   // (C, Vc)
+    targets_vc: CudaSlice<u32>, // (nchunks, T) the targets per vocabulary chunk
+    s_t: CudaSlice<f32>,        // (T) target logit / temperature
+    lp_c: CudaSlice<f32>,       // (C) one vocabulary chunk's statistics
+    ent_c: CudaSlice<f32>,      // (C)
+    lse_c: CudaSlice<f32>,      // (C)
+    ms_c: CudaSlice<f32>,       // (C)
+    logp: CudaSlice<f32>,       // (T)
+    entropy: CudaSlice<f32>,    // (T)
+    lse_t: CudaSlice<f32>,      // (T)
+    mean_s: CudaSlice<f32>,     // (T)
+    grad_logp: CudaSlice<f32>,  // (T)
     loss_partials: CudaSlice<f64>,
     loss_totals: CudaSlice<f64>, // (GRPO_FIELDS)
     dx: CudaSlice<bf16>,         // (R, D) dL/d residual stream
@@ -461,8 +500,15 @@ impl TrainBuffers {
             hf: bf(r * d)?,
             hsel: bf(ch * d)?,
             dhsel: bf(ch * d)?,
-            logits: f(ch * v)?,
-            dlogits: bf(ch * v)?,
+            dhsel_f: f(ch * d)?,
+            logits: f(ch * p.vocab_chunk)?,
+            dlogits: bf(ch * p.vocab_chunk)?,
+            targets_vc: dev.alloc_zeros((t * v.div_ceil(p.vocab_chunk)).max(1))?,
+            s_t: f(t)?,
+            lp_c: f(ch)?,
+            ent_c: f(ch)?,
+            lse_c: f(ch)?,
+            ms_c: f(ch)?,
             logp: f(t)?,
             entropy: f(t)?,
             lse_t: f(t)?,
@@ -508,9 +554,68 @@ fn gemm_dx(
     d_out: usize,
     beta: f32,
 ) -> Result<()> {
+    check("gemm_dx dx", dx.len(), rows * d_in)?;
+    let s = dev.stream();
+    let (dxp, _c) = dx.device_ptr_mut(s);
+    gemm_dx_raw(
+        dev,
+        blas,
+        dy,
+        w,
+        dxp,
+        cudaDataType::CUDA_R_16BF,
+        rows,
+        d_in,
+        d_out,
+        beta,
+    )
+}
+
+/// [`gemm_dx`] with an f32 dx (accumulating over several GEMMs without bf16 rounding).
+#[allow(clippy::too_many_arguments)]
+fn gemm_dx_f32(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    dy: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<bf16>,
+    dx: &mut impl DevicePtrMut<f32>,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    beta: f32,
+) -> Result<()> {
+    check("gemm_dx dx", dx.len(), rows * d_in)?;
+    let s = dev.stream();
+    let (dxp, _c) = dx.device_ptr_mut(s);
+    gemm_dx_raw(
+        dev,
+        blas,
+        dy,
+        w,
+        dxp,
+        cudaDataType::CUDA_R_32F,
+        rows,
+        d_in,
+        d_out,
+        beta,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_dx_raw(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    dy: &impl DevicePtr<bf16>,
+    w: &impl DevicePtr<bf16>,
+    dxp: u64,
+    dx_type: cudaDataType,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    beta: f32,
+) -> Result<()> {
     check("gemm_dx dy", dy.len(), rows * d_out)?;
     check("gemm_dx w", w.len(), d_out * d_in)?;
-    check("gemm_dx dx", dx.len(), rows * d_in)?;
     let int = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::invalid(format!("gemm_dx: {what} = {v} exceeds i32")))
     };
@@ -521,10 +626,10 @@ fn gemm_dx(
     let s = dev.stream();
     let (dyp, _a) = dy.device_ptr(s);
     let (wp, _b) = w.device_ptr(s);
-    let (dxp, _c) = dx.device_ptr_mut(s);
     let alpha = 1.0f32;
-    // SAFETY: pointers of buffers with the lengths checked above; alpha/beta host f32 for
-    // COMPUTE_32F; the handle is bound to the device stream (ordered with the kernels).
+    // SAFETY: pointers of buffers with the lengths checked here and by the callers (dx holds
+    // rows·d_in of `dx_type`); alpha/beta host f32 for COMPUTE_32F; the handle is bound to the
+    // device stream (ordered with the kernels).
     unsafe {
         cudarc::cublas::result::gemm_ex(
             *blas.handle(),
@@ -542,7 +647,7 @@ fn gemm_dx(
             k,
             &beta as *const f32 as *const c_void,
             dxp as *mut c_void,
-            cudaDataType::CUDA_R_16BF,
+            dx_type,
             m,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -1178,6 +1283,12 @@ pub struct CudaTrainer {
     norm_stats: CudaSlice<f64>, // (2) Σ g², #non-finite
     plan: Option<(TrainPlan, TrainBuffers)>,
     cast: CudaFunction,
+    /// kernels/lm_head_train.cu: the online softmax across vocabulary chunks.
+    merge: CudaFunction,
+    finish: CudaFunction,
+    /// Vocabulary columns of one lm_head chunk ([`TRAIN_VOCAB_CHUNK`]; smaller in tests, to
+    /// exercise the merge on small vocabularies).
+    vocab_chunk: usize,
     pub last_stats: TrainStats,
 }
 
@@ -1221,6 +1332,8 @@ impl CudaTrainer {
             )
         };
         let cast = dev.function("cast_f32_to_bf16")?;
+        let merge = dev.function("logprob_chunk_merge_f32")?;
+        let finish = dev.function("logprob_chunk_finish_f32")?;
         let mut params_bf16 = dev.alloc_zeros(flat.len.max(1))?;
         cast_f32_to_bf16(dev, &cast, &params, &mut params_bf16)?;
         Ok(CudaTrainer {
@@ -1235,8 +1348,16 @@ impl CudaTrainer {
             v,
             plan: None,
             cast,
+            merge,
+            finish,
+            vocab_chunk: TRAIN_VOCAB_CHUNK,
             last_stats: TrainStats::default(),
         })
+    }
+
+    /// Sets the vocabulary columns of one lm_head chunk (≥ 1; takes effect at the next step).
+    pub fn set_vocab_chunk(&mut self, columns: usize) {
+        self.vocab_chunk = columns.max(1);
     }
 
     /// Trainable parameters.
@@ -1300,6 +1421,7 @@ impl CudaTrainer {
                 } else {
                     Recompute::Layer
                 },
+                want.vocab_chunk,
             ),
             None => want,
         };
@@ -1336,7 +1458,16 @@ impl CudaTrainer {
             seqs = seqs.max(rg.len());
             toks = toks.max(rg.clone().map(|i| p.lengths[i]).sum::<usize>());
         }
-        TrainPlan::new(c, rows, seqs, toks, self.flat.len, self.flat.rank, opts.recompute)
+        TrainPlan::new(
+            c,
+            rows,
+            seqs,
+            toks,
+            self.flat.len,
+            self.flat.rank,
+            opts.recompute,
+            self.vocab_chunk,
+        )
     }
 
     fn check_options(&self, opts: &GrpoOptions) -> Result<()> {
@@ -1441,7 +1572,16 @@ impl CudaTrainer {
             d,
             c.rms_norm_eps,
         )?;
-        // lm_head + log-softmax gather, chunk by chunk.
+        // lm_head + log-softmax gather, chunk by chunk over tokens (C rows) and vocabulary (Vc
+        // columns): each [C, Vc] chunk is reduced to per-row statistics by the gather kernel,
+        // merged across vocabulary chunks by the online softmax of kernels/lm_head_train.cu.
+        let vc_max = plan.vocab_chunk;
+        put(
+            dev,
+            "per-chunk targets",
+            &pk.vocab_chunk_targets(v, vc_max),
+            &mut b.targets_vc,
+        )?;
         let ch = plan.chunk_rows;
         let mut start = 0;
         while start < t {
@@ -1454,28 +1594,71 @@ impl CudaTrainer {
                 d,
                 n,
             )?;
-            gemm_logits(
-                dev,
-                ctx.blas,
-                &b.hsel.slice(..m * d),
-                engine.weights.lm_head(),
-                &mut b.logits.slice_mut(..m * v),
-                m,
-                d,
-                v,
-            )?;
-            dev.logprob_gather_fwd_f32(
-                &b.logits.slice(..m * v),
-                &b.targets.slice(start..start + m),
-                &mut b.logp.slice_mut(start..start + m),
-                &mut b.entropy.slice_mut(start..start + m),
-                &mut b.lse_t.slice_mut(start..start + m),
-                &mut b.mean_s.slice_mut(start..start + m),
-                m,
-                v,
-                temperature,
-            )?;
+            for (k, v0) in (0..v).step_by(vc_max).enumerate() {
+                let w = vc_max.min(v - v0);
+                gemm_logits(
+                    dev,
+                    ctx.blas,
+                    &b.hsel.slice(..m * d),
+                    &engine.weights.lm_head().slice(v0 * d..(v0 + w) * d),
+                    &mut b.logits.slice_mut(..m * w),
+                    m,
+                    d,
+                    w,
+                )?;
+                dev.logprob_gather_fwd_f32(
+                    &b.logits.slice(..m * w),
+                    &b.targets_vc.slice(k * t + start..k * t + start + m),
+                    &mut b.lp_c.slice_mut(..m),
+                    &mut b.ent_c.slice_mut(..m),
+                    &mut b.lse_c.slice_mut(..m),
+                    &mut b.ms_c.slice_mut(..m),
+                    m,
+                    w,
+                    temperature,
+                )?;
+                let st = dev.stream();
+                let (mut lse, mut ms, mut s_t) = (
+                    b.lse_t.slice_mut(start..start + m),
+                    b.mean_s.slice_mut(start..start + m),
+                    b.s_t.slice_mut(start..start + m),
+                );
+                let (p0, _g0) = lse.device_ptr_mut(st);
+                let (p1, _g1) = ms.device_ptr_mut(st);
+                let (p2, _g2) = s_t.device_ptr_mut(st);
+                let (p3, _g3) = b.lse_c.device_ptr(st);
+                let (p4, _g4) = b.ms_c.device_ptr(st);
+                let (p5, _g5) = b.lp_c.device_ptr(st);
+                // (float* lse, float* mean_s, float* s_t, const float* lse_c, const float*
+                // mean_s_c, const float* logp_c, int rows, int first): m rows each.
+                launch_rows(
+                    dev,
+                    &self.merge,
+                    "logprob_chunk_merge_f32",
+                    m,
+                    &[p0, p1, p2, p3, p4, p5],
+                    &[m as i32, (k == 0) as i32],
+                )?;
+            }
             start += m;
+        }
+        if t > 0 {
+            let st = dev.stream();
+            let (p0, _g0) = b.logp.device_ptr_mut(st);
+            let (p1, _g1) = b.entropy.device_ptr_mut(st);
+            let (p2, _g2) = b.lse_t.device_ptr(st);
+            let (p3, _g3) = b.mean_s.device_ptr(st);
+            let (p4, _g4) = b.s_t.device_ptr(st);
+            // (float* logp, float* entropy, const float* lse, const float* mean_s, const float*
+            // s_t, int rows): t rows each.
+            launch_rows(
+                dev,
+                &self.finish,
+                "logprob_chunk_finish_f32",
+                t,
+                &[p0, p1, p2, p3, p4],
+                &[t as i32],
+            )?;
         }
         let logp = get(dev, "log-probs", &b.logp, t)?;
         let entropy = get(dev, "entropies", &b.entropy, t)?;
@@ -1551,6 +1734,7 @@ impl CudaTrainer {
         st.memset_zeros(&mut b.dh.slice_mut(..n * d))
             .map_err(cuda_err("zeroing dh"))?;
         let ch = plan.chunk_rows;
+        let vc_max = plan.vocab_chunk;
         let mut start = 0;
         while start < t {
             let m = ch.min(t - start);
@@ -1562,43 +1746,55 @@ impl CudaTrainer {
                 d,
                 n,
             )?;
-            gemm_logits(
-                dev,
-                ctx.blas,
-                &b.hsel.slice(..m * d),
-                engine.weights.lm_head(),
-                &mut b.logits.slice_mut(..m * v),
-                m,
-                d,
-                v,
-            )?;
-            dev.logprob_gather_bwd_f32(
-                &mut b.logits.slice_mut(..m * v),
-                &b.targets.slice(start..start + m),
-                &b.grad_logp.slice(start..start + m),
-                None::<&CudaSlice<f32>>,
-                &b.lse_t.slice(start..start + m),
-                &b.mean_s.slice(start..start + m),
-                m,
-                v,
-                opts.temperature,
-            )?;
+            // Per vocabulary chunk: the same logits again, dlogits in place (with the merged
+            // lse and E[s]), rounded to bf16, and dhsel (f32) += dlogits · W_lm[chunk].
+            for (k, v0) in (0..v).step_by(vc_max).enumerate() {
+                let w = vc_max.min(v - v0);
+                let w_lm = engine.weights.lm_head().slice(v0 * d..(v0 + w) * d);
+                gemm_logits(
+                    dev,
+                    ctx.blas,
+                    &b.hsel.slice(..m * d),
+                    &w_lm,
+                    &mut b.logits.slice_mut(..m * w),
+                    m,
+                    d,
+                    w,
+                )?;
+                dev.logprob_gather_bwd_f32(
+                    &mut b.logits.slice_mut(..m * w),
+                    &b.targets_vc.slice(k * t + start..k * t + start + m),
+                    &b.grad_logp.slice(start..start + m),
+                    None::<&CudaSlice<f32>>,
+                    &b.lse_t.slice(start..start + m),
+                    &b.mean_s.slice(start..start + m),
+                    m,
+                    w,
+                    opts.temperature,
+                )?;
+                cast_f32_to_bf16(
+                    dev,
+                    &self.cast,
+                    &b.logits.slice(..m * w),
+                    &mut b.dlogits.slice_mut(..m * w),
+                )?;
+                gemm_dx_f32(
+                    dev,
+                    ctx.blas,
+                    &b.dlogits.slice(..m * w),
+                    &w_lm,
+                    &mut b.dhsel_f.slice_mut(..m * d),
+                    m,
+                    d,
+                    w,
+                    if k == 0 { 0.0 } else { 1.0 },
+                )?;
+            }
             cast_f32_to_bf16(
                 dev,
                 &self.cast,
-                &b.logits.slice(..m * v),
-                &mut b.dlogits.slice_mut(..m * v),
-            )?;
-            gemm_dx(
-                dev,
-                ctx.blas,
-                &b.dlogits.slice(..m * v),
-                engine.weights.lm_head(),
+                &b.dhsel_f.slice(..m * d),
                 &mut b.dhsel.slice_mut(..m * d),
-                m,
-                d,
-                v,
-                0.0,
             )?;
             dev.scatter_rows_bf16(
                 &b.dhsel.slice(..m * d),
@@ -1943,6 +2139,41 @@ pub fn all_linear(r: usize) -> crate::lora::LoraConfig {
     }
 }
 
+/// Launches a grid-stride per-row kernel (kernels/lm_head_train.cu) with its pointer arguments
+/// then its int arguments, in the kernel's order. The callers hold the pointers' buffers.
+fn launch_rows(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    kn: &str,
+    rows: usize,
+    ptrs: &[u64],
+    ints: &[i32],
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let s = dev.stream();
+    let mut l = s.launch_builder(f);
+    for p in ptrs {
+        l.arg(p);
+    }
+    for i in ints {
+        l.arg(i);
+    }
+    let grid = rows.div_ceil(256).clamp(1, 65_535) as u32;
+    // SAFETY: the callers pass every pointer of the kernel's signature (each buffer holding at
+    // least `rows` f32) and then its ints; the kernel is grid-stride over rows.
+    unsafe {
+        l.launch(LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(cuda_err(kn))?;
+    Ok(())
+}
+
 /// cudarc cannot allocate or copy empty buffers: at least one element.
 fn nonempty(v: &[f32]) -> Vec<f32> {
     if v.is_empty() {
@@ -2143,22 +2374,66 @@ mod tests {
     }
 
     #[test]
+    fn vocab_chunk_targets_point_into_their_chunk() {
+        let toks = [0u32, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+        let seqs = [Sequence {
+            tokens: &toks,
+            prompt_len: 7,
+        }];
+        let pk = PackedBatch::new(&seqs).unwrap();
+        assert_eq!(pk.targets, vec![7, 8, 9]);
+        // Vocabulary 10 in chunks of 4: [0, 4), [4, 8), [8, 10).
+        let tv = pk.vocab_chunk_targets(10, 4);
+        let x = u32::MAX;
+        assert_eq!(tv, vec![x, x, x, 3, x, x, x, 0, 1]);
+        // One chunk: the targets themselves.
+        assert_eq!(pk.vocab_chunk_targets(10, 32), vec![7, 8, 9]);
+    }
+
+    #[test]
     fn train_plan_fits_the_issue_targets() {
         // Qwen2.5-0.5B, 64 × 384 tokens, r = 16 on every projection, layer recompute: the
         // step's buffers plus the bf16 weights must leave room under the 10 GiB target.
         let c = ModelConfig::preset("qwen2.5-0.5b").unwrap();
         let n = LoraWeights::init(all_linear(16), &c, 0).num_params();
-        let p = TrainPlan::new(&c, 64 * 384, 64, 64 * 256, n, 16, Recompute::Layer);
+        let p = TrainPlan::new(
+            &c,
+            64 * 384,
+            64,
+            64 * 256,
+            n,
+            16,
+            Recompute::Layer,
+            TRAIN_VOCAB_CHUNK,
+        );
         let weights = bf16_weight_bytes(&c);
         let total = p.total_bytes() + weights;
         assert!(total < 8 << 30, "0.5B plan {:.2} GiB", gib(total));
         // Without recompute the activations of 24 layers exceed it (the switch matters).
-        let all = TrainPlan::new(&c, 64 * 384, 64, 64 * 256, n, 16, Recompute::None);
+        let all = TrainPlan::new(
+            &c,
+            64 * 384,
+            64,
+            64 * 256,
+            n,
+            16,
+            Recompute::None,
+            TRAIN_VOCAB_CHUNK,
+        );
         assert!(all.activation_bytes > 10 * p.activation_bytes);
         // Qwen2.5-1.5B under 16 GiB.
         let c = ModelConfig::preset("qwen2.5-1.5b").unwrap();
         let n = LoraWeights::init(all_linear(16), &c, 0).num_params();
-        let p = TrainPlan::new(&c, 64 * 384, 64, 64 * 256, n, 16, Recompute::Layer);
+        let p = TrainPlan::new(
+            &c,
+            64 * 384,
+            64,
+            64 * 256,
+            n,
+            16,
+            Recompute::Layer,
+            TRAIN_VOCAB_CHUNK,
+        );
         let total = p.total_bytes() + bf16_weight_bytes(&c);
         assert!(total < 14 << 30, "1.5B plan {:.2} GiB", gib(total));
     }
