@@ -1,84 +1,191 @@
 // Runtime of the CPU kernel emulator (see run.sh): fibers, barriers, warp collectives.
-// Fiber-based block emulator: every CUDA thread of a block is a ucontext fiber on one OS thread;
-// barriers yield to the scheduler, which releases a warp barrier when all 32 lanes of the warp wait
-// on it and a block barrier when every live thread waits on it; anything else is a deadlock.
-#include <ucontext.h>
+// Every CUDA thread of a block is a fiber on one OS thread. Barriers yield to the scheduler, which
+// runs the runnable fibers in a fresh pseudo-random order each round (so a missing barrier shows
+// up as a wrong result: some reader runs before its writer), releases a warp barrier when all 32
+// lanes of the warp wait on it with the same tag, and a block barrier when every live thread waits
+// on it; anything else is a deadlock, a divergent warp collective, or a barrier after a partial
+// exit, and aborts with the block's coordinates.
 #include <vector>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include "inc/cuda_bf16.h"
+#include "emu.h"
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
+
 emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 unsigned char emu_xchg[32][32][8];
+unsigned char* emu_dyn_smem = nullptr;
+
+// Context switch: x86-64 saves the callee-saved registers on the old stack and swaps stack
+// pointers (~100× cheaper than swapcontext, which makes a signal-mask syscall every switch).
+#if defined(__x86_64__)
+extern "C" void emu_switch(void** save_sp, void* to_sp);
+asm(".text\n.globl emu_switch\n.type emu_switch,@function\nemu_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n  ret\n");
+#else
+#error "scripts/kernel_emu: emu_switch is written for x86-64"
+#endif
+
 enum Wait { RUN, WARPB, BLOCKB, DONE };
-struct Fiber { ucontext_t ctx; std::vector<char> stack; Wait wait; };
-static std::vector<Fiber> fibers;
-static ucontext_t sched_ctx;
+struct Fiber { char* stack; void* sp; Wait wait; unsigned tag; };
+static const size_t STACK = 1 << 18;
+static std::vector<Fiber> fibers;  // grows to the largest block; the first nthr are this launch's
+static int nthr;
+static void* sched_sp;
 static int cur = -1;
-static std::function<void()> body;
-static void yield_wait(Wait w) { fibers[cur].wait = w; swapcontext(&fibers[cur].ctx, &sched_ctx); }
-void emu_block_barrier() { yield_wait(BLOCKB); }
-void emu_warp_barrier() { yield_wait(WARPB); }
-static void entry() { body(); fibers[cur].wait = DONE; swapcontext(&fibers[cur].ctx, &sched_ctx); }
-void emu_launch(emu_dim3 grid, int threads, const std::function<void()>& kernel) {
+static const std::function<void()>* body;
+static std::vector<int> preds;
+static std::vector<std::pair<void*, size_t>>& shared_regs() { static std::vector<std::pair<void*, size_t>> r; return r; }
+emu_shared_reg::emu_shared_reg(void* p, size_t bytes) { memset(p, 0xff, bytes); shared_regs().push_back({p, bytes}); }
+#ifdef EMU_ASAN
+static const void* sched_bottom;
+static size_t sched_size;
+#endif
+
+static void to_fiber(int t) {
+#ifdef EMU_ASAN
+    void* fake;
+    __sanitizer_start_switch_fiber(&fake, fibers[t].stack, STACK);
+    emu_switch(&sched_sp, fibers[t].sp);
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+    emu_switch(&sched_sp, fibers[t].sp);
+#endif
+}
+static void to_scheduler(bool dying) {
+#ifdef EMU_ASAN
+    void* fake;
+    __sanitizer_start_switch_fiber(dying ? nullptr : &fake, sched_bottom, sched_size);
+    emu_switch(&fibers[cur].sp, sched_sp);
+    __sanitizer_finish_switch_fiber(fake, &sched_bottom, &sched_size);
+#else
+    (void)dying;
+    emu_switch(&fibers[cur].sp, sched_sp);
+#endif
+}
+static void fiber_main() {
+#ifdef EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &sched_bottom, &sched_size);
+#endif
+    (*body)();
+    fibers[cur].wait = DONE;
+    to_scheduler(true);
+    abort();  // never resumed
+}
+static void yield_wait(Wait w, unsigned tag) { fibers[cur].wait = w; fibers[cur].tag = tag; to_scheduler(false); }
+void emu_block_barrier() { yield_wait(BLOCKB, 0); }
+void emu_warp_barrier(unsigned tag) { yield_wait(WARPB, tag); }
+int emu_syncthreads_or(int pred) {
+    preds[threadIdx.x] = pred != 0;
+    emu_block_barrier();
+    int r = 0;
+    for (unsigned t = 0; t < blockDim.x; ++t) r |= preds[t];
+    emu_block_barrier();
+    return r;
+}
+
+[[noreturn]] static void fail(const char* what) {
+    fprintf(stderr, "%s in block (%u,%u,%u); thread states (0 run, 1 warp barrier, 2 block barrier, 3 exited):\n",
+            what, blockIdx.x, blockIdx.y, blockIdx.z);
+    for (int t = 0; t < nthr; ++t) fprintf(stderr, "%d:%d ", t, fibers[t].wait);
+    fprintf(stderr, "\n");
+    abort();
+}
+
+static uint64_t order_rng = 0x9E3779B97F4A7C15ull;
+static unsigned next_rand() { order_rng ^= order_rng << 13; order_rng ^= order_rng >> 7; order_rng ^= order_rng << 17; return (unsigned)(order_rng >> 32); }
+
+void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<void()>& kernel, size_t smem_limit) {
+    if (threads <= 0 || threads > 1024 || threads % 32 != 0) { fprintf(stderr, "launch: block of %d threads (need 32k ≤ 1024)\n", threads); abort(); }
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
+        fprintf(stderr, "launch: invalid grid (%u,%u,%u)\n", grid.x, grid.y, grid.z);
+        abort();
+    }
+    if (smem > smem_limit) { fprintf(stderr, "launch: %zu bytes of dynamic shared memory > %zu\n", smem, smem_limit); abort(); }
+    // Exactly the launch's dynamic shared memory, so ASan sees an overrun; refilled with 0xff
+    // (NaN as f32) for every block, as is every static __shared__ variable seen so far, so a read
+    // of a slot no thread of the block wrote shows up.
+    std::vector<unsigned char> smem_buf(smem);
+    emu_dyn_smem = smem_buf.data();
     gridDim = grid; blockDim = emu_dim3{(unsigned)threads, 1, 1};
-    body = kernel;
-    fibers.resize(threads);
+    body = &kernel;
+    if (fibers.size() < (size_t)threads) {
+        size_t old = fibers.size();
+        fibers.resize(threads);
+        for (size_t t = old; t < fibers.size(); ++t) fibers[t].stack = (char*)malloc(STACK);
+    }
+    nthr = threads;
+    preds.assign(threads, 0);
+    std::vector<int> order(threads);
     for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = emu_dim3{bx, by, bz};
+        if (smem) memset(emu_dyn_smem, 0xff, smem);
+        for (auto& r : shared_regs()) memset(r.first, 0xff, r.second);
         for (int t = 0; t < threads; ++t) {
-            Fiber& f = fibers[t];
-            f.stack.resize(1 << 18);
-            getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = f.stack.data();
-            f.ctx.uc_stack.ss_size = f.stack.size();
-            f.ctx.uc_link = nullptr;
-            makecontext(&f.ctx, entry, 0);
-            f.wait = RUN;
+            // Fresh stack: [6 callee-saved registers][fiber_main][fake return address], 16-aligned
+            // so that fiber_main starts as if called.
+            void** sp = (void**)(((uintptr_t)(fibers[t].stack + STACK) & ~(uintptr_t)15) - 64);
+            for (int i = 0; i < 6; ++i) sp[i] = nullptr;
+            sp[6] = (void*)&fiber_main;
+            sp[7] = nullptr;
+            fibers[t].sp = sp;
+            fibers[t].wait = RUN;
         }
         for (;;) {
             bool ran = false;
-            for (int t = 0; t < threads; ++t) {
+            for (int t = 0; t < threads; ++t) order[t] = t;
+            for (int t = threads - 1; t > 0; --t) std::swap(order[t], order[next_rand() % (t + 1)]);
+            for (int t : order) {
                 if (fibers[t].wait != RUN) continue;
                 cur = t; threadIdx = emu_dim3{(unsigned)t, 0, 0};
-                swapcontext(&sched_ctx, &fibers[t].ctx);
+                to_fiber(t);
                 ran = true;
             }
             if (ran) continue;
             bool all_done = true, progress = false;
-            for (auto& f : fibers) all_done &= f.wait == DONE;
+            for (int t = 0; t < threads; ++t) all_done &= fibers[t].wait == DONE;
             if (all_done) break;
             for (int w = 0; w < threads / 32; ++w) {
+                Fiber* lanes = &fibers[w * 32];
                 bool all = true;
-                for (int l = 0; l < 32; ++l) all &= fibers[w * 32 + l].wait == WARPB;
-                if (all) { for (int l = 0; l < 32; ++l) fibers[w * 32 + l].wait = RUN; progress = true; }
+                for (int l = 0; l < 32; ++l) all &= lanes[l].wait == WARPB;
+                if (!all) continue;
+                for (int l = 0; l < 32; ++l)
+                    if (lanes[l].tag != lanes[0].tag) fail("divergent warp collective (lanes at different shuffles)");
+                for (int l = 0; l < 32; ++l) lanes[l].wait = RUN;
+                progress = true;
             }
             if (progress) continue;
-            bool blk = true, any = false;
-            for (auto& f : fibers) { blk &= f.wait == BLOCKB || f.wait == DONE; any |= f.wait == BLOCKB; }
-            if (blk && any) {
-                for (auto& f : fibers) if (f.wait == BLOCKB) f.wait = RUN;
-                // A block barrier after some threads exited: legal CUDA, but these kernels never
-                // do it (their early exits are block-uniform), so it means a bug.
-                for (auto& f : fibers) if (f.wait == DONE) { fprintf(stderr, "barrier after partial exit in block (%u,%u,%u)\n", bx, by, bz); abort(); }
-                continue;
+            bool blk = true, any = false, exited = false;
+            for (int t = 0; t < threads; ++t) {
+                const Wait w = fibers[t].wait;
+                blk &= w == BLOCKB || w == DONE; any |= w == BLOCKB; exited |= w == DONE;
             }
-            fprintf(stderr, "DEADLOCK in block (%u,%u,%u)\n", bx, by, bz);
-            for (int t = 0; t < threads; ++t) fprintf(stderr, "%d:%d ", t, fibers[t].wait);
-            fprintf(stderr, "\n");
-            abort();
+            // A block barrier after some threads exited is legal CUDA, but these kernels never do
+            // it (their early exits are block-uniform), so it means a bug.
+            if (blk && any && exited) fail("barrier after partial exit");
+            if (blk && any) { for (int t = 0; t < threads; ++t) fibers[t].wait = RUN; continue; }
+            fail("DEADLOCK");
         }
     }
+    emu_dyn_smem = nullptr;
 }
+
 // mma.m16n8k16 row.col bf16 → f32, from the PTX ISA fragment layout.
 void at_mma_emu(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     static uint32_t A[32][32][4], B[32][32][2];
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
     for (int i = 0; i < 4; ++i) A[w][lane][i] = a[i];
     B[w][lane][0] = b0; B[w][lane][1] = b1;
-    emu_warp_barrier();
+    emu_warp_barrier(1);
     auto lo = [](uint32_t r) { return __bfloat162float(__nv_bfloat16{(uint16_t)(r & 0xffff)}); };
     auto hi = [](uint32_t r) { return __bfloat162float(__nv_bfloat16{(uint16_t)(r >> 16)}); };
     float Am[16][16], Bm[16][8];
@@ -99,7 +206,7 @@ void at_mma_emu(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
         for (int k = 0; k < 16; ++k) acc += Am[row][k] * Bm[k][col];
         out[e] = acc;
     }
-    emu_warp_barrier();
+    emu_warp_barrier(1);
     for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 // ldmatrix.m8n8.x4 (.trans): lane L gives row L%8 of matrix L/8; register i of lane (g, t) gets
@@ -109,7 +216,7 @@ void at_ldsm_emu(uint32_t (&r)[4], const __nv_bfloat16* p, bool trans) {
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
     if (((uintptr_t)p & 15) != 0) { fprintf(stderr, "ldmatrix row address not 16-byte aligned\n"); abort(); }
     P[w][lane] = p;
-    emu_warp_barrier();
+    emu_warp_barrier(trans ? 3 : 2);
     const int g = lane / 4, t = lane % 4;
     for (int i = 0; i < 4; ++i) {
         uint16_t lo, hi;
@@ -117,5 +224,5 @@ void at_ldsm_emu(uint32_t (&r)[4], const __nv_bfloat16* p, bool trans) {
         else { lo = P[w][i * 8 + 2 * t][g].x; hi = P[w][i * 8 + 2 * t + 1][g].x; }
         r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
     }
-    emu_warp_barrier();
+    emu_warp_barrier(trans ? 3 : 2);
 }

@@ -1,35 +1,62 @@
-"""Rewrites kernels/attention_train.cu (or kernels/lora_train.cu) for the CPU emulator (see run.sh):
-the inline-PTX helpers (at_mma, at_ldsm_x4, at_ldsm_x4_trans; lt_* in lora_train.cu) become calls
-into emu_rt.cpp and the dynamic shared memory declaration a pointer to the emulator's buffer.
-Usage: gen.py <in.cu> <out.inc>"""
+"""Rewrites a kernels/*.cu file (with kernels/common.cuh inlined) for the CPU emulator (see run.sh).
+Usage: gen.py <in.cu> <out.inc>
+
+Everything CUDA-specific that plain C++ cannot express is either a macro / function of
+inc/cuda_bf16.h (qualifiers, shuffles, barriers, atomics, intrinsics) or rewritten here:
+  - `extern __shared__ [__align__(n)] T name[];` (dynamic shared memory) becomes a pointer to the
+    launch's buffer, emu_dyn_smem, of exactly the launcher's size;
+  - `__shared__ T name[dims];` (static shared memory) becomes a static variable registered with
+    the runtime, which fills it with 0xff bytes (NaN, -1) before every block, so a read of a slot
+    the block did not write shows up instead of seeing the previous block's value;
+  - the inline-PTX helpers of attention_train.cu (at_mma, at_ldsm_x4, at_ldsm_x4_trans) and of
+    lora_train.cu (lt_*) become calls into emu_rt.cpp.
+Anything left that the emulator does not know (inline asm, cooperative groups, warp votes, __ldg,
+other atomics) stops the build here rather than being silently miscompiled."""
+import re
 import sys
+
+import os
+
 src = open(sys.argv[1]).read()
+common = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "common.cuh")
+if '#include "common.cuh"' in src:
+    src = src.replace('#include "common.cuh"', open(common).read(), 1)
+
+
 def replace_fn(src, sig, body):
     start = src.index(sig)
     end = src.index("\n}\n", start) + 3
     return src[:start] + body + "\n" + src[end:]
-if "lora_train" in sys.argv[1]:
-    # kernels/lora_train.cu: the same helpers under the lt_ prefix (emu_rt.cpp's at_*_emu serve both).
-    src = replace_fn(src, "static __device__ __forceinline__ void lt_mma(",
-        "static inline void lt_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { at_mma_emu(d, a, b0, b1); }")
-    src = replace_fn(src, "static __device__ __forceinline__ void lt_ldsm_x4(",
-        "static inline void lt_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }")
-    src = replace_fn(src, "static __device__ __forceinline__ void lt_ldsm_x4_trans(",
-        "static inline void lt_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }")
-    n = src.count("extern __shared__ __align__(16) unsigned char lt_smem[];")
-    assert n >= 2, n
-    src = src.replace("extern __shared__ __align__(16) unsigned char lt_smem[];", "unsigned char* lt_smem = emu_dyn_smem;")
-    assert "asm" not in src
-    open(sys.argv[2], "w").write(src)
-    sys.exit(0)
-src = replace_fn(src, "static __device__ __forceinline__ void at_mma(",
-    "static inline void at_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { at_mma_emu(d, a, b0, b1); }")
-src = replace_fn(src, "static __device__ __forceinline__ void at_ldsm_x4(",
-    "static inline void at_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }")
-src = replace_fn(src, "static __device__ __forceinline__ void at_ldsm_x4_trans(",
-    "static inline void at_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }")
-n = src.count("extern __shared__ __align__(16) unsigned char at_smem[];")
-assert n >= 3, n
-src = src.replace("extern __shared__ __align__(16) unsigned char at_smem[];", "unsigned char* at_smem = emu_dyn_smem;")
-assert "asm" not in src
+
+
+PTX_HELPERS = {
+    "static __device__ __forceinline__ void at_mma(":
+        "static inline void at_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { at_mma_emu(d, a, b0, b1); }",
+    "static __device__ __forceinline__ void at_ldsm_x4(":
+        "static inline void at_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
+    "static __device__ __forceinline__ void at_ldsm_x4_trans(":
+        "static inline void at_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
+    # kernels/lora_train.cu: the same helpers under the lt_ prefix.
+    "static __device__ __forceinline__ void lt_mma(":
+        "static inline void lt_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { at_mma_emu(d, a, b0, b1); }",
+    "static __device__ __forceinline__ void lt_ldsm_x4(":
+        "static inline void lt_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
+    "static __device__ __forceinline__ void lt_ldsm_x4_trans(":
+        "static inline void lt_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
+}
+for sig, body in PTX_HELPERS.items():
+    if sig in src:
+        src = replace_fn(src, sig, body)
+
+src = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+) (\w+)\[\];",
+             r"\1* \2 = reinterpret_cast<\1*>(emu_dyn_smem);", src)
+src = re.sub(r"__shared__ ((?:__align__\(\d+\) )?[\w: ]+?) (\w+)((?:\[[^\]]+\])*);",
+             r"static \1 \2\3; static emu_shared_reg \2_emu_reg(&\2, sizeof \2);", src)
+
+code = re.sub(r"//[^\n]*", "", src)  # comments may mention anything
+for word in ["__shared__", "asm", "cooperative_groups", "__ballot_sync", "__any_sync", "__all_sync", "__activemask",
+             "__ldg", "atomicCAS", "atomicExch", "atomicMax", "atomicMin", "atomicSub", "__threadfence",
+             "__expf", "__logf", "__fdividef", "__sinf", "__cosf", "__saturatef", "__match_any_sync"]:
+    if re.search(r"\b%s\b" % word, code):
+        sys.exit("gen.py: %s uses %s, which the emulator does not model yet (inc/cuda_bf16.h)" % (sys.argv[1], word))
 open(sys.argv[2], "w").write(src)

@@ -1,36 +1,100 @@
 #!/usr/bin/env bash
-# CPU emulation of kernels/attention_train.cu, for machines without a GPU: every CUDA thread of a
-# block runs as a fiber (ucontext) on one OS thread, barriers and warp collectives (shuffles,
-# mma.sync m16n8k16, ldmatrix .x4 / .trans, emulated from the PTX ISA's fragment layouts) switch
-# fibers, and a barrier that not all threads reach is reported as a deadlock. gen.py rewrites the
-# kernel source for the host (the inline-PTX helpers become calls into emu_rt.cpp, the dynamic
-# shared memory a buffer of exactly the launcher's size); attention_train_emu.cpp launches the
-# forward and backward with the Rust launchers' grids and compares against an f64 reference with
-# the tolerances of tests/cuda_attention_train.rs.
+# CPU emulation of the CUDA kernels in kernels/*.cu, for machines without a GPU.
 #
-#     scripts/kernel_emu/run.sh          one shape (seconds)
-#     scripts/kernel_emu/run.sh all      every shape (≈ 1 minute)
-#     ASAN=1 scripts/kernel_emu/run.sh all   also AddressSanitizer (out-of-bounds global/shared)
-#     scripts/kernel_emu/run.sh lora_train [all]   kernels/lora_train.cu instead (lora_train_emu.cpp)
+# Every CUDA thread of a block runs as a fiber on one OS thread (emu_rt.cpp); barriers, warp
+# shuffles, __syncthreads_or, shared-memory atomics, mma.sync m16n8k16 and ldmatrix .x4 / .trans
+# (from the PTX ISA's fragment layouts) switch fibers, in a pseudo-random order per round so that
+# a missing barrier changes the result. A barrier that not all threads reach (deadlock), a warp
+# collective whose lanes sit at different shuffles, and a block barrier after some threads exited
+# abort with the block's coordinates; launch configurations are checked (block 32k ≤ 1024, grid
+# limits, dynamic shared memory ≤ 48 KiB unless opted in). gen.py rewrites a kernel file for the
+# host (dynamic shared memory becomes a buffer of exactly the launcher's size; it and every static
+# __shared__ variable are refilled with 0xff bytes, NaN, before each block, so reading a slot the
+# block never wrote shows; inline PTX becomes calls into emu_rt.cpp) and refuses constructs the
+# emulator does not model. g++ builds it with -fno-strict-aliasing (the kernels pun vector loads
+# as CUDA code does, which nvcc compiles as meant and g++ -O2 may not) and -ffp-contract=off. One harness per kernel file, <file>_emu.cpp, launches the kernels exactly as
+# the Rust launchers do (src/cuda/kernels.rs, rollout.rs, train_kernels.rs, train.rs,
+# attention_train.rs: grid, block, shared memory, argument order and types) and compares with
+# references ported from the CPU code (src/cpu, src/sampling.rs, src/loss, src/optim) under the
+# tolerances of the matching tests/cuda_*.rs.
 #
-# It checks indexing, masking, tiling and synchronisation structure, not the real hardware's
-# timing or memory model (fibers switch only at barriers): the GPU tests remain the authority.
+#     scripts/kernel_emu/run.sh                  every emulated suite, first cases only (seconds)
+#     scripts/kernel_emu/run.sh all              every suite, every case
+#     scripts/kernel_emu/run.sh sampling train   those suites, every case
+#     ASAN=1 scripts/kernel_emu/run.sh all       also AddressSanitizer (out-of-bounds global and
+#                                                dynamic shared memory) and UBSan (misaligned
+#                                                vector loads, overflow, bad shifts)
+# Suites: rmsnorm elementwise attention lora sampling train convert attention_train lora_train, and
+# resources (resources.py: registers and shared memory per block from ptxas against the launch
+# sizes, sm_80 and sm_90a; needs nvcc: $NVCC or on PATH, else skipped).
+#
+# It checks indexing, masking, tiling, synchronisation structure and numerics up to the math
+# library and FMA contraction (see inc/cuda_bf16.h), not the hardware's timing, memory model or
+# performance: threads switch only at barriers, so a race between barriers is found only when
+# the shuffled order makes a reader run before its writer (at random, per round), and a missing
+# __syncwarp between warp-synchronous shared-memory accesses is invisible. The GPU tests remain
+# the authority.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-kernels="$here/../../kernels"
-out="${TMPDIR:-/tmp}/rft-kernel-emu"
-mkdir -p "$out"
-name=attention_train inc=at_emu.inc
-if [[ "${1:-}" == lora_train ]]; then
-    shift
-    name=lora_train inc=lt_emu.inc
-fi
-python3 "$here/gen.py" "$kernels/$name.cu" "$out/$inc"
-flags=(-std=c++17 -O2)
+kernels="${EMU_KERNELS:-$here/../../kernels}"  # EMU_KERNELS: another copy (e.g. a mutated one)
+all_suites=(rmsnorm elementwise attention lora sampling train convert attention_train lora_train resources)
+mode=quick
+suites=()
+for a in "$@"; do
+    case "$a" in
+        all) mode=full; suites=("${all_suites[@]}") ;;
+        *) mode=full; suites+=("$a") ;;
+    esac
+done
+[[ ${#suites[@]} -eq 0 ]] && suites=("${all_suites[@]:0:${#all_suites[@]}-1}")  # quick: not resources
+
+flags=(-std=c++17 -O2 -ffp-contract=off -fno-strict-aliasing)
+tag=opt
 if [[ "${ASAN:-0}" == 1 ]]; then
-    flags=(-std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer)
-    export ASAN_OPTIONS=detect_stack_use_after_return=0
+    flags=(-std=c++17 -O1 -g -ffp-contract=off -fno-strict-aliasing -fsanitize=address,undefined -fno-sanitize-recover=all
+           -fno-omit-frame-pointer)
+    tag=asan
+    export ASAN_OPTIONS=detect_stack_use_after_return=0:detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1
 fi
-g++ "${flags[@]}" -I "$here/inc" -I "$kernels" -I "$out" -o "$out/${name}_emu" \
-    "$here/${name}_emu.cpp" "$here/emu_rt.cpp"
-"$out/${name}_emu" "$@"
+out="${TMPDIR:-/tmp}/rft-kernel-emu/$tag"
+mkdir -p "$out"
+
+# Build (in parallel, 2 at a time; a binary is rebuilt when any of its inputs is newer).
+build() {
+    local s=$1 bin="$out/$1_emu"
+    python3 "$here/gen.py" "$kernels/$s.cu" "$out/$s.inc.new"
+    cmp -s "$out/$s.inc.new" "$out/$s.inc" || mv "$out/$s.inc.new" "$out/$s.inc"
+    rm -f "$out/$s.inc.new"
+    local newest
+    newest=$(ls -t "$out/$s.inc" "$here/${s}_emu.cpp" "$here/emu_rt.cpp" "$here/emu.h" "$here/inc/cuda_bf16.h" \
+        "$kernels/common.cuh" "$0" | head -1)
+    if [[ ! -x "$bin" || "$newest" -nt "$bin" ]]; then
+        g++ "${flags[@]}" -I "$here" -I "$here/inc" -I "$out" -o "$bin" \
+            "$here/${s}_emu.cpp" "$here/emu_rt.cpp"
+    fi
+}
+pids=()
+for s in "${suites[@]}"; do
+    [[ $s == resources ]] && continue
+    [[ -f "$here/${s}_emu.cpp" ]] || { echo "unknown suite $s (have: ${all_suites[*]})" >&2; exit 2; }
+    build "$s" &
+    pids+=($!)
+    if [[ ${#pids[@]} -ge 2 ]]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+done
+for p in "${pids[@]}"; do wait "$p"; done
+
+status=0
+for s in "${suites[@]}"; do
+    start=$SECONDS
+    echo "== $s ($mode)"
+    if [[ $s == resources ]]; then
+        nvcc="${NVCC:-$(command -v nvcc || true)}"
+        if [[ -n "$nvcc" ]]; then python3 "$here/resources.py" "$nvcc" "$kernels" || status=1
+        else echo "resources: skipped (no nvcc: set NVCC)"; fi
+    else
+        "$out/${s}_emu" "$mode" || status=1
+    fi
+    echo "   $((SECONDS - start)) s"
+done
+[[ $status == 0 ]] && echo "kernel emulator: ALL OK ($SECONDS s)" || echo "kernel emulator: FAILED ($SECONDS s)"
+exit $status

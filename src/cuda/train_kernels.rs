@@ -118,8 +118,12 @@ const RMS_BWD_ROWS: usize = 16;
 /// Threads and grid cap of the grid-stride elementwise kernels.
 const EW_THREADS: u32 = 256;
 const EW_MAX_BLOCKS: usize = 65_535;
-/// Default dynamic shared memory limit without opting in (rmsnorm_bwd's dweight accumulator).
+/// Default shared memory limit (static + dynamic) without opting in (rmsnorm_bwd's dweight
+/// accumulator).
 const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
+/// rmsnorm_bwd_bf16's static shared memory (block_reduce_sum's 32 f32 partials,
+/// kernels/common.cuh), which counts against the same limit as its dynamic dweight accumulator.
+const RMS_BWD_STATIC_SMEM_BYTES: usize = 32 * 4;
 
 /// Blocks of `grpo_loss_fwd_bwd_f32` for `n_tokens` tokens (≥ 1).
 pub fn grpo_loss_blocks(n_tokens: usize) -> usize {
@@ -1216,9 +1220,11 @@ impl CudaDevice {
             )?;
             check_len("dweight", kn, w.len(), dim, "dim")?;
             smem = dim * 4;
-            if smem > SMEM_DEFAULT_BYTES {
+            if smem + RMS_BWD_STATIC_SMEM_BYTES > SMEM_DEFAULT_BYTES {
                 return Err(Error::invalid(format!(
-                    "{kn}: dweight for dim {dim} needs {smem} bytes of shared memory, more than {SMEM_DEFAULT_BYTES}"
+                    "{kn}: dweight for dim {dim} needs {smem} bytes of dynamic shared memory, more than \
+                     the {} left of {SMEM_DEFAULT_BYTES} next to the kernel's static {RMS_BWD_STATIC_SMEM_BYTES}",
+                    SMEM_DEFAULT_BYTES - RMS_BWD_STATIC_SMEM_BYTES
                 )));
             }
         }
