@@ -22,11 +22,11 @@
 
 mod common;
 
-use common::require_gpu;
+use common::gpu_or_skip;
 use rft::cpu::model::CpuModel;
 use rft::cpu::train::Recompute;
 use rft::cuda::train::all_linear;
-use rft::cuda::{availability, CudaEngine, CudaTrainer};
+use rft::cuda::{CudaEngine, CudaTrainer};
 use rft::lora::LoraWeights;
 use rft::loss::{GrpoLossConfig, KlEstimator, LossType};
 use rft::model::config::ModelConfig;
@@ -45,18 +45,6 @@ fn root() -> PathBuf {
     std::env::var("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from("."))
-}
-
-fn gpu_or_skip() -> bool {
-    if let Err(reason) = availability() {
-        assert!(
-            !require_gpu(),
-            "RFT_REQUIRE_GPU=1 but CUDA is unavailable: {reason}"
-        );
-        eprintln!("skipping: {reason}");
-        return false;
-    }
-    true
 }
 
 /// The fixture model with bf16-rounded weights (CPU), and a CUDA engine of the same weights.

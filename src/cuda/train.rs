@@ -43,7 +43,7 @@
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use half::bf16;
 use std::ffi::c_void;
@@ -53,11 +53,11 @@ use std::time::Instant;
 use super::engine::{check, gemm_logits, get, gib, put, CudaEngine, DeviceLinear, DeviceWeights};
 use super::{
     cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_train_compiled_rank,
-    lora_train_grad_scratch_len, CudaDevice, GrpoLossScalars, GrpoLossTotals, TrainAttnShape, GRPO_FIELDS,
+    lora_train_grad_scratch_len, CudaDevice, GrpoLossScalars, TrainAttnShape, GRPO_FIELDS,
 };
 use crate::cpu::train::{Grads, Recompute, Sequence};
 use crate::lora::LoraWeights;
-use crate::loss::{grpo_loss, sequence_weights, GrpoInputs, GrpoMetrics, OldLogp};
+use crate::loss::sequence_weights;
 use crate::model::config::ModelConfig;
 use crate::model::weights::Proj;
 use crate::optim::{AdamWState, StepReport};
@@ -538,47 +538,31 @@ impl TrainBuffers {
 // ---------------------------------------------------------------------------------------------
 // GEMM and projections
 
-/// Row-major dx (rows, d_in) = dy (rows, d_out) · W (d_out, d_in) + beta · dx, bf16 in and out,
-/// f32 compute. Column-major view: dxᵀ (d_in, rows) = Wᵀ · dyᵀ where row-major W is the
-/// column-major (d_in, d_out) matrix with ld d_in (OP_N) and row-major dy the column-major
-/// (d_out, rows) with ld d_out (OP_N): `gemm(N, N, m = d_in, n = rows, k = d_out)`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_dx(
-    dev: &CudaDevice,
-    blas: &CudaBlas,
-    dy: &impl DevicePtr<bf16>,
-    w: &impl DevicePtr<bf16>,
-    dx: &mut impl DevicePtrMut<bf16>,
-    rows: usize,
-    d_in: usize,
-    d_out: usize,
-    beta: f32,
-) -> Result<()> {
-    check("gemm_dx dx", dx.len(), rows * d_in)?;
-    let s = dev.stream();
-    let (dxp, _c) = dx.device_ptr_mut(s);
-    gemm_dx_raw(
-        dev,
-        blas,
-        dy,
-        w,
-        dxp,
-        cudaDataType::CUDA_R_16BF,
-        rows,
-        d_in,
-        d_out,
-        beta,
-    )
+/// Element types a GEMM may write (cuBLAS's name for them).
+trait GemmOut: DeviceRepr {
+    const TYPE: cudaDataType;
 }
 
-/// [`gemm_dx`] with an f32 dx (accumulating over several GEMMs without bf16 rounding).
+impl GemmOut for bf16 {
+    const TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
+}
+
+impl GemmOut for f32 {
+    const TYPE: cudaDataType = cudaDataType::CUDA_R_32F;
+}
+
+/// Row-major dx (rows, d_in) = dy (rows, d_out) · W (d_out, d_in) + beta · dx, bf16 inputs, f32
+/// compute, dx bf16 or f32 (f32: accumulating over several GEMMs without bf16 rounding).
+/// Column-major view: dxᵀ (d_in, rows) = Wᵀ · dyᵀ where row-major W is the column-major
+/// (d_in, d_out) matrix with ld d_in (OP_N) and row-major dy the column-major (d_out, rows)
+/// with ld d_out (OP_N): `gemm(N, N, m = d_in, n = rows, k = d_out)`.
 #[allow(clippy::too_many_arguments)]
-fn gemm_dx_f32(
+fn gemm_dx<T: GemmOut>(
     dev: &CudaDevice,
     blas: &CudaBlas,
     dy: &impl DevicePtr<bf16>,
     w: &impl DevicePtr<bf16>,
-    dx: &mut impl DevicePtrMut<f32>,
+    dx: &mut impl DevicePtrMut<T>,
     rows: usize,
     d_in: usize,
     d_out: usize,
@@ -587,18 +571,7 @@ fn gemm_dx_f32(
     check("gemm_dx dx", dx.len(), rows * d_in)?;
     let s = dev.stream();
     let (dxp, _c) = dx.device_ptr_mut(s);
-    gemm_dx_raw(
-        dev,
-        blas,
-        dy,
-        w,
-        dxp,
-        cudaDataType::CUDA_R_32F,
-        rows,
-        d_in,
-        d_out,
-        beta,
-    )
+    gemm_dx_raw(dev, blas, dy, w, dxp, T::TYPE, rows, d_in, d_out, beta)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1681,7 +1654,7 @@ impl CudaTrainer {
         old: Option<&[f32]>,
         refl: Option<&[f32]>,
         opts: &GrpoOptions,
-    ) -> Result<GrpoLossTotals> {
+    ) -> Result<()> {
         let (plan, b) = self
             .plan
             .as_mut()
@@ -1706,9 +1679,9 @@ impl CudaTrainer {
         if let Some(r) = refl {
             put(dev, "reference log-probs", r, &mut b.refl)?;
         }
-        let totals = if t == 0 {
-            GrpoLossTotals::default()
-        } else {
+        // The loss value and metrics are reported from the host (`Prepared::pass_result`); the
+        // kernel's totals stay on the device (no synchronization here).
+        if t > 0 {
             let old_v = old.map(|_| b.old.slice(..t));
             let ref_v = refl.map(|_| b.refl.slice(..t));
             dev.grpo_loss_fwd_bwd_f32(
@@ -1726,8 +1699,7 @@ impl CudaTrainer {
                 ns,
                 GrpoLossScalars::from_config(&opts.loss),
             )?;
-            GrpoLossTotals::from_sums(&get(dev, "loss totals", &b.loss_totals, GRPO_FIELDS)?)?
-        };
+        }
 
         // --- lm_head backward into dh (rows that are not scored get no gradient)
         let st = dev.stream();
@@ -1778,7 +1750,7 @@ impl CudaTrainer {
                     &b.logits.slice(..m * w),
                     &mut b.dlogits.slice_mut(..m * w),
                 )?;
-                gemm_dx_f32(
+                gemm_dx(
                     dev,
                     ctx.blas,
                     &b.dlogits.slice(..m * w),
@@ -1865,7 +1837,7 @@ impl CudaTrainer {
                 &mut g,
             )?;
         }
-        Ok(totals)
+        Ok(())
     }
 
     /// The gradients of one pass over the prepared batch (accumulated in `self.grads`, zeroed
@@ -1883,13 +1855,13 @@ impl CudaTrainer {
             .memset_zeros(&mut self.grads)
             .map_err(cuda_err("zeroing the gradients"))?;
         let mut logp_all = Vec::with_capacity(*tok_off.last().unwrap());
-        let (mut entropy_sum, mut sums) = (0f64, [0f64; GRPO_FIELDS]);
+        let mut entropy_sum = 0f64;
         for rg in p.micro_batches(opts) {
             let seqs = p.seqs(rg.clone());
             let pk = PackedBatch::new(&seqs)?;
             let out = self.forward(engine, &pk, true, opts.temperature, true)?;
             let toks = tok_off[rg.start]..tok_off[rg.end];
-            let tot = self.loss_backward(
+            self.loss_backward(
                 engine,
                 &pk,
                 &p.adv[rg.clone()],
@@ -1898,59 +1870,20 @@ impl CudaTrainer {
                 p.reference.as_ref().map(|r| &r[toks.clone()]),
                 opts,
             )?;
-            for (s, x) in sums.iter_mut().zip([
-                tot.loss,
-                tot.kl_sum,
-                tot.ratio_sum,
-                tot.clip_low as f64,
-                tot.clip_high as f64,
-            ]) {
-                *s += x;
-            }
             entropy_sum += out.entropy_sum;
             logp_all.extend_from_slice(&out.logp);
             self.last_stats.micro_batches += 1;
             self.last_stats.rows += pk.rows();
         }
-        let n_tok = logp_all.len();
-        // Metrics from the device totals; the loss value exactly as the CPU reports it (the
-        // same f64 aggregation over the downloaded log-probs), so the two backends log alike.
-        let totals = GrpoLossTotals::from_sums(&sums)?;
-        let metrics: GrpoMetrics = totals.metrics(n_tok, p.reference.is_some());
-        let loss = grpo_loss(
-            cfg,
-            &GrpoInputs {
-                logp: &logp_all,
-                old_logp: match &p.old {
-                    Some(o) => OldLogp::Given(o),
-                    None => OldLogp::Current,
-                },
-                ref_logp: p.reference.as_deref(),
-                advantages: &p.adv,
-                lengths: &p.lengths,
-            },
-        )?
-        .loss;
-        let split =
-            |v: &[f32]| -> Vec<Vec<f32>> { tok_off.windows(2).map(|w| v[w[0]..w[1]].to_vec()).collect() };
-        Ok(GrpoGradients {
-            grads: Grads {
+        p.pass_result(
+            &opts.loss,
+            Grads {
                 lora: None,
                 weights: None,
             },
-            loss,
-            metrics,
-            entropy: if n_tok == 0 {
-                0.0
-            } else {
-                entropy_sum / n_tok as f64
-            },
-            advantages: p.all_adv.clone(),
-            stats: p.stats.clone(),
-            keep: p.keep.clone(),
-            logp: split(&logp_all),
-            ref_logp: p.reference.as_deref().map(split),
-        })
+            logp_all,
+            entropy_sum,
+        )
     }
 
     /// Advantages, filtering, and the reference / old log-probs on the GPU.

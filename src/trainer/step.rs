@@ -427,37 +427,56 @@ fn gradients(
             .full_fine_tuning
             .then(|| train::zeros_like_weights(&model.weights)),
     });
-    // Loss and metrics over the whole batch (the same per-token math as the gradients).
-    let out = grpo_loss(
-        cfg,
-        &GrpoInputs {
-            logp: &logp_all,
-            old_logp: match &p.old {
-                Some(o) => OldLogp::Given(o),
-                None => OldLogp::Current,
+    p.pass_result(cfg, grads, logp_all, entropy_sum)
+}
+
+impl Prepared {
+    /// One pass's result from its gradients and the token log-probs of every micro-batch (in
+    /// order) with their entropy sum: the loss and metrics over the whole batch, computed here
+    /// on the host with the same per-token math as the gradients (any backend reports alike).
+    pub(crate) fn pass_result(
+        &self,
+        cfg: &GrpoLossConfig,
+        grads: Grads,
+        logp_all: Vec<f32>,
+        entropy_sum: f64,
+    ) -> Result<GrpoGradients> {
+        let out = grpo_loss(
+            cfg,
+            &GrpoInputs {
+                logp: &logp_all,
+                old_logp: match &self.old {
+                    Some(o) => OldLogp::Given(o),
+                    None => OldLogp::Current,
+                },
+                ref_logp: self.reference.as_deref(),
+                advantages: &self.adv,
+                lengths: &self.lengths,
             },
-            ref_logp: p.reference.as_deref(),
-            advantages: &p.adv,
-            lengths: &p.lengths,
-        },
-    )?;
-    let split = |v: &[f32]| -> Vec<Vec<f32>> { tok_off.windows(2).map(|w| v[w[0]..w[1]].to_vec()).collect() };
-    let n_tok = logp_all.len();
-    Ok(GrpoGradients {
-        grads,
-        loss: out.loss,
-        metrics: out.metrics,
-        entropy: if n_tok == 0 {
-            0.0
-        } else {
-            entropy_sum / n_tok as f64
-        },
-        advantages: p.all_adv.clone(),
-        stats: p.stats.clone(),
-        keep: p.keep.clone(),
-        logp: split(&logp_all),
-        ref_logp: p.reference.as_deref().map(split),
-    })
+        )?;
+        let mut tok_off = vec![0usize];
+        for &l in &self.lengths {
+            tok_off.push(tok_off.last().unwrap() + l);
+        }
+        let split =
+            |v: &[f32]| -> Vec<Vec<f32>> { tok_off.windows(2).map(|w| v[w[0]..w[1]].to_vec()).collect() };
+        let n_tok = logp_all.len();
+        Ok(GrpoGradients {
+            grads,
+            loss: out.loss,
+            metrics: out.metrics,
+            entropy: if n_tok == 0 {
+                0.0
+            } else {
+                entropy_sum / n_tok as f64
+            },
+            advantages: self.all_adv.clone(),
+            stats: self.stats.clone(),
+            keep: self.keep.clone(),
+            logp: split(&logp_all),
+            ref_logp: self.reference.as_deref().map(split),
+        })
+    }
 }
 
 /// Gradients of the GRPO loss on `batch` for the current parameters, without stepping (the

@@ -10,6 +10,20 @@ pub fn require_gpu() -> bool {
     std::env::var("RFT_REQUIRE_GPU").is_ok_and(|v| v == "1")
 }
 
+/// Whether CUDA is usable; otherwise prints why the test is skipped (or fails under
+/// `RFT_REQUIRE_GPU=1`). For tests that build engines rather than use a bare device.
+pub fn gpu_or_skip() -> bool {
+    if let Err(reason) = availability() {
+        assert!(
+            !require_gpu(),
+            "RFT_REQUIRE_GPU=1 but CUDA is unavailable: {reason}"
+        );
+        eprintln!("skipping: {reason}");
+        return false;
+    }
+    true
+}
+
 /// Device 0, or `None` after printing why the test is skipped.
 pub fn device_or_skip() -> Option<CudaDevice> {
     if let Err(reason) = availability() {
