@@ -441,7 +441,7 @@ struct TrainBuffers {
     lp_c: CudaSlice<f32>,       // (C) one vocabulary chunk's statistics
     ent_c: CudaSlice<f32>,      // (C)
     lse_c: CudaSlice<f32>,      // (C)
-    ms_c: CudaSlice<f32>,       // (C)
+    ms_c: CudaSlice<f32>,       // (C) the chunk's E[s] (the gather writes it; the merge uses H)
     logp: CudaSlice<f32>,       // (T)
     entropy: CudaSlice<f32>,    // (T)
     lse_t: CudaSlice<f32>,      // (T)
@@ -1591,19 +1591,19 @@ impl CudaTrainer {
                     temperature,
                 )?;
                 let st = dev.stream();
-                let (mut lse, mut ms, mut s_t) = (
+                let (mut lse, mut ent, mut s_t) = (
                     b.lse_t.slice_mut(start..start + m),
-                    b.mean_s.slice_mut(start..start + m),
+                    b.entropy.slice_mut(start..start + m),
                     b.s_t.slice_mut(start..start + m),
                 );
                 let (p0, _g0) = lse.device_ptr_mut(st);
-                let (p1, _g1) = ms.device_ptr_mut(st);
+                let (p1, _g1) = ent.device_ptr_mut(st);
                 let (p2, _g2) = s_t.device_ptr_mut(st);
                 let (p3, _g3) = b.lse_c.device_ptr(st);
-                let (p4, _g4) = b.ms_c.device_ptr(st);
+                let (p4, _g4) = b.ent_c.device_ptr(st);
                 let (p5, _g5) = b.lp_c.device_ptr(st);
-                // (float* lse, float* mean_s, float* s_t, const float* lse_c, const float*
-                // mean_s_c, const float* logp_c, int rows, int first): m rows each.
+                // (float* lse, float* entropy, float* s_t, const float* lse_c, const float*
+                // entropy_c, const float* logp_c, int rows, int first): m rows each.
                 launch_rows(
                     dev,
                     &self.merge,
@@ -1618,11 +1618,11 @@ impl CudaTrainer {
         if t > 0 {
             let st = dev.stream();
             let (p0, _g0) = b.logp.device_ptr_mut(st);
-            let (p1, _g1) = b.entropy.device_ptr_mut(st);
+            let (p1, _g1) = b.mean_s.device_ptr_mut(st);
             let (p2, _g2) = b.lse_t.device_ptr(st);
-            let (p3, _g3) = b.mean_s.device_ptr(st);
+            let (p3, _g3) = b.entropy.device_ptr(st);
             let (p4, _g4) = b.s_t.device_ptr(st);
-            // (float* logp, float* entropy, const float* lse, const float* mean_s, const float*
+            // (float* logp, float* mean_s, const float* lse, const float* entropy, const float*
             // s_t, int rows): t rows each.
             launch_rows(
                 dev,
