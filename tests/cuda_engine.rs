@@ -15,13 +15,16 @@
 //! `RFT_REQUIRE_GPU=1` makes that a failure. Fixtures are found at run time from
 //! `CARGO_MANIFEST_DIR` or the current directory (the GPU machine runs from a repo copy).
 
+mod common;
+
+use common::{fixture_model as model_dir, gpu_or_skip};
 use rft::cpu::engine::CpuEngine;
 use rft::cpu::model::{KvCache, LogitsFor};
 use rft::cuda::engine::{
     decode_bucket, score_groups, stage_decode_rows, DecodeRow, DecodeStaging, MemoryPlan, PlanNeeds,
     PAGE_SIZE, PREFILL_ROW_BUDGET,
 };
-use rft::cuda::{availability, CudaEngine};
+use rft::cuda::CudaEngine;
 use rft::engine::{Engine, Rollout};
 use rft::lora::LoraWeights;
 use rft::model::config::ModelConfig;
@@ -36,26 +39,6 @@ fn root() -> PathBuf {
     std::env::var("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from("."))
-}
-
-fn model_dir(name: &str) -> PathBuf {
-    root().join("tests/fixtures/models").join(name)
-}
-
-fn require_gpu() -> bool {
-    std::env::var("RFT_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-fn gpu_or_skip() -> bool {
-    if let Err(reason) = availability() {
-        assert!(
-            !require_gpu(),
-            "RFT_REQUIRE_GPU=1 but CUDA is unavailable: {reason}"
-        );
-        eprintln!("skipping: {reason}");
-        return false;
-    }
-    true
 }
 
 fn engines(name: &str) -> (CpuEngine, CudaEngine) {

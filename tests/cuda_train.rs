@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::gpu_or_skip;
+use common::{fixture_model, gpu_or_skip};
 use rft::cpu::model::CpuModel;
 use rft::cpu::train::Recompute;
 use rft::cuda::train::all_linear;
@@ -34,22 +34,15 @@ use rft::optim::{AdamW, AdamWState, LrSchedule, SchedulerType, Warmup};
 use rft::trainer::{
     grpo_gradients, grpo_update, lora_params, weight_params_mut, GrpoBatch, GrpoOptions, GrpoSeq, TrainState,
 };
-use std::path::PathBuf;
 
 const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
 const LP_TOL: f32 = 0.05;
 const GRAD_TOL: f64 = 0.05;
 const COS_MIN: f64 = 0.995;
 
-fn root() -> PathBuf {
-    std::env::var("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("."))
-}
-
 /// The fixture model with bf16-rounded weights (CPU), and a CUDA engine of the same weights.
 fn models(name: &str) -> (CpuModel, CudaEngine) {
-    let dir = root().join("tests/fixtures/models").join(name);
+    let dir = fixture_model(name);
     let cpu = rft::cpu::engine::CpuEngine::load(&dir).unwrap_or_else(|e| panic!("{name}: CPU load: {e}"));
     let mut model = cpu.model;
     for t in weight_params_mut(&mut model.weights) {

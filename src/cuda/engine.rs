@@ -1936,13 +1936,10 @@ impl CudaEngine {
 
     /// Uploads a pending adapter (outside any forward).
     pub(super) fn sync_adapter(&mut self) -> Result<()> {
-        if let Some(pending) = self.pending_adapter.take() {
-            self.lora = match pending {
-                None => None,
-                Some(w) => Some(DeviceLora::upload(&self.dev, &self.config, &w, self.lora.take())?),
-            };
+        match self.pending_adapter.take() {
+            Some(pending) => self.set_adapter_now(pending.as_ref()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Makes `adapter` the live adapter now (errors surface here, not at the next call).
@@ -2626,6 +2623,16 @@ pub struct RolloutBench {
     pub graph_error: Option<String>,
 }
 
+/// The config of a benchmark shape, once CUDA is known to be usable (`rft bench …`).
+pub(super) fn bench_shape(shape: &str) -> Result<ModelConfig> {
+    super::availability().map_err(Error::CudaUnavailable)?;
+    ModelConfig::preset(shape).ok_or_else(|| {
+        Error::invalid(format!(
+            "unknown shape {shape:?}; expected qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b"
+        ))
+    })
+}
+
 /// Random weights of preset `shape` on device `ordinal`; `prompts` random prompts of
 /// `prompt_len` tokens, G samples each, exactly `new_tokens` new tokens (no EOS), temperature 1.
 pub fn bench_rollout(
@@ -2637,12 +2644,7 @@ pub fn bench_rollout(
     peak_bandwidth_bytes_s: f64,
     ordinal: usize,
 ) -> Result<RolloutBench> {
-    super::availability().map_err(Error::CudaUnavailable)?;
-    let config = ModelConfig::preset(shape).ok_or_else(|| {
-        Error::invalid(format!(
-            "unknown shape {shape:?}; expected qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b"
-        ))
-    })?;
+    let config = bench_shape(shape)?;
     if prompts == 0 || num_generations == 0 || prompt_len == 0 || new_tokens == 0 {
         return Err(Error::invalid(
             "--prompts, --num-generations, --prompt-len and --new-tokens must be ≥ 1",

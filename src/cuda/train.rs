@@ -42,15 +42,14 @@
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 use half::bf16;
 use std::ffi::c_void;
 use std::ops::Range;
 use std::time::Instant;
 
 use super::engine::{check, gemm_logits, get, gib, put, CudaEngine, DeviceLinear, DeviceWeights};
+use super::train_kernels::{cfg, ew_grid, nonempty};
 use super::{
     cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_train_compiled_rank,
     lora_train_grad_scratch_len, CudaDevice, GrpoLossScalars, TrainAttnShape, GRPO_FIELDS,
@@ -63,7 +62,7 @@ use crate::model::weights::Proj;
 use crate::optim::{AdamWState, StepReport};
 use crate::trainer::state::TrainState;
 use crate::trainer::step::{
-    prepare_with, step_metrics, GrpoBatch, GrpoGradients, GrpoOptions, Prepared, StepMetrics,
+    prepare_batch, step_metrics, GrpoBatch, GrpoGradients, GrpoOptions, Prepared, StepMetrics,
 };
 use crate::{Error, Result};
 
@@ -1889,29 +1888,18 @@ impl CudaTrainer {
     /// Advantages, filtering, and the reference / old log-probs on the GPU.
     fn prepare(&mut self, engine: &CudaEngine, batch: &GrpoBatch, opts: &GrpoOptions) -> Result<Prepared> {
         self.check_options(opts)?;
-        // A first pass with empty log-prob providers sizes the plan from the prepared batch;
-        // the passes that need log-probs then run inside it.
-        let mut sizing = opts.clone();
-        sizing.loss.beta = 0.0;
-        sizing.num_iterations = 1;
-        let shape_only = prepare_with(&engine.config, Some(&self.shape), batch, &sizing, &mut |_, _| {
-            Ok(Vec::new())
-        })?;
-        let want = self.plan_for(&engine.config, &shape_only, opts);
+        // The packed batch sizes the plan; the reference / old log-prob passes run inside it.
+        let mut p = prepare_batch(&engine.config, Some(&self.shape), batch, opts)?;
+        let want = self.plan_for(&engine.config, &p, opts);
         self.ensure_plan(engine, want)?;
-        let need_logp = opts.loss.beta > 0.0 || opts.num_iterations > 1;
-        if !need_logp {
-            return Ok(shape_only);
-        }
         let t0 = Instant::now();
         let temperature = opts.temperature;
-        let shape = self.shape.clone();
-        let p = prepare_with(&engine.config, Some(&shape), batch, opts, &mut |seqs, adapter| {
+        p.fill_logps(batch, opts, &mut |seqs, adapter| {
             self.logprobs_planned(engine, seqs, adapter, temperature)
                 .map(|o| o.logp)
-        });
+        })?;
         self.last_stats.prepare_ms = t0.elapsed().as_secs_f64() * 1e3;
-        p
+        Ok(p)
     }
 
     /// Gradients of the GRPO loss on `batch` for the current adapter, without stepping; the
@@ -2047,17 +2035,9 @@ fn cast_f32_to_bf16(
     let (ip, _i) = input.device_ptr(s);
     let mut l = s.launch_builder(f);
     l.arg(&op).arg(&ip).arg(&n64);
-    let grid = n.div_ceil(256).clamp(1, 65_535) as u32;
     // SAFETY: (bf16* out, const float* in, size_t n); both hold n elements (checked); the
     // kernel is grid-stride.
-    unsafe {
-        l.launch(LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(cuda_err("cast_f32_to_bf16"))?;
+    unsafe { l.launch(cfg((ew_grid(n), 1, 1), 256, 0)) }.map_err(cuda_err("cast_f32_to_bf16"))?;
     Ok(())
 }
 
@@ -2093,27 +2073,10 @@ fn launch_rows(
     for i in ints {
         l.arg(i);
     }
-    let grid = rows.div_ceil(256).clamp(1, 65_535) as u32;
     // SAFETY: the callers pass every pointer of the kernel's signature (each buffer holding at
     // least `rows` f32) and then its ints; the kernel is grid-stride over rows.
-    unsafe {
-        l.launch(LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(cuda_err(kn))?;
+    unsafe { l.launch(cfg((ew_grid(rows), 1, 1), 256, 0)) }.map_err(cuda_err(kn))?;
     Ok(())
-}
-
-/// cudarc cannot allocate or copy empty buffers: at least one element.
-fn nonempty(v: &[f32]) -> Vec<f32> {
-    if v.is_empty() {
-        vec![0.0]
-    } else {
-        v.to_vec()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2159,12 +2122,7 @@ pub fn bench_train(
     steps: usize,
     ordinal: usize,
 ) -> Result<TrainBench> {
-    super::availability().map_err(Error::CudaUnavailable)?;
-    let config = ModelConfig::preset(shape).ok_or_else(|| {
-        Error::invalid(format!(
-            "unknown shape {shape:?}; expected qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b"
-        ))
-    })?;
+    let config = super::engine::bench_shape(shape)?;
     if sequences == 0 || lora_rank == 0 || steps == 0 {
         return Err(Error::invalid("--sequences, --lora-rank and --steps must be ≥ 1"));
     }

@@ -296,7 +296,7 @@ pub(super) fn row_block(dim: usize) -> u32 {
     dim.next_multiple_of(32).clamp(32, 512) as u32
 }
 
-fn ew_grid(n: usize) -> u32 {
+pub(super) fn ew_grid(n: usize) -> u32 {
     n.div_ceil(EW_THREADS as usize).clamp(1, EW_MAX_BLOCKS) as u32
 }
 
@@ -329,7 +329,7 @@ fn temperature_ok(kn: &str, temperature: f32) -> Result<()> {
 }
 
 /// cudarc cannot allocate or copy empty buffers: at least one element.
-fn nonempty<T: Clone + Default>(v: &[T]) -> Vec<T> {
+pub(super) fn nonempty<T: Clone + Default>(v: &[T]) -> Vec<T> {
     if v.is_empty() {
         vec![T::default()]
     } else {

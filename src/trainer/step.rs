@@ -253,27 +253,29 @@ fn prepare(
     batch: &GrpoBatch,
     opts: &GrpoOptions,
 ) -> Result<Prepared> {
-    prepare_with(&model.config, lora, batch, opts, &mut |seqs, adapter| {
+    let mut p = prepare_batch(&model.config, lora, batch, opts)?;
+    p.fill_logps(batch, opts, &mut |seqs, adapter| {
         Ok(if adapter {
             train::logprobs(model, lora, seqs, &train_opts(opts, lora, None)).0
         } else {
             train::ref_logp(model, seqs, opts.temperature)
         })
-    })
+    })?;
+    Ok(p)
 }
 
 /// The log-probs of the completion tokens of some sequences (concatenated in order), with the
 /// adapter (`true`, no dropout) or without it (`false`: the frozen reference).
 pub(crate) type LogpFn<'a> = dyn FnMut(&[Sequence], bool) -> Result<Vec<f32>> + 'a;
 
-/// [`prepare`] for any backend: `logp` computes the reference and old log-probs, one
-/// micro-batch at a time.
-pub(crate) fn prepare_with(
+/// The backend-independent part of [`prepare`]: checks, advantages, the dynamic-sampling
+/// filter and the packed sequences, without reference or old log-probs (see
+/// [`Prepared::fill_logps`]).
+pub(crate) fn prepare_batch(
     config: &ModelConfig,
     lora: Option<&LoraWeights>,
     batch: &GrpoBatch,
     opts: &GrpoOptions,
-    logp: &mut LogpFn<'_>,
 ) -> Result<Prepared> {
     check_options(config, lora, opts)?;
     let n = batch.seqs.len();
@@ -328,7 +330,7 @@ pub(crate) fn prepare_with(
         _ => vec![true; n],
     };
     let used: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
-    let mut p = Prepared {
+    Ok(Prepared {
         tokens: used
             .iter()
             .map(|&i| [&batch.seqs[i].prompt_ids[..], &batch.seqs[i].completion_ids[..]].concat())
@@ -341,31 +343,47 @@ pub(crate) fn prepare_with(
         all_adv,
         stats,
         keep,
-    };
-    let ranges = p.micro_batches(opts);
-    if opts.loss.beta > 0.0 {
-        let mut r = Vec::new();
-        for rg in &ranges {
-            r.extend(logp(&p.seqs(rg.clone()), false)?);
-        }
-        p.reference = Some(r);
-    }
-    if opts.num_iterations > 1 {
-        if used.iter().all(|&i| batch.seqs[i].old_logp.is_some()) {
-            p.old = Some(
-                used.iter()
-                    .flat_map(|&i| batch.seqs[i].old_logp.clone().unwrap())
-                    .collect(),
-            );
-        } else {
-            let mut o = Vec::new();
+    })
+}
+
+impl Prepared {
+    /// Reference log-probs (β > 0, adapter off) and old log-probs (num_iterations > 1: the
+    /// batch's when every used sequence has them, else the current policy's), computed by
+    /// `logp` one micro-batch at a time.
+    pub(crate) fn fill_logps(
+        &mut self,
+        batch: &GrpoBatch,
+        opts: &GrpoOptions,
+        logp: &mut LogpFn<'_>,
+    ) -> Result<()> {
+        let ranges = self.micro_batches(opts);
+        if opts.loss.beta > 0.0 {
+            let mut r = Vec::new();
             for rg in &ranges {
-                o.extend(logp(&p.seqs(rg.clone()), true)?);
+                r.extend(logp(&self.seqs(rg.clone()), false)?);
             }
-            p.old = Some(o);
+            self.reference = Some(r);
         }
+        if opts.num_iterations > 1 {
+            let used: Vec<&GrpoSeq> = batch
+                .seqs
+                .iter()
+                .zip(&self.keep)
+                .filter(|(_, &k)| k)
+                .map(|(s, _)| s)
+                .collect();
+            if used.iter().all(|s| s.old_logp.is_some()) {
+                self.old = Some(used.iter().flat_map(|s| s.old_logp.clone().unwrap()).collect());
+            } else {
+                let mut o = Vec::new();
+                for rg in &ranges {
+                    o.extend(logp(&self.seqs(rg.clone()), true)?);
+                }
+                self.old = Some(o);
+            }
+        }
+        Ok(())
     }
-    Ok(p)
 }
 
 /// Loss, gradients and metrics of one pass over the prepared batch, micro-batch by

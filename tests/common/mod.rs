@@ -5,6 +5,16 @@
 
 use rft::cuda::{availability, CudaDevice};
 
+/// The directory of a committed fixture model (tests/fixtures/models/NAME), found at run time
+/// from `CARGO_MANIFEST_DIR` or the current directory (the GPU machine runs from a repo copy).
+pub fn fixture_model(name: &str) -> std::path::PathBuf {
+    std::env::var("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::PathBuf::from("."))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
 /// `RFT_REQUIRE_GPU=1` turns "no GPU, skipping" into a failure (set on the GPU machine).
 pub fn require_gpu() -> bool {
     std::env::var("RFT_REQUIRE_GPU").is_ok_and(|v| v == "1")
