@@ -5,11 +5,21 @@
 //! arithmetic, the decode buckets and the staged step layout (pure CPU, run everywhere).
 //!
 //! Tolerances. The CUDA engine stores weights and activations in bf16 (relative rounding 2^-9
-//! per store, a few dozen stores per layer), so its logits differ from the f32 reference by
-//! ~1e-2 on these models. Token comparisons therefore stop at the first step whose CPU top-2
-//! logit margin is below MARGIN = 0.05: a logit error below MARGIN/2 on both tokens cannot swap
-//! them. The same bound gives the logprob tolerance: logprob = z_t − logsumexp(z) moves by at
-//! most 2·max|Δz| ≤ MARGIN, so |Δlogprob| ≤ LP_TOL = 0.05.
+//! per store, a few dozen stores per layer), so its logits differ from the f32 reference. How
+//! much is not guessed: Hugging Face's own bf16 model differs from its f32 model on the same
+//! fixture by the amounts in tests/fixtures/models/NAME/bf16_noise.json
+//! (scripts/make_bf16_noise.py; 0.06–0.17 in the last logits, up to 0.4 in teacher-forced
+//! log-probs of these tiny random models), and rft must be within TWICE that (`Tol`), measured
+//! on the H200: llama's worst last-logit error was 0.158 against HF's 0.123. An implementation
+//! error (a wrong RoPE, a misplaced KV page, a missing LoRA term) moves logits by O(1).
+//! - Logits: |Δz| ≤ Tol::logit = 2 · HF's last-logit distance.
+//! - Tokens are compared up to the first step whose CPU top-2 margin is below
+//!   Tol::margin = 2 · Tol::logit: a swap needs Δz_a − Δz_b above the margin, impossible
+//!   when both errors are below Tol::logit.
+//! - Log-probs: |Δlogprob| ≤ Tol::lp = 2 · HF's log-prob distance (score at T: ·1/T).
+//!
+//! Between batch sizes (GPU vs GPU), log-probs differ only where cuBLAS changes its summation
+//! order: LP_BATCH = 0.05 (see cuda_engine_sampling_is_batch_independent).
 //!
 //! Without a usable GPU every GPU test prints "skipping: <reason>" and passes;
 //! `RFT_REQUIRE_GPU=1` makes that a failure. Fixtures are found at run time from
@@ -17,7 +27,7 @@
 
 mod common;
 
-use common::{fixture_model as model_dir, gpu_or_skip};
+use common::{bf16_noise, fixture_model as model_dir, gpu_or_skip};
 use rft::cpu::engine::CpuEngine;
 use rft::cpu::model::{KvCache, LogitsFor};
 use rft::cuda::engine::{
@@ -32,8 +42,25 @@ use rft::sampling::{FinishReason, SamplingParams, StopCriteria};
 use std::path::PathBuf;
 
 const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
-const MARGIN: f32 = 0.05;
-const LP_TOL: f32 = 0.05;
+const LP_BATCH: f32 = 0.05;
+
+/// The tolerances of a fixture model, from HF's bf16 noise on it (top comment).
+#[derive(Clone, Copy, Debug)]
+struct Tol {
+    logit: f32,
+    margin: f32,
+    lp: f32,
+}
+
+fn tol(name: &str) -> Tol {
+    let n = bf16_noise(name);
+    let logit = 2.0 * n.last_logits;
+    Tol {
+        logit,
+        margin: 2.0 * logit,
+        lp: 2.0 * n.logprob,
+    }
+}
 
 fn root() -> PathBuf {
     std::env::var("CARGO_MANIFEST_DIR")
@@ -107,7 +134,7 @@ fn cpu_greedy(cpu: &CpuEngine, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<f
 }
 
 /// Greedy GPU rollouts vs the CPU path up to the first small-margin step; returns steps compared.
-fn check_greedy(name: &str, cpu: &CpuEngine, gpu: &mut CudaEngine, steps: usize) -> usize {
+fn check_greedy(name: &str, tol: Tol, cpu: &CpuEngine, gpu: &mut CudaEngine, steps: usize) -> usize {
     let ps = prompts(cpu.model.config.vocab_size);
     let g = 2; // greedy: both samples must be the same path (shared prefix pages)
     let rollouts = gpu
@@ -125,7 +152,7 @@ fn check_greedy(name: &str, cpu: &CpuEngine, gpu: &mut CudaEngine, steps: usize)
             r.sample_index
         );
         for k in 0..toks.len() {
-            if margins[k] < MARGIN {
+            if margins[k] < tol.margin {
                 break;
             }
             assert_eq!(
@@ -144,7 +171,7 @@ fn check_greedy(name: &str, cpu: &CpuEngine, gpu: &mut CudaEngine, steps: usize)
             let d = (r.logprobs[k] - lps[k]).abs();
             worst = worst.max(d);
             assert!(
-                d <= LP_TOL,
+                d <= tol.lp,
                 "{name}: prompt {} step {k}: logprob GPU {} vs CPU {}",
                 r.prompt_index,
                 r.logprobs[k],
@@ -156,7 +183,8 @@ fn check_greedy(name: &str, cpu: &CpuEngine, gpu: &mut CudaEngine, steps: usize)
     eprintln!("cuda_engine {name}: greedy: {compared} steps compared, worst |Δlogprob| {worst:.2e}");
     assert!(
         compared > 0,
-        "{name}: no step had a CPU margin ≥ {MARGIN}; nothing was compared"
+        "{name}: no step had a CPU margin ≥ {}; nothing was compared",
+        tol.margin
     );
     compared
 }
@@ -188,8 +216,9 @@ fn cuda_engine_first_logits_match_cpu() {
                 "cuda_engine {name}: prompt len {}: max|Δlogit| {diff:.3e} (max|z| {zmax:.3})",
                 p.len()
             );
-            // bf16 through the model: ~1e-2 relative of the logit scale (see the top comment).
-            assert!(diff <= 0.05 + 0.02 * zmax, "{name}: logits differ by {diff}");
+            // Twice HF's own bf16 distance on these prompts (top comment).
+            let tol = tol(name).logit;
+            assert!(diff <= tol, "{name}: logits differ by {diff} (tolerance {tol})");
         }
     }
 }
@@ -201,7 +230,7 @@ fn cuda_engine_greedy_matches_cpu() {
     }
     for name in MODELS {
         let (cpu, mut gpu) = engines(name);
-        check_greedy(name, &cpu, &mut gpu, 24);
+        check_greedy(name, tol(name), &cpu, &mut gpu, 24);
     }
 }
 
@@ -244,7 +273,7 @@ fn cuda_engine_context_limit() {
 /// greedy arg-max is that close to a tie). So this asserts equal TOKENS on the fixture models
 /// (a failure means either a real batch dependence or such a near-tie; the printed logprob
 /// differences tell which) and reports how many logprobs are bit-identical and the largest
-/// difference (bounded by LP_TOL).
+/// difference (bounded by LP_BATCH).
 #[test]
 fn cuda_engine_sampling_is_batch_independent() {
     if !gpu_or_skip() {
@@ -289,7 +318,10 @@ fn cuda_engine_sampling_is_batch_independent() {
                 "cuda_engine {name}: batch 1 vs {batch}: tokens identical, {same_bits}/{total} \
                  logprobs bit-identical, worst |Δlogprob| {worst:.2e}"
             );
-            assert!(worst <= LP_TOL, "{name}: batch size changes logprobs by {worst}");
+            assert!(
+                worst <= LP_BATCH,
+                "{name}: batch size changes logprobs by {worst}"
+            );
         }
         // Samples of different prompts must differ (streams are distinct).
         assert_ne!(
@@ -450,15 +482,15 @@ fn cuda_engine_adapter_matches_cpu() {
     let lora = peft_adapter(&cpu.model.config);
     cpu.set_adapter(Some(lora.clone()));
     gpu.set_adapter(Some(lora.clone()));
-    check_greedy("qwen2+peft_roundtrip", &cpu, &mut gpu, 16);
-    check_score("qwen2+peft_roundtrip", &mut cpu, &mut gpu);
+    check_greedy("qwen2+peft_roundtrip", tol("qwen2"), &cpu, &mut gpu, 16);
+    check_score("qwen2+peft_roundtrip", tol("qwen2"), &mut cpu, &mut gpu);
     // Setting the same-shaped adapter again copies into the same buffers; removing it must
     // give the base model's numbers back.
     gpu.set_adapter(Some(lora));
-    check_score("qwen2+peft_roundtrip (re-set)", &mut cpu, &mut gpu);
+    check_score("qwen2+peft_roundtrip (re-set)", tol("qwen2"), &mut cpu, &mut gpu);
     cpu.set_adapter(None);
     gpu.set_adapter(None);
-    check_score("qwen2 (adapter removed)", &mut cpu, &mut gpu);
+    check_score("qwen2 (adapter removed)", tol("qwen2"), &mut cpu, &mut gpu);
 }
 
 /// Decode graphs and a changing adapter: new values in the same buffers (a training step)
@@ -535,7 +567,7 @@ fn score_items(vocab: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
         .collect()
 }
 
-fn check_score(name: &str, cpu: &mut CpuEngine, gpu: &mut CudaEngine) {
+fn check_score(name: &str, tol: Tol, cpu: &mut CpuEngine, gpu: &mut CudaEngine) {
     let items = score_items(cpu.model.config.vocab_size);
     for t in [1.0f32, 0.7] {
         let want = cpu.score(&items, t).unwrap();
@@ -550,8 +582,12 @@ fn check_score(name: &str, cpu: &mut CpuEngine, gpu: &mut CudaEngine) {
             }
         }
         eprintln!("cuda_engine {name}: score T={t}: worst |Δlogprob| {worst:.2e}");
-        // |Δlogprob| ≤ 2·max|Δz|/T; the fixtures' logit errors stay below MARGIN/2 (top comment).
-        assert!(worst <= LP_TOL / t, "{name}: score differs by {worst} at T={t}");
+        // Scores at T divide the logits by T, and with them their errors (top comment).
+        assert!(
+            worst <= tol.lp / t,
+            "{name}: score differs by {worst} at T={t} (tolerance {})",
+            tol.lp / t
+        );
     }
 }
 
@@ -562,7 +598,7 @@ fn cuda_engine_score_matches_cpu() {
     }
     for name in MODELS {
         let (mut cpu, mut gpu) = engines(name);
-        check_score(name, &mut cpu, &mut gpu);
+        check_score(name, tol(name), &mut cpu, &mut gpu);
     }
 }
 

@@ -72,3 +72,42 @@ pub fn uniform_vec(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
 pub fn bf(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
 }
+
+/// How far Hugging Face transformers' own bf16 model is from its f32 model on a fixture model
+/// (tests/fixtures/models/NAME/bf16_noise.json, made by scripts/make_bf16_noise.py): the noise
+/// floor that the GPU tests' tolerances are derived from (an implementation that rounds to bf16
+/// where HF does should be within a small multiple of it; the bugs these tests look for — a
+/// wrong RoPE, a misplaced KV page, a missing LoRA term — move logits by O(1)).
+pub struct Bf16Noise {
+    /// max |Δz| at the last position of the engine tests' prompts, over those prompts.
+    pub last_logits: f32,
+    /// max |Δ log_softmax(z)| over every position of those prompts and every token.
+    pub logprob: f32,
+    /// max per-tensor relative L2 distance of the LoRA gradients of a GRPO-shaped loss.
+    pub lora_grad_rel_l2: f64,
+    /// cosine of the flat LoRA gradients.
+    pub lora_grad_cosine: f64,
+}
+
+pub fn bf16_noise(name: &str) -> Bf16Noise {
+    let path = fixture_model(name).join("bf16_noise.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let num = |k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("{}: {k} is not a number", path.display()))
+    };
+    let last = v["last_logits_max_abs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: last_logits_max_abs is not a list", path.display()))
+        .iter()
+        .filter_map(|x| x.as_f64())
+        .fold(0f64, f64::max);
+    Bf16Noise {
+        last_logits: last as f32,
+        logprob: num("logprob_max_abs") as f32,
+        lora_grad_rel_l2: num("lora_grad_rel_l2"),
+        lora_grad_cosine: num("lora_grad_cosine"),
+    }
+}
