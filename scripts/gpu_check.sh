@@ -81,6 +81,9 @@ if [ "$what" != tests ]; then
   step 90 train-15b $R bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 150 default-train $R train --device cuda --max-steps 200 --output-dir /tmp/rft-default-cuda
   tail -n 2 /tmp/rft-default-cuda/metrics.jsonl 2>/dev/null | cut -c1-400 | tee -a "$S"
+  step 60 default-train-800 $R train --device cuda --output-dir /tmp/rft-default-cuda-800
+  grep -h '"kind":"eval"' /tmp/rft-default-cuda-800/metrics.jsonl 2>/dev/null | tail -n 1 | cut -c1-300 | tee -a "$S"
+  step 120 smoke-05b bash -c "python3 scripts/random_model.py /tmp/rft-q05 qwen2.5-0.5b >/dev/null && $R train scripts/gpu_smoke_0.5b.toml --output-dir /tmp/rft-q05-run && tail -n 3 /tmp/rft-q05-run/metrics.jsonl"
   step 120 train-7b $R bench train --shape qwen2.5-7b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 16 --steps 1 --json
   step 60 roll-05b-64-eager env RFT_CUDA_GRAPHS=0 $R bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
   step 60 train-05b-norecompute $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --json

@@ -622,9 +622,10 @@ fn memory_plan_qwen25_05b() {
     assert_eq!(p.kv_cache_bytes, 24 * 2 * 1153 * 16 * 128 * 2);
     assert_eq!(p.kv_cache_bytes, 226_689_024);
     assert_eq!(p.scratch_page(), 1152);
-    // Activations per row: x, h, proj (896) + q, q_pre, attn (896) + k, k_pre, v (128) +
-    // gate, up, act (4864) in bf16, ids/pos/row_seq (12 B) and a rank-1 xa placeholder (4 B).
-    let per_row = (3 * 896 + 3 * 896 + 3 * 128 + 3 * 4864) * 2 + 12 + 4;
+    // Activations per row: x, h, proj (896) + q, attn (896) + the stacked q|k|v output
+    // (896 + 2 × 128) + gate|up, act (3 × 4864) in bf16, ids/pos/row_seq (12 B) and a rank-1
+    // xa placeholder (4 B).
+    let per_row = (3 * 896 + 2 * 896 + (896 + 2 * 128) + 3 * 4864) * 2 + 12 + 4;
     assert_eq!(p.activation_bytes, 1024 * per_row);
     // Logits, the gathered rows, and row index / logprob / entropy / target per logit row.
     assert_eq!(p.logits_bytes, 64 * 151_936 * 4 + 64 * 896 * 2 + 64 * 16);

@@ -21,8 +21,8 @@ use cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use super::{
-    cuda_err, driver_availability, kernels::Kernels, kernels_fatbin, rollout::RolloutKernels,
-    train_kernels::TrainKernels,
+    cuda_err, driver_availability, fused::FusedKernels, kernels::Kernels, kernels_fatbin,
+    rollout::RolloutKernels, train_kernels::TrainKernels,
 };
 use crate::{Error, Result};
 
@@ -39,6 +39,8 @@ pub struct CudaDevice {
     pub(super) rollout: RolloutKernels,
     /// The training-step kernels (src/cuda/train_kernels.rs).
     pub(super) train: TrainKernels,
+    /// The rollout forward's fused kernels (src/cuda/fused.rs).
+    pub(super) fused: FusedKernels,
     /// The cuBLAS handle and its workspace (the handle is dropped first).
     blas: OnceLock<(CudaBlas, CudaSlice<u8>)>,
     name: String,
@@ -93,6 +95,7 @@ impl CudaDevice {
         let kernels = Kernels::load(&module)?;
         let rollout = RolloutKernels::load(&module)?;
         let train = TrainKernels::load(&module)?;
+        let fused = FusedKernels::load(&module)?;
         Ok(CudaDevice {
             ctx,
             stream,
@@ -100,6 +103,7 @@ impl CudaDevice {
             kernels,
             rollout,
             train,
+            fused,
             blas: OnceLock::new(),
             name,
             compute_capability,

@@ -98,10 +98,11 @@
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice};
 use half::bf16;
 use std::ffi::c_void;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{cuda_err, AttnShape, CudaDevice, SamplingParamsDev};
@@ -267,8 +268,10 @@ impl MemoryPlan {
         };
         // The sequences' pages and the scratch page.
         let kv_cache_bytes = l * 2 * (needs.num_pages + 1) * PAGE_SIZE * kvd * 2;
-        // Per row, bf16: x, h, proj (D); q, q_pre, attn (qd); k, k_pre, v (kvd); gate, up, act (I).
-        let per_row_bf16 = 3 * d + 3 * qd + 3 * kvd + 3 * inter;
+        // Per row, bf16: x, h, proj (D); q, attn (qd); gate|up, act (3·I); and either the
+        // stacked q|k|v output (qd + 2·kvd) or, with a q/k norm (Qwen3), q_pre (qd) and k,
+        // k_pre, v (kvd).
+        let per_row_bf16 = 3 * d + 2 * qd + 3 * inter + if c.qk_norm { qd + 3 * kvd } else { qd + 2 * kvd };
         // Per row: ids u32, pos i32, row_seq i32; xa f32 (rank).
         let activation_bytes = r * (per_row_bf16 * 2 + 3 * 4 + lora_rank.max(1) * 4);
         // logits f32 [M, V], the gathered normed rows bf16 [M, D], and per logit row: row index,
@@ -505,12 +508,78 @@ pub(super) fn attn_shape(c: &ModelConfig, num_pages: usize, max_pages: usize) ->
 // ---------------------------------------------------------------------------------------------
 // Device weights
 
-/// A frozen linear on the device: w (out, in) bf16 row-major, optional bias (out) bf16.
+/// A frozen linear on the device: w (out, in) bf16 row-major, optional bias (out) bf16. The
+/// weights of q, k, v (and of gate, up) live in one buffer per layer, stacked by rows, so that a
+/// rollout runs one GEMM for all three (two): `w` is this projection's rows of it.
 pub(super) struct DeviceLinear {
-    pub(super) w: CudaSlice<bf16>,
+    w: WeightRows,
     pub(super) b: Option<CudaSlice<bf16>>,
     pub(super) d_in: usize,
     pub(super) d_out: usize,
+}
+
+/// Where a projection's weights are: its own buffer, or rows of a layer's stacked buffer
+/// (element offset `off`, length d_out·d_in).
+enum WeightRows {
+    Own(CudaSlice<bf16>),
+    Stacked { buf: Arc<CudaSlice<bf16>>, off: usize },
+}
+
+impl DeviceLinear {
+    /// w (out, in) bf16.
+    pub(super) fn w(&self) -> CudaView<'_, bf16> {
+        match &self.w {
+            WeightRows::Own(w) => w.slice(..),
+            WeightRows::Stacked { buf, off } => buf.slice(*off..*off + self.d_out * self.d_in),
+        }
+    }
+}
+
+/// The biases of `lins` copied into one buffer, in order (Σ d_out); None when none has one
+/// (zeros for one that has none while another has).
+fn stack_biases(dev: &CudaDevice, lins: &[&mut DeviceLinear]) -> Result<Option<CudaSlice<bf16>>> {
+    if lins.iter().all(|l| l.b.is_none()) {
+        return Ok(None);
+    }
+    let total: usize = lins.iter().map(|l| l.d_out).sum();
+    let mut buf = dev.alloc_zeros::<bf16>(total)?;
+    let mut off = 0;
+    for l in lins {
+        if let Some(b) = &l.b {
+            dev.stream()
+                .memcpy_dtod(b, &mut buf.slice_mut(off..off + l.d_out))
+                .map_err(cuda_err("stacking projection biases"))?;
+        }
+        off += l.d_out;
+    }
+    Ok(Some(buf))
+}
+
+/// Moves the weights of `lins` (same d_in) into one buffer stacked by rows, in order; returns it
+/// ((Σ d_out, d_in) bf16). The linears then view their rows of it.
+fn stack_rows(dev: &CudaDevice, lins: &mut [&mut DeviceLinear]) -> Result<Arc<CudaSlice<bf16>>> {
+    let total: usize = lins.iter().map(|l| l.d_out * l.d_in).sum();
+    let mut buf = dev.alloc_zeros::<bf16>(total.max(1))?;
+    let mut off = 0;
+    for l in lins.iter() {
+        let n = l.d_out * l.d_in;
+        dev.stream()
+            .memcpy_dtod(&l.w(), &mut buf.slice_mut(off..off + n))
+            .map_err(cuda_err("stacking projection weights"))?;
+        off += n;
+    }
+    let buf = Arc::new(buf);
+    let mut off = 0;
+    for l in lins.iter_mut() {
+        // Dropping the projection's own buffer here is ordered after the copy above: cudarc
+        // frees on the same stream.
+        l.w = WeightRows::Stacked {
+            buf: buf.clone(),
+            off,
+        };
+        off += l.d_out * l.d_in;
+    }
+    Ok(buf)
 }
 
 pub(super) struct DeviceLayer {
@@ -520,6 +589,14 @@ pub(super) struct DeviceLayer {
     pub(super) k_norm: Option<CudaSlice<bf16>>, // (hd) Qwen3
     /// Indexed by `Proj as usize`: q, k, v, o, gate, up, down.
     pub(super) proj: [DeviceLinear; 7],
+    /// (qd + 2·kvd, D): the q, k, v weights stacked (the rows of proj[Q], proj[K], proj[V]).
+    pub(super) qkv_w: Arc<CudaSlice<bf16>>,
+    /// (2·I, D): the gate and up weights stacked.
+    pub(super) gate_up_w: Arc<CudaSlice<bf16>>,
+    /// (qd + 2·kvd): the q, k, v biases stacked (copies), when the model has them.
+    pub(super) qkv_b: Option<CudaSlice<bf16>>,
+    /// (2·I): the gate and up biases stacked (copies), when the model has them.
+    pub(super) gate_up_b: Option<CudaSlice<bf16>>,
 }
 
 /// Every weight of the model in bf16 on the device.
@@ -539,6 +616,7 @@ impl DeviceWeights {
 
     /// Builds the table from `get(hf_name, shape)`, which returns the tensor on the device.
     fn build(
+        dev: &CudaDevice,
         c: &ModelConfig,
         mut get: impl FnMut(&str, &[usize]) -> Result<CudaSlice<bf16>>,
     ) -> Result<DeviceWeights> {
@@ -561,9 +639,14 @@ impl DeviceWeights {
                 } else {
                     None
                 };
-                Ok(DeviceLinear { w, b, d_in, d_out })
+                Ok(DeviceLinear {
+                    w: WeightRows::Own(w),
+                    b,
+                    d_in,
+                    d_out,
+                })
             };
-            let proj = [
+            let mut proj = [
                 lin(Proj::Q)?,
                 lin(Proj::K)?,
                 lin(Proj::V)?,
@@ -572,6 +655,11 @@ impl DeviceWeights {
                 lin(Proj::Up)?,
                 lin(Proj::Down)?,
             ];
+            let [q, k, v, _, gate, up, _] = &mut proj;
+            let qkv_b = stack_biases(dev, &[q, k, v])?;
+            let gate_up_b = stack_biases(dev, &[gate, up])?;
+            let qkv_w = stack_rows(dev, &mut [q, k, v])?;
+            let gate_up_w = stack_rows(dev, &mut [gate, up])?;
             let input_norm = get(&format!("{p}.input_layernorm.weight"), &[d])?;
             let post_norm = get(&format!("{p}.post_attention_layernorm.weight"), &[d])?;
             let (q_norm, k_norm) = if c.qk_norm {
@@ -588,6 +676,10 @@ impl DeviceWeights {
                 q_norm,
                 k_norm,
                 proj,
+                qkv_w,
+                gate_up_w,
+                qkv_b,
+                gate_up_b,
             });
         }
         let final_norm = get("model.norm.weight", &[d])?;
@@ -607,7 +699,7 @@ impl DeviceWeights {
 
     /// From the checkpoint's raw tensors (bf16 copied as is; f32/f16 rounded to bf16 on the host).
     fn from_checkpoint(dev: &CudaDevice, ckpt: &Checkpoint, c: &ModelConfig) -> Result<DeviceWeights> {
-        Self::build(c, |name, shape| {
+        Self::build(dev, c, |name, shape| {
             let v = ckpt.view(name)?;
             if v.shape != shape {
                 return Err(Error::Shape {
@@ -639,7 +731,7 @@ impl DeviceWeights {
     /// From the CPU engine's f32 weights (rounded to bf16).
     fn from_f32(dev: &CudaDevice, w: &Weights, c: &ModelConfig) -> Result<DeviceWeights> {
         let named = w.named_tensors(c);
-        Self::build(c, |name, shape| {
+        Self::build(dev, c, |name, shape| {
             let (s, data) = named
                 .get(name)
                 .ok_or_else(|| Error::invalid(format!("weights: tensor {name} is missing")))?;
@@ -668,7 +760,7 @@ impl DeviceWeights {
             .collect();
         let block = dev.upload(&host)?;
         let ones = dev.upload(&vec![bf16::ONE; c.hidden_size.max(c.head_dim)])?;
-        Self::build(c, |name, shape| {
+        Self::build(dev, c, |name, shape| {
             let n: usize = shape.iter().product();
             let mut t = dev.alloc_zeros::<bf16>(n)?;
             let st = dev.stream();
@@ -796,11 +888,11 @@ pub(super) struct Buffers {
     q: CudaSlice<bf16>,          // (R, H·hd)
     q_pre: CudaSlice<bf16>,      // (R, H·hd) before the q norm (Qwen3)
     attn: CudaSlice<bf16>,       // (R, H·hd)
-    k: CudaSlice<bf16>,          // (R, KV·hd)
-    k_pre: CudaSlice<bf16>,      // (R, KV·hd)
-    v: CudaSlice<bf16>,          // (R, KV·hd)
-    gate: CudaSlice<bf16>,       // (R, I)
-    up: CudaSlice<bf16>,         // (R, I)
+    k: CudaSlice<bf16>,          // (R, KV·hd) (Qwen3: the q/k-norm path)
+    k_pre: CudaSlice<bf16>,      // (R, KV·hd) (Qwen3)
+    v: CudaSlice<bf16>,          // (R, KV·hd) (Qwen3)
+    qkv: CudaSlice<bf16>,        // (R, qd + 2·kvd) stacked q|k|v output (models without qk norm)
+    gate_up: CudaSlice<bf16>,    // (R, 2·I) stacked gate|up output
     act: CudaSlice<bf16>,        // (R, I)
     xa: CudaSlice<f32>,          // (R, rank)
     ids: CudaSlice<u32>,         // (R)
@@ -889,11 +981,11 @@ impl Buffers {
             q: bf(r * qd)?,
             q_pre: bf(if qk { r * qd } else { 1 })?,
             attn: bf(r * qd)?,
-            k: bf(r * kvd)?,
+            k: bf(if qk { r * kvd } else { 1 })?,
             k_pre: bf(if qk { r * kvd } else { 1 })?,
-            v: bf(r * kvd)?,
-            gate: bf(r * i)?,
-            up: bf(r * i)?,
+            v: bf(if qk { r * kvd } else { 1 })?,
+            qkv: bf(if qk { 1 } else { r * (qd + 2 * kvd) })?,
+            gate_up: bf(r * 2 * i)?,
             act: bf(r * i)?,
             xa: dev.alloc_zeros((r * p.lora_rank).max(1))?,
             ids: dev.alloc_zeros(r.max(1))?,
@@ -1064,6 +1156,64 @@ pub(super) fn gemm_raw(
     Ok(())
 }
 
+/// y (rows, out) bf16 = x (rows, in) · wᵀ for a stacked weight w (out, in) (q|k|v, gate|up): the
+/// stacked projections' outputs side by side in each row, no bias, no LoRA.
+#[allow(clippy::too_many_arguments)]
+fn gemm_stacked(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    x: &impl DevicePtr<bf16>,
+    w: &CudaSlice<bf16>,
+    y: &mut impl DevicePtrMut<bf16>,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<()> {
+    check("stacked x", x.len(), rows * d_in)?;
+    check("stacked w", w.len(), d_out * d_in)?;
+    check("stacked y", y.len(), rows * d_out)?;
+    let s = dev.stream();
+    let (xp, _xs) = x.device_ptr(s);
+    let (wp, _ws) = w.device_ptr(s);
+    let (yp, _ys) = y.device_ptr_mut(s);
+    gemm_raw(
+        dev,
+        blas,
+        xp,
+        wp,
+        yp,
+        cudaDataType::CUDA_R_16BF,
+        rows,
+        d_in,
+        d_out,
+    )
+}
+
+/// One projection's LoRA added into its columns [c0, c0 + out) of a stacked output y
+/// (rows, ldy): y += scale · (x Aᵀ) Bᵀ, x (rows, in).
+#[allow(clippy::too_many_arguments)]
+fn lora_strided(
+    dev: &CudaDevice,
+    x: &impl DevicePtr<bf16>,
+    pair: &DeviceLoraPair,
+    scale: f32,
+    rank: usize,
+    xa: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<bf16>,
+    c0: usize,
+    ldy: usize,
+    d_out: usize,
+    rows: usize,
+    d_in: usize,
+) -> Result<()> {
+    check("lora xa", xa.len(), rows * rank)?;
+    check("lora y", y.len(), rows * ldy)?;
+    let mut xa = xa.slice_mut(..rows * rank);
+    dev.lora_xa_bf16(x, &pair.a, &mut xa, rows, d_in, rank)?;
+    let mut yv = y.slice_mut(c0..rows * ldy);
+    dev.lora_expand_add_strided_bf16(&mut yv, ldy, &xa, &pair.b, scale, rows, d_out, rank)
+}
+
 /// logits (rows, V) f32 = x (rows, D) bf16 · lm_headᵀ (f32 output: no bf16 rounding of logits).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_logits(
@@ -1108,12 +1258,12 @@ pub(super) fn linear(
     rows: usize,
 ) -> Result<()> {
     check("linear x", x.len(), rows * lin.d_in)?;
-    check("linear w", lin.w.len(), lin.d_out * lin.d_in)?;
     check("linear y", y.len(), rows * lin.d_out)?;
     {
         let s = dev.stream();
         let (xp, _xs) = x.device_ptr(s);
-        let (wp, _ws) = lin.w.device_ptr(s);
+        let w = lin.w();
+        let (wp, _ws) = w.device_ptr(s);
         let (yp, _ys) = y.device_ptr_mut(s);
         gemm_raw(
             dev,
@@ -1325,17 +1475,22 @@ fn forward_device(
                 .map(|pair| (pair, a.scale, a.rank))
         })
     };
+    // h = rmsnorm(x) with layer 0's input norm; every later norm is fused with the residual
+    // add before it (residual_rmsnorm_fwd_bf16), the last one with the final norm.
+    dev.rmsnorm_fwd_bf16(
+        &b.x.slice(..n * d),
+        &md.w.layers[0].input_norm,
+        &mut b.h.slice_mut(..n * d),
+        n,
+        d,
+        eps,
+    )?;
+    let nl = md.w.layers.len();
     for (l, lw) in md.w.layers.iter().enumerate() {
-        // --- attention block
-        dev.rmsnorm_fwd_bf16(
-            &b.x.slice(..n * d),
-            &lw.input_norm,
-            &mut b.h.slice_mut(..n * d),
-            n,
-            d,
-            eps,
-        )?;
+        // --- attention block: h holds rmsnorm(x) · input_norm
         let h = b.h.slice(..n * d);
+        let (kc, vc) = &mut b.kv[l];
+        let bt = b.block_table.slice(..ns * plan.max_pages_per_seq);
         if c.qk_norm {
             linear(
                 dev,
@@ -1355,6 +1510,16 @@ fn forward_device(
                 lora_of(l, Proj::K),
                 &mut b.xa,
                 &mut b.k_pre.slice_mut(..n * kvd),
+                n,
+            )?;
+            linear(
+                dev,
+                blas,
+                &h,
+                &lw.proj[Proj::V as usize],
+                lora_of(l, Proj::V),
+                &mut b.xa,
+                &mut b.v.slice_mut(..n * kvd),
                 n,
             )?;
             let (qn, kn) = match (&lw.q_norm, &lw.k_norm) {
@@ -1378,61 +1543,56 @@ fn forward_device(
                 hd,
                 eps,
             )?;
-        } else {
-            linear(
-                dev,
-                blas,
-                &h,
-                &lw.proj[Proj::Q as usize],
-                lora_of(l, Proj::Q),
-                &mut b.xa,
+            dev.rope_fwd_bf16(
                 &mut b.q.slice_mut(..n * qd),
+                &mut b.k.slice_mut(..n * kvd),
+                &b.pos.slice(..n),
+                md.inv_freq,
+                n,
+                nh,
+                nkv,
+                hd,
+            )?;
+            dev.kv_cache_append_bf16(
+                kc,
+                vc,
+                &b.k.slice(..n * kvd),
+                &b.v.slice(..n * kvd),
+                &bt,
+                &b.row_seq.slice(..n),
+                &b.pos.slice(..n),
+                &attn,
                 n,
             )?;
-            linear(
-                dev,
-                blas,
-                &h,
-                &lw.proj[Proj::K as usize],
-                lora_of(l, Proj::K),
-                &mut b.xa,
-                &mut b.k.slice_mut(..n * kvd),
+        } else {
+            // One GEMM for q | k | v against the stacked weights, each LoRA into its columns,
+            // then bias + RoPE + the cache append in one kernel.
+            let wq = qd + 2 * kvd;
+            gemm_stacked(dev, blas, &h, &lw.qkv_w, &mut b.qkv.slice_mut(..n * wq), n, d, wq)?;
+            let mut c0 = 0;
+            for p in [Proj::Q, Proj::K, Proj::V] {
+                let d_out = lw.proj[p as usize].d_out;
+                if let Some((pair, scale, r)) = lora_of(l, p) {
+                    lora_strided(
+                        dev, &h, pair, scale, r, &mut b.xa, &mut b.qkv, c0, wq, d_out, n, d,
+                    )?;
+                }
+                c0 += d_out;
+            }
+            dev.qkv_rope_append_bf16(
+                &b.qkv.slice(..n * wq),
+                lw.qkv_b.as_ref(),
+                &b.pos.slice(..n),
+                md.inv_freq,
+                &bt,
+                &b.row_seq.slice(..n),
+                &mut b.q.slice_mut(..n * qd),
+                kc,
+                vc,
+                &attn,
                 n,
             )?;
         }
-        linear(
-            dev,
-            blas,
-            &h,
-            &lw.proj[Proj::V as usize],
-            lora_of(l, Proj::V),
-            &mut b.xa,
-            &mut b.v.slice_mut(..n * kvd),
-            n,
-        )?;
-        dev.rope_fwd_bf16(
-            &mut b.q.slice_mut(..n * qd),
-            &mut b.k.slice_mut(..n * kvd),
-            &b.pos.slice(..n),
-            md.inv_freq,
-            n,
-            nh,
-            nkv,
-            hd,
-        )?;
-        let (kc, vc) = &mut b.kv[l];
-        let bt = b.block_table.slice(..ns * plan.max_pages_per_seq);
-        dev.kv_cache_append_bf16(
-            kc,
-            vc,
-            &b.k.slice(..n * kvd),
-            &b.v.slice(..n * kvd),
-            &bt,
-            &b.row_seq.slice(..n),
-            &b.pos.slice(..n),
-            &attn,
-            n,
-        )?;
         match shape.attn {
             AttnLaunch::Prefill { max_rows } => dev.attention_prefill_bf16(
                 &b.q.slice(..n * qd),
@@ -1474,42 +1634,55 @@ fn forward_device(
             &mut b.proj.slice_mut(..n * d),
             n,
         )?;
-        dev.residual_add_bf16(&mut b.x.slice_mut(..n * d), &b.proj.slice(..n * d), n * d)?;
-        // --- MLP block
-        dev.rmsnorm_fwd_bf16(
-            &b.x.slice(..n * d),
+        // --- MLP block: x += o; h = rmsnorm(x) · post_norm
+        dev.residual_rmsnorm_fwd_bf16(
+            &mut b.x.slice_mut(..n * d),
+            &b.proj.slice(..n * d),
             &lw.post_norm,
             &mut b.h.slice_mut(..n * d),
             n,
             d,
             eps,
         )?;
+        // One GEMM for gate | up against the stacked weights (+ bias, + each LoRA).
         let h = b.h.slice(..n * d);
-        linear(
+        let wg = 2 * inter;
+        gemm_stacked(
             dev,
             blas,
             &h,
-            &lw.proj[Proj::Gate as usize],
-            lora_of(l, Proj::Gate),
-            &mut b.xa,
-            &mut b.gate.slice_mut(..n * inter),
+            &lw.gate_up_w,
+            &mut b.gate_up.slice_mut(..n * wg),
             n,
+            d,
+            wg,
         )?;
-        linear(
-            dev,
-            blas,
-            &h,
-            &lw.proj[Proj::Up as usize],
-            lora_of(l, Proj::Up),
-            &mut b.xa,
-            &mut b.up.slice_mut(..n * inter),
-            n,
-        )?;
-        dev.swiglu_fwd_bf16(
-            &b.gate.slice(..n * inter),
-            &b.up.slice(..n * inter),
+        if let Some(bias) = &lw.gate_up_b {
+            dev.add_bias_bf16(&mut b.gate_up.slice_mut(..n * wg), bias, n, wg)?;
+        }
+        for (p, c0) in [(Proj::Gate, 0), (Proj::Up, inter)] {
+            if let Some((pair, scale, r)) = lora_of(l, p) {
+                lora_strided(
+                    dev,
+                    &h,
+                    pair,
+                    scale,
+                    r,
+                    &mut b.xa,
+                    &mut b.gate_up,
+                    c0,
+                    wg,
+                    inter,
+                    n,
+                    d,
+                )?;
+            }
+        }
+        dev.swiglu_fused_fwd_bf16(
+            &b.gate_up.slice(..n * wg),
             &mut b.act.slice_mut(..n * inter),
-            n * inter,
+            n,
+            inter,
         )?;
         linear(
             dev,
@@ -1521,21 +1694,27 @@ fn forward_device(
             &mut b.proj.slice_mut(..n * d),
             n,
         )?;
-        dev.residual_add_bf16(&mut b.x.slice_mut(..n * d), &b.proj.slice(..n * d), n * d)?;
+        // x += down; h = rmsnorm(x) with the next layer's input norm (the final norm after the
+        // last layer: every row is normed, cheap, then lm_head runs only on the logit rows).
+        let next_norm = if l + 1 < nl {
+            &md.w.layers[l + 1].input_norm
+        } else {
+            &md.w.final_norm
+        };
+        dev.residual_rmsnorm_fwd_bf16(
+            &mut b.x.slice_mut(..n * d),
+            &b.proj.slice(..n * d),
+            next_norm,
+            &mut b.h.slice_mut(..n * d),
+            n,
+            d,
+            eps,
+        )?;
         if debug {
             debug_absmax(dev, &format!("layer {l} residual"), &b.x, n * d)?;
         }
     }
 
-    // Final norm on every row (cheap), then lm_head only on the logit rows.
-    dev.rmsnorm_fwd_bf16(
-        &b.x.slice(..n * d),
-        &md.w.final_norm,
-        &mut b.h.slice_mut(..n * d),
-        n,
-        d,
-        eps,
-    )?;
     let m = shape.logit_rows.unwrap_or(n);
     if m == 0 || m > plan.max_logit_rows {
         return Err(Error::Cuda(format!(

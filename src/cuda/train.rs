@@ -696,7 +696,8 @@ impl Ctx<'_> {
         {
             let s = self.dev.stream();
             let (xp, _x) = x.device_ptr(s);
-            let (wp, _w) = lin.w.device_ptr(s);
+            let w = lin.w();
+            let (wp, _w) = w.device_ptr(s);
             let (yp, _y) = y.device_ptr_mut(s);
             super::engine::gemm_raw(
                 self.dev,
@@ -750,7 +751,7 @@ impl Ctx<'_> {
             self.dev,
             self.blas,
             dy,
-            &lin.w,
+            &lin.w(),
             dx,
             n,
             lin.d_in,

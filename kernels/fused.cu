@@ -1,0 +1,110 @@
+// Fused kernels of the rollout forward (src/cuda/engine.rs::forward). In a decode step each
+// layer's small kernels move only a few KB per row, so their fixed cost per launch dominates
+// (≈ 2–3 µs each on an H200, measured); these do in one launch what took two or three:
+//
+//   qkv_rope_append_bf16        the stacked q|k|v GEMM output of a row (+ bias) → RoPE'd q into
+//                               its own buffer, RoPE'd k and v into the paged KV cache: what
+//                               add_bias_bf16 + rope_fwd_bf16 + kv_cache_append_bf16 compute,
+//                               with the same roundings (bias add rounded to bf16, RoPE in f32
+//                               rounded once)
+//   residual_rmsnorm_fwd_bf16   x += y (rounded to bf16), then out = rmsnorm(x) · weight: what
+//                               residual_add_bf16 + rmsnorm_fwd_bf16 compute (f32 sum of squares,
+//                               one warp per row instead of one block: other summation order)
+//
+// CPU references: src/cpu/ops.rs (rope_inplace, add_bias), src/cpu/model.rs (residual, rmsnorm,
+// the KV cache). Rust launchers: src/cuda/fused.rs.
+
+#include "common.cuh"
+
+// Element offset of (position t, kv head 0) of sequence `seq` in a paged cache laid out as
+// (num_pages, page_size, n_kv_heads, hd) with block_table (num_seqs, max_pages) (see
+// kernels/attention.cu). The caller has bounded t to [0, max_pages·page_size).
+static __device__ __forceinline__ size_t fused_kv_slot(const int* __restrict__ block_table, int seq, int t,
+                                                       int page_size, int max_pages, int width) {
+    const int page = block_table[(size_t)seq * max_pages + t / page_size];
+    return ((size_t)page * page_size + t % page_size) * width;
+}
+
+// qkv (rows, qd + 2·kvd) bf16, qd = n_heads·hd, kvd = n_kv_heads·hd: per row q | k | v as the
+// GEMM (and LoRA) wrote them, WITHOUT bias. bias (qd + 2·kvd) bf16 or null. For row r at
+// position pos[r] of sequence row_seq[r]:
+//   q_out[r] = rope(bf16(q + b_q))                              (rows, qd)
+//   k_cache[(seq, pos)] = rope(bf16(k + b_k)), v_cache[...] = bf16(v + b_v)
+// rope as rope_fwd_bf16 (HF rotate_half; angle = (float)pos · inv_freq[i], sincosf, f32, one
+// rounding). A row whose pos is outside [0, max_pages·page_size) writes q only (as
+// kv_cache_append_bf16 skips it). inv_freq (hd/2) f32. grid = rows, block = multiple of 32
+// striding over the (n_heads + n_kv_heads)·hd/2 rotated pairs, then the kvd values of v.
+extern "C" __global__ void qkv_rope_append_bf16(bf16* __restrict__ q_out, bf16* __restrict__ k_cache,
+                                                bf16* __restrict__ v_cache, const bf16* __restrict__ qkv,
+                                                const bf16* __restrict__ bias, const int* __restrict__ pos,
+                                                const float* __restrict__ inv_freq,
+                                                const int* __restrict__ block_table,
+                                                const int* __restrict__ row_seq, int rows, int n_heads,
+                                                int n_kv_heads, int hd, int page_size, int max_pages) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int half = hd / 2;
+    const int qd = n_heads * hd;
+    const int kvd = n_kv_heads * hd;
+    const bf16* row = qkv + (size_t)r * (qd + 2 * kvd);
+    const int p = pos[r];
+    const bool to_cache = p >= 0 && p < page_size * max_pages;
+    const size_t dst = to_cache ? fused_kv_slot(block_table, row_seq[r], p, page_size, max_pages, kvd) : 0;
+    const float pf = (float)p;
+    const int pairs = (n_heads + n_kv_heads) * half;
+    for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+        const int head = j / half;
+        const int i = j % half;
+        const int c0 = head * hd + i;  // column of x_i in the row (q heads, then k heads)
+        float a = bf16_to_f32(row[c0]);
+        float b = bf16_to_f32(row[c0 + half]);
+        if (bias != nullptr) {
+            a = bf16_to_f32(f32_to_bf16(a + bf16_to_f32(bias[c0])));
+            b = bf16_to_f32(f32_to_bf16(b + bf16_to_f32(bias[c0 + half])));
+        }
+        float s, c;
+        sincosf(pf * inv_freq[i], &s, &c);
+        const bf16 lo = f32_to_bf16(a * c - b * s);
+        const bf16 hi = f32_to_bf16(b * c + a * s);
+        if (head < n_heads) {
+            q_out[(size_t)r * qd + c0] = lo;
+            q_out[(size_t)r * qd + c0 + half] = hi;
+        } else if (to_cache) {
+            k_cache[dst + (c0 - qd)] = lo;
+            k_cache[dst + (c0 - qd) + half] = hi;
+        }
+    }
+    if (!to_cache) return;
+    for (int j = threadIdx.x; j < kvd; j += blockDim.x) {
+        float v = bf16_to_f32(row[qd + kvd + j]);
+        if (bias != nullptr) v += bf16_to_f32(bias[qd + kvd + j]);
+        v_cache[dst + j] = f32_to_bf16(v);
+    }
+}
+
+// x (rows, dim) bf16 in place: x = bf16(x + y); out (rows, dim) = x · rsqrt(mean(x²) + eps) ·
+// weight (f32 arithmetic on the rounded x, one rounding at the store, as rmsnorm_fwd_bf16).
+// y (rows, dim), weight (dim) bf16. One warp per row: grid = ceil(rows / (block / 32)),
+// block = multiple of 32 (no block barrier: a warp past the last row returns at once).
+extern "C" __global__ void residual_rmsnorm_fwd_bf16(bf16* __restrict__ out, bf16* __restrict__ x,
+                                                     const bf16* __restrict__ y, const bf16* __restrict__ weight,
+                                                     float eps, int rows, int dim) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int r = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (r >= rows) return;  // whole warp
+    bf16* xr = x + (size_t)r * dim;
+    const bf16* yr = y + (size_t)r * dim;
+    float sum_sq = 0.0f;
+    for (int i = lane; i < dim; i += WARP_SIZE) {
+        const bf16 v = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(yr[i]));
+        xr[i] = v;
+        const float f = bf16_to_f32(v);
+        sum_sq += f * f;
+    }
+    sum_sq = warp_reduce_sum(sum_sq);
+    const float inv_rms = rsqrtf(sum_sq / (float)dim + eps);
+    bf16* orow = out + (size_t)r * dim;
+    for (int i = lane; i < dim; i += WARP_SIZE) {
+        orow[i] = f32_to_bf16(bf16_to_f32(xr[i]) * inv_rms * bf16_to_f32(weight[i]));
+    }
+}

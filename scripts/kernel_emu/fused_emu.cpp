@@ -1,0 +1,117 @@
+// kernels/fused.cu under the emulator (see run.sh), launched as src/cuda/fused.rs does:
+//   qkv_rope_append_bf16 (grid = rows, block = max(pairs, kvd) rounded to 32, clamped to
+//   [32, 256]) against bias add (rounded to bf16) + ops::rope_inplace + the paged cache write,
+//   with tests/cuda_rollout_kernels.rs's RoPE tolerance (atol 1e-5, rtol 2^-8 for the bf16
+//   store); v exact; cache slots no row writes must keep their contents; rows whose position is
+//   outside the cache write q only.
+//   residual_rmsnorm_fwd_bf16 (one warp per row, 4 rows per block) against x + y rounded to bf16
+//   (exact) and the RMSNorm of rmsnorm_emu.cpp (atol 1e-6, rtol 2^-7).
+#include "emu.h"
+#include "fused.inc"
+
+static const double BF16_STORE_RTOL = 1.0 / 256;
+
+static void rope_pair(float& a, float& b, int pos, float inv_freq) {
+    const float ang = (float)pos * inv_freq;
+    const float s = sinf(ang), c = cosf(ang);
+    const float x = a, y = b;
+    a = x * c - y * s;
+    b = y * c + x * s;
+}
+
+static void qkv(size_t h, size_t kv, size_t hd, size_t rows, bool with_bias) {
+    Rng rng(h * 1000 + kv * 100 + hd + rows + (with_bias ? 7 : 0));
+    const size_t qd = h * hd, kvd = kv * hd, W = qd + 2 * kvd, half = hd / 2;
+    const int page_size = 4, max_pages = 5, num_pages = 12;  // cache capacity 20 positions per sequence
+    const size_t cache_len = (size_t)num_pages * page_size * kvd;
+    std::vector<float> inv_freq(half);
+    for (size_t i = 0; i < half; ++i) inv_freq[i] = (float)(1.0 / std::pow(1e4, 2.0 * i / hd));
+    auto x = bfr(rng.vec(rows * W, -3, 3));
+    auto bias = bfr(rng.vec(W, -1, 1));
+    // Two sequences with shuffled pages; rows alternate between them; some positions outside.
+    std::vector<int> bt = {3, 7, 1, 9, 0, /* seq 1 */ 2, 11, 5, 4, 8};
+    std::vector<int> pos(rows), seq(rows);
+    for (size_t r = 0; r < rows; ++r) {
+        seq[r] = (int)(r % 2);
+        pos[r] = (int)(r / 2);
+        if (r % 7 == 5) pos[r] = (r % 2) ? -1 : page_size * max_pages;  // skipped by the cache
+    }
+    auto kc0 = bfr(rng.vec(cache_len, -1, 1)), vc0 = bfr(rng.vec(cache_len, -1, 1));
+    // Reference.
+    std::vector<double> want_q(rows * qd), want_k(kc0.begin(), kc0.end()), want_v(vc0.begin(), vc0.end());
+    for (size_t r = 0; r < rows; ++r) {
+        std::vector<float> row(x.begin() + r * W, x.begin() + (r + 1) * W);
+        if (with_bias)
+            for (size_t c = 0; c < W; ++c) row[c] = bfr(row[c] + bias[c]);
+        for (size_t head = 0; head < h + kv; ++head)
+            for (size_t i = 0; i < half; ++i) rope_pair(row[head * hd + i], row[head * hd + i + half], pos[r], inv_freq[i]);
+        for (size_t c = 0; c < qd; ++c) want_q[r * qd + c] = row[c];
+        if (pos[r] < 0 || pos[r] >= page_size * max_pages) continue;
+        const size_t slot = ((size_t)bt[seq[r] * max_pages + pos[r] / page_size] * page_size + pos[r] % page_size) * kvd;
+        for (size_t c = 0; c < kvd; ++c) {
+            want_k[slot + c] = row[qd + c];
+            want_v[slot + c] = row[qd + kvd + c];
+        }
+    }
+    std::vector<bf16> xb = to_bf(x), bb = to_bf(bias), qb(rows * qd, bf_nan()), kb = to_bf(kc0), vb = to_bf(vc0);
+    if (rows > 0) {
+        const size_t pairs = (h + kv) * half;
+        const size_t want_block = std::max(pairs, kvd);
+        const int block = (int)std::min<size_t>(std::max<size_t>((want_block + 31) / 32 * 32, 32), 256);
+        const int rows_i = (int)rows, h_i = (int)h, kv_i = (int)kv, hd_i = (int)hd;
+        emu_launch(grid1(rows), block, 0, [&] {
+            qkv_rope_append_bf16(qb.data(), kb.data(), vb.data(), xb.data(), with_bias ? bb.data() : nullptr, pos.data(),
+                                 inv_freq.data(), bt.data(), seq.data(), rows_i, h_i, kv_i, hd_i, page_size, max_pages);
+        });
+    }
+    const std::string what = "qkv h " + std::to_string(h) + " kv " + std::to_string(kv) + " hd " + std::to_string(hd) +
+                             " rows " + std::to_string(rows) + (with_bias ? " bias" : "");
+    check(what + " q", want_q, from_bf(qb), 1e-5, BF16_STORE_RTOL);
+    check(what + " k cache", want_k, from_bf(kb), 1e-5, BF16_STORE_RTOL);
+    check(what + " v cache", want_v, from_bf(vb), 0, 0);
+}
+
+static void residual_norm(size_t rows, size_t dim) {
+    Rng rng(rows * 31 + dim);
+    const float eps = 1e-6f;
+    auto x = bfr(rng.vec(rows * dim, -2, 2)), y = bfr(rng.vec(rows * dim, -2, 2)), w = bfr(rng.vec(dim, 0.5, 1.5));
+    std::vector<double> want_x(rows * dim), want(rows * dim);
+    for (size_t r = 0; r < rows; ++r) {
+        float ss = 0;
+        for (size_t i = 0; i < dim; ++i) {
+            const float v = bfr(x[r * dim + i] + y[r * dim + i]);
+            want_x[r * dim + i] = v;
+            ss += v * v;
+        }
+        const float inv = 1.0f / std::sqrt(ss / (float)dim + eps);
+        for (size_t i = 0; i < dim; ++i) want[r * dim + i] = (float)want_x[r * dim + i] * inv * w[i];
+    }
+    std::vector<bf16> xb = to_bf(x), yb = to_bf(y), wb = to_bf(w), ob(rows * dim, bf_nan());
+    if (rows * dim > 0) {
+        const int rows_i = (int)rows, dim_i = (int)dim;
+        emu_launch(grid1((rows + 3) / 4), 128, 0,
+                   [&] { residual_rmsnorm_fwd_bf16(ob.data(), xb.data(), yb.data(), wb.data(), eps, rows_i, dim_i); });
+    }
+    const std::string what = "residual+rmsnorm rows " + std::to_string(rows) + " dim " + std::to_string(dim);
+    check(what + " x", want_x, from_bf(xb), 0, 0);
+    check(what + " out", want, from_bf(ob), 1e-6, 1.0 / 128);
+}
+
+int main(int argc, char** argv) {
+    parse_args(argc, argv);
+    qkv(4, 2, 8, 9, true);
+    residual_norm(5, 64);
+    if (g_full) {
+        // Qwen2.5-0.5B heads (14/2, hd 64) with and without bias, a GQA 1:1 and an hd 128 case;
+        // rows: none, one, odd, and enough to fill every cache position of both sequences.
+        for (bool b : {false, true}) {
+            qkv(14, 2, 64, 41, b);
+            qkv(4, 4, 16, 0, b);
+            qkv(4, 4, 16, 1, b);
+            qkv(12, 2, 128, 17, b);
+        }
+        for (size_t dim : {1, 31, 32, 33, 896, 1536, 4097})
+            for (size_t rows : {0, 1, 4, 5, 33}) residual_norm(rows, dim);
+    }
+    return finish("fused");
+}
