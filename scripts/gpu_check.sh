@@ -75,6 +75,7 @@ if [ "$what" != tests ]; then
   step 60 gen-cuda $R generate --model tests/fixtures/models/qwen2 --prompt "12 + 7 =" --device cuda --max-new-tokens 8 --num-samples 2 --seed 1
   step 60 gen-cpu $R generate --model tests/fixtures/models/qwen2 --prompt "12 + 7 =" --device cpu --max-new-tokens 8 --num-samples 2 --seed 1
   step 90 roll-05b-64 $R bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --json
+  step 60 roll-05b-64-lora16 $R bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --lora-rank 16 --json
   step 90 train-05b $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 90 roll-05b-1024 $R bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
   step 90 roll-15b-64 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json

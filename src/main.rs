@@ -163,6 +163,9 @@ enum BenchCmd {
         prompt_len: usize,
         #[arg(long, default_value_t = 256)]
         new_tokens: usize,
+        /// Rank of a live random LoRA adapter on every projection, as in GRPO's rollouts (0: none).
+        #[arg(long, default_value_t = 0)]
+        lora_rank: usize,
         /// Peak memory bandwidth in bytes/s for the roofline fraction (H200: 4.24e12 measured).
         #[arg(long, default_value_t = 4.24e12)]
         peak_bandwidth: f64,
@@ -448,6 +451,7 @@ fn run(cli: Cli) -> Result<()> {
                     num_generations,
                     prompt_len,
                     new_tokens,
+                    lora_rank,
                     peak_bandwidth,
                     device,
                     json,
@@ -459,6 +463,7 @@ fn run(cli: Cli) -> Result<()> {
                 num_generations,
                 prompt_len,
                 new_tokens,
+                lora_rank,
                 peak_bandwidth,
                 device,
             )

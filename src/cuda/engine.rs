@@ -2775,6 +2775,8 @@ pub struct RolloutBench {
     pub num_generations: usize,
     pub prompt_len: usize,
     pub new_tokens: usize,
+    /// Rank of the live LoRA adapter on every projection (0: none).
+    pub lora_rank: usize,
     pub generated_tokens: usize,
     pub total_s: f64,
     pub tok_s: f64,
@@ -2814,12 +2816,16 @@ pub(super) fn bench_shape(shape: &str) -> Result<ModelConfig> {
 
 /// Random weights of preset `shape` on device `ordinal`; `prompts` random prompts of
 /// `prompt_len` tokens, G samples each, exactly `new_tokens` new tokens (no EOS), temperature 1.
+/// `lora_rank` > 0 runs with a live random LoRA adapter of that rank on every projection (as
+/// GRPO's rollouts do); 0 runs the base model.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_rollout(
     shape: &str,
     prompts: usize,
     num_generations: usize,
     prompt_len: usize,
     new_tokens: usize,
+    lora_rank: usize,
     peak_bandwidth_bytes_s: f64,
     ordinal: usize,
 ) -> Result<RolloutBench> {
@@ -2834,6 +2840,10 @@ pub fn bench_rollout(
     drop(dev0);
     let mut engine = CudaEngine::random(config.clone(), 1, ordinal)?;
     engine.max_batch_seqs = prompts * num_generations;
+    if lora_rank > 0 {
+        let lora = LoraWeights::new_random(super::train::all_linear(lora_rank), &config, 3, 0.02, 0.02);
+        engine.set_adapter_now(Some(&lora))?;
+    }
     let mut s = 0x2545_F491_4F6C_DD1Du64;
     let ps: Vec<Vec<u32>> = (0..prompts)
         .map(|_| {
@@ -2898,6 +2908,7 @@ pub fn bench_rollout(
         num_generations,
         prompt_len,
         new_tokens,
+        lora_rank,
         generated_tokens: generated,
         total_s,
         tok_s: generated as f64 / total_s,
