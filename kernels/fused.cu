@@ -7,6 +7,9 @@
 //                               add_bias_bf16 + rope_fwd_bf16 + kv_cache_append_bf16 compute,
 //                               with the same roundings (bias add rounded to bf16, RoPE in f32
 //                               rounded once)
+//   lora_group_xa_bf16 +        the LoRA of up to 3 projections sharing their input (q, k, v;
+//   lora_group_expand_add_bf16  gate, up) in 2 launches, bit-identical to lora_xa_bf16 +
+//                               lora_expand_add_bf16 per projection
 //   residual_rmsnorm_fwd_bf16   x += y (rounded to bf16), then out = rmsnorm(x) · weight: what
 //                               residual_add_bf16 + rmsnorm_fwd_bf16 compute (f32 sum of squares,
 //                               one warp per row instead of one block: other summation order)
@@ -107,4 +110,63 @@ extern "C" __global__ void residual_rmsnorm_fwd_bf16(bf16* __restrict__ out, bf1
     for (int i = lane; i < dim; i += WARP_SIZE) {
         orow[i] = f32_to_bf16(bf16_to_f32(xr[i]) * inv_rms * bf16_to_f32(weight[i]));
     }
+}
+
+// ----------------------------------------------------------------------------
+// LoRA of projections that share their input, at once (q, k, v on h; gate, up on h2): the
+// same arithmetic per element as lora_xa_bf16 and lora_expand_add_bf16 (kernels/lora.cu), so
+// the result is bit-identical to running those per projection, in 2 launches instead of 2·n.
+
+// Up to 3 projections; projection p has A_p (rank, in) and B_p (out_p, rank) f32 and writes
+// columns [col_p, col_p + out_p) of the stacked output.
+struct LoraGroup3 {
+    const float* a[3];
+    const float* b[3];
+    int col[3];
+    int out[3];
+    int n;
+};
+
+// xa (rows, n·rank) f32: xa[r, p·rank + j] = Σ_i x[r, i] · A_p[j, i] (lanes stride over `in`,
+// then a warp reduction, as lora_xa_bf16). x (rows, in) bf16. grid = rows, block = multiple of
+// 32: warp w takes the (p, j) pairs w, w + warps, ...
+extern "C" __global__ void lora_group_xa_bf16(float* __restrict__ xa, const bf16* __restrict__ x, LoraGroup3 g,
+                                              int rows, int in_dim, int rank) {
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int warps = blockDim.x / WARP_SIZE;
+    const bf16* xr = x + (size_t)row * in_dim;
+    for (int pj = warp; pj < g.n * rank; pj += warps) {
+        const int p = pj / rank;
+        const float* aj = g.a[p] + (size_t)(pj % rank) * in_dim;
+        float acc = 0.0f;
+        for (int i = lane; i < in_dim; i += WARP_SIZE) acc += bf16_to_f32(xr[i]) * aj[i];
+        acc = warp_reduce_sum(acc);
+        if (lane == 0) xa[(size_t)row * g.n * rank + pj] = acc;
+    }
+}
+
+// y (rows, ldy) bf16 in place: y[r, col_p + o] = bf16(y + scale · Σ_j xa[r, p·rank + j] ·
+// B_p[o, j]) for every p < n and o < out_p (j ascending, as lora_expand_add_bf16).
+// grid = (rows, ceil(Σ out_p / block)), block = multiple of 32; thread t of the row takes the
+// t-th column of the projections' outputs laid end to end.
+extern "C" __global__ void lora_group_expand_add_bf16(bf16* __restrict__ y, int ldy, const float* __restrict__ xa,
+                                                      LoraGroup3 g, float scale, int rows, int rank) {
+    const int row = blockIdx.x;
+    int o = blockIdx.y * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    int p = 0;
+    while (p < g.n && o >= g.out[p]) {
+        o -= g.out[p];
+        ++p;
+    }
+    if (p >= g.n) return;
+    const float* xr = xa + (size_t)row * g.n * rank + (size_t)p * rank;
+    const float* bo = g.b[p] + (size_t)o * rank;
+    float acc = 0.0f;
+    for (int j = 0; j < rank; ++j) acc += xr[j] * bo[j];
+    bf16* yp = y + (size_t)row * ldy + g.col[p] + o;
+    *yp = f32_to_bf16(bf16_to_f32(*yp) + scale * acc);
 }

@@ -5,6 +5,8 @@
 //!   roundings in the same order, so q and the caches agree to within one bf16 rounding
 //!   (rtol 2^-8: the compiler may contract a·c − b·s into an FMA differently in the two kernels;
 //!   the count of bit-identical elements is printed) and v is bit-identical;
+//! - lora_group_xa/expand_add vs lora_xa + lora_expand_add per projection: bit-identical (the
+//!   same arithmetic per element);
 //! - residual_rmsnorm_fwd_bf16 vs residual_add_bf16 + rmsnorm_fwd_bf16: x bit-identical, out
 //!   within rtol 2^-7 (one warp's sum of squares vs a block's: another f32 summation order, and
 //!   one bf16 rounding of the product).
@@ -141,5 +143,68 @@ fn residual_rmsnorm_matches_the_unfused_kernels() {
         assert_eq!(x0, x1, "rows {rows} dim {dim}: x + y");
         let same = assert_close(&format!("rows {rows} dim {dim}: out"), &out0, &out, 1.0 / 128.0);
         eprintln!("rows {rows} dim {dim}: bit-identical out {same}/{}", out.len());
+    }
+}
+
+#[test]
+fn lora_group_is_bit_identical_to_per_projection_lora() {
+    let Some(dev) = device_or_skip() else { return };
+    // q|k|v of Qwen2.5-0.5B at rank 16, then gate|up with a gap of 5 unadapted columns.
+    for (outs, gap, din, rank) in [
+        (vec![896usize, 128, 128], 0usize, 896usize, 16usize),
+        (vec![300, 300], 5, 96, 8),
+    ] {
+        let rows = 7;
+        let n = outs.len();
+        let mut cols = Vec::new();
+        let mut ldy = 0;
+        for &o in &outs {
+            cols.push(ldy + gap);
+            ldy += gap + o;
+        }
+        let x = bf(&uniform_vec(rows * din, 1, -2.0, 2.0));
+        let y = bf(&uniform_vec(rows * ldy, 2, -2.0, 2.0));
+        let a: Vec<Vec<f32>> = (0..n)
+            .map(|p| uniform_vec(rank * din, 10 + p as u64, -0.1, 0.1))
+            .collect();
+        let b: Vec<Vec<f32>> = (0..n)
+            .map(|p| uniform_vec(outs[p] * rank, 20 + p as u64, -0.1, 0.1))
+            .collect();
+        let scale = 1.5;
+        // Per projection: lora_xa + lora_expand_add on its columns taken out of y.
+        let mut want = y.clone();
+        for p in 0..n {
+            let cols_p: Vec<f32> = (0..rows)
+                .flat_map(|r| y[r * ldy + cols[p]..r * ldy + cols[p] + outs[p]].to_vec())
+                .collect();
+            let got = dev
+                .lora_bf16_host(&cols_p, &x, &a[p], &b[p], scale, rows, din, outs[p], rank)
+                .unwrap();
+            for r in 0..rows {
+                want[r * ldy + cols[p]..r * ldy + cols[p] + outs[p]]
+                    .copy_from_slice(&got[r * outs[p]..(r + 1) * outs[p]]);
+            }
+        }
+        let xd = dev.upload_bf16(&x).unwrap();
+        let mut yd = dev.upload_bf16(&y).unwrap();
+        let (ad, bd): (Vec<_>, Vec<_>) = (0..n)
+            .map(|p| (dev.upload(&a[p]).unwrap(), dev.upload(&b[p]).unwrap()))
+            .unzip();
+        let members: Vec<_> = (0..n)
+            .map(|p| rft::cuda::LoraMember {
+                a: &ad[p],
+                b: &bd[p],
+                col: cols[p],
+                out: outs[p],
+            })
+            .collect();
+        let mut xa = dev.alloc_zeros::<f32>(rows * n * rank).unwrap();
+        dev.lora_group_bf16(&xd, &members, scale, rank, &mut xa, &mut yd, ldy, rows, din)
+            .unwrap();
+        let got = dev.download_bf16(&yd).unwrap();
+        assert_eq!(
+            got, want,
+            "outs {outs:?} gap {gap}: grouped vs per-projection LoRA"
+        );
     }
 }

@@ -97,11 +97,65 @@ static void residual_norm(size_t rows, size_t dim) {
     check(what + " out", want, from_bf(ob), 1e-6, 1.0 / 128);
 }
 
+// Grouped LoRA of n projections into a stacked y (rows, ldy) whose columns are [col_p, col_p+out_p),
+// launched as src/cuda/fused.rs (xa: grid = rows, block = min(n·rank, 8) warps; expand: grid =
+// (rows, ceil(Σout/256)), block 256), against f64 x·Aᵀ then y + s·xa·Bᵀ (atol 1e-5 on xa,
+// rtol 2^-8 for the bf16 store of y); columns outside every projection stay untouched.
+static void lora_group(size_t n, size_t rows, size_t in, size_t rank, const std::vector<size_t>& outs, size_t gap) {
+    Rng rng(n * 1000 + rows * 10 + in + rank);
+    std::vector<size_t> col(n);
+    size_t ldy = 0;
+    for (size_t p = 0; p < n; ++p) { col[p] = ldy + gap; ldy = col[p] + outs[p]; }
+    ldy += gap;
+    auto x = bfr(rng.vec(rows * in, -2, 2)), y = bfr(rng.vec(rows * ldy, -2, 2));
+    std::vector<std::vector<float>> a(n), b(n);
+    for (size_t p = 0; p < n; ++p) { a[p] = rng.vec(rank * in, -0.1, 0.1); b[p] = rng.vec(outs[p] * rank, -0.1, 0.1); }
+    const float scale = 1.5f;
+    std::vector<double> want(y.begin(), y.end()), want_xa(rows * n * rank);
+    for (size_t r = 0; r < rows; ++r)
+        for (size_t p = 0; p < n; ++p) {
+            for (size_t j = 0; j < rank; ++j) {
+                double acc = 0;
+                for (size_t i = 0; i < in; ++i) acc += (double)x[r * in + i] * a[p][j * in + i];
+                want_xa[r * n * rank + p * rank + j] = acc;
+            }
+            for (size_t o = 0; o < outs[p]; ++o) {
+                double acc = 0;
+                for (size_t j = 0; j < rank; ++j) acc += want_xa[r * n * rank + p * rank + j] * b[p][o * rank + j];
+                want[r * ldy + col[p] + o] = y[r * ldy + col[p] + o] + scale * acc;
+            }
+        }
+    LoraGroup3 g{};
+    g.n = (int)n;
+    size_t total = 0;
+    for (size_t p = 0; p < n; ++p) { g.a[p] = a[p].data(); g.b[p] = b[p].data(); g.col[p] = (int)col[p]; g.out[p] = (int)outs[p]; total += outs[p]; }
+    std::vector<float> xa(rows * n * rank, NAN);
+    std::vector<bf16> xb = to_bf(x), yb = to_bf(y);
+    const int rows_i = (int)rows, in_i = (int)in, k_i = (int)rank, ld_i = (int)ldy;
+    if (rows > 0) {
+        emu_launch(grid1(rows), (int)std::min<size_t>(n * rank, 8) * 32, 0, [&] { lora_group_xa_bf16(xa.data(), xb.data(), g, rows_i, in_i, k_i); });
+        emu_launch(grid1(rows, (total + 255) / 256), 256, 0, [&] { lora_group_expand_add_bf16(yb.data(), ld_i, xa.data(), g, scale, rows_i, k_i); });
+    }
+    const std::string what = "lora group n " + std::to_string(n) + " rows " + std::to_string(rows) + " in " + std::to_string(in) +
+                             " rank " + std::to_string(rank) + " gap " + std::to_string(gap);
+    check(what + " xa", want_xa, xa, 1e-5, 1e-5);
+    check(what + " y", want, from_bf(yb), 1e-5, BF16_STORE_RTOL);
+}
+
 int main(int argc, char** argv) {
     parse_args(argc, argv);
     qkv(4, 2, 8, 9, true);
     residual_norm(5, 64);
+    lora_group(3, 3, 40, 4, {24, 8, 8}, 0);
     if (g_full) {
+        // q|k|v of Qwen2.5-0.5B at rank 16; gate|up; one projection; gaps between projections
+        // (a partially adapted group: columns of an unadapted projection stay as they are); a
+        // total output that is not a multiple of the 256-thread block; rank > 8 warps' worth.
+        lora_group(3, 5, 896, 16, {896, 128, 128}, 0);
+        lora_group(2, 2, 96, 8, {300, 300}, 0);
+        lora_group(1, 4, 33, 3, {17}, 0);
+        lora_group(2, 3, 64, 5, {40, 9}, 13);
+        lora_group(3, 0, 64, 4, {8, 8, 8}, 0);
         // Qwen2.5-0.5B heads (14/2, hd 64) with and without bias, a GQA 1:1 and an hd 128 case;
         // rows: none, one, odd, and enough to fill every cache position of both sequences.
         for (bool b : {false, true}) {

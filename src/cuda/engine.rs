@@ -272,8 +272,8 @@ impl MemoryPlan {
         // stacked q|k|v output (qd + 2·kvd) or, with a q/k norm (Qwen3), q_pre (qd) and k,
         // k_pre, v (kvd).
         let per_row_bf16 = 3 * d + 2 * qd + 3 * inter + if c.qk_norm { qd + 3 * kvd } else { qd + 2 * kvd };
-        // Per row: ids u32, pos i32, row_seq i32; xa f32 (rank).
-        let activation_bytes = r * (per_row_bf16 * 2 + 3 * 4 + lora_rank.max(1) * 4);
+        // Per row: ids u32, pos i32, row_seq i32; xa f32 (3·rank: a q|k|v LoRA group).
+        let activation_bytes = r * (per_row_bf16 * 2 + 3 * 4 + (3 * lora_rank).max(1) * 4);
         // logits f32 [M, V], the gathered normed rows bf16 [M, D], and per logit row: row index,
         // logprob, entropy, target (4 B each).
         let logits_bytes = m * v * 4 + m * d * 2 + m * 4 * 4;
@@ -987,7 +987,7 @@ impl Buffers {
             qkv: bf(if qk { 1 } else { r * (qd + 2 * kvd) })?,
             gate_up: bf(r * 2 * i)?,
             act: bf(r * i)?,
-            xa: dev.alloc_zeros((r * p.lora_rank).max(1))?,
+            xa: dev.alloc_zeros((r * 3 * p.lora_rank).max(1))?,
             ids: dev.alloc_zeros(r.max(1))?,
             pos: dev.alloc_zeros(r.max(1))?,
             row_seq: dev.alloc_zeros(r.max(1))?,
@@ -1189,29 +1189,40 @@ fn gemm_stacked(
     )
 }
 
-/// One projection's LoRA added into its columns [c0, c0 + out) of a stacked output y
-/// (rows, ldy): y += scale · (x Aᵀ) Bᵀ, x (rows, in).
+/// The live adapter's LoRA of the projections `projs` (each with its first column in the
+/// stacked output y (rows, ldy)) that layer `l` adapts, in one grouped pair of launches
+/// (nothing when the adapter adapts none of them). x (rows, D).
 #[allow(clippy::too_many_arguments)]
-fn lora_strided(
+fn lora_group(
     dev: &CudaDevice,
     x: &impl DevicePtr<bf16>,
-    pair: &DeviceLoraPair,
-    scale: f32,
-    rank: usize,
+    projs: &[(Proj, usize)],
+    lw: &DeviceLayer,
+    lora: Option<(&DeviceLora, usize)>,
     xa: &mut CudaSlice<f32>,
-    y: &mut CudaSlice<bf16>,
-    c0: usize,
+    y: &mut impl DevicePtrMut<bf16>,
     ldy: usize,
-    d_out: usize,
     rows: usize,
-    d_in: usize,
 ) -> Result<()> {
-    check("lora xa", xa.len(), rows * rank)?;
-    check("lora y", y.len(), rows * ldy)?;
-    let mut xa = xa.slice_mut(..rows * rank);
-    dev.lora_xa_bf16(x, &pair.a, &mut xa, rows, d_in, rank)?;
-    let mut yv = y.slice_mut(c0..rows * ldy);
-    dev.lora_expand_add_strided_bf16(&mut yv, ldy, &xa, &pair.b, scale, rows, d_out, rank)
+    let Some((ad, l)) = lora else { return Ok(()) };
+    let members: Vec<super::fused::LoraMember<'_>> = projs
+        .iter()
+        .filter_map(|&(p, col)| {
+            ad.layers[l][p as usize]
+                .as_ref()
+                .map(|pair| super::fused::LoraMember {
+                    a: &pair.a,
+                    b: &pair.b,
+                    col,
+                    out: lw.proj[p as usize].d_out,
+                })
+        })
+        .collect();
+    if members.is_empty() {
+        return Ok(());
+    }
+    let d_in = lw.proj[projs[0].0 as usize].d_in;
+    dev.lora_group_bf16(x, &members, ad.scale, ad.rank, xa, y, ldy, rows, d_in)
 }
 
 /// logits (rows, V) f32 = x (rows, D) bf16 · lm_headᵀ (f32 output: no bf16 rounding of logits).
@@ -1569,16 +1580,17 @@ fn forward_device(
             // then bias + RoPE + the cache append in one kernel.
             let wq = qd + 2 * kvd;
             gemm_stacked(dev, blas, &h, &lw.qkv_w, &mut b.qkv.slice_mut(..n * wq), n, d, wq)?;
-            let mut c0 = 0;
-            for p in [Proj::Q, Proj::K, Proj::V] {
-                let d_out = lw.proj[p as usize].d_out;
-                if let Some((pair, scale, r)) = lora_of(l, p) {
-                    lora_strided(
-                        dev, &h, pair, scale, r, &mut b.xa, &mut b.qkv, c0, wq, d_out, n, d,
-                    )?;
-                }
-                c0 += d_out;
-            }
+            lora_group(
+                dev,
+                &h,
+                &[(Proj::Q, 0), (Proj::K, qd), (Proj::V, qd + kvd)],
+                lw,
+                md.lora.map(|a| (a, l)),
+                &mut b.xa,
+                &mut b.qkv.slice_mut(..n * wq),
+                wq,
+                n,
+            )?;
             dev.qkv_rope_append_bf16(
                 &b.qkv.slice(..n * wq),
                 lw.qkv_b.as_ref(),
@@ -1660,24 +1672,17 @@ fn forward_device(
         if let Some(bias) = &lw.gate_up_b {
             dev.add_bias_bf16(&mut b.gate_up.slice_mut(..n * wg), bias, n, wg)?;
         }
-        for (p, c0) in [(Proj::Gate, 0), (Proj::Up, inter)] {
-            if let Some((pair, scale, r)) = lora_of(l, p) {
-                lora_strided(
-                    dev,
-                    &h,
-                    pair,
-                    scale,
-                    r,
-                    &mut b.xa,
-                    &mut b.gate_up,
-                    c0,
-                    wg,
-                    inter,
-                    n,
-                    d,
-                )?;
-            }
-        }
+        lora_group(
+            dev,
+            &h,
+            &[(Proj::Gate, 0), (Proj::Up, inter)],
+            lw,
+            md.lora.map(|a| (a, l)),
+            &mut b.xa,
+            &mut b.gate_up.slice_mut(..n * wg),
+            wg,
+            n,
+        )?;
         dev.swiglu_fused_fwd_bf16(
             &b.gate_up.slice(..n * wg),
             &mut b.act.slice_mut(..n * inter),

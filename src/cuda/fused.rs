@@ -2,10 +2,10 @@
 //! q|k|v output → bias + RoPE + KV-cache append; residual add + RMSNorm). Each checks buffer
 //! lengths against the shapes, picks grid and block, and pushes the arguments in the kernel's
 //! order; `*_host` conveniences (host slices in, host vectors out) exist for tests. The
-//! unfused kernels they replace (src/cuda/rollout.rs) are their oracle in tests/cuda_kernels.rs.
+//! unfused kernels they replace (src/cuda/rollout.rs) are their oracle in tests/cuda_fused.rs.
 
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use half::bf16;
 use std::sync::Arc;
@@ -17,10 +17,42 @@ use crate::{Error, Result};
 pub(super) struct FusedKernels {
     qkv_rope_append_bf16: CudaFunction,
     residual_rmsnorm_fwd_bf16: CudaFunction,
+    lora_group_xa_bf16: CudaFunction,
+    lora_group_expand_add_bf16: CudaFunction,
 }
 
 /// Every kernel name of kernels/fused.cu (for the fatbin-content test).
-pub const FUSED_KERNEL_NAMES: &[&str] = &["qkv_rope_append_bf16", "residual_rmsnorm_fwd_bf16"];
+pub const FUSED_KERNEL_NAMES: &[&str] = &[
+    "qkv_rope_append_bf16",
+    "residual_rmsnorm_fwd_bf16",
+    "lora_group_xa_bf16",
+    "lora_group_expand_add_bf16",
+];
+
+/// kernels/fused.cu's `LoraGroup3`, passed by value (same C layout: 3 + 3 pointers, 3 + 3 + 1
+/// ints, padded to 8 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraGroup3 {
+    a: [u64; 3],
+    b: [u64; 3],
+    col: [i32; 3],
+    out: [i32; 3],
+    n: i32,
+}
+
+// SAFETY: plain old data with the layout of the kernel's struct (repr(C), no padding the kernel
+// reads), passed by value as a kernel parameter.
+unsafe impl DeviceRepr for LoraGroup3 {}
+
+/// One projection of a LoRA group: A (rank, in) and B (out, rank) f32, and where its output
+/// columns start in the stacked output.
+pub struct LoraMember<'a> {
+    pub a: &'a CudaSlice<f32>,
+    pub b: &'a CudaSlice<f32>,
+    pub col: usize,
+    pub out: usize,
+}
 
 impl FusedKernels {
     pub(super) fn load(module: &Arc<CudaModule>) -> Result<FusedKernels> {
@@ -32,6 +64,8 @@ impl FusedKernels {
         Ok(FusedKernels {
             qkv_rope_append_bf16: f("qkv_rope_append_bf16")?,
             residual_rmsnorm_fwd_bf16: f("residual_rmsnorm_fwd_bf16")?,
+            lora_group_xa_bf16: f("lora_group_xa_bf16")?,
+            lora_group_expand_add_bf16: f("lora_group_expand_add_bf16")?,
         })
     }
 }
@@ -202,6 +236,104 @@ impl CudaDevice {
         // SAFETY: argument order as kernels/fused.cu residual_rmsnorm_fwd_bf16; lengths checked;
         // one warp per row, rows past the end return.
         unsafe { l.launch(cfg(grid, (NORM_ROWS_PER_BLOCK * 32) as u32)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// The LoRA of 1–3 projections sharing their input x (rows, in) bf16, added into their
+    /// columns of the stacked output y (rows, ldy) bf16: y[:, col_p .. col_p + out_p] +=
+    /// scale · (x A_pᵀ) B_pᵀ. xa (≥ rows · n · rank) f32 is scratch. Bit-identical to
+    /// lora_xa_bf16 + lora_expand_add_bf16 per projection.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_group_bf16(
+        &self,
+        x: &impl DevicePtr<bf16>,
+        members: &[LoraMember<'_>],
+        scale: f32,
+        rank: usize,
+        xa: &mut CudaSlice<f32>,
+        y: &mut impl DevicePtrMut<bf16>,
+        ldy: usize,
+        rows: usize,
+        in_dim: usize,
+    ) -> Result<()> {
+        let kn = "lora_group_bf16";
+        let n = members.len();
+        if n == 0 || n > 3 || rank == 0 {
+            return Err(Error::invalid(format!(
+                "{kn}: {n} projections of rank {rank}; expected 1–3 of rank ≥ 1"
+            )));
+        }
+        check_len("x", kn, x.len(), rows * in_dim, "rows*in")?;
+        if xa.len() < rows * n * rank {
+            return Err(Error::invalid(format!(
+                "{kn}: xa has {} elements, needs {} = rows*n*rank",
+                xa.len(),
+                rows * n * rank
+            )));
+        }
+        check_len("y", kn, y.len(), rows * ldy, "rows*ldy")?;
+        let mut g = LoraGroup3 {
+            n: n as i32,
+            ..Default::default()
+        };
+        let s = self.stream();
+        let mut guards = Vec::with_capacity(2 * n);
+        let mut total_out = 0;
+        for (p, m) in members.iter().enumerate() {
+            check_len("a", kn, m.a.len(), rank * in_dim, "rank*in")?;
+            check_len("b", kn, m.b.len(), m.out * rank, "out*rank")?;
+            if m.col + m.out > ldy {
+                return Err(Error::invalid(format!(
+                    "{kn}: projection {p}'s columns {}..{} exceed ldy {ldy}",
+                    m.col,
+                    m.col + m.out
+                )));
+            }
+            let (ap, ag) = m.a.device_ptr(s);
+            let (bp, bg) = m.b.device_ptr(s);
+            guards.push(ag);
+            guards.push(bg);
+            g.a[p] = ap;
+            g.b[p] = bp;
+            g.col[p] = as_i32(kn, "col", m.col)?;
+            g.out[p] = as_i32(kn, "out", m.out)?;
+            total_out += m.out;
+        }
+        let (r_i, in_i, k_i, ld_i) = (
+            as_i32(kn, "rows", rows)?,
+            as_i32(kn, "in", in_dim)?,
+            as_i32(kn, "rank", rank)?,
+            as_i32(kn, "ldy", ldy)?,
+        );
+        if rows == 0 || total_out == 0 {
+            return Ok(());
+        }
+        let (xp, _x) = x.device_ptr(s);
+        let (ap, _a) = xa.device_ptr_mut(s);
+        let mut l = s.launch_builder(&self.fused.lora_group_xa_bf16);
+        l.arg(&ap).arg(&xp).arg(&g).arg(&r_i).arg(&in_i).arg(&k_i);
+        let block = ((n * rank).min(8) * 32) as u32;
+        // SAFETY: (float* xa, const bf16* x, LoraGroup3 g, int rows, int in, int rank); lengths
+        // checked above; g's pointers are live slices of this device (guards held).
+        unsafe { l.launch(cfg(rows as u32, block)) }.map_err(cuda_err("lora_group_xa_bf16"))?;
+        let (yp, _y) = y.device_ptr_mut(s);
+        let mut l = s.launch_builder(&self.fused.lora_group_expand_add_bf16);
+        l.arg(&yp)
+            .arg(&ld_i)
+            .arg(&ap)
+            .arg(&g)
+            .arg(&scale)
+            .arg(&r_i)
+            .arg(&k_i);
+        let grid = LaunchConfig {
+            grid_dim: (rows as u32, total_out.div_ceil(256) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (bf16* y, int ldy, const float* xa, LoraGroup3 g, float scale, int rows,
+        // int rank); y holds rows·ldy elements and every projection's columns fit in ldy.
+        unsafe { l.launch(grid) }.map_err(cuda_err("lora_group_expand_add_bf16"))?;
+        drop(guards);
         Ok(())
     }
 

@@ -36,7 +36,7 @@ pub use attention_train::{
 };
 pub use device::{CudaDevice, CUBLAS_WORKSPACE_BYTES};
 pub use engine::{CudaEngine, MemoryPlan};
-pub use fused::FUSED_KERNEL_NAMES;
+pub use fused::{LoraMember, FUSED_KERNEL_NAMES};
 pub use lora_train::{
     lora_train_col_splits, lora_train_compiled_rank, lora_train_fused_smem_bytes,
     lora_train_grad_scratch_len, lora_train_grad_smem_bytes, lora_train_grad_split,
