@@ -25,7 +25,8 @@ t0=$(date +%s)
 if [ "$what" != benches ]; then
   san=""
   if command -v compute-sanitizer >/dev/null && [ -z "${NO_SANITIZER:-}" ]; then
-    for t in .gpu/test/cuda_kernels-* .gpu/test/cuda_lora_train-* .gpu/test/cuda_attention_train-*; do
+    for t in .gpu/test/cuda_kernels-* .gpu/test/cuda_lora_train-* .gpu/test/cuda_attention_train-* \
+             .gpu/test/cuda_fused-* .gpu/test/cuda_rollout_kernels-* .gpu/test/cuda_train_kernels-*; do
       n=$(basename "$t" | sed 's/-[0-9a-f]*$//')
       ( timeout "${SAN_TIMEOUT:-120}" compute-sanitizer --tool memcheck --print-limit 20 \
           --error-exitcode 9 "$t" --test-threads 2 >"$L/san-$n.log" 2>&1
