@@ -14,8 +14,8 @@ prof() { # prof <name> <timeout> <command...>
   local name=$1 to=$2; shift 2
   local s=$(date +%s)
   RFT_CUDA_GRAPHS=0 timeout "$to" "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
-    --csv --print-units base --log-file "$O/prof-$name.csv" "$@" >"$O/prof-$name.out" 2>&1
-  echo "-- $name rc=$? $(( $(date +%s) - s )) s $(wc -l <"$O/prof-$name.csv") rows; $(grep -h '^{' "$O/prof-$name.out" | cut -c1-300)"
+    --csv --print-units base --log-file "$O/prof-$name.csv" "$@" >"/tmp/prof-$name.out" 2>&1
+  echo "-- $name rc=$? $(( $(date +%s) - s )) s $(wc -l <"$O/prof-$name.csv") rows; $(grep -h '^{' "/tmp/prof-$name.out" | cut -c1-300; tail -n 2 "/tmp/prof-$name.out" | cut -c1-300)"
 }
 R=.gpu/bin/rft
 prof roll64 ${T1:-60} $R bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 6 --json
