@@ -123,9 +123,29 @@ fn kernels(c: &mut Criterion) {
     let sp = SamplingParamsDev::upload(&dev, &params, &streams, &vec![0; SEQS]).unwrap();
     let mut toks = dev.alloc_zeros::<u32>(SEQS).unwrap();
     let mut lps = dev.alloc_zeros::<f32>(SEQS).unwrap();
+    let mut scratch = dev
+        .alloc_zeros::<f64>(rft::cuda::sample_scratch_len(SEQS, V))
+        .unwrap();
     g.bench_function("sample_tokens_f32 64x151936 top-p", |b| {
         b.iter(|| {
-            dev.sample_tokens_f32(&logits64, &sp, &mut toks, &mut lps, SEQS, V)
+            dev.sample_tokens_f32(&logits64, &sp, &mut scratch, &mut toks, &mut lps, SEQS, V)
+                .unwrap();
+            sync(&dev)
+        })
+    });
+    // The GRPO case: temperature 1, no top-k/top-p (the chunked fast path).
+    let plain = vec![
+        SamplingParams {
+            temperature: 1.0,
+            seed: 1,
+            ..Default::default()
+        };
+        SEQS
+    ];
+    let sp1 = SamplingParamsDev::upload(&dev, &plain, &streams, &vec![0; SEQS]).unwrap();
+    g.bench_function("sample_tokens_f32 64x151936 T=1", |b| {
+        b.iter(|| {
+            dev.sample_tokens_f32(&logits64, &sp1, &mut scratch, &mut toks, &mut lps, SEQS, V)
                 .unwrap();
             sync(&dev)
         })

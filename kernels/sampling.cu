@@ -31,6 +31,24 @@
 // from the CPU only when a cumulative mass lands within ~1e-15 of top_p·total or of u·kept_total
 // (probability ~1e-12 per draw); exp in f64 differs by ≤ 1 ulp from the CPU's libm, the same order.
 //
+// Fast path (sample_fast_{max,sum,pick}_*): greedy rows and rows with neither top-k nor top-p
+// (min-p allowed: it is the threshold w >= min_p, as w_max = 1) — the GRPO case. One block per
+// row leaves most SMs idle and re-reads the row in f64 several times, so these rows are split
+// into chunks of SAMPLE_CHUNK = 4096 ids (a function of V alone, so a row's arithmetic never
+// depends on the batch) over three launches:
+//   max:  block (row, chunk): the chunk's max s (exact) and first arg-max, a NaN max marking a
+//         NaN/+inf logit or an overflowing s;
+//   sum:  block (row, chunk): m = max of the row's chunk maxima; Z_c = Σ w and K_c = Σ kept w,
+//         w = exp((double)(s - m)) as above, each thread summing its 16 consecutive ids in order,
+//         then the 32 thread sums of a warp in order, then the 8 warp sums in order;
+//   pick: one block per row: Z = Σ Z_c, kept_total = Σ K_c (chunks in order), target =
+//         u·kept_total, the first chunk whose running Σ K_c exceeds it, and the walk of that
+//         chunk alone with the running sum formed as the sums were (see fast_pick_row), so it
+//         always ends; logprob = (s[token] - m) - log Z; greedy: the first chunk arg-max = m.
+// sample_tokens_* (skip_fast = 1) skip these rows, the fast kernels skip the others: the launcher
+// always issues all four, whatever the parameters. Versus the single-block kernel only the f64
+// summation orders of Z and of the draw's running sum differ (the same kind as below).
+//
 // Invalid rows (a NaN or +inf logit, every logit -inf, logits/T overflowing, or out-of-range
 // parameters, all of which the CPU rejects with an error) get token 0xFFFFFFFF and logprob NaN.
 //
@@ -141,13 +159,393 @@ static __device__ __forceinline__ float shifted(float s, float m) {
     return d == 0.0f ? 0.0f : d;
 }
 
+// ----------------------------------------------------------------------------
+// Fast path: greedy rows and rows without top-k or top-p (min-p allowed), each row split into
+// chunks of SAMPLE_CHUNK ids (the chunking depends on V alone, never on the batch).
+
+#define SAMPLE_CHUNK 4096
+#define SAMPLE_CHUNK_THREADS 256
+#define SAMPLE_SUB (SAMPLE_CHUNK / SAMPLE_CHUNK_THREADS)  // consecutive ids per thread: 16
+#define SAMPLE_CHUNK_WARPS (SAMPLE_CHUNK_THREADS / WARP_SIZE)
+// Shared-memory slot of chunk offset i: one pad word per 32, so that thread t reading offset
+// 16t + j (its own consecutive ids) and a warp writing 32 consecutive offsets are both free of
+// bank conflicts.
+#define SAMPLE_SLOT(i) ((i) + (i) / WARP_SIZE)
+#define SAMPLE_SLOTS SAMPLE_SLOT(SAMPLE_CHUNK)
+
+// Scratch of the fast path, per (row, chunk) with nc = ceil(V / SAMPLE_CHUNK) chunks per row,
+// 3·rows·nc doubles: sums[2(row·nc + c)] = Z_c (Σ w over the chunk), [.. + 1] = K_c (Σ kept w);
+// then maxes[row·nc + c] = (f32 bits of the chunk's max s, NaN if the chunk holds a NaN or +inf
+// logit or an s overflowing to +inf; its first arg-max id) as uint2.
+static __device__ __forceinline__ double* fast_sums(double* scratch) { return scratch; }
+static __device__ __forceinline__ uint2* fast_maxes(double* scratch, int rows, int nc) {
+    return reinterpret_cast<uint2*>(scratch + (size_t)2 * rows * nc);
+}
+
+// Parameters as SamplingParams::validate accepts them.
+static __device__ __forceinline__ bool sample_params_ok(float temp, float tp, float mp) {
+    return temp >= 0.0f && temp < INFINITY && tp > 0.0f && tp <= 1.0f && mp >= 0.0f && mp < 1.0f;
+}
+
+// Rows the fast path samples: greedy, or neither top-k nor top-p active (a NaN top_p counts as
+// fast, where validation rejects it). sample_tokens_* with skip_fast = 1 skip exactly these.
+static __device__ __forceinline__ bool sample_is_fast(float temp, int k, float tp, int vocab) {
+    return temp == 0.0f || (!(k > 0 && k < vocab) && !(tp < 1.0f));
+}
+
+// Stages the s values of ids [lo, lo + SAMPLE_CHUNK) into sh (SAMPLE_SLOT layout), -inf past
+// hi (w = 0: never kept, adds 0 to every sum). Coalesced loads; ends with a barrier.
+template <typename T>
+static __device__ __forceinline__ void fast_stage(float* sh, const T* __restrict__ x, int lo, int hi, float temp,
+                                                  bool greedy) {
+#pragma unroll
+    for (int j = 0; j < SAMPLE_SUB; ++j) {
+        const int o = j * SAMPLE_CHUNK_THREADS + (int)threadIdx.x;
+        float s = -INFINITY;
+        if (lo + o < hi) {
+            const float v = load_f32(x + lo + o);
+            s = greedy ? v : __fdiv_rn(v, temp);
+        }
+        sh[SAMPLE_SLOT(o)] = s;
+    }
+    __syncthreads();
+}
+
+// w of chunk offset 16·tid + j and whether the draw keeps it (w > 0 and, with min-p, w ≥ min_p).
+struct FastW {
+    double w;
+    bool kept;
+};
+static __device__ __forceinline__ FastW fast_w(const float* sh, int j, float m, bool use_minp, double mp64) {
+    const double w = exp((double)shifted(sh[SAMPLE_SLOT((int)threadIdx.x * SAMPLE_SUB + j)], m));
+    return {w, w > 0.0 && (!use_minp || w >= mp64)};
+}
+
+// The row's m = max s over its chunk maxima and whether any chunk is invalid (every thread gets
+// both; all threads must call).
+static __device__ __forceinline__ float fast_row_max(const uint2* __restrict__ mx, int nc, int* bad) {
+    int b = 0;
+    float m = -INFINITY;
+    for (int c = threadIdx.x; c < nc; c += blockDim.x) {
+        const float v = __uint_as_float(mx[c].x);
+        if (isnan(v)) b = 1;
+        m = fmaxf(m, v);
+    }
+    *bad = __syncthreads_or(b);
+    return block_reduce_max(m);
+}
+
+// Kernel 1, block (row, chunk): the chunk's max s (exact in f32) and its first arg-max.
+template <typename T>
+static __device__ void fast_max_chunk(double* __restrict__ scratch, const T* __restrict__ logits,
+                                      const float* __restrict__ temperature, const int* __restrict__ top_k,
+                                      const float* __restrict__ top_p, const float* __restrict__ min_p, int rows,
+                                      int vocab) {
+    const int nc = CEIL_DIV(vocab, SAMPLE_CHUNK);
+    const int row = blockIdx.x / nc, c = blockIdx.x % nc;
+    if (row >= rows) return;  // whole block
+    const float temp = temperature[row], tp = top_p[row];
+    if (!sample_is_fast(temp, top_k[row], tp, vocab) || !sample_params_ok(temp, tp, min_p[row])) return;
+    const bool greedy = temp == 0.0f;
+    const T* x = logits + (size_t)row * vocab;
+    const int lo = c * SAMPLE_CHUNK, hi = min(lo + SAMPLE_CHUNK, vocab);
+    int bad = 0;
+    float best = -INFINITY;
+    int arg = INT_MAX;
+#pragma unroll
+    for (int j = 0; j < SAMPLE_SUB; ++j) {
+        const int i = lo + j * SAMPLE_CHUNK_THREADS + (int)threadIdx.x;  // ascending per thread
+        if (i < hi) {
+            const float v = load_f32(x + i);
+            const float s = greedy ? v : __fdiv_rn(v, temp);
+            if (isnan(v) || v == INFINITY || s == INFINITY) bad = 1;
+            if (s > best) {  // strict: the thread keeps its first arg-max
+                best = s;
+                arg = i;
+            }
+        }
+    }
+    bad = __syncthreads_or(bad);
+    const float m = block_reduce_max(best);
+    const int first = smp_block_min_int(best == m ? arg : INT_MAX);
+    if (threadIdx.x == 0)
+        fast_maxes(scratch, rows, nc)[(size_t)row * nc + c] =
+            make_uint2(bad ? 0x7fc00000u : __float_as_uint(m), (uint32_t)first);
+}
+
+// Kernel 2, block (row, chunk): Z_c and K_c with w = exp((double)(s - m)), m the row's max.
+// Thread t sums its 16 consecutive ids in order, lane 0 of each warp sums its 32 threads' sums
+// in order, thread 0 the 8 warp sums in order: the order fast_pick_row's walk reproduces.
+template <typename T>
+static __device__ void fast_sum_chunk(double* __restrict__ scratch, const T* __restrict__ logits,
+                                      const float* __restrict__ temperature, const int* __restrict__ top_k,
+                                      const float* __restrict__ top_p, const float* __restrict__ min_p, int rows,
+                                      int vocab) {
+    __shared__ float sh[SAMPLE_SLOTS];
+    __shared__ double sh_z[SAMPLE_CHUNK_THREADS];
+    __shared__ double sh_k[SAMPLE_CHUNK_THREADS];
+    __shared__ double sh_wz[SAMPLE_CHUNK_WARPS];
+    __shared__ double sh_wk[SAMPLE_CHUNK_WARPS];
+    const int nc = CEIL_DIV(vocab, SAMPLE_CHUNK);
+    const int row = blockIdx.x / nc, c = blockIdx.x % nc;
+    if (row >= rows) return;
+    const float temp = temperature[row], tp = top_p[row], mp = min_p[row];
+    if (!sample_is_fast(temp, top_k[row], tp, vocab) || !sample_params_ok(temp, tp, mp)) return;
+    const bool greedy = temp == 0.0f;
+    const bool use_minp = !greedy && mp > 0.0f;
+    const double mp64 = (double)mp;
+    int bad;
+    const float m = fast_row_max(fast_maxes(scratch, rows, nc) + (size_t)row * nc, nc, &bad);
+    if (bad || m == -INFINITY) return;  // fast_pick_row marks the row invalid
+    const int lo = c * SAMPLE_CHUNK;
+    fast_stage(sh, logits + (size_t)row * vocab, lo, min(lo + SAMPLE_CHUNK, vocab), temp, greedy);
+    double z = 0.0, k = 0.0;
+#pragma unroll
+    for (int j = 0; j < SAMPLE_SUB; ++j) {
+        const FastW fw = fast_w(sh, j, m, use_minp, mp64);
+        z += fw.w;
+        if (fw.kept) k += fw.w;
+    }
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    sh_z[tid] = z;
+    sh_k[tid] = k;
+    __syncthreads();
+    if (lane == 0) {
+        double a = 0.0, b = 0.0;
+        for (int l = 0; l < WARP_SIZE; ++l) {
+            a += sh_z[tid + l];
+            b += sh_k[tid + l];
+        }
+        sh_wz[warp] = a;
+        sh_wk[warp] = b;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        double a = 0.0, b = 0.0;
+        for (int w = 0; w < SAMPLE_CHUNK_WARPS; ++w) {
+            a += sh_wz[w];
+            b += sh_wk[w];
+        }
+        double* out = fast_sums(scratch) + 2 * ((size_t)row * nc + c);
+        out[0] = a;
+        out[1] = b;
+    }
+}
+
+// Kernel 3, one block per row: log Z = log Σ_c Z_c and kept_total = Σ_c K_c (chunks in order),
+// the chunk where the running Σ K_c first exceeds u·kept_total, and the walk of that chunk only.
+// The walk's running sum at an id of thread (warp w, lane l) of chunk c is
+//   P_c + (W_w + (L_l + acc))
+// with P_c = Σ_{c'<c} K_c', W_w = Σ_{w'<w} (warp sums), L_l = Σ_{l'<l} (thread sums) and acc the
+// thread's own running sum, every Σ sequential from 0 as fast_sum_chunk formed them: at the
+// chunk's last kept id it equals P_c + K_c bitwise, which exceeds the target, so the walk ends.
+template <typename T>
+static __device__ void fast_pick_row(uint32_t* __restrict__ tokens, float* __restrict__ logprobs,
+                                     double* __restrict__ scratch, const T* __restrict__ logits,
+                                     const float* __restrict__ temperature, const int* __restrict__ top_k,
+                                     const float* __restrict__ top_p, const float* __restrict__ min_p,
+                                     const uint64_t* __restrict__ seed, const uint64_t* __restrict__ stream,
+                                     const uint64_t* __restrict__ step, int rows, int vocab) {
+    __shared__ float sh[SAMPLE_SLOTS];
+    __shared__ double sh_a[SAMPLE_CHUNK_THREADS];
+    __shared__ double sh_b[SAMPLE_CHUNK_THREADS];
+    __shared__ double sh_w[SAMPLE_CHUNK_WARPS];
+    __shared__ int sh_chunk;
+    __shared__ double sh_prefix;
+    __shared__ double sh_kept_total;
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    const float temp = temperature[row], tp = top_p[row], mp = min_p[row];
+    if (!sample_is_fast(temp, top_k[row], tp, vocab)) return;  // sample_tokens_* samples it
+    const bool greedy = temp == 0.0f;
+    const int nc = CEIL_DIV(vocab, SAMPLE_CHUNK);
+    const uint2* mx = fast_maxes(scratch, rows, nc) + (size_t)row * nc;
+    const double* sums = fast_sums(scratch) + (size_t)2 * row * nc;
+    const T* x = logits + (size_t)row * vocab;
+    if (!sample_params_ok(temp, tp, mp)) {
+        if (tid == 0) {
+            tokens[row] = 0xFFFFFFFFu;
+            logprobs[row] = __int_as_float(0x7fc00000);
+        }
+        return;
+    }
+    int bad;
+    const float m = fast_row_max(mx, nc, &bad);
+    if (bad || m == -INFINITY) {
+        if (tid == 0) {
+            tokens[row] = 0xFFFFFFFFu;
+            logprobs[row] = __int_as_float(0x7fc00000);  // NaN
+        }
+        return;
+    }
+
+    // Z and kept_total, chunks in order (thread 0), staged through shared memory a block at a time.
+    double z = 0.0, total = 0.0;
+    for (int base = 0; base < nc; base += blockDim.x) {
+        __syncthreads();
+        if (base + tid < nc) {
+            sh_a[tid] = sums[2 * (base + tid)];
+            sh_b[tid] = sums[2 * (base + tid) + 1];
+        }
+        __syncthreads();
+        if (tid == 0)
+            for (int t = 0; t < min((int)blockDim.x, nc - base); ++t) {
+                z += sh_a[t];
+                total += sh_b[t];
+            }
+    }
+    if (tid == 0) sh_kept_total = total;  // z stays with thread 0, which writes the logprob
+    __syncthreads();
+    total = sh_kept_total;
+    if (greedy) {
+        int first = INT_MAX;
+        for (int c = tid; c < nc; c += blockDim.x)
+            if (__uint_as_float(mx[c].x) == m) first = min(first, (int)mx[c].y);
+        const int token = smp_block_min_int(first);
+        if (tid == 0) {
+            tokens[row] = (uint32_t)token;
+            logprobs[row] = (float)((double)shifted(load_f32(x + token), m) - log(z));
+        }
+        return;
+    }
+
+    // The chunk where P_c + K_c first exceeds target (P_nc = total > target as u < 1 and the
+    // max token's w = 1 is always kept, so one does; the last chunk is only a formal fallback).
+    const double target = (double)philox_uniform(seed[row], stream[row], step[row]) * total;
+    if (tid == 0) {
+        sh_chunk = -1;
+        sh_prefix = 0.0;
+    }
+    double run = 0.0;
+    for (int base = 0; base < nc; base += blockDim.x) {
+        __syncthreads();
+        if (base + tid < nc) sh_b[tid] = sums[2 * (base + tid) + 1];
+        __syncthreads();
+        if (tid == 0 && sh_chunk < 0)
+            for (int t = 0; t < min((int)blockDim.x, nc - base); ++t) {
+                const double kc = sh_b[t];
+                if (run + kc > target || base + t == nc - 1) {
+                    sh_chunk = base + t;
+                    sh_prefix = run;
+                    break;
+                }
+                run += kc;
+            }
+    }
+    __syncthreads();
+    const int chunk = sh_chunk;
+    const double p_c = sh_prefix;
+
+    // Walk the chunk: thread sums, then exclusive prefixes L (per warp) and W (per chunk).
+    const bool use_minp = mp > 0.0f;
+    const double mp64 = (double)mp;
+    const int lo = chunk * SAMPLE_CHUNK;
+    fast_stage(sh, x, lo, min(lo + SAMPLE_CHUNK, vocab), temp, false);
+    double k = 0.0;
+    int last_kept = -1;
+#pragma unroll
+    for (int j = 0; j < SAMPLE_SUB; ++j) {
+        const FastW fw = fast_w(sh, j, m, use_minp, mp64);
+        if (fw.kept) {
+            k += fw.w;
+            last_kept = lo + tid * SAMPLE_SUB + j;
+        }
+    }
+    sh_a[tid] = k;
+    __syncthreads();
+    if (lane == 0) {
+        double a = 0.0;
+        for (int l = 0; l < WARP_SIZE; ++l) {
+            const double v = sh_a[tid + l];
+            sh_a[tid + l] = a;
+            a += v;
+        }
+        sh_w[warp] = a;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        double a = 0.0;
+        for (int w = 0; w < SAMPLE_CHUNK_WARPS; ++w) {
+            const double v = sh_w[w];
+            sh_w[w] = a;
+            a += v;
+        }
+    }
+    __syncthreads();
+    const double l_t = sh_a[tid], w_t = sh_w[warp];
+    int found = INT_MAX;
+    double acc = 0.0;
+    for (int j = 0; j < SAMPLE_SUB; ++j) {
+        const FastW fw = fast_w(sh, j, m, use_minp, mp64);
+        if (fw.kept) {
+            acc += fw.w;
+            if (p_c + (w_t + (l_t + acc)) > target) {
+                found = lo + tid * SAMPLE_SUB + j;
+                break;
+            }
+        }
+    }
+    int token = smp_block_min_int(found);
+    if (token == INT_MAX) token = smp_block_max_int(last_kept);  // cannot happen (above)
+    if (tid == 0) {
+        tokens[row] = (uint32_t)token;
+        logprobs[row] = (float)((double)shifted(scaled_logit(x, token, temp), m) - log(z));
+    }
+}
+
+// The fast path (f32 and bf16 logits), launched with sample_tokens_* (skip_fast = 1) on the same
+// arguments; scratch as above (3·rows·ceil(V / SAMPLE_CHUNK) doubles). In stream order:
+// sample_fast_max_*, then sample_fast_sum_*: grid = rows·nc (block b = row·nc + chunk), block =
+// SAMPLE_CHUNK_THREADS; then sample_fast_pick_*: grid = rows, block = SAMPLE_CHUNK_THREADS.
+extern "C" __global__ void __launch_bounds__(SAMPLE_CHUNK_THREADS)
+    sample_fast_max_f32(double* __restrict__ scratch, const float* __restrict__ logits,
+                        const float* __restrict__ temperature, const int* __restrict__ top_k,
+                        const float* __restrict__ top_p, const float* __restrict__ min_p, int rows, int vocab) {
+    fast_max_chunk(scratch, logits, temperature, top_k, top_p, min_p, rows, vocab);
+}
+extern "C" __global__ void __launch_bounds__(SAMPLE_CHUNK_THREADS)
+    sample_fast_max_bf16(double* __restrict__ scratch, const bf16* __restrict__ logits,
+                         const float* __restrict__ temperature, const int* __restrict__ top_k,
+                         const float* __restrict__ top_p, const float* __restrict__ min_p, int rows, int vocab) {
+    fast_max_chunk(scratch, logits, temperature, top_k, top_p, min_p, rows, vocab);
+}
+extern "C" __global__ void __launch_bounds__(SAMPLE_CHUNK_THREADS)
+    sample_fast_sum_f32(double* __restrict__ scratch, const float* __restrict__ logits,
+                        const float* __restrict__ temperature, const int* __restrict__ top_k,
+                        const float* __restrict__ top_p, const float* __restrict__ min_p, int rows, int vocab) {
+    fast_sum_chunk(scratch, logits, temperature, top_k, top_p, min_p, rows, vocab);
+}
+extern "C" __global__ void __launch_bounds__(SAMPLE_CHUNK_THREADS)
+    sample_fast_sum_bf16(double* __restrict__ scratch, const bf16* __restrict__ logits,
+                         const float* __restrict__ temperature, const int* __restrict__ top_k,
+                         const float* __restrict__ top_p, const float* __restrict__ min_p, int rows, int vocab) {
+    fast_sum_chunk(scratch, logits, temperature, top_k, top_p, min_p, rows, vocab);
+}
+extern "C" __global__ void __launch_bounds__(SAMPLE_CHUNK_THREADS)
+    sample_fast_pick_f32(uint32_t* __restrict__ tokens, float* __restrict__ logprobs, double* __restrict__ scratch,
+                         const float* __restrict__ logits, const float* __restrict__ temperature,
+                         const int* __restrict__ top_k, const float* __restrict__ top_p,
+                         const float* __restrict__ min_p, const uint64_t* __restrict__ seed,
+                         const uint64_t* __restrict__ stream, const uint64_t* __restrict__ step, int rows, int vocab) {
+    fast_pick_row(tokens, logprobs, scratch, logits, temperature, top_k, top_p, min_p, seed, stream, step, rows, vocab);
+}
+extern "C" __global__ void __launch_bounds__(SAMPLE_CHUNK_THREADS)
+    sample_fast_pick_bf16(uint32_t* __restrict__ tokens, float* __restrict__ logprobs, double* __restrict__ scratch,
+                          const bf16* __restrict__ logits, const float* __restrict__ temperature,
+                          const int* __restrict__ top_k, const float* __restrict__ top_p,
+                          const float* __restrict__ min_p, const uint64_t* __restrict__ seed,
+                          const uint64_t* __restrict__ stream, const uint64_t* __restrict__ step, int rows, int vocab) {
+    fast_pick_row(tokens, logprobs, scratch, logits, temperature, top_k, top_p, min_p, seed, stream, step, rows, vocab);
+}
+
 template <typename T>
 static __device__ void sample_row(uint32_t* __restrict__ tokens, float* __restrict__ logprobs,
                                   const T* __restrict__ logits, const float* __restrict__ temperature,
                                   const int* __restrict__ top_k, const float* __restrict__ top_p,
                                   const float* __restrict__ min_p, const uint64_t* __restrict__ seed,
                                   const uint64_t* __restrict__ stream, const uint64_t* __restrict__ step,
-                                  int rows, int vocab) {
+                                  int rows, int vocab, int skip_fast) {
     __shared__ double hist_mass[256];
     __shared__ unsigned int hist_cnt[256];
     __shared__ double chunk_prefix[1024];
@@ -166,6 +564,7 @@ static __device__ void sample_row(uint32_t* __restrict__ tokens, float* __restri
     const float tp = top_p[row];
     const float mp = min_p[row];
     const int k = top_k[row];
+    if (skip_fast && sample_is_fast(temp, k, tp, vocab)) return;  // the fast path's row
 
     // 0 + 2. Validation (as SamplingParams::validate and check_logits) and m = max s.
     int bad = !(temp >= 0.0f && temp < INFINITY) || !(tp > 0.0f && tp <= 1.0f) || !(mp >= 0.0f && mp < 1.0f);
@@ -366,13 +765,14 @@ static __device__ void sample_row(uint32_t* __restrict__ tokens, float* __restri
 // logits (rows, vocab) f32; per-row parameters (rows): temperature (0 = greedy), top_k (0 = off),
 // top_p (1 = off), min_p (0 = off), seed, stream (sequence id), step (token index in the
 // sequence). Out: tokens (rows) u32, logprobs (rows) f32. grid = rows, block = SAMPLE_THREADS.
+// skip_fast = 1: leave the rows of the fast path (sample_is_fast) to sample_fast_*; 0: every row.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_tokens_f32(uint32_t* __restrict__ tokens, float* __restrict__ logprobs, const float* __restrict__ logits,
                       const float* __restrict__ temperature, const int* __restrict__ top_k,
                       const float* __restrict__ top_p, const float* __restrict__ min_p,
                       const uint64_t* __restrict__ seed, const uint64_t* __restrict__ stream,
-                      const uint64_t* __restrict__ step, int rows, int vocab) {
-    sample_row(tokens, logprobs, logits, temperature, top_k, top_p, min_p, seed, stream, step, rows, vocab);
+                      const uint64_t* __restrict__ step, int rows, int vocab, int skip_fast) {
+    sample_row(tokens, logprobs, logits, temperature, top_k, top_p, min_p, seed, stream, step, rows, vocab, skip_fast);
 }
 
 // As sample_tokens_f32 with bf16 logits (read exactly as f32).
@@ -381,8 +781,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
                        const float* __restrict__ temperature, const int* __restrict__ top_k,
                        const float* __restrict__ top_p, const float* __restrict__ min_p,
                        const uint64_t* __restrict__ seed, const uint64_t* __restrict__ stream,
-                       const uint64_t* __restrict__ step, int rows, int vocab) {
-    sample_row(tokens, logprobs, logits, temperature, top_k, top_p, min_p, seed, stream, step, rows, vocab);
+                       const uint64_t* __restrict__ step, int rows, int vocab, int skip_fast) {
+    sample_row(tokens, logprobs, logits, temperature, top_k, top_p, min_p, seed, stream, step, rows, vocab, skip_fast);
 }
 
 // ----------------------------------------------------------------------------

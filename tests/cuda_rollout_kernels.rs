@@ -709,6 +709,74 @@ fn sample_tokens_bf16_matches_cpu_sampler() {
     check_sampling(&dev, 151_936, 16, 3, true);
 }
 
+/// The chunked fast path (greedy, or no top-k/top-p; min-p allowed) against the single-block
+/// kernel alone on random rows of a real vocabulary: identical tokens (they could differ only
+/// where u·kept_total lands within f64 rounding of a boundary, ~1e-12 per draw) and logprobs
+/// within 2e-6 (log Z summed in another order); each row alone gives the same bits.
+#[test]
+fn sample_tokens_fast_path_matches_single_block() {
+    let Some(dev) = device_or_skip() else { return };
+    for &bf16_logits in &[false, true] {
+        let (vocab, rows) = (151_936usize, 48usize);
+        let mut logits = uniform_vec(rows * vocab, 77 + bf16_logits as u64, -8.0, 8.0);
+        for r in (1..rows).step_by(6) {
+            logits[r * vocab..(r + 1) * vocab]
+                .iter_mut()
+                .step_by(3)
+                .for_each(|v| *v = f32::NEG_INFINITY);
+        }
+        for r in (2..rows).step_by(6) {
+            logits[r * vocab + 4095] = 30.0; // tied maxima across a chunk boundary
+            logits[r * vocab + 4096] = 30.0;
+        }
+        let logits = if bf16_logits { bf(&logits) } else { logits };
+        let base = [(1.0f32, 0.0f32), (0.7, 0.0), (1.0, 0.05), (0.0, 0.0), (1.3, 0.1)];
+        let params: Vec<SamplingParams> = (0..rows)
+            .map(|r| SamplingParams {
+                temperature: base[r % base.len()].0,
+                min_p: base[r % base.len()].1,
+                seed: 7 + r as u64,
+                ..Default::default()
+            })
+            .collect();
+        for step in 0..3u64 {
+            let streams: Vec<u64> = (0..rows as u64).collect();
+            let steps = vec![step; rows];
+            let (tok, lp) = if bf16_logits {
+                dev.sample_tokens_bf16_host(&logits, &params, &streams, &steps, vocab)
+            } else {
+                dev.sample_tokens_f32_host(&logits, &params, &streams, &steps, vocab)
+            }
+            .unwrap();
+            let (tok1, lp1) = dev
+                .sample_tokens_single_block_host(&logits, &params, &streams, &steps, vocab, bf16_logits)
+                .unwrap();
+            for r in 0..rows {
+                assert_eq!(tok[r], tok1[r], "row {r} step {step} bf16 {bf16_logits}");
+                let tol = 2e-6 * lp1[r].abs().max(1.0);
+                assert!(
+                    (lp[r] - lp1[r]).abs() <= tol,
+                    "row {r} step {step}: fast {} single-block {}",
+                    lp[r],
+                    lp1[r]
+                );
+            }
+            if step == 0 {
+                for r in (0..rows).step_by(7) {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let (t, l) = if bf16_logits {
+                        dev.sample_tokens_bf16_host(row, &params[r..r + 1], &[r as u64], &[0], vocab)
+                    } else {
+                        dev.sample_tokens_f32_host(row, &params[r..r + 1], &[r as u64], &[0], vocab)
+                    }
+                    .unwrap();
+                    assert_eq!((t[0], l[0].to_bits()), (tok[r], lp[r].to_bits()), "row {r} alone");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn sample_tokens_marks_invalid_rows() {
     let Some(dev) = device_or_skip() else { return };

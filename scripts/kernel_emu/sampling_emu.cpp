@@ -2,10 +2,13 @@
 // Philox4x32-10, itself checked on Random123's known answers), sample_tokens_{f32,bf16} against a
 // line-by-line port of src/sampling.rs::Sampler::sample (greedy, temperature, top-k, top-p, min-p,
 // the draw, invalid rows), and logprob_gather_{f32,bf16} against an f64 log-softmax / entropy,
-// launched as src/cuda/rollout.rs does (grid = rows; 512 threads for sampling, row_block(vocab)
-// for the gather), with tests/cuda_rollout_kernels.rs's tolerances: tokens equal (at most 1 in
-// 1000 sampled rows may differ, where u lands within f64 rounding of a boundary), logprob within
-// 2e-6·max(1, |lp|), gather 1e-5 + 1e-6·|ref|.
+// launched as src/cuda/rollout.rs does (sampling: sample_tokens_* with skip_fast = 1, grid = rows,
+// 512 threads, then the fast path's sample_fast_{max,sum} on rows·ceil(V/4096) blocks and
+// sample_fast_pick on rows blocks, 256 threads; the gather: grid = rows, row_block(vocab)), with
+// tests/cuda_rollout_kernels.rs's tolerances: tokens equal (at most 1 in 1000 sampled rows may
+// differ, where u lands within f64 rounding of a boundary), logprob within 2e-6·max(1, |lp|),
+// gather 1e-5 + 1e-6·|ref|. fast_vs_single: the fast path against sample_tokens_* alone
+// (skip_fast = 0) on random rows, tokens identical, and each row alone bit-identical to its batch.
 #include <algorithm>
 #include <numeric>
 #include "emu.h"
@@ -89,9 +92,14 @@ static Sampled cpu_sample(const std::vector<float>& x, const Params& p, uint64_t
 }
 
 // ---- launchers (src/cuda/rollout.rs) ----
+static const size_t CHUNK = 4096;  // SAMPLE_CHUNK
+// As launch_sample: sample_tokens_* (grid rows, 512 threads, skip_fast = 1), then the fast path's
+// three kernels on a scratch of 3·rows·ceil(V / 4096) doubles (refilled with NaN bytes here, so a
+// slot read before it is written shows). single_block: only sample_tokens_* with skip_fast = 0
+// (the reference the fast path is compared with, as the Rust test helper does).
 template <class T>
 static std::vector<Sampled> gpu_sample(const std::vector<T>& logits, const std::vector<Params>& ps, const std::vector<uint64_t>& streams,
-                                       const std::vector<uint64_t>& steps, size_t vocab) {
+                                       const std::vector<uint64_t>& steps, size_t vocab, bool single_block = false) {
     const size_t rows = ps.size();
     std::vector<float> temp, top_p, min_p;
     std::vector<int> top_k;
@@ -103,15 +111,40 @@ static std::vector<Sampled> gpu_sample(const std::vector<T>& logits, const std::
     std::vector<uint32_t> tokens(rows, 12345);
     std::vector<float> lps(rows, 12345.0f);
     const int r_i = (int)rows, v_i = (int)vocab;
-    if (rows > 0)
+    const size_t nc = (vocab + CHUNK - 1) / CHUNK;
+    std::vector<double> scratch(3 * rows * nc);
+    memset(scratch.data(), 0xff, scratch.size() * sizeof(double));
+    constexpr bool F = std::is_same<T, float>::value;
+    if (rows > 0) {
+        const int skip = single_block ? 0 : 1;
         emu_launch(grid1(rows), 512, 0, [&] {
-            if constexpr (std::is_same<T, float>::value)
+            if constexpr (F)
                 sample_tokens_f32(tokens.data(), lps.data(), logits.data(), temp.data(), top_k.data(), top_p.data(), min_p.data(),
-                                  seed.data(), streams.data(), steps.data(), r_i, v_i);
+                                  seed.data(), streams.data(), steps.data(), r_i, v_i, skip);
             else
                 sample_tokens_bf16(tokens.data(), lps.data(), logits.data(), temp.data(), top_k.data(), top_p.data(), min_p.data(),
-                                   seed.data(), streams.data(), steps.data(), r_i, v_i);
+                                   seed.data(), streams.data(), steps.data(), r_i, v_i, skip);
         });
+    }
+    if (rows > 0 && !single_block) {
+        double* sc = scratch.data();
+        emu_launch(grid1(rows * nc), 256, 0, [&] {
+            if constexpr (F) sample_fast_max_f32(sc, logits.data(), temp.data(), top_k.data(), top_p.data(), min_p.data(), r_i, v_i);
+            else sample_fast_max_bf16(sc, logits.data(), temp.data(), top_k.data(), top_p.data(), min_p.data(), r_i, v_i);
+        });
+        emu_launch(grid1(rows * nc), 256, 0, [&] {
+            if constexpr (F) sample_fast_sum_f32(sc, logits.data(), temp.data(), top_k.data(), top_p.data(), min_p.data(), r_i, v_i);
+            else sample_fast_sum_bf16(sc, logits.data(), temp.data(), top_k.data(), top_p.data(), min_p.data(), r_i, v_i);
+        });
+        emu_launch(grid1(rows), 256, 0, [&] {
+            if constexpr (F)
+                sample_fast_pick_f32(tokens.data(), lps.data(), sc, logits.data(), temp.data(), top_k.data(), top_p.data(),
+                                     min_p.data(), seed.data(), streams.data(), steps.data(), r_i, v_i);
+            else
+                sample_fast_pick_bf16(tokens.data(), lps.data(), sc, logits.data(), temp.data(), top_k.data(), top_p.data(),
+                                      min_p.data(), seed.data(), streams.data(), steps.data(), r_i, v_i);
+        });
+    }
     std::vector<Sampled> out(rows);
     for (size_t r = 0; r < rows; ++r) out[r] = {tokens[r], lps[r]};
     return out;
@@ -224,6 +257,69 @@ static void edge_cases(size_t vocab, bool bf) {
     for (uint64_t step : {0, 1, 2}) compare(std::string(bf ? "bf16" : "f32") + " edge vocab " + std::to_string(V), all, V, ps, step, bf);
 }
 
+// The fast path (greedy, or no top-k / top-p) against sample_tokens_* alone (skip_fast = 0) on
+// random rows: tokens must be identical (they could differ only where u·kept_total lands within
+// f64 rounding of a cumulative boundary, ~1e-12 per draw), logprobs within 2e-6·max(1, |lp|)
+// (log Z summed in another order: ~1e-16 relative, almost always the same f32). Also batch
+// independence: every row sampled alone gives the same bits as in the batch.
+static int g_fast_rows = 0, g_fast_lp_bits_differ = 0;
+static void fast_vs_single(size_t vocab, size_t rows, uint64_t steps, bool bf, uint64_t seed) {
+    Rng rng(seed * 7919 + vocab);
+    std::vector<float> x(rows * vocab);
+    for (size_t r = 0; r < rows; ++r) {
+        float* row = &x[r * vocab];
+        const float spread = r % 3 == 0 ? 6.0f : r % 3 == 1 ? 15.0f : 2.0f;
+        for (size_t i = 0; i < vocab; ++i) row[i] = rng.uni(-spread, spread);
+        switch (r % 7) {
+            case 1: for (size_t i = 0; i < vocab; i += 5) row[i] = -INFINITY; break;
+            case 2: row[rng.next() % vocab] = 25.0f; break;  // one dominant token
+            case 3: {  // tied maxima across chunk boundaries and within one thread's stride
+                const size_t a = rng.next() % vocab, b = rng.next() % vocab;
+                row[a] = row[b] = 30.0f;
+                if (vocab > 4097) row[4095] = row[4096] = 30.0f;
+                if (vocab > 600) row[(a + 256) % vocab] = 30.0f;
+                break;
+            }
+            case 4: for (size_t i = 0; i < vocab; ++i) row[i] = (float)(i % 5) * 0.5f; break;  // many exact ties
+            case 5: for (size_t i = vocab / 2; i < vocab; ++i) row[i] = -INFINITY; break;  // later chunks all -inf
+        }
+    }
+    if (bf) x = bfr(x);
+    const Params base[] = {{1, 0, 1, 0}, {0.7f, 0, 1, 0}, {1, 0, 1, 0.05f}, {0, 0, 1, 0}, {1.3f, 0, 1, 0.1f},
+                           {0.7f, 0, 1, 0.3f}, {1, vocab, 1, 0}, {0, 5, 0.5f, 0}, {0.9f, vocab + 7, 1, 0.01f}};
+    std::vector<Params> ps(rows);
+    for (size_t r = 0; r < rows; ++r) { ps[r] = base[(r + seed) % 9]; ps[r].seed = seed * 1000 + r; }
+    for (uint64_t st = 0; st < steps; ++st) {
+        std::vector<uint64_t> streams(rows), stv(rows, st * 131 + seed);
+        std::iota(streams.begin(), streams.end(), 17 * seed);
+        std::vector<Sampled> fast, single;
+        if (bf) { const auto xb = to_bf(x); fast = gpu_sample(xb, ps, streams, stv, vocab); single = gpu_sample(xb, ps, streams, stv, vocab, true); }
+        else { fast = gpu_sample(x, ps, streams, stv, vocab); single = gpu_sample(x, ps, streams, stv, vocab, true); }
+        for (size_t r = 0; r < rows; ++r) {
+            char tag[200];
+            snprintf(tag, sizeof tag, "fast vs single-block %s vocab %zu row %zu step %llu (T %g k %zu min_p %g)", bf ? "bf16" : "f32",
+                     vocab, r, (unsigned long long)stv[r], ps[r].temperature, ps[r].top_k, ps[r].min_p);
+            ++g_fast_rows;
+            if (fast[r].token != single[r].token) { printf("  FAIL %s: token %u vs %u\n", tag, fast[r].token, single[r].token); ++g_bad; continue; }
+            if (single[r].token == INVALID.token) { expect(std::isnan(fast[r].logprob), std::string(tag) + ": invalid row, logprob not NaN"); continue; }
+            const double tol = 2e-6 * std::max(1.0, (double)std::fabs(single[r].logprob));
+            expect(std::fabs(fast[r].logprob - single[r].logprob) <= tol,
+                   std::string(tag) + ": logprob " + std::to_string(fast[r].logprob) + " vs " + std::to_string(single[r].logprob));
+            if (memcmp(&fast[r].logprob, &single[r].logprob, 4)) ++g_fast_lp_bits_differ;
+        }
+        if (st == 0) {  // batch independence: each of a few rows alone
+            for (size_t r = 0; r < rows; r += 5) {
+                const std::vector<Params> p1{ps[r]};
+                const std::vector<uint64_t> s1{streams[r]}, t1{stv[r]};
+                const std::vector<float> row(x.begin() + r * vocab, x.begin() + (r + 1) * vocab);
+                const auto one = bf ? gpu_sample(to_bf(row), p1, s1, t1, vocab) : gpu_sample(row, p1, s1, t1, vocab);
+                expect(one[0].token == fast[r].token && !memcmp(&one[0].logprob, &fast[r].logprob, 4),
+                       "batch independence vocab " + std::to_string(vocab) + " row " + std::to_string(r));
+            }
+        }
+    }
+}
+
 static void uniform_case() {
     // Random123 known answers for the reference, then the kernel bit for bit.
     const uint32_t kat[3][10] = {{0, 0, 0, 0, 0, 0, 0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8},
@@ -290,12 +386,15 @@ int main(int argc, char** argv) {
     parse_args(argc, argv);
     uniform_case();
     grid_case(461, 16, 1, false);
+    fast_vs_single(4099, 9, 1, false, 1);
     gather<float>(461, 7, 1.0f);
     if (g_full) {
         for (bool bf : {false, true}) {
             grid_case(461, 48, 4, bf);
             grid_case(151936, 8, 1, bf);
-            for (size_t vocab : {1, 2, 100, 511, 512, 513, 4099}) edge_cases(vocab, bf);
+            for (size_t vocab : {1, 2, 100, 511, 512, 513, 4095, 4096, 4097, 4099, 8193}) edge_cases(vocab, bf);
+            for (size_t vocab : {1, 3, 461, 4096, 4097, 12289}) fast_vs_single(vocab, 36, 4, bf, vocab + bf);
+            fast_vs_single(151936, 18, 2, bf, 3 + bf);
         }
         for (size_t vocab : {461, 151936})
             for (size_t rows : {1, 7}) {
@@ -306,6 +405,8 @@ int main(int argc, char** argv) {
         gather<float>(33, 5, 1.3f);
     }
     printf("  sampled rows %d, tokens differing from the CPU sampler %d\n", g_sampled, g_mismatch);
+    printf("  fast path vs single-block: %d rows, tokens all equal unless FAIL above; logprob bits differ in %d\n", g_fast_rows,
+           g_fast_lp_bits_differ);
     if (g_mismatch * 1000 > g_sampled) ++g_bad;
     return finish("sampling");
 }

@@ -280,7 +280,8 @@ impl MemoryPlan {
         // Flash-decoding partials (acc hd + m, l) for max_seqs × max_decode_parts partitions, block
         // table, cu_rows/pos0/seq_lens, the sampling parameters (temperature, top_k, top_p,
         // min_p: 4 B; seed, stream, step: 8 B), the decode step's staged inputs (words of the
-        // largest bucket, max_seqs rows) and the sampled tokens + logprobs (2 words per row).
+        // largest bucket, max_seqs rows), the sampled tokens + logprobs (2 words per row) and the
+        // sampler's fast-path scratch (24 B per row and vocabulary chunk, `sample_scratch_len`).
         let part_rows = if max_decode_parts > 1 {
             s * max_decode_parts
         } else {
@@ -298,7 +299,8 @@ impl MemoryPlan {
             + (3 * s + 1) * 4
             + m * (4 * 4 + 3 * 8)
             + staging_bytes
-            + sampled_bytes;
+            + sampled_bytes
+            + super::sample_scratch_len(m, v) * 8;
         MemoryPlan {
             page_size: PAGE_SIZE,
             num_pages: needs.num_pages,
@@ -911,6 +913,8 @@ pub(super) struct Buffers {
     entropy: CudaSlice<f32>,     // (M)
     targets: CudaSlice<u32>,     // (M)
     sampling: SamplingParamsDev, // (M) rows
+    /// (3 · M · ceil(V / SAMPLE_CHUNK)) the sampler's fast-path scratch (`sample_scratch_len`).
+    smp_scratch: CudaSlice<f64>,
     /// (W) a decode step's inputs ([`DecodeStaging`]), copied from `staging_host` in one piece.
     staging: CudaSlice<u32>,
     staging_host: PinnedHostSlice<u32>, // (W)
@@ -1004,6 +1008,7 @@ impl Buffers {
             entropy: dev.alloc_zeros(m.max(1))?,
             targets: dev.alloc_zeros(m.max(1))?,
             sampling: SamplingParamsDev::alloc(dev, m)?,
+            smp_scratch: dev.alloc_zeros(super::sample_scratch_len(m, v).max(1))?,
             staging: dev.alloc_zeros(staging_words)?,
             staging_host: dev.alloc_pinned(staging_words)?,
             sampled: dev.alloc_zeros(2 * m.max(1))?,
@@ -1874,7 +1879,8 @@ fn decode_step_device(
 }
 
 /// Samples rows 0..rows of `b.logits` with the parameters in `b.sampling` into `b.sampled`:
-/// tokens at [0, rows), logprobs (f32 bits) at [rows, 2·rows). One launch.
+/// tokens at [0, rows), logprobs (f32 bits) at [rows, 2·rows). Four launches (see
+/// `CudaDevice::sample_tokens_f32`), scratch from the plan.
 fn sample_into(dev: &CudaDevice, b: &mut Buffers, rows: usize, vocab: usize) -> Result<()> {
     check("sampled", b.sampled.len(), 2 * rows)?;
     let (mut tokens, mut rest) = b.sampled.split_at_mut(rows);
@@ -1885,6 +1891,7 @@ fn sample_into(dev: &CudaDevice, b: &mut Buffers, rows: usize, vocab: usize) -> 
     dev.sample_tokens_f32(
         &b.logits.slice(..rows * vocab),
         &b.sampling,
+        &mut b.smp_scratch,
         &mut tokens,
         &mut logprobs,
         rows,

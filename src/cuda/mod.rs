@@ -43,7 +43,8 @@ pub use lora_train::{
     LORA_TRAIN_COMPILED_RANKS, LORA_TRAIN_MAX_RANK,
 };
 pub use rollout::{
-    decode_partitions, AttnShape, SamplingParamsDev, DECODE_PARTITION_SIZE, ROLLOUT_KERNEL_NAMES,
+    decode_partitions, sample_scratch_len, AttnShape, SamplingParamsDev, DECODE_PARTITION_SIZE,
+    ROLLOUT_KERNEL_NAMES, SAMPLE_CHUNK,
 };
 pub use train::{CudaTrainer, PackedBatch, TrainPlan};
 pub use train_kernels::{

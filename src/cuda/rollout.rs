@@ -5,7 +5,8 @@
 //! pushes the arguments in the kernel's order; each has a `*_host` convenience (host slices in,
 //! host vectors out) for tests. The CPU oracles are named in each kernel file's top comment.
 //!
-//! It owns no memory plan: scratch buffers (decode partials, the LoRA `xa`) are passed in.
+//! It owns no memory plan: scratch buffers (decode partials, the LoRA `xa`, the sampler's
+//! per-chunk sums) are passed in.
 
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -24,6 +25,34 @@ const PREFILL_BQ: usize = 16;
 const PREFILL_BK: usize = 32;
 /// Threads per sampling block (kernels/sampling.cu `SAMPLE_THREADS`).
 const SAMPLE_THREADS: u32 = 512;
+/// Vocabulary ids per chunk of the sampling fast path and threads per fast-path block
+/// (kernels/sampling.cu `SAMPLE_CHUNK`, `SAMPLE_CHUNK_THREADS`).
+pub const SAMPLE_CHUNK: usize = 4096;
+const SAMPLE_CHUNK_THREADS: u32 = 256;
+
+/// f64 elements of the scratch [`CudaDevice::sample_tokens_f32`] needs for `rows` rows of
+/// `vocab` logits: per row and chunk of [`SAMPLE_CHUNK`] ids, the chunk's Σ w, kept Σ w and
+/// (max, arg-max) — 24 bytes.
+pub fn sample_scratch_len(rows: usize, vocab: usize) -> usize {
+    3 * rows * vocab.div_ceil(SAMPLE_CHUNK)
+}
+
+/// The kernels of one sampling launch (f32 or bf16 logits).
+struct SampleFns<'a> {
+    single: &'a CudaFunction,
+    max: &'a CudaFunction,
+    sum: &'a CudaFunction,
+    pick: &'a CudaFunction,
+}
+
+/// The shape of one sampling launch; `single_block`: every row by the single-block kernel (tests).
+struct SampleCall<'a> {
+    kn: &'a str,
+    params: &'a SamplingParamsDev,
+    rows: usize,
+    vocab: usize,
+    single_block: bool,
+}
 /// Threads per block of the grid-stride elementwise kernels, and their grid cap.
 const EW_THREADS: u32 = 256;
 const EW_MAX_BLOCKS: usize = 65_535;
@@ -45,6 +74,12 @@ pub(super) struct RolloutKernels {
     sampling_uniform_f32: CudaFunction,
     sample_tokens_f32: CudaFunction,
     sample_tokens_bf16: CudaFunction,
+    sample_fast_max_f32: CudaFunction,
+    sample_fast_max_bf16: CudaFunction,
+    sample_fast_sum_f32: CudaFunction,
+    sample_fast_sum_bf16: CudaFunction,
+    sample_fast_pick_f32: CudaFunction,
+    sample_fast_pick_bf16: CudaFunction,
     logprob_gather_f32: CudaFunction,
     logprob_gather_bf16: CudaFunction,
 }
@@ -66,6 +101,12 @@ pub const ROLLOUT_KERNEL_NAMES: &[&str] = &[
     "sampling_uniform_f32",
     "sample_tokens_f32",
     "sample_tokens_bf16",
+    "sample_fast_max_f32",
+    "sample_fast_max_bf16",
+    "sample_fast_sum_f32",
+    "sample_fast_sum_bf16",
+    "sample_fast_pick_f32",
+    "sample_fast_pick_bf16",
     "logprob_gather_f32",
     "logprob_gather_bf16",
 ];
@@ -93,6 +134,12 @@ impl RolloutKernels {
             sampling_uniform_f32: f("sampling_uniform_f32")?,
             sample_tokens_f32: f("sample_tokens_f32")?,
             sample_tokens_bf16: f("sample_tokens_bf16")?,
+            sample_fast_max_f32: f("sample_fast_max_f32")?,
+            sample_fast_max_bf16: f("sample_fast_max_bf16")?,
+            sample_fast_sum_f32: f("sample_fast_sum_f32")?,
+            sample_fast_sum_bf16: f("sample_fast_sum_bf16")?,
+            sample_fast_pick_f32: f("sample_fast_pick_f32")?,
+            sample_fast_pick_bf16: f("sample_fast_pick_bf16")?,
             logprob_gather_f32: f("logprob_gather_f32")?,
             logprob_gather_bf16: f("logprob_gather_bf16")?,
         })
@@ -975,63 +1022,79 @@ impl CudaDevice {
     /// Samples one token per row of logits (rows, vocab) f32 with per-row parameters, exactly
     /// as `crate::sampling::Sampler::sample` (see kernels/sampling.cu for where float sums
     /// differ). tokens (rows) u32, logprobs (rows) f32; an invalid row gets u32::MAX and NaN.
+    /// `scratch` holds at least [`sample_scratch_len`]`(rows, vocab)` f64 (the fast path's
+    /// per-chunk sums and maxima; its contents need not survive between calls).
+    ///
+    /// Four launches whatever the parameters (so a captured graph serves any of them): the
+    /// single-block kernel for rows with top-k or top-p, then the fast path's three kernels
+    /// for greedy rows and rows with neither (min-p allowed); each kernel skips the other's rows.
+    #[allow(clippy::too_many_arguments)]
     pub fn sample_tokens_f32(
         &self,
         logits: &impl DevicePtr<f32>,
         params: &SamplingParamsDev,
+        scratch: &mut impl DevicePtrMut<f64>,
         tokens: &mut impl DevicePtrMut<u32>,
         logprobs: &mut impl DevicePtrMut<f32>,
         rows: usize,
         vocab: usize,
     ) -> Result<()> {
-        let f = &self.rk().sample_tokens_f32;
-        self.launch_sample(
-            f,
-            "sample_tokens_f32",
-            logits,
+        let k = self.rk();
+        let fs = SampleFns {
+            single: &k.sample_tokens_f32,
+            max: &k.sample_fast_max_f32,
+            sum: &k.sample_fast_sum_f32,
+            pick: &k.sample_fast_pick_f32,
+        };
+        let sc = SampleCall {
+            kn: "sample_tokens_f32",
             params,
-            tokens,
-            logprobs,
             rows,
             vocab,
-        )
+            single_block: false,
+        };
+        self.launch_sample(&fs, &sc, logits, scratch, tokens, logprobs)
     }
 
     /// As [`Self::sample_tokens_f32`] with bf16 logits.
+    #[allow(clippy::too_many_arguments)]
     pub fn sample_tokens_bf16(
         &self,
         logits: &impl DevicePtr<bf16>,
         params: &SamplingParamsDev,
+        scratch: &mut impl DevicePtrMut<f64>,
         tokens: &mut impl DevicePtrMut<u32>,
         logprobs: &mut impl DevicePtrMut<f32>,
         rows: usize,
         vocab: usize,
     ) -> Result<()> {
-        let f = &self.rk().sample_tokens_bf16;
-        self.launch_sample(
-            f,
-            "sample_tokens_bf16",
-            logits,
+        let k = self.rk();
+        let fs = SampleFns {
+            single: &k.sample_tokens_bf16,
+            max: &k.sample_fast_max_bf16,
+            sum: &k.sample_fast_sum_bf16,
+            pick: &k.sample_fast_pick_bf16,
+        };
+        let sc = SampleCall {
+            kn: "sample_tokens_bf16",
             params,
-            tokens,
-            logprobs,
             rows,
             vocab,
-        )
+            single_block: false,
+        };
+        self.launch_sample(&fs, &sc, logits, scratch, tokens, logprobs)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn launch_sample<T>(
         &self,
-        func: &CudaFunction,
-        kn: &str,
+        fs: &SampleFns<'_>,
+        c: &SampleCall<'_>,
         logits: &impl DevicePtr<T>,
-        params: &SamplingParamsDev,
+        scratch: &mut impl DevicePtrMut<f64>,
         tokens: &mut impl DevicePtrMut<u32>,
         logprobs: &mut impl DevicePtrMut<f32>,
-        rows: usize,
-        vocab: usize,
     ) -> Result<()> {
+        let (kn, params, rows, vocab) = (c.kn, c.params, c.rows, c.vocab);
         if vocab == 0 {
             return Err(Error::invalid(format!("{kn}: vocab must be > 0")));
         }
@@ -1044,36 +1107,75 @@ impl CudaDevice {
         }
         check_len("tokens", kn, tokens.len(), rows, "rows")?;
         check_len("logprobs", kn, logprobs.len(), rows, "rows")?;
+        let need = sample_scratch_len(rows, vocab);
+        if scratch.len() < need {
+            return Err(Error::invalid(format!(
+                "{kn}: scratch has {} f64, needs {need} (3·rows·ceil(vocab/{SAMPLE_CHUNK}))",
+                scratch.len()
+            )));
+        }
         let (r_i, v_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "vocab", vocab)?);
+        let chunk_blocks = as_i32(kn, "rows·chunks", rows * vocab.div_ceil(SAMPLE_CHUNK))? as u32;
         if rows == 0 {
             return Ok(());
         }
         let s = self.stream();
         let (tp, _t) = tokens.device_ptr_mut(s);
         let (lp, _l) = logprobs.device_ptr_mut(s);
+        let (sp, _s) = scratch.device_ptr_mut(s);
         let (xp, _x) = logits.device_ptr(s);
         let (a, _a) = params.temperature.device_ptr(s);
         let (b, _b) = params.top_k.device_ptr(s);
-        let (c, _c) = params.top_p.device_ptr(s);
+        let (cp, _c) = params.top_p.device_ptr(s);
         let (d, _d) = params.min_p.device_ptr(s);
         let (e, _e) = params.seed.device_ptr(s);
         let (f, _f) = params.stream.device_ptr(s);
         let (g, _g) = params.step.device_ptr(s);
-        let mut l = s.launch_builder(func);
+        let skip_fast: i32 = if c.single_block { 0 } else { 1 };
+        let mut l = s.launch_builder(fs.single);
         l.arg(&tp)
             .arg(&lp)
             .arg(&xp)
             .arg(&a)
             .arg(&b)
-            .arg(&c)
+            .arg(&cp)
+            .arg(&d)
+            .arg(&e)
+            .arg(&f)
+            .arg(&g);
+        l.arg(&r_i).arg(&v_i).arg(&skip_fast);
+        // SAFETY: argument order as kernels/sampling.cu sample_tokens_*; every per-row buffer has
+        // `rows` elements (checked); block = SAMPLE_THREADS ≤ 1024 as the kernel's chunk table needs.
+        unsafe { l.launch(cfg((rows as u32, 1, 1), SAMPLE_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        if c.single_block {
+            return Ok(());
+        }
+        for func in [fs.max, fs.sum] {
+            let mut l = s.launch_builder(func);
+            l.arg(&sp).arg(&xp).arg(&a).arg(&b).arg(&cp).arg(&d);
+            l.arg(&r_i).arg(&v_i);
+            // SAFETY: (double* scratch, const T* logits, const float* temperature, const int*
+            // top_k, const float* top_p, const float* min_p, int rows, int vocab); scratch holds
+            // 3·rows·nc f64 (checked); grid = rows·nc blocks of SAMPLE_CHUNK_THREADS as the
+            // kernels index them; max before sum in stream order.
+            unsafe { l.launch(cfg((chunk_blocks, 1, 1), SAMPLE_CHUNK_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        }
+        let mut l = s.launch_builder(fs.pick);
+        l.arg(&tp)
+            .arg(&lp)
+            .arg(&sp)
+            .arg(&xp)
+            .arg(&a)
+            .arg(&b)
+            .arg(&cp)
             .arg(&d)
             .arg(&e)
             .arg(&f)
             .arg(&g);
         l.arg(&r_i).arg(&v_i);
-        // SAFETY: argument order as kernels/sampling.cu sample_tokens_*; every per-row buffer has
-        // `rows` elements (checked); block = SAMPLE_THREADS ≤ 1024 as the kernel's chunk table needs.
-        unsafe { l.launch(cfg((rows as u32, 1, 1), SAMPLE_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        // SAFETY: argument order as kernels/sampling.cu sample_fast_pick_*; per-row buffers and
+        // scratch checked above; grid = rows blocks of SAMPLE_CHUNK_THREADS.
+        unsafe { l.launch(cfg((rows as u32, 1, 1), SAMPLE_CHUNK_THREADS, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -1087,28 +1189,8 @@ impl CudaDevice {
         steps: &[u64],
         vocab: usize,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
-        let rows = params.len();
-        if rows == 0 {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        let p = SamplingParamsDev::upload(self, params, streams, steps)?;
         let x = self.upload(logits)?;
-        let mut t = self.alloc_zeros::<u32>(rows.max(1))?;
-        let mut lp = self.alloc_zeros::<f32>(rows.max(1))?;
-        if rows > 0 {
-            self.sample_tokens_f32(
-                &x,
-                &p,
-                &mut t.slice_mut(..rows),
-                &mut lp.slice_mut(..rows),
-                rows,
-                vocab,
-            )?;
-        }
-        let (mut t, mut lp) = (self.download(&t)?, self.download(&lp)?);
-        t.truncate(rows);
-        lp.truncate(rows);
-        Ok((t, lp))
+        self.sample_host(&x, params, streams, steps, vocab, false, false)
     }
 
     /// Test convenience for [`Self::sample_tokens_bf16`]: logits rounded to bf16 on upload.
@@ -1120,28 +1202,79 @@ impl CudaDevice {
         steps: &[u64],
         vocab: usize,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let x = self.upload_bf16(logits)?;
+        self.sample_host(&x, params, streams, steps, vocab, true, false)
+    }
+
+    /// As [`Self::sample_tokens_f32_host`] (`bf16`: logits rounded to bf16 on upload) with every
+    /// row sampled by the single-block kernel alone, fast-path rows included: the reference the
+    /// fast path is compared with.
+    pub fn sample_tokens_single_block_host(
+        &self,
+        logits: &[f32],
+        params: &[SamplingParams],
+        streams: &[u64],
+        steps: &[u64],
+        vocab: usize,
+        bf16: bool,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        if bf16 {
+            let x = self.upload_bf16(logits)?;
+            self.sample_host(&x, params, streams, steps, vocab, true, true)
+        } else {
+            let x = self.upload(logits)?;
+            self.sample_host(&x, params, streams, steps, vocab, false, true)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sample_host<T>(
+        &self,
+        x: &CudaSlice<T>,
+        params: &[SamplingParams],
+        streams: &[u64],
+        steps: &[u64],
+        vocab: usize,
+        bf16: bool,
+        single_block: bool,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
         let rows = params.len();
         if rows == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
         let p = SamplingParamsDev::upload(self, params, streams, steps)?;
-        let x = self.upload_bf16(logits)?;
-        let mut t = self.alloc_zeros::<u32>(rows.max(1))?;
-        let mut lp = self.alloc_zeros::<f32>(rows.max(1))?;
-        if rows > 0 {
-            self.sample_tokens_bf16(
-                &x,
-                &p,
-                &mut t.slice_mut(..rows),
-                &mut lp.slice_mut(..rows),
-                rows,
-                vocab,
-            )?;
-        }
-        let (mut t, mut lp) = (self.download(&t)?, self.download(&lp)?);
-        t.truncate(rows);
-        lp.truncate(rows);
-        Ok((t, lp))
+        let mut t = self.alloc_zeros::<u32>(rows)?;
+        let mut lp = self.alloc_zeros::<f32>(rows)?;
+        let mut scratch = self.alloc_zeros::<f64>(sample_scratch_len(rows, vocab).max(1))?;
+        let k = self.rk();
+        let fs = if bf16 {
+            SampleFns {
+                single: &k.sample_tokens_bf16,
+                max: &k.sample_fast_max_bf16,
+                sum: &k.sample_fast_sum_bf16,
+                pick: &k.sample_fast_pick_bf16,
+            }
+        } else {
+            SampleFns {
+                single: &k.sample_tokens_f32,
+                max: &k.sample_fast_max_f32,
+                sum: &k.sample_fast_sum_f32,
+                pick: &k.sample_fast_pick_f32,
+            }
+        };
+        let sc = SampleCall {
+            kn: if bf16 {
+                "sample_tokens_bf16"
+            } else {
+                "sample_tokens_f32"
+            },
+            params: &p,
+            rows,
+            vocab,
+            single_block,
+        };
+        self.launch_sample(&fs, &sc, x, &mut scratch, &mut t, &mut lp)?;
+        Ok((self.download(&t)?, self.download(&lp)?))
     }
 
     /// logprobs[r] = log_softmax(logits[r] / T)[targets[r]] and entropy[r] of softmax(logits[r] / T);
