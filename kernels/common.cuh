@@ -116,6 +116,12 @@ __device__ __forceinline__ void store4_f32(float* p, const float (&v)[4]) {
     *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// v / d for the row index of a flat index: 32-bit division when both fit (the common case; a
+// 64-bit division is a long software sequence), else 64-bit. d > 0.
+__device__ __forceinline__ size_t div_u64_fast(size_t v, size_t d) {
+    return (v >> 32) == 0 && (d >> 32) == 0 ? (size_t)((uint32_t)v / (uint32_t)d) : v / d;
+}
+
 // Overloads so a kernel template can use one 16-byte vector of its storage type T: V = 16 /
 // sizeof(T) elements (8 bf16 or 4 f32).
 __device__ __forceinline__ void load_vec16(const bf16* p, float (&v)[8]) { load8_bf16(p, v); }

@@ -82,7 +82,7 @@ extern "C" __global__ void swiglu_fused_fwd_bf16(bf16* __restrict__ out, const b
     if (inter % 8 == 0 && vec16_ok(out) && vec16_ok(gate_up)) {
         const size_t per_row = (size_t)(inter / 8), nv = n / 8;
         for (size_t v = tid; v < nv; v += stride) {
-            const size_t r = v / per_row;
+            const size_t r = div_u64_fast(v, per_row);
             const size_t c = (v - r * per_row) * 8;
             const bf16* row = gate_up + r * 2 * inter;
             float g[8], u[8];
@@ -112,7 +112,7 @@ extern "C" __global__ void add_bias_bf16(bf16* __restrict__ y, const bf16* __res
         for (size_t v = tid; v < nv; v += stride) {
             float a[8], c[8];
             load8_bf16(y + 8 * v, a);
-            load8_bf16(b + (v % per_row) * 8, c);
+            load8_bf16(b + (v - div_u64_fast(v, per_row) * per_row) * 8, c);
 #pragma unroll
             for (int j = 0; j < 8; ++j) a[j] = a[j] + c[j];
             store8_bf16(y + 8 * v, a);

@@ -635,7 +635,7 @@ extern "C" __global__ void swiglu_fused_bwd_bf16(bf16* dgate_up, const bf16* gat
     if (inter % 8 == 0 && vec16_ok(dgate_up) && vec16_ok(gate_up) && vec16_ok(dy)) {
         const size_t per_row = (size_t)(inter / 8), nv = n / 8;
         for (size_t v = tid; v < nv; v += stride) {
-            const size_t r = v / per_row;
+            const size_t r = div_u64_fast(v, per_row);
             const size_t gi = r * 2 * inter + (v - r * per_row) * 8, ui = gi + inter;
             float g[8], u[8], d[8];
             load8_bf16(gate_up + gi, g);
