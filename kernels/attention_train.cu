@@ -326,20 +326,39 @@ AT_FWD_KERNEL(256)
 // Backward: delta
 
 // delta[r, h] = Σ_d dout[r, h, d]·out[r, h, d] in f32; out, dout (rows, H, hd) bf16, delta
-// (rows, H) f32. One warp per (r, h): lane strides d, then the fixed xor tree.
-// grid = ceil(rows·H / 8), block = 256.
+// (rows, H) f32. A group of G = at_delta_group(hd) consecutive lanes per (r, h): G = hd/8 when that
+// is a power of two ≤ 32 (hd 8..256: each lane one 16-byte vector of out and of dout when both are
+// 16-byte aligned, else the group strides d one element at a time), else G = 32 (a whole warp,
+// lanes stride d). Per lane a sequential sum, then the fixed xor tree over the group:
+// deterministic. grid = ceil(rows·H / (256 / G)), block = 256.
+static __device__ __forceinline__ int at_delta_group(int hd) {
+    const int g = hd / 8;
+    return hd % 8 == 0 && g >= 1 && g <= WARP_SIZE && (g & (g - 1)) == 0 ? g : WARP_SIZE;
+}
+
 extern "C" __global__ void attention_train_bwd_delta_bf16(float* __restrict__ delta, const bf16* __restrict__ out,
                                                           const bf16* __restrict__ dout, int rows, int n_heads,
                                                           int hd) {
-    const size_t idx = (size_t)blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (idx >= (size_t)rows * n_heads) return;  // whole warp leaves together
-    const int lane = threadIdx.x % WARP_SIZE;
-    const bf16* o = out + idx * hd;
-    const bf16* d = dout + idx * hd;
+    const int G = at_delta_group(hd);
+    const size_t idx = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / G;
+    const int sub = threadIdx.x % G;
+    const bool valid = idx < (size_t)rows * n_heads;  // groups past the end still join the shuffles
     float acc = 0.0f;
-    for (int c = lane; c < hd; c += WARP_SIZE) acc += bf16_to_f32(o[c]) * bf16_to_f32(d[c]);
-    acc = warp_reduce_sum(acc);
-    if (lane == 0) delta[idx] = acc;
+    if (valid) {
+        const bf16* o = out + idx * hd;
+        const bf16* d = dout + idx * hd;
+        if (G * 8 == hd && vec16_ok(out) && vec16_ok(dout)) {
+            float ov[8], dv[8];
+            load8_bf16(o + sub * 8, ov);
+            load8_bf16(d + sub * 8, dv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc += ov[k] * dv[k];
+        } else {
+            for (int c = sub; c < hd; c += G) acc += bf16_to_f32(o[c]) * bf16_to_f32(d[c]);
+        }
+    }
+    for (int offset = G / 2; offset > 0; offset >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, offset);
+    if (valid && sub == 0) delta[idx] = acc;
 }
 
 // ----------------------------------------------------------------------------

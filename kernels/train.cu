@@ -78,7 +78,10 @@ extern "C" __global__ void sum_partials_add_f32(float* __restrict__ out, const f
 //   backward: dlogits_j = (dlogp·(δ_{j,target} − p_j) − dH·p_j·(s_j − E_p[s])) / T
 //             written over the logits in place (same dtype), ready for dX = dlogits · W_lm.
 // Online softmax over one row (one block per row) carrying (m, Z = Σ e^{s−m}, S1 = Σ e^{s−m}(s−m)):
-// then lse = m + log Z, E[s] = m + S1/Z, H = log Z − S1/Z. s = −∞ entries have p = 0.
+// then lse = m + log Z, E[s] = m + S1/Z, H = log Z − S1/Z. s = −∞ entries have p = 0. When vocab
+// is a multiple of the 16-byte vector (4 f32 / 8 bf16) and logits 16-byte aligned, each thread
+// reads whole vectors and rescales once per vector; otherwise one element per step. Either way the
+// per-thread states merge in a fixed tree (deterministic); the two paths round differently.
 
 struct TrSoftmaxStat {
     float m, z, s1;
@@ -118,20 +121,51 @@ static __device__ void tr_logprob_fwd_row(float* __restrict__ logp, float* __res
     if (row >= rows) return;
     const T* x = logits + (size_t)row * vocab;
     TrSoftmaxStat st = {-INFINITY, 0.0f, 0.0f};
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float s = __fdiv_rn(load_f32(x + i), temperature);
-        if (s == -INFINITY) continue;
-        if (s > st.m) {
-            const float d = st.m - s;
-            const float e = expf(d);  // 0 when st.m = −∞ (then z = s1 = 0)
-            st.s1 = st.z == 0.0f ? 0.0f : e * (st.s1 + d * st.z);
-            st.z = st.z * e + 1.0f;
-            st.m = s;
-        } else {
-            const float d = s - st.m;
-            const float e = expf(d);
-            st.z += e;
-            st.s1 += e * d;
+    constexpr int V = 16 / sizeof(T);
+    if (vocab % V == 0 && vec16_ok(logits)) {
+        // V elements per step: raise the running max once to the vector's max, then add every
+        // element against it (independent expf's instead of a per-element rescale chain).
+        for (int i0 = threadIdx.x * V; i0 < vocab; i0 += blockDim.x * V) {
+            float s[V];
+            load_vec16(x + i0, s);
+            float m = st.m;
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                s[k] = __fdiv_rn(s[k], temperature);
+                m = fmaxf(m, s[k]);  // NaN s leaves m; −∞ never raises it
+            }
+            if (m > st.m) {
+                const float d = st.m - m;
+                const float e = expf(d);  // 0 when st.m = −∞ (then z = s1 = 0)
+                st.s1 = st.z == 0.0f ? 0.0f : e * (st.s1 + d * st.z);
+                st.z = st.z * e;
+                st.m = m;
+            }
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                if (s[k] == -INFINITY) continue;
+                const float d = s[k] - st.m;
+                const float e = expf(d);
+                st.z += e;
+                st.s1 += e * d;
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            const float s = __fdiv_rn(load_f32(x + i), temperature);
+            if (s == -INFINITY) continue;
+            if (s > st.m) {
+                const float d = st.m - s;
+                const float e = expf(d);  // 0 when st.m = −∞ (then z = s1 = 0)
+                st.s1 = st.z == 0.0f ? 0.0f : e * (st.s1 + d * st.z);
+                st.z = st.z * e + 1.0f;
+                st.m = s;
+            } else {
+                const float d = s - st.m;
+                const float e = expf(d);
+                st.z += e;
+                st.s1 += e * d;
+            }
         }
     }
     st = tr_softmax_warp_merge(st);
@@ -176,7 +210,9 @@ extern "C" __global__ void logprob_gather_fwd_bf16(float* __restrict__ logp, flo
 }
 
 // Mirrors the CPU's rounding steps: d = (−gl·p − ge·p·(s − E[s])) / T, then d[target] += gl / T,
-// with explicit _rn intrinsics so nvcc does not contract them into FMAs.
+// with explicit _rn intrinsics so nvcc does not contract them into FMAs. Elementwise given the
+// row's saved stats: 16-byte vectors (4 f32 / 8 bf16 per thread per step) when vocab is a
+// multiple of the vector and logits 16-byte aligned, else one element per step; same result.
 template <typename T>
 static __device__ void tr_logprob_bwd_row(T* logits, const uint32_t* __restrict__ targets,
                                           const float* __restrict__ dlogp, const float* __restrict__ dentropy,
@@ -191,14 +227,26 @@ static __device__ void tr_logprob_bwd_row(T* logits, const uint32_t* __restrict_
     const float es = mean_s[row];
     const uint32_t t = targets[row];
     const float hot = __fdiv_rn(gl, temperature);
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float s = __fdiv_rn(load_f32(x + i), temperature);
+    auto dlogit = [&](float v, int i) {
+        const float s = __fdiv_rn(v, temperature);
         const float p = expf(s - l);  // 0 for s = −∞
         float d = __fsub_rn(__fmul_rn(-gl, p), __fmul_rn(__fmul_rn(ge, p), s == -INFINITY ? 0.0f : __fsub_rn(s, es)));
         d = __fdiv_rn(d, temperature);
         if ((uint32_t)i == t) d = __fadd_rn(d, hot);
-        store_f32(x + i, d);
+        return d;
+    };
+    constexpr int V = 16 / sizeof(T);
+    if (vocab % V == 0 && vec16_ok(logits)) {
+        for (int i0 = threadIdx.x * V; i0 < vocab; i0 += blockDim.x * V) {
+            float v[V];
+            load_vec16(x + i0, v);
+#pragma unroll
+            for (int k = 0; k < V; ++k) v[k] = dlogit(v[k], i0 + k);
+            store_vec16(x + i0, v);
+        }
+        return;
     }
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) store_f32(x + i, dlogit(load_f32(x + i), i));
 }
 
 // In place: logits (rows, vocab) f32 → dlogits = d(Σ dlogp·logp + dentropy·H)/d logits, from
@@ -424,20 +472,92 @@ extern "C" __global__ void lora_bwd_dx_bf16(bf16* dx, const float* __restrict__ 
 //   dx_i = r·w_i·dy_i − (r³/dim)·x_i·Σ_j w_j dy_j x_j,      dw_i += dy_i·x_i·r
 // x, dy, dx bf16 (rows, dim) (dx may alias dy); weight bf16 (dim). Block b handles rows
 // [b·RMS_BWD_ROWS, (b+1)·RMS_BWD_ROWS); with dweight_partial non-NULL it writes its rows' dw sum to
-// dweight_partial[b, :] (f32, accumulated in dynamic shared memory of dim floats), which
-// sum_partials_add_f32 adds into dweight. grid = ceil(rows / RMS_BWD_ROWS), block = 32k.
+// dweight_partial[b, :] (f32), which sum_partials_add_f32 adds into dweight.
+// Vector path (dim % 8 == 0, dim ≤ 8·blockDim.x, x, weight, dy, dx 16-byte aligned): thread t owns
+// columns [8t, 8t+8) of every row: one 16-byte load of x and of dy per row (kept in registers for
+// dx), w loaded once, dw accumulated in registers over the block's rows; one block reduction of
+// (Σx², Σx·dy·w) per row. Otherwise the scalar path: threads stride over the row, dw accumulates
+// in dynamic shared memory of dim floats. Both add dw over rows in row order; the row sums'
+// order depends on the thread split only (deterministic). grid = ceil(rows / RMS_BWD_ROWS),
+// block = 32k: the launcher picks ceil(dim/8) rounded up to a warp when that is ≤ 512 (the vector
+// path), else row_block(dim); dynamic shared memory dim floats when dweight is wanted.
 
 #define RMS_BWD_ROWS 16
+
+// (a, b) summed over the block with one pair of barriers; every thread gets both. Same tree as
+// block_reduce_sum applied to each.
+static __device__ __forceinline__ void tr_block_sum2(float& a, float& b) {
+    __shared__ float partial2[2][WARP_SIZE];
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int num_warps = blockDim.x / WARP_SIZE;
+    a = warp_reduce_sum(a);
+    b = warp_reduce_sum(b);
+    __syncthreads();
+    if (lane == 0) {
+        partial2[0][warp] = a;
+        partial2[1][warp] = b;
+    }
+    __syncthreads();
+    a = warp_reduce_sum(lane < num_warps ? partial2[0][lane] : 0.0f);
+    b = warp_reduce_sum(lane < num_warps ? partial2[1][lane] : 0.0f);
+}
 
 extern "C" __global__ void rmsnorm_bwd_bf16(bf16* dx, float* __restrict__ dweight_partial, const bf16* __restrict__ x,
                                             const bf16* __restrict__ weight, const bf16* dy, float eps, int rows,
                                             int dim) {
     extern __shared__ float tr_rms_dw[];
     const bool want_dw = dweight_partial != nullptr;
+    const int row_begin = (int)blockIdx.x * RMS_BWD_ROWS;
+    const int row_end = min(rows, row_begin + RMS_BWD_ROWS);
+    if (dim % 8 == 0 && dim <= 8 * (int)blockDim.x && vec16_ok(x) && vec16_ok(weight) && vec16_ok(dy) &&
+        vec16_ok(dx)) {
+        const int c0 = threadIdx.x * 8;
+        const bool active = c0 < dim;
+        float w[8], dw[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dw[k] = 0.0f;
+        if (active) load8_bf16(weight + c0, w);
+        float xv[8], g[8];
+        if (active && row_begin < row_end) {
+            load8_bf16(x + (size_t)row_begin * dim + c0, xv);
+            load8_bf16(dy + (size_t)row_begin * dim + c0, g);
+        }
+        for (int row = row_begin; row < row_end; ++row) {
+            float sum_sq = 0.0f, dot = 0.0f;
+            if (active) {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    sum_sq += xv[k] * xv[k];
+                    dot += xv[k] * g[k] * w[k];
+                }
+            }
+            tr_block_sum2(sum_sq, dot);
+            const float r = 1.0f / sqrtf(sum_sq / (float)dim + eps);
+            const float c = r * r * r / (float)dim * dot;
+            if (active) {
+                float o[8];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    if (want_dw) dw[k] += g[k] * xv[k] * r;
+                    o[k] = r * w[k] * g[k] - c * xv[k];
+                }
+                if (row + 1 < row_end) {  // next row's loads before this row's store (dx may alias dy)
+                    load8_bf16(x + (size_t)(row + 1) * dim + c0, xv);
+                    load8_bf16(dy + (size_t)(row + 1) * dim + c0, g);
+                }
+                store8_bf16(dx + (size_t)row * dim + c0, o);
+            }
+        }
+        if (want_dw && active) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) dweight_partial[(size_t)blockIdx.x * dim + c0 + k] = dw[k];
+        }
+        return;
+    }
     if (want_dw)
         for (int i = threadIdx.x; i < dim; i += blockDim.x) tr_rms_dw[i] = 0.0f;
-    const int row_end = min(rows, ((int)blockIdx.x + 1) * RMS_BWD_ROWS);
-    for (int row = (int)blockIdx.x * RMS_BWD_ROWS; row < row_end; ++row) {
+    for (int row = row_begin; row < row_end; ++row) {
         const bf16* xr = x + (size_t)row * dim;
         const bf16* gr = dy + (size_t)row * dim;
         float sum_sq = 0.0f, dot = 0.0f;
@@ -446,8 +566,7 @@ extern "C" __global__ void rmsnorm_bwd_bf16(bf16* dx, float* __restrict__ dweigh
             sum_sq += xv * xv;
             dot += xv * bf16_to_f32(gr[i]) * bf16_to_f32(weight[i]);
         }
-        sum_sq = block_reduce_sum(sum_sq);
-        dot = block_reduce_sum(dot);
+        tr_block_sum2(sum_sq, dot);
         const float r = 1.0f / sqrtf(sum_sq / (float)dim + eps);
         const float c = r * r * r / (float)dim * dot;
         bf16* dr = dx + (size_t)row * dim;
@@ -476,10 +595,29 @@ static __device__ __forceinline__ void tr_swiglu_bwd(float g, float u, float dy,
 }
 
 // gate, up, dy (n) bf16 → dgate, dup (n) bf16; dgate/dup may alias gate/up (each element is read
-// before it is written, by the same thread). grid-stride; any grid/block.
+// before it is written, by the same thread). grid-stride; any grid/block. 8 elements per thread
+// per step (16-byte accesses) when all five pointers are 16-byte aligned, then the n % 8 tail;
+// scalar otherwise; same per-element arithmetic either way. Launcher: ceil(n/8) threads' worth of
+// 256-thread blocks (capped at 65535 blocks).
 extern "C" __global__ void swiglu_bwd_bf16(bf16* dgate, bf16* dup, const bf16* gate, const bf16* up,
                                            const bf16* __restrict__ dy, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    size_t done = 0;
+    if (vec16_ok(dgate) && vec16_ok(dup) && vec16_ok(gate) && vec16_ok(up) && vec16_ok(dy)) {
+        const size_t nv = n / 8;
+        for (size_t v = tid; v < nv; v += stride) {
+            float g[8], u[8], d[8];
+            load8_bf16(gate + 8 * v, g);
+            load8_bf16(up + 8 * v, u);
+            load8_bf16(dy + 8 * v, d);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) tr_swiglu_bwd(g[j], u[j], d[j], &g[j], &u[j]);
+            store8_bf16(dgate + 8 * v, g);
+            store8_bf16(dup + 8 * v, u);
+        }
+        done = nv * 8;
+    }
+    for (size_t i = done + tid; i < n; i += stride) {
         float dg, du;
         tr_swiglu_bwd(bf16_to_f32(gate[i]), bf16_to_f32(up[i]), bf16_to_f32(dy[i]), &dg, &du);
         dgate[i] = f32_to_bf16(dg);
@@ -488,11 +626,29 @@ extern "C" __global__ void swiglu_bwd_bf16(bf16* dgate, bf16* dup, const bf16* g
 }
 
 // Fused layout (swiglu_fused_fwd_bf16): gate_up (rows, 2·inter), dy (rows, inter) →
-// dgate_up (rows, 2·inter) (may alias gate_up). grid-stride over rows·inter.
+// dgate_up (rows, 2·inter) (may alias gate_up). grid-stride over rows·inter, vectors of 8 as
+// swiglu_bwd_bf16 when inter % 8 == 0 and the pointers are 16-byte aligned.
 extern "C" __global__ void swiglu_fused_bwd_bf16(bf16* dgate_up, const bf16* gate_up, const bf16* __restrict__ dy,
                                                  int rows, int inter) {
     const size_t n = (size_t)rows * inter;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    if (inter % 8 == 0 && vec16_ok(dgate_up) && vec16_ok(gate_up) && vec16_ok(dy)) {
+        const size_t per_row = (size_t)(inter / 8), nv = n / 8;
+        for (size_t v = tid; v < nv; v += stride) {
+            const size_t r = div_u64_fast(v, per_row);
+            const size_t gi = r * 2 * inter + (v - r * per_row) * 8, ui = gi + inter;
+            float g[8], u[8], d[8];
+            load8_bf16(gate_up + gi, g);
+            load8_bf16(gate_up + ui, u);
+            load8_bf16(dy + 8 * v, d);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) tr_swiglu_bwd(g[j], u[j], d[j], &g[j], &u[j]);
+            store8_bf16(dgate_up + gi, g);
+            store8_bf16(dgate_up + ui, u);
+        }
+        return;
+    }
+    for (size_t i = tid; i < n; i += stride) {
         const size_t r = i / inter, c = i % inter;
         const size_t gi = r * 2 * inter + c, ui = gi + inter;
         float dg, du;
@@ -506,28 +662,13 @@ extern "C" __global__ void swiglu_fused_bwd_bf16(bf16* dgate_up, const bf16* gat
 // RoPE backward: the inverse rotation (rotation by −angle; src/cpu/ops.rs::rope_inplace with
 // inverse = true), in place on dq (rows, n_heads, hd) and dk (rows, n_kv_heads, hd):
 //   (g_i, g_{i+hd/2}) <- (g_i cos + g_{i+hd/2} sin, g_{i+hd/2} cos − g_i sin),  angle = pos·inv_freq[i]
-// pos (rows) i32, inv_freq (hd/2) f32. grid = rows, block strides over (n_heads + n_kv_heads)·hd/2.
+// pos (rows) i32, inv_freq (hd/2) f32. rope_rows_bf16<true> (common.cuh): sincos once per
+// (row, i) in shared memory, 8 pairs per thread when hd % 16 == 0 and dq, dk are 16-byte aligned.
+// grid = ceil(rows / ROPE_ROWS), block = ROPE_THREADS, dynamic shared memory 2·ROPE_ROWS·(hd/2) f32.
 extern "C" __global__ void rope_bwd_bf16(bf16* __restrict__ dq, bf16* __restrict__ dk, const int* __restrict__ pos,
                                          const float* __restrict__ inv_freq, int rows, int n_heads, int n_kv_heads,
                                          int hd) {
-    const int r = blockIdx.x;
-    if (r >= rows) return;
-    const int half = hd / 2;
-    const float p = (float)pos[r];
-    const int pairs = (n_heads + n_kv_heads) * half;
-    for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
-        const int head = j / half;
-        const int i = j % half;
-        bf16* g = head < n_heads ? dq + ((size_t)r * n_heads + head) * hd
-                                 : dk + ((size_t)r * n_kv_heads + (head - n_heads)) * hd;
-        float s, c;
-        sincosf(p * inv_freq[i], &s, &c);
-        s = -s;
-        const float a = bf16_to_f32(g[i]);
-        const float b = bf16_to_f32(g[i + half]);
-        g[i] = f32_to_bf16(a * c - b * s);
-        g[i + half] = f32_to_bf16(b * c + a * s);
-    }
+    rope_rows_bf16<true>(dq, dk, pos, inv_freq, rows, n_heads, n_kv_heads, hd);
 }
 
 // ----------------------------------------------------------------------------

@@ -87,7 +87,27 @@ static int run(int H, int KV, int hd, int window, std::vector<int> lens) {
     // Dynamic shared memory above 48 KiB is opted in by the launcher (allow_smem, ≤ 99 KiB).
     const size_t optin = 99 * 1024;
     emu_launch(g1, 128, fwd_smem(HD), fwd, optin);
-    emu_launch(emu_dim3{(unsigned)((N * H + 7) / 8), 1, 1}, 256, 0, [&] { attention_train_bwd_delta_bf16(delta.data(), out.data(), dob.data(), N, H, hd); });
+    // delta as src/cuda/attention_train.rs launches it: delta_group(hd) lanes per (row, head).
+    const int G = hd % 8 == 0 && hd / 8 <= 32 && ((hd / 8) & (hd / 8 - 1)) == 0 ? hd / 8 : 32, per_block = 256 / G;
+    emu_launch(emu_dim3{(unsigned)((N * H + per_block - 1) / per_block), 1, 1}, 256, 0, [&] { attention_train_bwd_delta_bf16(delta.data(), out.data(), dob.data(), N, H, hd); });
+    {   // delta against an f64 dot of the bf16 out and dout (f32 sum: 1e-5·Σ|terms| + 1e-6);
+        // and on misaligned copies (offset one element: the element-strided path).
+        std::vector<double> want((size_t)N * H), mag((size_t)N * H);
+        for (size_t i = 0; i < want.size(); ++i)
+            for (int d = 0; d < hd; ++d) {
+                const double t = (double)__bfloat162float(out[i * hd + d]) * __bfloat162float(dob[i * hd + d]);
+                want[i] += t; mag[i] += std::fabs(t);
+            }
+        std::vector<double> atol(want.size());
+        for (size_t i = 0; i < want.size(); ++i) atol[i] = 1e-5 * mag[i] + 1e-6;
+        ::check("delta", want, delta, atol, 0);
+        std::vector<bf16> om(1, bf16{}), dm(1, bf16{});
+        om.insert(om.end(), out.begin(), out.end());
+        dm.insert(dm.end(), dob.begin(), dob.end());
+        std::vector<float> delta_m((size_t)N * H, NAN);
+        emu_launch(emu_dim3{(unsigned)((N * H + per_block - 1) / per_block), 1, 1}, 256, 0, [&] { attention_train_bwd_delta_bf16(delta_m.data(), om.data() + 1, dm.data() + 1, N, H, hd); });
+        ::check("delta misaligned", want, delta_m, atol, 0);
+    }
     auto dkdv = [&] {
         if (HD == 64) attention_train_bwd_dkdv_hd64_bf16(dk.data(), dv.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), cu.data(), H, KV, hd, window, scale);
         if (HD == 128) attention_train_bwd_dkdv_hd128_bf16(dk.data(), dv.data(), qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), cu.data(), H, KV, hd, window, scale);
@@ -124,6 +144,7 @@ int main(int argc, char** argv) {
         bad += run(14, 2, 64, 0, {130, 64, 0, 1});
         bad += run(12, 2, 128, 100, {129, 5});
         bad += run(6, 2, 64, 0, {130, 70, 3});
+        bad += run(3, 1, 32, 0, {5, 9});  // hd 32: 4 lanes per (row, head), a partial last warp
     }
     (void)bad;
     return finish("attention_train");

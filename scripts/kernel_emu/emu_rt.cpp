@@ -13,6 +13,7 @@
 #include "emu.h"
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
+#include <sanitizer/asan_interface.h>
 #define EMU_ASAN 1
 #endif
 
@@ -132,6 +133,12 @@ void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<voi
         for (int t = 0; t < threads; ++t) {
             // Fresh stack: [6 callee-saved registers][fiber_main][fake return address], 16-aligned
             // so that fiber_main starts as if called.
+#ifdef EMU_ASAN
+            // A finished fiber never returned from fiber_main and the scheduler switch below it,
+            // so their stack redzones are still poisoned; a new fiber on the same stack (another
+            // block, another kernel with a different frame layout) would trip over them.
+            __asan_unpoison_memory_region(fibers[t].stack, STACK);
+#endif
             void** sp = (void**)(((uintptr_t)(fibers[t].stack + STACK) & ~(uintptr_t)15) - 64);
             for (int i = 0; i < 6; ++i) sp[i] = nullptr;
             sp[6] = (void*)&fiber_main;

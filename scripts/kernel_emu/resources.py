@@ -17,11 +17,14 @@ import tempfile
 nvcc, kdir = sys.argv[1], os.path.abspath(sys.argv[2])
 # Largest dynamic shared memory each launcher passes (bytes): src/cuda/rollout.rs (decode: 4 warps
 # × 8 heads × (hd + 2) f32 at hd 256; prefill: its carve-up at hd 256), src/cuda/train_kernels.rs
-# (rmsnorm_bwd: dim f32, dim limited by SMEM_DEFAULT_BYTES − RMS_BWD_STATIC_SMEM_BYTES).
+# (rmsnorm_bwd: dim f32, dim limited by SMEM_DEFAULT_BYTES − RMS_BWD_STATIC_SMEM_BYTES = 2·32 f32;
+# rope_fwd/bwd: rope_launch's sin and cos of ROPE_ROWS = 4 rows × hd/2 f32 at hd 256).
 DYNAMIC = {
     "attention_decode_bf16": 4 * 8 * (256 + 2) * 4,
     "attention_prefill_bf16": 32 * 8 + (16 * 256 + 32 * (256 + 2) + 32 * 256) * 2,
-    "rmsnorm_bwd_bf16": 48 * 1024 - 128,
+    "rmsnorm_bwd_bf16": 48 * 1024 - 256,
+    "rope_fwd_bf16": 2 * 4 * 128 * 4,
+    "rope_bwd_bf16": 2 * 4 * 128 * 4,
 }
 OPT_IN = {"attention_train_fwd", "attention_train_bwd_dkdv", "attention_train_bwd_dq"}  # allow_smem ≤ 99 KiB
 LIMIT = 48 * 1024

@@ -6,9 +6,12 @@
 //   grpo_loss_fwd_bwd        src/loss/grpo.rs (grad 1e-6·max|g| + 2e-6, exact without exp; loss
 //                            2e-6·Σ|w·loss|; clip counts exact) incl. the grid-stride past 1024 blocks
 //   lora_* + sum_partials    src/cpu/train.rs::proj_bwd in f64 (2e-5·Σ|terms|, dx + 2^-8), split-K
-//   rmsnorm_bwd (+dweight)   src/cpu/ops.rs::rmsnorm_bwd (1e-5·Σ|terms| + 2^-8), dx aliasing dy
-//   swiglu_bwd (+fused)      src/cpu/ops.rs::swiglu_bwd (1e-5 + 2^-8), fused bit-equal, aliasing
-//   rope_bwd                 src/cpu/ops.rs::rope_inplace(inverse) (1e-5 + 2^-8)
+//   rmsnorm_bwd (+dweight)   src/cpu/ops.rs::rmsnorm_bwd (1e-5·Σ|terms| + 2^-8), dx aliasing dy,
+//                            vector and (misaligned / wide) scalar paths
+//   swiglu_bwd (+fused)      src/cpu/ops.rs::swiglu_bwd (1e-5 + 2^-8), fused bit-equal, aliasing,
+//                            misaligned (scalar path) bit-equal
+//   rope_bwd                 src/cpu/ops.rs::rope_inplace(inverse) (1e-5 + 2^-8), misaligned
+//                            (one-pair path) bit-equal
 //   grad_sq_norm, adamw      src/optim (norm within 1 ulp, non-finite count exact; AdamW bit-exact,
 //                            the device-side skip on a non-finite gradient)
 #include <array>
@@ -256,19 +259,27 @@ static void lora_case(size_t n, size_t d_in, size_t d_out, size_t r) {
 }
 
 // ---- RMSNorm backward ----
-static void rmsnorm_bwd_case(size_t rows, size_t dim, bool with_dw, bool alias) {
+// src/cuda/train_kernels.rs::rmsnorm_bwd_block: one thread per 8 columns (the vector path) up to
+// 512 threads, else row_block(dim).
+static int rmsnorm_bwd_block(size_t dim) {
+    return dim % 8 == 0 && dim / 8 <= 512 ? (int)std::max<size_t>((dim / 8 + 31) / 32 * 32, 32) : row_block(dim);
+}
+
+// off: element offset of x, dy, dx from their allocations (1: misaligned, the scalar path).
+static void rmsnorm_bwd_case(size_t rows, size_t dim, bool with_dw, bool alias, size_t off = 0) {
     Rng rng(rows * 13 + dim);
     const float eps = 1e-6f;
     auto x = bfr(rng.vec(rows * dim, -2, 2)), w = bfr(rng.vec(dim, 0.5f, 1.5f)), dy = bfr(rng.vec(rows * dim, -1, 1));
     auto dw_in = rng.vec(dim, -0.1f, 0.1f);
-    std::vector<bf16> xb = to_bf(x), wb = to_bf(w), dyb = to_bf(dy), dxb(rows * dim, bf_nan());
-    bf16* dx = alias ? dyb.data() : dxb.data();
+    auto shift = [&](std::vector<bf16> v) { v.insert(v.begin(), off, bf_nan()); return v; };
+    std::vector<bf16> xb = shift(to_bf(x)), wb = to_bf(w), dyb = shift(to_bf(dy)), dxb = shift(std::vector<bf16>(rows * dim, bf_nan()));
+    bf16* dx = (alias ? dyb.data() : dxb.data()) + off;
     const size_t blocks = std::max<size_t>((rows + 15) / 16, 1);
     std::vector<float> partials(blocks * dim, NAN), dw = dw_in;
     const int rows_i = (int)rows, dim_i = (int)dim;
     if (rows > 0) {
-        emu_launch(grid1(blocks), row_block(dim), with_dw ? dim * 4 : 0, [&] {
-            rmsnorm_bwd_bf16(dx, with_dw ? partials.data() : nullptr, xb.data(), wb.data(), dyb.data(), eps, rows_i, dim_i);
+        emu_launch(grid1(blocks), rmsnorm_bwd_block(dim), with_dw ? dim * 4 : 0, [&] {
+            rmsnorm_bwd_bf16(dx, with_dw ? partials.data() : nullptr, xb.data() + off, wb.data(), dyb.data() + off, eps, rows_i, dim_i);
         });
         if (with_dw) sum_partials_add_l(partials, dw, (int)blocks, 1.0f);
     }
@@ -288,12 +299,16 @@ static void rmsnorm_bwd_case(size_t rows, size_t dim, bool with_dw, bool alias) 
         }
     }
     char what[96];
-    snprintf(what, sizeof what, "rmsnorm_bwd rows %zu dim %zu dw %d alias %d", rows, dim, with_dw, alias);
-    check(std::string(what) + " dx", want_dx, from_bf(alias ? dyb : dxb), atol_dx, BF16_STORE_RTOL);
+    snprintf(what, sizeof what, "rmsnorm_bwd rows %zu dim %zu dw %d alias %d offset %zu", rows, dim, with_dw, alias, off);
+    const std::vector<bf16>& dxv = alias ? dyb : dxb;
+    check(std::string(what) + " dx", want_dx, from_bf(std::vector<bf16>(dxv.begin() + off, dxv.end())), atol_dx, BF16_STORE_RTOL);
     if (with_dw) { for (auto& a : abs_dw) a *= 1e-5; check(std::string(what) + " dweight", want_dw, dw, abs_dw, 0); }
 }
 
 // ---- SwiGLU backward ----
+// src/cuda/train_kernels.rs::ew_vec_grid: one thread per 8 elements, 256-thread blocks, ≤ 65535.
+static unsigned ew_vec_grid(size_t n) { return ew_grid((n + 7) / 8); }
+
 static void swiglu_bwd_case(size_t rows, size_t inter) {
     const size_t n = rows * inter;
     Rng rng(n + 5);
@@ -306,8 +321,16 @@ static void swiglu_bwd_case(size_t rows, size_t inter) {
     }
     std::vector<bf16> gb = to_bf(g), ub = to_bf(u), db = to_bf(dy), dg(n, bf_nan()), du(n, bf_nan());
     const uint64_t n64 = n;
-    emu_launch(grid1(ew_grid(n)), 256, 0, [&] { swiglu_bwd_bf16(dg.data(), du.data(), gb.data(), ub.data(), db.data(), n64); });
+    emu_launch(grid1(ew_vec_grid(n)), 256, 0, [&] { swiglu_bwd_bf16(dg.data(), du.data(), gb.data(), ub.data(), db.data(), n64); });
     const std::string w = "swiglu_bwd " + std::to_string(rows) + "x" + std::to_string(inter);
+    // Misaligned (offset one element: the scalar path): the same bits.
+    {
+        auto sh = [](const std::vector<bf16>& v) { std::vector<bf16> o(1, bf_nan()); o.insert(o.end(), v.begin(), v.end()); return o; };
+        std::vector<bf16> gm = sh(gb), um = sh(ub), dm = sh(db), dgm = sh(std::vector<bf16>(n, bf_nan())), dum = dgm;
+        emu_launch(grid1(ew_vec_grid(n)), 256, 0, [&] { swiglu_bwd_bf16(dgm.data() + 1, dum.data() + 1, gm.data() + 1, um.data() + 1, dm.data() + 1, n64); });
+        check_bits(w + " misaligned dgate", dg, std::vector<bf16>(dgm.begin() + 1, dgm.end()));
+        check_bits(w + " misaligned dup", du, std::vector<bf16>(dum.begin() + 1, dum.end()));
+    }
     check(w + " dgate", wg, from_bf(dg), 1e-5, BF16_STORE_RTOL);
     check(w + " dup", wu, from_bf(du), 1e-5, BF16_STORE_RTOL);
     // In place (dgate = gate, dup = up) and on a 3-block grid: the same bits.
@@ -321,7 +344,7 @@ static void swiglu_bwd_case(size_t rows, size_t inter) {
         gu.insert(gu.end(), ub.begin() + r * inter, ub.begin() + (r + 1) * inter);
     }
     const int rows_i = (int)rows, inter_i = (int)inter;
-    if (n) emu_launch(grid1(ew_grid(n)), 256, 0, [&] { swiglu_fused_bwd_bf16(gu.data(), gu.data(), db.data(), rows_i, inter_i); });
+    if (n) emu_launch(grid1(ew_vec_grid(n)), 256, 0, [&] { swiglu_fused_bwd_bf16(gu.data(), gu.data(), db.data(), rows_i, inter_i); });
     std::vector<bf16> fg, fu;
     for (size_t r = 0; r < rows; ++r) {
         fg.insert(fg.end(), gu.begin() + r * 2 * inter, gu.begin() + r * 2 * inter + inter);
@@ -342,7 +365,15 @@ static void rope_bwd_case(size_t h, size_t kv, size_t hd, size_t rows) {
     auto dq = bfr(rng.vec(rows * h * hd, -3, 3)), dk = bfr(rng.vec(rows * kv * hd, -3, 3));
     std::vector<bf16> qb = to_bf(dq), kb = to_bf(dk);
     const int rows_i = (int)rows, h_i = (int)h, kv_i = (int)kv, hd_i = (int)hd;
-    if (rows) emu_launch(grid1(rows), row_block((h + kv) * hd / 2), 0, [&] { rope_bwd_bf16(qb.data(), kb.data(), pos.data(), inv_freq.data(), rows_i, h_i, kv_i, hd_i); });
+    // src/cuda/rollout.rs::rope_launch: ROPE_ROWS rows per block, sin and cos in dynamic smem.
+    auto launch = [&](bf16* q, bf16* k) {
+        if (rows) emu_launch(grid1((rows + ROPE_ROWS - 1) / ROPE_ROWS), ROPE_THREADS, 2 * ROPE_ROWS * (hd / 2) * sizeof(float),
+                             [&] { rope_bwd_bf16(q, k, pos.data(), inv_freq.data(), rows_i, h_i, kv_i, hd_i); });
+    };
+    launch(qb.data(), kb.data());
+    std::vector<bf16> qm(1, bf_nan()), km(1, bf_nan());  // misaligned copies: the one-pair path
+    { auto a = to_bf(dq), b = to_bf(dk); qm.insert(qm.end(), a.begin(), a.end()); km.insert(km.end(), b.begin(), b.end()); }
+    launch(qm.data() + 1, km.data() + 1);
     auto ref = [&](std::vector<float>& x, size_t heads) {
         for (size_t r = 0; r < rows; ++r)
             for (size_t hh = 0; hh < heads; ++hh)
@@ -357,6 +388,8 @@ static void rope_bwd_case(size_t h, size_t kv, size_t hd, size_t rows) {
     const std::string w = "rope_bwd h " + std::to_string(h) + " kv " + std::to_string(kv) + " hd " + std::to_string(hd) + " rows " + std::to_string(rows);
     check(w + " dq", to_d(dq), from_bf(qb), 1e-5, BF16_STORE_RTOL);
     check(w + " dk", to_d(dk), from_bf(kb), 1e-5, BF16_STORE_RTOL);
+    check_bits(w + " dq misaligned = aligned", qb, std::vector<bf16>(qm.begin() + 1, qm.end()));
+    check_bits(w + " dk misaligned = aligned", kb, std::vector<bf16>(km.begin() + 1, km.end()));
 }
 
 // ---- optimiser (src/optim) ----
@@ -491,6 +524,11 @@ int main(int argc, char** argv) {
                 gather_case<bf16>(vocab, rows, 0.7f, false);
             }
         gather_case<float>(33, 4, 1.3f, true);
+        // vocab % 8 == 0: the backward's vector path (4 f32 / 8 bf16), 461 / 33 above: scalar.
+        for (size_t vocab : {8, 464, 1000}) {
+            gather_case<float>(vocab, 5, 1.0f, true);
+            gather_case<bf16>(vocab, 5, 0.7f, true);
+        }
         std::vector<size_t> big;
         for (size_t i = 0; i < 64; ++i) big.push_back((i * 97 + 13) % 385);
         std::vector<size_t> huge(1100, 300);  // 330000 tokens: 1024 blocks, the grid-stride loop iterates
@@ -508,14 +546,19 @@ int main(int argc, char** argv) {
         const size_t lc[][4] = {{1, 123, 45, 1}, {7, 896, 896, 16}, {33, 896, 123, 16}, {600, 123, 64, 4}, {1100, 96, 40, 16},
                                 {5000, 37, 33, 8}, {70, 33, 1000, 64}, {3, 5, 7, 2}};
         for (auto& c : lc) lora_case(c[0], c[1], c[2], c[3]);
-        for (size_t dim : {1, 123, 896, 4097})
+        // 8, 896, 1000 (125 vectors: idle lanes), 3584, 4096 (512 threads): the vector path;
+        // 4104 (513 vectors), 1, 123, 4097: the strided scalar path.
+        for (size_t dim : {1, 8, 123, 896, 1000, 3584, 4096, 4097, 4104})
             for (size_t rows : {1, 16, 17, 33}) rmsnorm_bwd_case(rows, dim, true, false);
         rmsnorm_bwd_case(33, 896, false, false);
         rmsnorm_bwd_case(33, 896, true, true);
         rmsnorm_bwd_case(0, 896, true, false);
-        for (auto ri : {std::pair<size_t, size_t>{1, 123}, {33, 4864}, {3, 1}}) swiglu_bwd_case(ri.first, ri.second);
-        for (auto c : {std::array<size_t, 3>{14, 2, 64}, {32, 8, 64}, {28, 4, 128}, {6, 2, 36}, {3, 1, 2}})
-            for (size_t rows : {1, 33}) rope_bwd_case(c[0], c[1], c[2], rows);
+        rmsnorm_bwd_case(17, 896, true, false, 1);  // misaligned: scalar path, 128-thread blocks
+        rmsnorm_bwd_case(17, 896, true, true, 1);
+        for (auto ri : {std::pair<size_t, size_t>{1, 123}, {33, 4864}, {3, 1}, {5, 12}, {1, 24}, {7, 896}})
+            swiglu_bwd_case(ri.first, ri.second);
+        for (auto c : {std::array<size_t, 3>{14, 2, 64}, {32, 8, 64}, {28, 4, 128}, {3, 1, 16}, {6, 2, 36}, {3, 1, 2}})
+            for (size_t rows : {1, 5, 33}) rope_bwd_case(c[0], c[1], c[2], rows);
         for (size_t n : {1, 1000, 1234567}) grad_norm_case(n);
         adamw_case(0.0, 0.0f);
         adamw_case(0.1, 1e6f);

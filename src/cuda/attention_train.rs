@@ -28,8 +28,19 @@ const AT_BQ: usize = 64;
 const AT_BKV: usize = 64;
 /// bf16 padding per shared-memory row (`AT_PAD`).
 const AT_PAD: usize = 8;
-/// Threads per block of the delta kernel (8 warps, one (row, head) each).
+/// Threads per block of the delta kernel (a lane group of `delta_group(hd)` per (row, head)).
 const DELTA_THREADS: u32 = 256;
+
+/// Lanes per (row, head) of attention_train_bwd_delta_bf16 (kernels/attention_train.cu
+/// `at_delta_group`): hd/8 (one 16-byte vector each) when that is a power of two ≤ 32, else a warp.
+fn delta_group(hd: usize) -> usize {
+    let g = hd / 8;
+    if hd.is_multiple_of(8) && (1..=32).contains(&g) && g.is_power_of_two() {
+        g
+    } else {
+        32
+    }
+}
 /// Dynamic shared memory a kernel gets without opting in.
 const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
 /// Largest grid.y / grid.z.
@@ -370,16 +381,16 @@ impl CudaDevice {
             (rows as i32, h as i32, kv as i32, hd as i32, shape.window_i32());
         let scale = shape.scale();
 
-        // delta = Σ_d dout·out, one warp per (row, head).
+        // delta = Σ_d dout·out, a group of delta_group(hd) lanes per (row, head).
         let kn_delta = "attention_train_bwd_delta_bf16";
-        let warps_per_block = DELTA_THREADS as usize / 32;
-        let delta_blocks = (rows * h).div_ceil(warps_per_block);
+        let items_per_block = DELTA_THREADS as usize / delta_group(hd);
+        let delta_blocks = (rows * h).div_ceil(items_per_block);
         let delta_blocks = u32::try_from(delta_blocks)
             .map_err(|_| Error::invalid(format!("{kn_delta}: {delta_blocks} blocks exceed the grid")))?;
         let mut l = s.launch_builder(&self.train.attention_train_bwd_delta_bf16);
         l.arg(&dp).arg(&op).arg(&gp).arg(&rows_i).arg(&h_i).arg(&hd_i);
         // SAFETY: (float* delta, const bf16* out, const bf16* dout, int rows, int n_heads, int hd);
-        // lengths checked; block = 8 whole warps, one (row, head) each.
+        // lengths checked; block = 8 whole warps, DELTA_THREADS / delta_group(hd) (row, head)s.
         unsafe { l.launch(cfg((delta_blocks, 1, 1), DELTA_THREADS, 0)) }.map_err(cuda_err(kn_delta))?;
 
         // dk, dv: one block per (key tile, kv head, sequence).

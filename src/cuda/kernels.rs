@@ -33,11 +33,8 @@ impl Kernels {
     }
 }
 
-/// Threads per block for one-row-per-block kernels: the row rounded up to whole warps, at
-/// most 512 (then each thread strides over ≥ 1 elements; kernels need a multiple of 32).
-fn row_block_size(dim: usize) -> u32 {
-    dim.next_multiple_of(32).clamp(32, 512) as u32
-}
+/// Rows (one warp each) per block of rmsnorm_fwd_* (kernels/rmsnorm.cu `RMS_FWD_WARPS`).
+const RMS_FWD_WARPS: usize = 4;
 
 fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
     if found != expected {
@@ -125,8 +122,8 @@ impl CudaDevice {
             return Ok(());
         }
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (row_block_size(dim), 1, 1),
+            grid_dim: (rows.div_ceil(RMS_FWD_WARPS) as u32, 1, 1),
+            block_dim: (32 * RMS_FWD_WARPS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let stream = self.stream();
@@ -144,7 +141,7 @@ impl CudaDevice {
         // SAFETY: the arguments match the kernel's signature in kernels/rmsnorm.cu
         // (T* out, const T* x, const T* weight, float eps, int rows, int dim), with T the
         // element type of the buffers; their lengths were checked against rows and dim above,
-        // and block_dim is a multiple of 32 as block_reduce_sum requires.
+        // and the grid has a warp for every row (one row per warp).
         unsafe { launch.launch(cfg) }.map_err(cuda_err(format_args!("launching {kernel}")))?;
         Ok(())
     }

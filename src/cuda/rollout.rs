@@ -56,6 +56,11 @@ struct SampleCall<'a> {
 /// Threads per block of the grid-stride elementwise kernels, and their grid cap.
 const EW_THREADS: u32 = 256;
 const EW_MAX_BLOCKS: usize = 65_535;
+/// Elements per thread per step of the vectorised grid-stride kernels (one 16-byte bf16 vector).
+const EW_VEC: usize = 8;
+/// RoPE: rows per block and threads per block (kernels/common.cuh `ROPE_ROWS`, `ROPE_THREADS`).
+pub(super) const ROPE_ROWS: usize = 4;
+pub(super) const ROPE_THREADS: u32 = 128;
 
 /// The rollout kernels, looked up once when the device is opened.
 pub(super) struct RolloutKernels {
@@ -365,6 +370,20 @@ fn ew_grid(n: usize) -> u32 {
     n.div_ceil(EW_THREADS as usize).clamp(1, EW_MAX_BLOCKS) as u32
 }
 
+/// Grid of a vectorised grid-stride kernel over n elements: one thread per EW_VEC elements.
+fn ew_vec_grid(n: usize) -> u32 {
+    ew_grid(n.div_ceil(EW_VEC))
+}
+
+/// (grid, dynamic shared memory bytes) of rope_fwd_bf16 / rope_bwd_bf16: ROPE_ROWS rows per
+/// block, sin and cos of each (row, pair index) in shared memory.
+pub(super) fn rope_launch(rows: usize, head_dim: usize) -> (u32, u32) {
+    (
+        rows.div_ceil(ROPE_ROWS) as u32,
+        (2 * ROPE_ROWS * (head_dim / 2) * 4) as u32,
+    )
+}
+
 fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
@@ -469,10 +488,11 @@ impl CudaDevice {
             .arg(&h)
             .arg(&kv)
             .arg(&hd);
-        let pairs = (n_heads + n_kv_heads) * head_dim / 2;
+        let (grid, smem) = rope_launch(rows, head_dim);
         // SAFETY: (bf16* q, bf16* k, const int* pos, const float* inv_freq, int rows, int n_heads,
-        // int n_kv_heads, int hd); lengths checked above.
-        unsafe { l.launch(cfg((rows as u32, 1, 1), row_block(pairs), 0)) }.map_err(cuda_err(kn))?;
+        // int n_kv_heads, int hd); lengths checked above; smem holds sin and cos of ROPE_ROWS
+        // rows × hd/2 pair indices.
+        unsafe { l.launch(cfg((grid, 1, 1), ROPE_THREADS, smem)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -499,7 +519,7 @@ impl CudaDevice {
         let mut l = s.launch_builder(&self.rk().swiglu_fwd_bf16);
         l.arg(&o).arg(&g).arg(&u).arg(&n64);
         // SAFETY: (bf16* out, const bf16* gate, const bf16* up, size_t n); lengths checked.
-        unsafe { l.launch(cfg((ew_grid(n), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        unsafe { l.launch(cfg((ew_vec_grid(n), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -524,7 +544,7 @@ impl CudaDevice {
         let mut l = s.launch_builder(&self.rk().swiglu_fused_fwd_bf16);
         l.arg(&o).arg(&g).arg(&rows_i).arg(&inter_i);
         // SAFETY: (bf16* out, const bf16* gate_up, int rows, int inter); lengths checked.
-        unsafe { l.launch(cfg((ew_grid(rows * inter), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        unsafe { l.launch(cfg((ew_vec_grid(rows * inter), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -549,7 +569,7 @@ impl CudaDevice {
         let mut l = s.launch_builder(&self.rk().add_bias_bf16);
         l.arg(&yp).arg(&bp).arg(&rows_i).arg(&dim_i);
         // SAFETY: (bf16* y, const bf16* b, int rows, int dim); lengths checked.
-        unsafe { l.launch(cfg((ew_grid(rows * dim), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        unsafe { l.launch(cfg((ew_vec_grid(rows * dim), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -573,7 +593,7 @@ impl CudaDevice {
         let mut l = s.launch_builder(&self.rk().residual_add_bf16);
         l.arg(&xp).arg(&yp).arg(&n64);
         // SAFETY: (bf16* x, const bf16* y, size_t n); lengths checked.
-        unsafe { l.launch(cfg((ew_grid(n), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        unsafe { l.launch(cfg((ew_vec_grid(n), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 

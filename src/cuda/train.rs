@@ -49,7 +49,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::engine::{check, gemm_logits, get, gib, put, CudaEngine, DeviceLinear, DeviceWeights};
-use super::train_kernels::{cfg, ew_grid, nonempty};
+use super::train_kernels::{cfg, ew_grid, ew_vec_grid, nonempty};
 use super::{
     cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_train_compiled_rank,
     lora_train_grad_scratch_len, CudaDevice, GrpoLossScalars, TrainAttnShape, GRPO_FIELDS,
@@ -2037,8 +2037,8 @@ fn cast_f32_to_bf16(
     let mut l = s.launch_builder(f);
     l.arg(&op).arg(&ip).arg(&n64);
     // SAFETY: (bf16* out, const float* in, size_t n); both hold n elements (checked); the
-    // kernel is grid-stride.
-    unsafe { l.launch(cfg((ew_grid(n), 1, 1), 256, 0)) }.map_err(cuda_err("cast_f32_to_bf16"))?;
+    // kernel is grid-stride (8 elements per thread per step).
+    unsafe { l.launch(cfg((ew_vec_grid(n), 1, 1), 256, 0)) }.map_err(cuda_err("cast_f32_to_bf16"))?;
     Ok(())
 }
 

@@ -118,12 +118,16 @@ const RMS_BWD_ROWS: usize = 16;
 /// Threads and grid cap of the grid-stride elementwise kernels.
 const EW_THREADS: u32 = 256;
 const EW_MAX_BLOCKS: usize = 65_535;
+/// Elements per thread per step of the vectorised grid-stride kernels (one 16-byte bf16 vector).
+const EW_VEC: usize = 8;
 /// Default shared memory limit (static + dynamic) without opting in (rmsnorm_bwd's dweight
 /// accumulator).
 const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
-/// rmsnorm_bwd_bf16's static shared memory (block_reduce_sum's 32 f32 partials,
-/// kernels/common.cuh), which counts against the same limit as its dynamic dweight accumulator.
-const RMS_BWD_STATIC_SMEM_BYTES: usize = 32 * 4;
+/// rmsnorm_bwd_bf16's static shared memory (tr_block_sum2's 2 × 32 f32 partials,
+/// kernels/train.cu), which counts against the same limit as its dynamic dweight accumulator.
+const RMS_BWD_STATIC_SMEM_BYTES: usize = 2 * 32 * 4;
+/// rmsnorm_bwd_bf16 takes its vector path (one thread per 8 columns) up to this block size.
+const RMS_BWD_VEC_MAX_THREADS: usize = 512;
 
 /// Blocks of `grpo_loss_fwd_bwd_f32` for `n_tokens` tokens (≥ 1).
 pub fn grpo_loss_blocks(n_tokens: usize) -> usize {
@@ -298,6 +302,22 @@ pub(super) fn row_block(dim: usize) -> u32 {
 
 pub(super) fn ew_grid(n: usize) -> u32 {
     n.div_ceil(EW_THREADS as usize).clamp(1, EW_MAX_BLOCKS) as u32
+}
+
+/// Grid of a vectorised grid-stride kernel over n elements: one thread per EW_VEC elements.
+pub(super) fn ew_vec_grid(n: usize) -> u32 {
+    ew_grid(n.div_ceil(EW_VEC))
+}
+
+/// Threads of rmsnorm_bwd_bf16: one per 8 columns (its vector path) when dim % 8 == 0 and that
+/// is at most RMS_BWD_VEC_MAX_THREADS, else row_block(dim) (its strided scalar path).
+pub fn rmsnorm_bwd_block(dim: usize) -> u32 {
+    let vecs = dim / 8;
+    if dim.is_multiple_of(8) && vecs <= RMS_BWD_VEC_MAX_THREADS {
+        vecs.next_multiple_of(32).max(32) as u32
+    } else {
+        row_block(dim)
+    }
 }
 
 pub(super) fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
@@ -1256,7 +1276,7 @@ impl CudaDevice {
             // SAFETY: (bf16* dx, float* dweight_partial or NULL, const bf16* x, const bf16*
             // weight, const bf16* dy, float eps, int rows, int dim); lengths checked; dynamic
             // shared memory holds dim floats when dweight is wanted; block is whole warps.
-            unsafe { l.launch(cfg((blocks as u32, 1, 1), row_block(dim), smem as u32)) }
+            unsafe { l.launch(cfg((blocks as u32, 1, 1), rmsnorm_bwd_block(dim), smem as u32)) }
                 .map_err(cuda_err(kn))?;
         }
         if let (Some(p), Some(w)) = (partials, dweight) {
@@ -1330,7 +1350,7 @@ impl CudaDevice {
         l.arg(&dg).arg(&du).arg(&g).arg(&u).arg(&d).arg(&n64);
         // SAFETY: (bf16* dgate, bf16* dup, const bf16* gate, const bf16* up, const bf16* dy,
         // size_t n); lengths checked.
-        unsafe { l.launch(cfg((ew_grid(n), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        unsafe { l.launch(cfg((ew_vec_grid(n), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -1360,7 +1380,7 @@ impl CudaDevice {
         l.arg(&o).arg(&g).arg(&d).arg(&rows_i).arg(&inter_i);
         // SAFETY: (bf16* dgate_up, const bf16* gate_up, const bf16* dy, int rows, int inter);
         // lengths checked.
-        unsafe { l.launch(cfg((ew_grid(rows * inter), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
+        unsafe { l.launch(cfg((ew_vec_grid(rows * inter), 1, 1), EW_THREADS, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -1446,10 +1466,11 @@ impl CudaDevice {
             .arg(&h)
             .arg(&kv)
             .arg(&hd);
-        let pairs = (n_heads + n_kv_heads) * head_dim / 2;
+        let (grid, smem) = super::rollout::rope_launch(rows, head_dim);
         // SAFETY: (bf16* dq, bf16* dk, const int* pos, const float* inv_freq, int rows,
-        // int n_heads, int n_kv_heads, int hd); lengths checked.
-        unsafe { l.launch(cfg((rows as u32, 1, 1), row_block(pairs), 0)) }.map_err(cuda_err(kn))?;
+        // int n_heads, int n_kv_heads, int hd); lengths checked; smem holds sin and cos of
+        // ROPE_ROWS rows × hd/2 pair indices.
+        unsafe { l.launch(cfg((grid, 1, 1), super::rollout::ROPE_THREADS, smem)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -1653,6 +1674,20 @@ mod tests {
         assert_eq!(grpo_loss_blocks(257), 2);
         assert_eq!(grpo_loss_blocks(10_000_000), 1024);
         assert_eq!(rmsnorm_bwd_blocks(33), 3);
+    }
+
+    #[test]
+    fn vector_launch_shapes() {
+        // rmsnorm_bwd: one thread per 8 columns (whole warps) up to 512 threads, else row_block.
+        assert_eq!(rmsnorm_bwd_block(896), 128);
+        assert_eq!(rmsnorm_bwd_block(8), 32);
+        assert_eq!(rmsnorm_bwd_block(4096), 512);
+        assert_eq!(rmsnorm_bwd_block(4104), 512);
+        assert_eq!(rmsnorm_bwd_block(123), 128);
+        // Vectorised grid-stride kernels: one thread per 8 elements, capped at 65535 blocks.
+        assert_eq!(ew_vec_grid(1), 1);
+        assert_eq!(ew_vec_grid(24_576 * 4864), 58_368);
+        assert_eq!(ew_vec_grid(usize::MAX / 2), 65_535);
     }
 
     #[test]
