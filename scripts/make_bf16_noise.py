@@ -19,6 +19,12 @@ Writes tests/fixtures/models/<name>/bf16_noise.json (overwritten):
                         completion 1..12 random tokens; loss = Σ adv · logp(completion)/T=0.9
                         averaged over completion tokens)
   lora_grad_cosine      cosine of the flat bf16 and f32 gradients
+  adam5_update_rel_l2   the same distance for the adapter's change after 5 AdamW steps (lr 1e-2,
+                        weight decay 0.01, torch defaults otherwise) on that loss and batch, as
+                        tests/cuda_train.rs's five-step test takes them: Adam divides each
+                        element by its own gradient scale, so elements whose gradient is mostly
+                        rounding noise move by ±lr either way and the update differs more than
+                        the gradient does
 
 bf16 here means model.to(torch.bfloat16) with peft's default f32 adapter weights (as rft keeps
 f32 LoRA master weights); f32 means the same fixture weights in f32.
@@ -64,16 +70,7 @@ def batch(vocab):
     return seqs, adv
 
 
-def lora_grads(d, dtype, seqs, adv):
-    torch.manual_seed(0)
-    m = load(d, dtype)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
-    pm = get_peft_model(m, cfg)
-    g = torch.Generator().manual_seed(11)
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+def grpo_like_loss(pm, seqs, adv):
     total, ntok = 0.0, 0
     for (prompt, comp), a in zip(seqs, adv):
         ids = torch.tensor([prompt + comp])
@@ -83,8 +80,44 @@ def lora_grads(d, dtype, seqs, adv):
         pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(comp))
         total = total + a * lp[pos, tgt].sum()
         ntok += len(comp)
-    (-(total / ntok)).backward()
+    return -(total / ntok)
+
+
+def peft_model(d, dtype):
+    torch.manual_seed(0)
+    m = load(d, dtype)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    pm = get_peft_model(m, cfg)
+    g = torch.Generator().manual_seed(11)
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return pm
+
+
+def lora_grads(d, dtype, seqs, adv):
+    pm = peft_model(d, dtype)
+    grpo_like_loss(pm, seqs, adv).backward()
     return {n: p.grad.detach().double().flatten() for n, p in pm.named_parameters() if "lora_" in n}
+
+
+def adam5_updates(d, dtype, seqs, adv):
+    pm = peft_model(d, dtype)
+    params = {n: p for n, p in pm.named_parameters() if "lora_" in n}
+    start = {n: p.detach().double().clone().flatten() for n, p in params.items()}
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-2, weight_decay=0.01)
+    for _ in range(5):
+        opt.zero_grad()
+        grpo_like_loss(pm, seqs, adv).backward()
+        opt.step()
+    return {n: p.detach().double().flatten() - start[n] for n, p in params.items()}
+
+
+def rel_l2_max(a, b):
+    """max over tensors of a (norm ≥ 1% of the largest) of |b - a| / |a|."""
+    max_norm = max(float(v.norm()) for v in a.values())
+    return max(float((b[k] - a[k]).norm() / a[k].norm()) for k in a if float(a[k].norm()) >= 0.01 * max_norm)
 
 
 def main():
@@ -104,10 +137,9 @@ def main():
                 all_lp = max(all_lp, float((torch.log_softmax(a, -1) - torch.log_softmax(b, -1)).abs().max()))
         seqs, adv = batch(vocab)
         ga, gb = lora_grads(d, torch.float32, seqs, adv), lora_grads(d, torch.bfloat16, seqs, adv)
-        max_norm = max(float(v.norm()) for v in ga.values())
-        rel = max(
-            float((gb[k] - ga[k]).norm() / ga[k].norm()) for k in ga if float(ga[k].norm()) >= 0.01 * max_norm
-        )
+        rel = rel_l2_max(ga, gb)
+        ua, ub = adam5_updates(d, torch.float32, seqs, adv), adam5_updates(d, torch.bfloat16, seqs, adv)
+        rel_adam = rel_l2_max(ua, ub)
         fa, fb = torch.cat(list(ga.values())), torch.cat([gb[k] for k in ga])
         cos = float(fa @ fb / (fa.norm() * fb.norm()))
         out = {
@@ -118,6 +150,7 @@ def main():
             "logprob_max_abs": all_lp,
             "lora_grad_rel_l2": rel,
             "lora_grad_cosine": cos,
+            "adam5_update_rel_l2": rel_adam,
         }
         with open(os.path.join(d, "bf16_noise.json"), "w") as f:
             json.dump(out, f, indent=1)

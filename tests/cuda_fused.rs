@@ -75,11 +75,13 @@ fn qkv_rope_append_matches_the_unfused_kernels() {
             let inv_freq: Vec<f32> = (0..hd / 2)
                 .map(|i| (1.0 / 1e6f64.powf(2.0 * i as f64 / hd as f64)) as f32)
                 .collect();
-            // Two sequences on shuffled pages; every fifth row outside the cache (q only).
+            // Two sequences on shuffled pages, each row at its own (sequence, position) (two
+            // rows writing one cache slot would race in either path); every fifth row outside
+            // the cache (q only).
             let bt: Vec<i32> = vec![3, 7, 1, 9, 0, 10, 2, 11, 5, 4, 8, 6];
             let seq: Vec<i32> = (0..rows).map(|r| (r % 2) as i32).collect();
             let pos: Vec<i32> = (0..rows)
-                .map(|r| if r % 5 == 4 { -1 } else { (r * 3 + 1) as i32 % 96 })
+                .map(|r| if r % 5 == 4 { -1 } else { (r / 2 * 3 + 1) as i32 })
                 .collect();
             let cache = shape.cache_len();
             let kc = bf(&uniform_vec(cache, 11, -1.0, 1.0));

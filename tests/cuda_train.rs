@@ -13,8 +13,10 @@
 //! - Log-probs: |Δlogp| ≤ Tol::lp = 2 · HF's teacher-forced log-prob distance / T (T = 0.9
 //!   divides the logits and their errors).
 //! - LoRA gradients: per tensor (norm ≥ 1% of the largest) relative L2 ≤ Tol::grad =
-//!   max(0.05, 2 · HF's, which is 0.048–0.063 here); the same for the adapter update after
-//!   five AdamW steps. Cosine of the flat gradient ≥ COS_MIN = 0.995 (HF's own: ≥ 0.9991).
+//!   max(0.05, 2 · HF's, which is 0.048–0.063 here). The adapter's change after five AdamW steps:
+//!   Tol::update = max(0.05, 2 · HF's own five-step distance, 0.11–0.14 here: Adam divides each
+//!   element by its own gradient scale, so elements whose gradient is mostly rounding noise
+//!   move by ±lr either way). Cosine of the flat gradient ≥ COS_MIN = 0.995 (HF's own: ≥ 0.9991).
 //! - GPU vs GPU (recompute, micro-batches, vocabulary chunks): bits where the kernels and their
 //!   order are the same, else cuBLAS's summation order only: SAME_DEVICE (0.05 relative L2).
 //! - The loss is a weighted mean of per-token terms, each within its logp error times |A|
@@ -58,6 +60,14 @@ fn tol(name: &str) -> Tol {
     Tol {
         lp: 2.0 * n.logprob / TEMP,
         grad: (2.0 * n.lora_grad_rel_l2).max(0.05),
+    }
+}
+
+/// The tolerance of the adapter's change after five AdamW steps (top comment).
+fn update_tol(name: &str) -> Tol {
+    Tol {
+        grad: (2.0 * bf16_noise(name).adam5_update_rel_l2).max(0.05),
+        ..tol(name)
     }
 }
 
@@ -416,7 +426,7 @@ fn cuda_five_steps_track_cpu() {
         };
         compare_tensors(
             "adapter update after 5 steps",
-            tol(name),
+            update_tol(name),
             &delta(&gpu_lora),
             &delta(&cpu_lora),
         );

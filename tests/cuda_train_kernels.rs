@@ -424,13 +424,13 @@ fn rmsnorm_bwd_bf16_matches_cpu() {
 }
 
 /// The dweight accumulator (dim f32 of dynamic shared memory) shares the default 48 KiB with the
-/// kernel's 128 static bytes: the largest dim the launcher accepts must launch and be right, the
-/// next one must be refused by the launcher (not fail inside the CUDA launch).
+/// kernel's static bytes: the largest dim the launcher accepts (RMSNORM_BWD_MAX_DIM) must launch
+/// and be right, the next one must be refused by the launcher (not fail inside the CUDA launch).
 #[test]
 fn rmsnorm_bwd_dweight_shared_memory_limit() {
     let Some(dev) = device_or_skip() else { return };
     let eps = 1e-6;
-    let dim = (48 * 1024 - 128) / 4;
+    let dim = rft::cuda::RMSNORM_BWD_MAX_DIM;
     let rows = 2;
     let x = bf(&uniform_vec(rows * dim, 61, -2.0, 2.0));
     let w = bf(&uniform_vec(dim, 62, 0.5, 1.5));
@@ -439,7 +439,7 @@ fn rmsnorm_bwd_dweight_shared_memory_limit() {
     let (dx, dw) = dev.rmsnorm_bwd_bf16_host(&x, &w, &dy, &dw_in, dim, eps).unwrap();
     let mut want_dw = dw_in.clone();
     let want_dx = ops::rmsnorm_bwd(&x, &w, &dy, eps, dim, Some(&mut want_dw));
-    // Sums of 12256 terms of size ≲ 2 in another order: 1e-4 absolute, then the bf16 store.
+    // Sums of ~12k terms of size ≲ 2 in another order: 1e-4 absolute, then the bf16 store.
     assert_close("rmsnorm_bwd max dim: dx", &want_dx, &dx, 1e-4, BF16_STORE_RTOL);
     assert_close("rmsnorm_bwd max dim: dweight", &want_dw, &dw, 1e-5, 1e-5);
     let (x, dy) = (vec![1.0f32; dim + 1], vec![1.0f32; dim + 1]);

@@ -50,7 +50,8 @@ pub use train::{CudaTrainer, PackedBatch, TrainPlan};
 pub use train_kernels::{
     clip_report_from_stats, grad_norm_blocks, grad_norm_partials_len, grpo_loss_blocks,
     grpo_loss_partials_len, lora_grad_scratch_len, lora_grad_splits, rmsnorm_bwd_blocks,
-    rmsnorm_bwd_partials_len, GrpoLossScalars, GrpoLossTotals, GRPO_FIELDS, TRAIN_KERNEL_NAMES,
+    rmsnorm_bwd_partials_len, GrpoLossScalars, GrpoLossTotals, GRPO_FIELDS, RMSNORM_BWD_MAX_DIM,
+    TRAIN_KERNEL_NAMES,
 };
 
 /// What build.rs generated: `KERNELS_FATBIN`, `KERNELS_MISSING_REASON`, `NVCC_REQUIRED`.

@@ -126,6 +126,10 @@ const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
 /// rmsnorm_bwd_bf16's static shared memory (tr_block_sum2's 2 × 32 f32 partials,
 /// kernels/train.cu), which counts against the same limit as its dynamic dweight accumulator.
 const RMS_BWD_STATIC_SMEM_BYTES: usize = 2 * 32 * 4;
+
+/// The largest dim whose rmsnorm_bwd dweight accumulator (dim f32 of dynamic shared memory on
+/// the scalar path) fits next to the kernel's static shared memory in the default 48 KiB.
+pub const RMSNORM_BWD_MAX_DIM: usize = (SMEM_DEFAULT_BYTES - RMS_BWD_STATIC_SMEM_BYTES) / 4;
 /// rmsnorm_bwd_bf16 takes its vector path (one thread per 8 columns) up to this block size.
 const RMS_BWD_VEC_MAX_THREADS: usize = 512;
 

@@ -87,6 +87,8 @@ pub struct Bf16Noise {
     pub lora_grad_rel_l2: f64,
     /// cosine of the flat LoRA gradients.
     pub lora_grad_cosine: f64,
+    /// max per-tensor relative L2 distance of the adapter's change after 5 AdamW steps.
+    pub adam5_update_rel_l2: f64,
 }
 
 pub fn bf16_noise(name: &str) -> Bf16Noise {
@@ -109,5 +111,6 @@ pub fn bf16_noise(name: &str) -> Bf16Noise {
         logprob: num("logprob_max_abs") as f32,
         lora_grad_rel_l2: num("lora_grad_rel_l2"),
         lora_grad_cosine: num("lora_grad_cosine"),
+        adam5_update_rel_l2: num("adam5_update_rel_l2"),
     }
 }
