@@ -8,8 +8,11 @@
 // sequence the grid does not cover.
 #include "emu.h"
 #include "attention.inc"
+#include <array>
 
-static const int PART = 128;  // DECODE_PARTITION_SIZE
+// DECODE_PARTITION_SIZE; a harness-only case raises it to give each warp more steps than the
+// tensor-core kernel's slots (a slot refilled while the other is read).
+static int PART = 128;
 struct Shape { int h, kv, hd, num_pages, page_size, max_pages, window; };  // window 0 = None
 static int decode_partitions(int len, int window) {
     const int span = window > 0 ? std::min(len, window) : len;
@@ -40,10 +43,24 @@ static std::vector<bf16> decode(const std::vector<bf16>& q, const std::vector<bf
     if (num_seqs == 0) return out;
     const float scale = 1.0f / std::sqrt((float)s.hd);
     const int part_i = PART;
-    emu_launch(grid1(num_seqs, blocks_per_seq(s), parts), ATTN_WARPS * 32, (size_t)ATTN_WARPS * ATTN_GMAX * (s.hd + 2) * 4, [&] {
-        attention_decode_bf16(out.data(), part_o.data(), part_ml.data(), q.data(), kc.data(), vc.data(), bt.data(), lens.data(), s.h,
-                              s.kv, s.hd, s.page_size, s.max_pages, s.window, part_i, scale);
-    });
+    // The launcher's choice: tensor cores (the kernel compiled for the next of 64, 128, 256) when
+    // hd % 8 == 0, else the CUDA-core kernel; HD 128's and 256's > 48 KiB are opted in at load.
+    const emu_dim3 grid = grid1(num_seqs, blocks_per_seq(s), parts);
+    auto args = [&](auto kernel) {
+        return [&, kernel] {
+            kernel(out.data(), part_o.data(), part_ml.data(), q.data(), kc.data(), vc.data(), bt.data(), lens.data(), s.h, s.kv,
+                   s.hd, s.page_size, s.max_pages, s.window, part_i, scale);
+        };
+    };
+    if (s.hd % 8 != 0) {
+        emu_launch(grid, ATTN_WARPS * 32, (size_t)ATTN_WARPS * ATTN_GMAX * (s.hd + 2) * 4, args(attention_decode_simt_bf16));
+    } else if (s.hd <= 64) {
+        emu_launch(grid, ATTN_WARPS * 32, DECODE_MMA_SMEM(64), args(attention_decode_hd64_bf16));
+    } else if (s.hd <= 128) {
+        emu_launch(grid, ATTN_WARPS * 32, DECODE_MMA_SMEM(128), args(attention_decode_hd128_bf16), DECODE_MMA_SMEM(128));
+    } else {
+        emu_launch(grid, ATTN_WARPS * 32, DECODE_MMA_SMEM(256), args(attention_decode_hd256_bf16), DECODE_MMA_SMEM(256));
+    }
     if (parts > 1) {
         const int rows = num_seqs * s.h;
         emu_launch(grid1(rows), row_block(s.hd), 0, [&] {
@@ -214,7 +231,11 @@ int main(int argc, char** argv) {
     parse_args(argc, argv);
     // Lengths: 1, one partial partition, 3 partitions, exactly 1 and 2 partitions (+1), empty.
     const std::vector<int> lens{1, 17, 300, 129, 128, 0};
-    decode_case(14, 2, 64, 0, false, lens, true);
+    // Tensor-core decode at the shapes that matter (Qwen2.5-0.5B: 14/2 hd 64, group 7; group 6;
+    // hd 128): lengths around a page (16) and a partition (128), one of 3 partitions, empty.
+    const std::vector<int> tc_lens{1, 15, 16, 17, 127, 128, 129, 300, 0};
+    decode_case(14, 2, 64, 0, false, tc_lens, true);
+    decode_case(12, 2, 128, 0, false, tc_lens, true);
     prefill_case(14, 2, 64, 0, {{0, 1}, {0, 17}, {5, 40}, {300, 33}});
     if (g_full) {
         // (h, kv, hd): hd 16 and 36 (lanes beyond hd), 32·E vector loads (32, 64, 128, 256),
@@ -223,6 +244,21 @@ int main(int argc, char** argv) {
         for (auto& c : shapes)
             for (int window : {0, 100}) decode_case(c[0], c[1], c[2], window, false, lens, c[2] == 36 || c[2] == 128);
         decode_case(14, 2, 64, 100, true, lens, true);
+        for (int window : {0, 100, 16})
+            for (auto& c : {std::array<int, 3>{14, 2, 64}, {12, 2, 64}, {14, 2, 128}, {12, 2, 128}})
+                decode_case(c[0], c[1], c[2], window, false, tc_lens, true);
+        decode_case(12, 2, 128, 100, true, tc_lens, true);
+        PART = 320;  // 20 steps of 16 positions: 5 per warp
+        for (int window : {0, 100}) {
+            decode_case(14, 2, 64, window, false, tc_lens, true);
+            decode_case(12, 2, 128, window, false, tc_lens, true);
+            decode_case(4, 1, 256, window, false, tc_lens, true);
+        }
+        PART = 128;
+        // hd % 8 == 0 below a compiled HD (q, k columns zero-padded): 40 and 72 (hd % 16 == 8),
+        // 200 (HD 256); group 1 (MHA) and group 16.
+        for (auto& c : {std::array<int, 3>{14, 2, 40}, {6, 6, 72}, {4, 1, 200}, {32, 2, 64}})
+            for (int window : {0, 100}) decode_case(c[0], c[1], c[2], window, false, tc_lens, c[2] == 72);
         decode_case(16, 1, 128, 0, true, lens, false);
         // Windows at a partition boundary, of one position, longer than every sequence.
         for (int window : {128, 1, 1000}) decode_case(6, 2, 36, window, false, lens, window == 128);

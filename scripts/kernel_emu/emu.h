@@ -20,6 +20,16 @@ void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<voi
 extern unsigned char* emu_dyn_smem;  // the launch's dynamic shared memory (gen.py points kernels here)
 void at_mma_emu(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 void at_ldsm_emu(uint32_t (&r)[4], const __nv_bfloat16* p, bool trans);
+// cp.async.cg 16 bytes with src-size: copies src_bytes (0 or 16), zero-fills the rest; both
+// addresses must be 16-byte aligned. Synchronous: the wait_group that follows is a no-op.
+static inline void emu_cp_async16(void* dst, const void* src, int src_bytes) {
+    if (((uintptr_t)dst & 15) || ((uintptr_t)src & 15) || (src_bytes != 0 && src_bytes != 16)) {
+        fprintf(stderr, "cp.async: misaligned address or src-size %d\n", src_bytes);
+        abort();
+    }
+    memset(dst, 0, 16);
+    if (src_bytes) memcpy(dst, src, src_bytes);
+}
 
 // ---- test helpers (header-only: each harness is one translation unit plus emu_rt.cpp) ----
 struct Rng {

@@ -36,6 +36,18 @@ PTX_HELPERS = {
         "static inline void at_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
     "static __device__ __forceinline__ void at_ldsm_x4_trans(":
         "static inline void at_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
+    # kernels/attention.cu's tensor-core decode: mma with rows 8..15 of A zero, ldmatrix, and
+    # cp.async as a synchronous copy (threads switch only at barriers, so waiting is a no-op).
+    "static __device__ __forceinline__ void dec_mma(":
+        "static inline void dec_mma(float& d0, float& d1, uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {"
+        " float d[4] = {d0, d1, 0.0f, 0.0f}; const uint32_t a[4] = {a0, 0u, a2, 0u}; at_mma_emu(d, a, b0, b1);"
+        " d0 = d[0]; d1 = d[1]; }",
+    "static __device__ __forceinline__ void dec_ldsm_x4(":
+        "static inline void dec_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
+    "static __device__ __forceinline__ void dec_ldsm_x4_trans(":
+        "static inline void dec_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
+    "static __device__ __forceinline__ void dec_cp_async16(":
+        "static inline void dec_cp_async16(bf16* smem, const bf16* gmem, int src_bytes) { emu_cp_async16(smem, gmem, src_bytes); }",
     # kernels/lora_train.cu: the same helpers under the lt_ prefix.
     "static __device__ __forceinline__ void lt_mma(":
         "static inline void lt_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { at_mma_emu(d, a, b0, b1); }",
@@ -44,6 +56,15 @@ PTX_HELPERS = {
     "static __device__ __forceinline__ void lt_ldsm_x4_trans(":
         "static inline void lt_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
 }
+ONE_LINE = {
+    "static __device__ __forceinline__ void dec_cp_async_commit()": "static inline void dec_cp_async_commit() {}",
+    "static __device__ __forceinline__ void dec_cp_async_wait()": "static inline void dec_cp_async_wait() {}",
+}
+for sig, body in ONE_LINE.items():
+    if sig in src:
+        start = src.index(sig)
+        end = src.index("\n", start)
+        src = src[:start] + body + src[end:]
 for sig, body in PTX_HELPERS.items():
     if sig in src:
         src = replace_fn(src, sig, body)

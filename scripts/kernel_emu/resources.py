@@ -15,18 +15,24 @@ import sys
 import tempfile
 
 nvcc, kdir = sys.argv[1], os.path.abspath(sys.argv[2])
-# Largest dynamic shared memory each launcher passes (bytes): src/cuda/rollout.rs (decode: 4 warps
-# × 8 heads × (hd + 2) f32 at hd 256; prefill: its carve-up at hd 256), src/cuda/train_kernels.rs
-# (rmsnorm_bwd: dim f32, dim limited by SMEM_DEFAULT_BYTES − RMS_BWD_STATIC_SMEM_BYTES = 2·32 f32;
-# rope_fwd/bwd: rope_launch's sin and cos of ROPE_ROWS = 4 rows × hd/2 f32 at hd 256).
+# Largest dynamic shared memory each launcher passes (bytes): src/cuda/rollout.rs (CUDA-core
+# decode: 4 warps × 8 heads × (hd + 2) f32 at hd 256; tensor-core decode: 4 warps × slots (2, 2,
+# 1) × 16 k and 16 v rows of HD + 8 bf16, hd128 and hd256 opting in at load; prefill: its
+# carve-up at hd 256), src/cuda/train_kernels.rs (rmsnorm_bwd: dim f32, dim limited by
+# SMEM_DEFAULT_BYTES − RMS_BWD_STATIC_SMEM_BYTES = 2·32 f32; rope_fwd/bwd: rope_launch's sin and
+# cos of ROPE_ROWS = 4 rows × hd/2 f32 at hd 256).
 DYNAMIC = {
-    "attention_decode_bf16": 4 * 8 * (256 + 2) * 4,
+    "attention_decode_simt_bf16": 4 * 8 * (256 + 2) * 4,
+    "attention_decode_hd64_bf16": 4 * 2 * 2 * 16 * (64 + 8) * 2,
+    "attention_decode_hd128_bf16": 4 * 2 * 2 * 16 * (128 + 8) * 2,
+    "attention_decode_hd256_bf16": 4 * 2 * 16 * (256 + 8) * 2,
     "attention_prefill_bf16": 32 * 8 + (16 * 256 + 32 * (256 + 2) + 32 * 256) * 2,
     "rmsnorm_bwd_bf16": 48 * 1024 - 256,
     "rope_fwd_bf16": 2 * 4 * 128 * 4,
     "rope_bwd_bf16": 2 * 4 * 128 * 4,
 }
-OPT_IN = {"attention_train_fwd", "attention_train_bwd_dkdv", "attention_train_bwd_dq"}  # allow_smem ≤ 99 KiB
+OPT_IN = {"attention_train_fwd", "attention_train_bwd_dkdv", "attention_train_bwd_dq",  # allow_smem ≤ 99 KiB
+          "attention_decode_hd128_bf16", "attention_decode_hd256_bf16"}  # 68 / 66 KiB, RolloutKernels::load
 LIMIT = 48 * 1024
 
 cccl = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cccl")

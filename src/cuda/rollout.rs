@@ -22,6 +22,20 @@ use crate::{Error, Result};
 const ATTN_WARPS: usize = 4;
 const ATTN_GMAX: usize = 8;
 const PREFILL_BQ: usize = 16;
+/// Positions per warp step of the tensor-core decode (kernels/attention.cu `DEC_PW`).
+const DEC_PW: usize = 16;
+
+/// Dynamic shared memory of the tensor-core decode compiled for head dim `hd_max`
+/// (kernels/attention.cu `DECODE_MMA_SMEM`): per warp and slot (2 slots up to hd_max 128, 1 at
+/// 256) 16 k rows and 16 v rows of hd_max + 8 bf16 (the warps' merge, 4·8·(hd+2) f32, reuses
+/// them and is smaller): 36 KiB, 68 KiB, 66 KiB.
+const fn decode_mma_smem(hd_max: usize) -> usize {
+    let slots = if hd_max <= 128 { 2 } else { 1 };
+    ATTN_WARPS * slots * 2 * DEC_PW * (hd_max + 8) * 2
+}
+
+/// Shared memory a block may use without the opt-in.
+const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
 const PREFILL_BK: usize = 32;
 /// Threads per sampling block (kernels/sampling.cu `SAMPLE_THREADS`).
 const SAMPLE_THREADS: u32 = 512;
@@ -71,7 +85,11 @@ pub(super) struct RolloutKernels {
     add_bias_bf16: CudaFunction,
     residual_add_bf16: CudaFunction,
     kv_cache_append_bf16: CudaFunction,
-    attention_decode_bf16: CudaFunction,
+    attention_decode_simt_bf16: CudaFunction,
+    /// Tensor-core decode compiled for head dims ≤ 64, 128, 256 (hd % 8 == 0).
+    attention_decode_hd64_bf16: CudaFunction,
+    attention_decode_hd128_bf16: CudaFunction,
+    attention_decode_hd256_bf16: CudaFunction,
     attention_decode_combine_bf16: CudaFunction,
     attention_prefill_bf16: CudaFunction,
     lora_xa_bf16: CudaFunction,
@@ -98,7 +116,10 @@ pub const ROLLOUT_KERNEL_NAMES: &[&str] = &[
     "add_bias_bf16",
     "residual_add_bf16",
     "kv_cache_append_bf16",
-    "attention_decode_bf16",
+    "attention_decode_simt_bf16",
+    "attention_decode_hd64_bf16",
+    "attention_decode_hd128_bf16",
+    "attention_decode_hd256_bf16",
     "attention_decode_combine_bf16",
     "attention_prefill_bf16",
     "lora_xa_bf16",
@@ -116,6 +137,22 @@ pub const ROLLOUT_KERNEL_NAMES: &[&str] = &[
     "logprob_gather_bf16",
 ];
 
+/// Lets `func` use `smem` bytes of dynamic shared memory (the opt-in above 48 KiB; every sm_80+
+/// GPU allows up to 99 KiB), set once when the kernels are loaded: it holds for every later
+/// launch and graph capture.
+fn allow_smem(func: CudaFunction, smem: usize) -> Result<CudaFunction> {
+    if smem > SMEM_DEFAULT_BYTES {
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(cuda_err(format_args!(
+            "allowing {smem} bytes of dynamic shared memory per block"
+        )))?;
+    }
+    Ok(func)
+}
+
 impl RolloutKernels {
     pub(super) fn load(module: &Arc<CudaModule>) -> Result<RolloutKernels> {
         let f = |name: &str| {
@@ -131,7 +168,10 @@ impl RolloutKernels {
             add_bias_bf16: f("add_bias_bf16")?,
             residual_add_bf16: f("residual_add_bf16")?,
             kv_cache_append_bf16: f("kv_cache_append_bf16")?,
-            attention_decode_bf16: f("attention_decode_bf16")?,
+            attention_decode_simt_bf16: f("attention_decode_simt_bf16")?,
+            attention_decode_hd64_bf16: f("attention_decode_hd64_bf16")?,
+            attention_decode_hd128_bf16: allow_smem(f("attention_decode_hd128_bf16")?, decode_mma_smem(128))?,
+            attention_decode_hd256_bf16: allow_smem(f("attention_decode_hd256_bf16")?, decode_mma_smem(256))?,
             attention_decode_combine_bf16: f("attention_decode_combine_bf16")?,
             attention_prefill_bf16: f("attention_prefill_bf16")?,
             lora_xa_bf16: f("lora_xa_bf16")?,
@@ -217,15 +257,16 @@ impl AttnShape {
 /// size 16, so a partition never splits a page).
 ///
 /// Fixed, not chosen per batch, so that how a sequence's attention is summed depends on that
-/// sequence alone (batch invariance; kernels/attention.cu). Why 128 and not vLLM's 512: this
-/// kernel gives each of a block's 4 warps every 4th position of the partition and walks them
-/// one after another, so a partition's latency grows with its length, and at the sizes GRPO
-/// rollouts run (64 sequences × ≤ 384 positions, Qwen2.5-0.5B: 2 kv-head blocks per sequence)
-/// 128 gives 3 partitions = 384 blocks ≈ 3 per SM on 132 SMs, where 512 would give 128 blocks
-/// (one partition each), a third of the SMs idle. The cost of smaller partitions is partial
-/// traffic: a partition writes n_heads·(hd+2) f32 per 128 positions (29 B per position for
-/// Qwen2.5-0.5B) against 512 B of k and v per position, ≈ 6 % more (and L2-resident for
-/// moderate batches); at 32k positions a sequence has 256 partitions, still one grid.z.
+/// sequence alone (batch invariance; kernels/attention.cu). Why 128 and not vLLM's 512: a
+/// partition is one block of 4 warps, each taking every 4th step of 16 positions (128 = two
+/// steps per warp, the second one's k in flight during the first one's P·V), so a partition's
+/// latency grows with its length, and at the sizes GRPO rollouts run (64 sequences × ≤ 384
+/// positions, Qwen2.5-0.5B: 2 kv-head blocks per sequence) 128 gives 3 partitions = 384 blocks
+/// ≈ 3 per SM on 132 SMs, where 512 would give 128 blocks (one partition each), a third of the
+/// SMs idle. The cost of smaller partitions is partial traffic: a partition writes
+/// n_heads·(hd+2) f32 per 128 positions (29 B per position for Qwen2.5-0.5B) against 512 B of k
+/// and v per position, ≈ 6 % more (and L2-resident for moderate batches); at 32k positions a
+/// sequence has 256 partitions, still one grid.z.
 pub const DECODE_PARTITION_SIZE: usize = 128;
 
 /// Flash-decoding partitions of a sequence of `len` positions: ceil(span / 128) with span the
@@ -753,7 +794,8 @@ impl CudaDevice {
         let (qp, _q) = q.device_ptr(s);
         let (kc, _kc) = k_cache.device_ptr(s);
         let (vc, _vc) = v_cache.device_ptr(s);
-        // The kernel reads head slices with 4/8/16-byte vector loads when hd = 32·E.
+        // The kernels read head slices with 4/8/16-byte vector loads (the CUDA-core one when
+        // hd = 32·E) and copy 16-byte chunks of k/v rows (cp.async, the tensor-core ones).
         for (what, p) in [("q", qp), ("k_cache", kc), ("v_cache", vc)] {
             if p % 16 != 0 {
                 return Err(Error::invalid(format!("{kn}: {what} must start 16-byte aligned")));
@@ -772,7 +814,19 @@ impl CudaDevice {
             DECODE_PARTITION_SIZE as i32,
         );
         let scale = shape.scale();
-        let mut l = s.launch_builder(&self.rk().attention_decode_bf16);
+        // Tensor cores for hd % 8 == 0 (the kernel compiled for the next of 64, 128, 256), the
+        // CUDA-core kernel for the other head dims (hd % 4 == 0: tiny test models).
+        let rk = self.rk();
+        let (func, smem) = match hd {
+            _ if !hd.is_multiple_of(8) => (
+                &rk.attention_decode_simt_bf16,
+                ATTN_WARPS * ATTN_GMAX * (hd + 2) * 4,
+            ),
+            0..=64 => (&rk.attention_decode_hd64_bf16, decode_mma_smem(64)),
+            65..=128 => (&rk.attention_decode_hd128_bf16, decode_mma_smem(128)),
+            _ => (&rk.attention_decode_hd256_bf16, decode_mma_smem(256)),
+        };
+        let mut l = s.launch_builder(func);
         l.arg(&op)
             .arg(&po)
             .arg(&pm)
@@ -789,17 +843,19 @@ impl CudaDevice {
             .arg(&win)
             .arg(&part_i)
             .arg(&scale);
-        let smem = (ATTN_WARPS * ATTN_GMAX * (hd + 2) * 4) as u32;
         let grid = (
             num_seqs as u32,
             shape.decode_blocks_per_seq() as u32,
             parts as u32,
         );
-        // SAFETY: argument order as kernels/attention.cu attention_decode_bf16; lengths checked
-        // above (part buffers only when parts > 1, the only case the kernel writes them: a
-        // sequence with more than one partition needs a grid of more than one); block = 4 warps
-        // as the kernel's merge assumes; smem = 4·8·(hd+2) floats ≤ 33 KiB.
-        unsafe { l.launch(cfg(grid, (ATTN_WARPS * 32) as u32, smem)) }.map_err(cuda_err(kn))?;
+        // SAFETY: argument order as kernels/attention.cu attention_decode_simt_bf16 and
+        // attention_decode_hd*_bf16 (the same); lengths checked above (part buffers only when
+        // parts > 1, the only case the kernels write them: a sequence with more than one
+        // partition needs a grid of more than one); block = 4 warps as the kernels' merge
+        // assumes; smem: the CUDA-core kernel's 4·8·(hd+2) f32 ≤ 33 KiB, the tensor-core
+        // kernels' decode_mma_smem (36 KiB; 68 and 66 KiB at hd_max 128 and 256, opted in at
+        // load).
+        unsafe { l.launch(cfg(grid, (ATTN_WARPS * 32) as u32, smem as u32)) }.map_err(cuda_err(kn))?;
         if parts > 1 {
             let rows_i = (num_seqs * h) as i32;
             let (cap_i, parts_i) = (as_i32(kn, "cap", cap)?, parts as i32);
