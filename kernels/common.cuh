@@ -205,3 +205,51 @@ __device__ __forceinline__ void rope_rows_bf16(bf16* __restrict__ q, bf16* __res
         }
     }
 }
+
+// ----------------------------------------------------------------------------
+// LoRA dot products (kernels/lora.cu, kernels/fused.cu: the per-projection and the grouped
+// kernels share them, so their results are bit-identical).
+
+// Σ_i x[i]·a[i] over n by one warp, f32: lane l adds its elements in index order (8-element
+// vectors l, l + 32, ... when n is a multiple of 8 and both rows are 16-byte aligned, else
+// elements l, l + 32, ...), then a butterfly reduction; every lane gets the sum. The loads of
+// several vectors are in flight at once (unrolled), the additions stay in order.
+__device__ __forceinline__ float warp_dot_bf16_f32(const bf16* __restrict__ x, const float* __restrict__ a, int n,
+                                                   int lane) {
+    float acc = 0.0f;
+    if (n % 8 == 0 && vec16_ok(x) && vec16_ok(a)) {
+#pragma unroll 4
+        for (int v = lane; v < n / 8; v += WARP_SIZE) {
+            float xv[8], a0[4], a1[4];
+            load8_bf16(x + (size_t)v * 8, xv);
+            load4_f32(a + (size_t)v * 8, a0);
+            load4_f32(a + (size_t)v * 8 + 4, a1);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc += xv[k] * a0[k];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc += xv[4 + k] * a1[k];
+        }
+    } else {
+        for (int i = lane; i < n; i += WARP_SIZE) acc += bf16_to_f32(x[i]) * a[i];
+    }
+    return warp_reduce_sum(acc);
+}
+
+// Σ_j u[j]·b[j] for j = 0 .. rank-1 in order, f32, by one thread (16-byte loads, all in flight,
+// when rank is a multiple of 4 and both rows are 16-byte aligned; the same sum either way).
+__device__ __forceinline__ float rank_dot_f32(const float* __restrict__ u, const float* __restrict__ b, int rank) {
+    float acc = 0.0f;
+    if (rank % 4 == 0 && vec16_ok(u) && vec16_ok(b)) {
+#pragma unroll 4
+        for (int j = 0; j < rank; j += 4) {
+            float uv[4], bv[4];
+            load4_f32(u + j, uv);
+            load4_f32(b + j, bv);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc += uv[k] * bv[k];
+        }
+        return acc;
+    }
+    for (int j = 0; j < rank; ++j) acc += u[j] * b[j];
+    return acc;
+}

@@ -11,8 +11,8 @@
 //   lora_group_expand_add_bf16  gate, up) in 2 launches, bit-identical to lora_xa_bf16 +
 //                               lora_expand_add_bf16 per projection
 //   residual_rmsnorm_fwd_bf16   x += y (rounded to bf16), then out = rmsnorm(x) · weight: what
-//                               residual_add_bf16 + rmsnorm_fwd_bf16 compute (f32 sum of squares,
-//                               one warp per row instead of one block: other summation order)
+//                               residual_add_bf16 + rmsnorm_fwd_bf16 compute (f32 sum of squares
+//                               in another order: 8 columns per thread, then the block)
 //
 // CPU references: src/cpu/ops.rs (rope_inplace, add_bias), src/cpu/model.rs (residual, rmsnorm,
 // the KV cache). Rust launchers: src/cuda/fused.rs.
@@ -87,27 +87,58 @@ extern "C" __global__ void qkv_rope_append_bf16(bf16* __restrict__ q_out, bf16* 
 
 // x (rows, dim) bf16 in place: x = bf16(x + y); out (rows, dim) = x · rsqrt(mean(x²) + eps) ·
 // weight (f32 arithmetic on the rounded x, one rounding at the store, as rmsnorm_fwd_bf16).
-// y (rows, dim), weight (dim) bf16. One warp per row: grid = ceil(rows / (block / 32)),
-// block = multiple of 32 (no block barrier: a warp past the last row returns at once).
+// y (rows, dim), weight (dim) bf16. One block per row; when dim is a multiple of 8, at most
+// 8·1024, and x, y, out, weight are 16-byte aligned, each thread owns one 16-byte vector of 8
+// columns and keeps it in registers (one load round trip per row: the decode step has few rows,
+// so latency, not bandwidth, is the cost); else threads stride over the columns. The sum of
+// squares: each thread's 8 in column order, then block_reduce_sum. grid = rows, block =
+// ceil(dim / 8) rounded up to a warp, at most 1024 (the launcher's residual_norm_block).
 extern "C" __global__ void residual_rmsnorm_fwd_bf16(bf16* __restrict__ out, bf16* __restrict__ x,
                                                      const bf16* __restrict__ y, const bf16* __restrict__ weight,
                                                      float eps, int rows, int dim) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int r = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (r >= rows) return;  // whole warp
+    const int r = blockIdx.x;
+    if (r >= rows) return;  // whole block
     bf16* xr = x + (size_t)r * dim;
     const bf16* yr = y + (size_t)r * dim;
+    bf16* orow = out + (size_t)r * dim;
+    const bool vec = dim % 8 == 0 && dim <= 8 * (int)blockDim.x && vec16_ok(xr) && vec16_ok(yr) && vec16_ok(orow) &&
+                     vec16_ok(weight);
+    if (vec) {
+        const int c0 = threadIdx.x * 8;
+        float v[8];
+        float sum_sq = 0.0f;
+        if (c0 < dim) {
+            float a[8], b[8];
+            load8_bf16(xr + c0, a);
+            load8_bf16(yr + c0, b);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                v[k] = bf16_to_f32(f32_to_bf16(a[k] + b[k]));
+                sum_sq += v[k] * v[k];
+            }
+            store8_bf16(xr + c0, v);
+        }
+        sum_sq = block_reduce_sum(sum_sq);
+        const float inv_rms = rsqrtf(sum_sq / (float)dim + eps);
+        if (c0 < dim) {
+            float w[8], o[8];
+            load8_bf16(weight + c0, w);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) o[k] = v[k] * inv_rms * w[k];
+            store8_bf16(orow + c0, o);
+        }
+        return;
+    }
     float sum_sq = 0.0f;
-    for (int i = lane; i < dim; i += WARP_SIZE) {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
         const bf16 v = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(yr[i]));
         xr[i] = v;
         const float f = bf16_to_f32(v);
         sum_sq += f * f;
     }
-    sum_sq = warp_reduce_sum(sum_sq);
+    sum_sq = block_reduce_sum(sum_sq);
     const float inv_rms = rsqrtf(sum_sq / (float)dim + eps);
-    bf16* orow = out + (size_t)r * dim;
-    for (int i = lane; i < dim; i += WARP_SIZE) {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
         orow[i] = f32_to_bf16(bf16_to_f32(xr[i]) * inv_rms * bf16_to_f32(weight[i]));
     }
 }
@@ -127,25 +158,19 @@ struct LoraGroup3 {
     int n;
 };
 
-// xa (rows, n·rank) f32: xa[r, p·rank + j] = Σ_i x[r, i] · A_p[j, i] (lanes stride over `in`,
-// then a warp reduction, as lora_xa_bf16). x (rows, in) bf16. grid = rows, block = multiple of
-// 32: warp w takes the (p, j) pairs w, w + warps, ...
+// xa (rows, n·rank) f32: xa[r, p·rank + j] = Σ_i x[r, i] · A_p[j, i] (warp_dot_bf16_f32, as
+// lora_xa_bf16). x (rows, in) bf16. grid = (rows, ceil(n·rank / warps)), block = multiple of
+// 32: warp w of block (row, g) computes the pair pj = g·warps + w = p·rank + j.
 extern "C" __global__ void lora_group_xa_bf16(float* __restrict__ xa, const bf16* __restrict__ x, LoraGroup3 g,
                                               int rows, int in_dim, int rank) {
     const int row = blockIdx.x;
-    if (row >= rows) return;
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int warp = threadIdx.x / WARP_SIZE;
     const int warps = blockDim.x / WARP_SIZE;
-    const bf16* xr = x + (size_t)row * in_dim;
-    for (int pj = warp; pj < g.n * rank; pj += warps) {
-        const int p = pj / rank;
-        const float* aj = g.a[p] + (size_t)(pj % rank) * in_dim;
-        float acc = 0.0f;
-        for (int i = lane; i < in_dim; i += WARP_SIZE) acc += bf16_to_f32(xr[i]) * aj[i];
-        acc = warp_reduce_sum(acc);
-        if (lane == 0) xa[(size_t)row * g.n * rank + pj] = acc;
-    }
+    const int pj = blockIdx.y * warps + threadIdx.x / WARP_SIZE;
+    if (row >= rows || pj >= g.n * rank) return;  // whole warp
+    const int lane = threadIdx.x % WARP_SIZE;
+    const float* aj = g.a[pj / rank] + (size_t)(pj % rank) * in_dim;
+    const float acc = warp_dot_bf16_f32(x + (size_t)row * in_dim, aj, in_dim, lane);
+    if (lane == 0) xa[(size_t)row * g.n * rank + pj] = acc;
 }
 
 // y (rows, ldy) bf16 in place: y[r, col_p + o] = bf16(y + scale · Σ_j xa[r, p·rank + j] ·
@@ -163,10 +188,7 @@ extern "C" __global__ void lora_group_expand_add_bf16(bf16* __restrict__ y, int 
         ++p;
     }
     if (p >= g.n) return;
-    const float* xr = xa + (size_t)row * g.n * rank + (size_t)p * rank;
-    const float* bo = g.b[p] + (size_t)o * rank;
-    float acc = 0.0f;
-    for (int j = 0; j < rank; ++j) acc += xr[j] * bo[j];
+    const float acc = rank_dot_f32(xa + (size_t)row * g.n * rank + (size_t)p * rank, g.b[p] + (size_t)o * rank, rank);
     bf16* yp = y + (size_t)row * ldy + g.col[p] + o;
     *yp = f32_to_bf16(bf16_to_f32(*yp) + scale * acc);
 }

@@ -4,7 +4,8 @@
 //   with tests/cuda_rollout_kernels.rs's RoPE tolerance (atol 1e-5, rtol 2^-8 for the bf16
 //   store); v exact; cache slots no row writes must keep their contents; rows whose position is
 //   outside the cache write q only.
-//   residual_rmsnorm_fwd_bf16 (one warp per row, 4 rows per block) against x + y rounded to bf16
+//   residual_rmsnorm_fwd_bf16 (block per row of ceil(dim/8) threads rounded to a warp, ≤ 1024;
+//   dims 8200 and 4104 exercise the strided path) against x + y rounded to bf16
 //   (exact) and the RMSNorm of rmsnorm_emu.cpp (atol 1e-6, rtol 2^-7).
 #include "emu.h"
 #include "fused.inc"
@@ -89,7 +90,8 @@ static void residual_norm(size_t rows, size_t dim) {
     std::vector<bf16> xb = to_bf(x), yb = to_bf(y), wb = to_bf(w), ob(rows * dim, bf_nan());
     if (rows * dim > 0) {
         const int rows_i = (int)rows, dim_i = (int)dim;
-        emu_launch(grid1((rows + 3) / 4), 128, 0,
+        const int block = (int)std::min<size_t>(std::max<size_t>(((dim + 7) / 8 + 31) / 32 * 32, 32), 1024);
+        emu_launch(grid1(rows), block, 0,
                    [&] { residual_rmsnorm_fwd_bf16(ob.data(), xb.data(), yb.data(), wb.data(), eps, rows_i, dim_i); });
     }
     const std::string what = "residual+rmsnorm rows " + std::to_string(rows) + " dim " + std::to_string(dim);
@@ -98,7 +100,7 @@ static void residual_norm(size_t rows, size_t dim) {
 }
 
 // Grouped LoRA of n projections into a stacked y (rows, ldy) whose columns are [col_p, col_p+out_p),
-// launched as src/cuda/fused.rs (xa: grid = rows, block = min(n·rank, 8) warps; expand: grid =
+// launched as src/cuda/fused.rs (xa: grid = (rows, ceil(n·rank / warps)), block = min(n·rank, 8) warps; expand: grid =
 // (rows, ceil(Σout/256)), block 256), against f64 x·Aᵀ then y + s·xa·Bᵀ (atol 1e-5 on xa,
 // rtol 2^-8 for the bf16 store of y); columns outside every projection stay untouched.
 static void lora_group(size_t n, size_t rows, size_t in, size_t rank, const std::vector<size_t>& outs, size_t gap) {
@@ -133,7 +135,8 @@ static void lora_group(size_t n, size_t rows, size_t in, size_t rank, const std:
     std::vector<bf16> xb = to_bf(x), yb = to_bf(y);
     const int rows_i = (int)rows, in_i = (int)in, k_i = (int)rank, ld_i = (int)ldy;
     if (rows > 0) {
-        emu_launch(grid1(rows), (int)std::min<size_t>(n * rank, 8) * 32, 0, [&] { lora_group_xa_bf16(xa.data(), xb.data(), g, rows_i, in_i, k_i); });
+        const size_t warps = std::min<size_t>(n * rank, 8);
+        emu_launch(grid1(rows, (n * rank + warps - 1) / warps), (int)warps * 32, 0, [&] { lora_group_xa_bf16(xa.data(), xb.data(), g, rows_i, in_i, k_i); });
         emu_launch(grid1(rows, (total + 255) / 256), 256, 0, [&] { lora_group_expand_add_bf16(yb.data(), ld_i, xa.data(), g, scale, rows_i, k_i); });
     }
     const std::string what = "lora group n " + std::to_string(n) + " rows " + std::to_string(rows) + " in " + std::to_string(in) +
@@ -164,7 +167,7 @@ int main(int argc, char** argv) {
             qkv(4, 4, 16, 1, b);
             qkv(12, 2, 128, 17, b);
         }
-        for (size_t dim : {1, 31, 32, 33, 896, 1536, 4097})
+        for (size_t dim : {1, 31, 32, 33, 896, 1536, 3584, 4097, 8192, 8200})
             for (size_t rows : {0, 1, 4, 5, 33}) residual_norm(rows, dim);
     }
     return finish("fused");

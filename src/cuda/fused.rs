@@ -70,8 +70,11 @@ impl FusedKernels {
     }
 }
 
-/// Rows per block of residual_rmsnorm_fwd_bf16 (one warp each).
-const NORM_ROWS_PER_BLOCK: usize = 4;
+/// residual_rmsnorm_fwd_bf16's block: one thread per 8 columns (its vector path), rounded up to
+/// a warp, at most 1024 (wider rows take the kernel's strided path).
+fn residual_norm_block(dim: usize) -> u32 {
+    dim.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32
+}
 
 fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
     if found != expected {
@@ -232,10 +235,9 @@ impl CudaDevice {
             .arg(&eps)
             .arg(&rows_i)
             .arg(&dim_i);
-        let grid = rows.div_ceil(NORM_ROWS_PER_BLOCK) as u32;
         // SAFETY: argument order as kernels/fused.cu residual_rmsnorm_fwd_bf16; lengths checked;
-        // one warp per row, rows past the end return.
-        unsafe { l.launch(cfg(grid, (NORM_ROWS_PER_BLOCK * 32) as u32)) }.map_err(cuda_err(kn))?;
+        // one block per row (block_reduce_sum: whole warps).
+        unsafe { l.launch(cfg(rows as u32, residual_norm_block(dim))) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -312,10 +314,16 @@ impl CudaDevice {
         let (ap, _a) = xa.device_ptr_mut(s);
         let mut l = s.launch_builder(&self.fused.lora_group_xa_bf16);
         l.arg(&ap).arg(&xp).arg(&g).arg(&r_i).arg(&in_i).arg(&k_i);
-        let block = ((n * rank).min(8) * 32) as u32;
+        let warps = (n * rank).min(8);
+        let xa_cfg = LaunchConfig {
+            grid_dim: (rows as u32, (n * rank).div_ceil(warps) as u32, 1),
+            block_dim: ((warps * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: (float* xa, const bf16* x, LoraGroup3 g, int rows, int in, int rank); lengths
-        // checked above; g's pointers are live slices of this device (guards held).
-        unsafe { l.launch(cfg(rows as u32, block)) }.map_err(cuda_err("lora_group_xa_bf16"))?;
+        // checked above; g's pointers are live slices of this device (guards held); one warp per
+        // (row, p·rank + j), grid.y·warps ≥ n·rank.
+        unsafe { l.launch(xa_cfg) }.map_err(cuda_err("lora_group_xa_bf16"))?;
         let (yp, _y) = y.device_ptr_mut(s);
         let mut l = s.launch_builder(&self.fused.lora_group_expand_add_bf16);
         l.arg(&yp)

@@ -988,10 +988,17 @@ impl CudaDevice {
         let (ap, _a) = a.device_ptr(s);
         let mut l = s.launch_builder(&self.rk().lora_xa_bf16);
         l.arg(&o).arg(&xp).arg(&ap).arg(&r_i).arg(&in_i).arg(&k_i);
-        let block = (rank.min(8) * 32) as u32;
+        let warps = rank.min(8);
         // SAFETY: (float* xa, const bf16* x, const float* a, int rows, int in, int rank);
-        // lengths checked; block is whole warps.
-        unsafe { l.launch(cfg((rows as u32, 1, 1), block, 0)) }.map_err(cuda_err(kn))?;
+        // lengths checked; block is whole warps, grid.y·warps ≥ rank (one warp per (row, j)).
+        unsafe {
+            l.launch(cfg(
+                (rows as u32, rank.div_ceil(warps) as u32, 1),
+                (warps * 32) as u32,
+                0,
+            ))
+        }
+        .map_err(cuda_err(kn))?;
         Ok(())
     }
 
