@@ -934,7 +934,12 @@ pub(super) struct DecodeGraphs {
     /// pick its kernels outside a capture); captured on their next use.
     warm: std::collections::HashSet<usize>,
     by_bucket: std::collections::HashMap<usize, DecodeGraph>,
+    /// Captures invalidated from outside so far (retried until [`MAX_CAPTURE_TRIES`]).
+    invalidated: u32,
 }
+
+/// Invalidated captures an engine retries before it decodes eagerly for good.
+const MAX_CAPTURE_TRIES: u32 = 4;
 
 /// A captured decode step. cudarc's graph holds raw driver handles and so is neither Send nor
 /// Sync, which would take both from [`CudaEngine`] (a buffer of CUDA slices is both).
@@ -2243,7 +2248,8 @@ fn log_graph_fallback(why: &str) {
 /// Runs one decode step of `rows` rows (a bucket) whose inputs are staged: replays the
 /// bucket's graph; or, the first time the bucket is seen, runs it eagerly (warm-up); or, the
 /// second time, captures its graph and replays it. With `use_graphs` false every step is
-/// eager. A failed capture sets `graph_error` (graphs then stay off) and runs the step eagerly.
+/// eager. A failed capture runs the step eagerly and sets `graph_error` (graphs then stay off),
+/// unless it was invalidated from outside (retried at the bucket's next step, a few times).
 #[allow(clippy::too_many_arguments)]
 fn run_decode_step(
     md: Model<'_>,
@@ -2283,8 +2289,15 @@ fn run_decode_step(
         }
         Err(e) => {
             let why = format!("bucket of {rows} rows: {e}");
-            log_graph_fallback(&why);
-            *graph_error = Some(why);
+            // Work of another thread on the same device (a module load, a synchronizing call:
+            // seen on the H200 with parallel tests, each opening engines) can invalidate a
+            // capture from outside. That is transient: keep graphs on and capture again at the
+            // bucket's next step, up to MAX_CAPTURE_TRIES invalidations per engine.
+            b.graphs.invalidated += 1;
+            if !(why.contains("STREAM_CAPTURE_INVALIDATED") && b.graphs.invalidated < MAX_CAPTURE_TRIES) {
+                log_graph_fallback(&why);
+                *graph_error = Some(why);
+            }
             decode_step_device(md, plan, b, rows, step_max_len, false)
         }
     }
