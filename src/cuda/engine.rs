@@ -1166,37 +1166,30 @@ pub(super) fn gemm_raw(
     Ok(())
 }
 
-/// y (rows, out) bf16 = x (rows, in) · wᵀ for a stacked weight w (out, in) (q|k|v, gate|up): the
-/// stacked projections' outputs side by side in each row, no bias, no LoRA.
+/// y (rows, out) = x (rows, in) bf16 · wᵀ, w (out, in) bf16, y of `y_type` (bf16 or f32), with
+/// the lengths checked (`what` names the GEMM in the error): a stacked weight (q|k|v, gate|up:
+/// the projections' outputs side by side in each row, no bias, no LoRA), or the lm_head.
 #[allow(clippy::too_many_arguments)]
-fn gemm_stacked(
+fn gemm_checked<Y>(
     dev: &CudaDevice,
     blas: &CudaBlas,
+    what: &str,
     x: &impl DevicePtr<bf16>,
-    w: &CudaSlice<bf16>,
-    y: &mut impl DevicePtrMut<bf16>,
+    w: &impl DevicePtr<bf16>,
+    y: &mut impl DevicePtrMut<Y>,
+    y_type: cudaDataType,
     rows: usize,
     d_in: usize,
     d_out: usize,
 ) -> Result<()> {
-    check("stacked x", x.len(), rows * d_in)?;
-    check("stacked w", w.len(), d_out * d_in)?;
-    check("stacked y", y.len(), rows * d_out)?;
+    check(&format!("{what} x"), x.len(), rows * d_in)?;
+    check(&format!("{what} w"), w.len(), d_out * d_in)?;
+    check(&format!("{what} y"), y.len(), rows * d_out)?;
     let s = dev.stream();
     let (xp, _xs) = x.device_ptr(s);
     let (wp, _ws) = w.device_ptr(s);
     let (yp, _ys) = y.device_ptr_mut(s);
-    gemm_raw(
-        dev,
-        blas,
-        xp,
-        wp,
-        yp,
-        cudaDataType::CUDA_R_16BF,
-        rows,
-        d_in,
-        d_out,
-    )
+    gemm_raw(dev, blas, xp, wp, yp, y_type, rows, d_in, d_out)
 }
 
 /// The live adapter's LoRA of the projections `projs` (each with its first column in the
@@ -1247,14 +1240,8 @@ pub(super) fn gemm_logits(
     d_in: usize,
     d_out: usize,
 ) -> Result<()> {
-    check("lm_head x", x.len(), rows * d_in)?;
-    check("lm_head w", w.len(), d_out * d_in)?;
-    check("logits", y.len(), rows * d_out)?;
-    let s = dev.stream();
-    let (xp, _xs) = x.device_ptr(s);
-    let (wp, _ws) = w.device_ptr(s);
-    let (yp, _ys) = y.device_ptr_mut(s);
-    gemm_raw(dev, blas, xp, wp, yp, cudaDataType::CUDA_R_32F, rows, d_in, d_out)
+    let f32_out = cudaDataType::CUDA_R_32F;
+    gemm_checked(dev, blas, "lm_head", x, w, y, f32_out, rows, d_in, d_out)
 }
 
 pub(super) fn check(what: &str, found: usize, need: usize) -> Result<()> {
@@ -1278,26 +1265,8 @@ pub(super) fn linear(
     y: &mut impl DevicePtrMut<bf16>,
     rows: usize,
 ) -> Result<()> {
-    check("linear x", x.len(), rows * lin.d_in)?;
-    check("linear y", y.len(), rows * lin.d_out)?;
-    {
-        let s = dev.stream();
-        let (xp, _xs) = x.device_ptr(s);
-        let w = lin.w();
-        let (wp, _ws) = w.device_ptr(s);
-        let (yp, _ys) = y.device_ptr_mut(s);
-        gemm_raw(
-            dev,
-            blas,
-            xp,
-            wp,
-            yp,
-            cudaDataType::CUDA_R_16BF,
-            rows,
-            lin.d_in,
-            lin.d_out,
-        )?;
-    }
+    let (bf, w) = (cudaDataType::CUDA_R_16BF, lin.w());
+    gemm_checked(dev, blas, "linear", x, &w, y, bf, rows, lin.d_in, lin.d_out)?;
     if let Some(b) = &lin.b {
         dev.add_bias_bf16(y, b, rows, lin.d_out)?;
     }
@@ -1589,7 +1558,9 @@ fn forward_device(
             // One GEMM for q | k | v against the stacked weights, each LoRA into its columns,
             // then bias + RoPE + the cache append in one kernel.
             let wq = qd + 2 * kvd;
-            gemm_stacked(dev, blas, &h, &lw.qkv_w, &mut b.qkv.slice_mut(..n * wq), n, d, wq)?;
+            let bf = cudaDataType::CUDA_R_16BF;
+            let y = &mut b.qkv.slice_mut(..n * wq);
+            gemm_checked(dev, blas, "q|k|v", &h, lw.qkv_w.as_ref(), y, bf, n, d, wq)?;
             lora_group(
                 dev,
                 &h,
@@ -1669,16 +1640,9 @@ fn forward_device(
         // One GEMM for gate | up against the stacked weights (+ bias, + each LoRA).
         let h = b.h.slice(..n * d);
         let wg = 2 * inter;
-        gemm_stacked(
-            dev,
-            blas,
-            &h,
-            &lw.gate_up_w,
-            &mut b.gate_up.slice_mut(..n * wg),
-            n,
-            d,
-            wg,
-        )?;
+        let bf = cudaDataType::CUDA_R_16BF;
+        let y = &mut b.gate_up.slice_mut(..n * wg);
+        gemm_checked(dev, blas, "gate|up", &h, lw.gate_up_w.as_ref(), y, bf, n, d, wg)?;
         if let Some(bias) = &lw.gate_up_b {
             dev.add_bias_bf16(&mut b.gate_up.slice_mut(..n * wg), bias, n, wg)?;
         }

@@ -10,6 +10,7 @@ use cudarc::driver::{
 use half::bf16;
 use std::sync::Arc;
 
+use super::train_kernels::{as_i32, cfg, check_len};
 use super::{cuda_err, AttnShape, CudaDevice};
 use crate::{Error, Result};
 
@@ -76,27 +77,6 @@ fn residual_norm_block(dim: usize) -> u32 {
     dim.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32
 }
 
-fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
-    if found != expected {
-        return Err(Error::invalid(format!(
-            "{kernel}: {what} has {found} elements, expected {expected} = {shape}"
-        )));
-    }
-    Ok(())
-}
-
-fn as_i32(kernel: &str, what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(format!("{kernel}: {what} = {v} exceeds i32::MAX")))
-}
-
-fn cfg(grid: u32, block: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 impl CudaDevice {
     /// qkv (rows, qd + 2·kvd) bf16, the stacked projections without bias; bias (qd + 2·kvd) or
     /// None. Writes q_out (rows, qd) = RoPE(q + b_q) and, for rows whose pos is inside the
@@ -130,30 +110,10 @@ impl CudaDevice {
             check_len("bias", kn, b.len(), width, "qd+2kvd")?;
         }
         check_len("q_out", kn, q_out.len(), rows * qd, "rows*qd")?;
-        check_len(
-            "k_cache",
-            kn,
-            k_cache.len(),
-            shape.cache_len(),
-            "num_pages*page_size*KV*hd",
-        )?;
-        check_len(
-            "v_cache",
-            kn,
-            v_cache.len(),
-            shape.cache_len(),
-            "num_pages*page_size*KV*hd",
-        )?;
+        shape.check_cache(kn, k_cache.len(), v_cache.len(), block_table.len())?;
         check_len("pos", kn, pos.len(), rows, "rows")?;
         check_len("row_seq", kn, row_seq.len(), rows, "rows")?;
         check_len("inv_freq", kn, inv_freq.len(), hd / 2, "hd/2")?;
-        if block_table.len() % shape.max_pages != 0 {
-            return Err(Error::invalid(format!(
-                "{kn}: block_table has {} elements, not a multiple of max_pages {}",
-                block_table.len(),
-                shape.max_pages
-            )));
-        }
         let rows_i = as_i32(kn, "rows", rows)?;
         if rows == 0 {
             return Ok(());
@@ -197,7 +157,7 @@ impl CudaDevice {
         // SAFETY: argument order as kernels/fused.cu qkv_rope_append_bf16 (bias null when None);
         // host-side lengths checked; pos is bounds-checked by the kernel, row_seq and the block
         // table's page ids are the caller's contract (as kv_cache_append_bf16).
-        unsafe { l.launch(cfg(rows as u32, block)) }.map_err(cuda_err(kn))?;
+        unsafe { l.launch(cfg((rows as u32, 1, 1), block, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -237,7 +197,7 @@ impl CudaDevice {
             .arg(&dim_i);
         // SAFETY: argument order as kernels/fused.cu residual_rmsnorm_fwd_bf16; lengths checked;
         // one block per row (block_reduce_sum: whole warps).
-        unsafe { l.launch(cfg(rows as u32, residual_norm_block(dim))) }.map_err(cuda_err(kn))?;
+        unsafe { l.launch(cfg((rows as u32, 1, 1), residual_norm_block(dim), 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 

@@ -233,6 +233,38 @@ impl AttnShape {
         Ok(())
     }
 
+    /// Checks a launch's k_cache / v_cache lengths against the shape and that the block table
+    /// holds whole rows of max_pages.
+    pub(super) fn check_cache(
+        &self,
+        kernel: &str,
+        k_len: usize,
+        v_len: usize,
+        table_len: usize,
+    ) -> Result<()> {
+        check_len(
+            "k_cache",
+            kernel,
+            k_len,
+            self.cache_len(),
+            "num_pages*page_size*KV*hd",
+        )?;
+        check_len(
+            "v_cache",
+            kernel,
+            v_len,
+            self.cache_len(),
+            "num_pages*page_size*KV*hd",
+        )?;
+        if !table_len.is_multiple_of(self.max_pages) {
+            return Err(Error::invalid(format!(
+                "{kernel}: block_table has {table_len} elements, not a multiple of max_pages {}",
+                self.max_pages
+            )));
+        }
+        Ok(())
+    }
+
     /// Elements of one of k_cache / v_cache.
     pub fn cache_len(&self) -> usize {
         self.num_pages * self.page_size * self.n_kv_heads * self.head_dim
@@ -658,31 +690,11 @@ impl CudaDevice {
         let kn = "kv_cache_append_bf16";
         shape.check(kn)?;
         let width = shape.n_kv_heads * shape.head_dim;
-        check_len(
-            "k_cache",
-            kn,
-            k_cache.len(),
-            shape.cache_len(),
-            "num_pages*page_size*KV*hd",
-        )?;
-        check_len(
-            "v_cache",
-            kn,
-            v_cache.len(),
-            shape.cache_len(),
-            "num_pages*page_size*KV*hd",
-        )?;
+        shape.check_cache(kn, k_cache.len(), v_cache.len(), block_table.len())?;
         check_len("k_new", kn, k_new.len(), rows * width, "rows*KV*hd")?;
         check_len("v_new", kn, v_new.len(), rows * width, "rows*KV*hd")?;
         check_len("row_seq", kn, row_seq.len(), rows, "rows")?;
         check_len("row_pos", kn, row_pos.len(), rows, "rows")?;
-        if block_table.len() % shape.max_pages != 0 {
-            return Err(Error::invalid(format!(
-                "{kn}: block_table has {} elements, not a multiple of max_pages {}",
-                block_table.len(),
-                shape.max_pages
-            )));
-        }
         let rows_i = as_i32(kn, "rows", rows)?;
         if rows == 0 {
             return Ok(());
