@@ -24,17 +24,15 @@ extern "C" __global__ void lora_xa_bf16(float* __restrict__ xa, const bf16* __re
     if (lane == 0) xa[(size_t)row * rank + j] = acc;
 }
 
-// y[row, o] = bf16(y[row, o] + scale · Σ_j xa[row, j] · B[o, j]), y's rows ldy ≥ out_dim
-// elements apart (ldy > out_dim: this projection's columns of a stacked q|k|v or gate|up
-// output, y pointing at its first column). grid = (rows, ceil(out/block)), block = any
-// multiple of 32; one thread per output element.
+// y[row, o] = bf16(y[row, o] + scale · Σ_j xa[row, j] · B[o, j]) (rank_dot_f32, common.cuh).
+// grid = (rows, ceil(out/block)), block = any multiple of 32; one thread per output element.
 extern "C" __global__ void lora_expand_add_bf16(bf16* __restrict__ y, const float* __restrict__ xa,
                                                 const float* __restrict__ b, float scale, int rows,
-                                                int out_dim, int rank, int ldy) {
+                                                int out_dim, int rank) {
     const int row = blockIdx.x;
     const int o = blockIdx.y * blockDim.x + threadIdx.x;
     if (row >= rows || o >= out_dim) return;
     const float acc = rank_dot_f32(xa + (size_t)row * rank, b + (size_t)o * rank, rank);
-    bf16* yp = y + (size_t)row * ldy + o;
+    bf16* yp = y + (size_t)row * out_dim + o;
     *yp = f32_to_bf16(bf16_to_f32(*yp) + scale * acc);
 }

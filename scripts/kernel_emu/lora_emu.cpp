@@ -17,7 +17,7 @@ static void run(size_t rows, size_t d_in, size_t d_out, size_t r) {
         emu_launch(grid1(rows, (r + std::min<size_t>(r, 8) - 1) / std::min<size_t>(r, 8)), (int)std::min<size_t>(r, 8) * 32, 0, [&] { lora_xa_bf16(xa.data(), xb.data(), a.data(), r_i, in_i, k_i); });
     if (rows * d_out != 0)
         emu_launch(grid1(rows, (d_out + 255) / 256), 256, 0,
-                   [&] { lora_expand_add_bf16(yb.data(), xa.data(), b.data(), scale, r_i, out_i, k_i, out_i); });
+                   [&] { lora_expand_add_bf16(yb.data(), xa.data(), b.data(), scale, r_i, out_i, k_i); });
     std::vector<double> want(rows * d_out);
     for (size_t n = 0; n < rows; ++n) {
         std::vector<double> u(r, 0.0);

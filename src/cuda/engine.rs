@@ -1182,9 +1182,17 @@ fn gemm_checked<Y>(
     d_in: usize,
     d_out: usize,
 ) -> Result<()> {
-    check(&format!("{what} x"), x.len(), rows * d_in)?;
-    check(&format!("{what} w"), w.len(), d_out * d_in)?;
-    check(&format!("{what} y"), y.len(), rows * d_out)?;
+    for (part, found, need) in [
+        ("x", x.len(), rows * d_in),
+        ("w", w.len(), d_out * d_in),
+        ("y", y.len(), rows * d_out),
+    ] {
+        if found < need {
+            return Err(Error::Cuda(format!(
+                "internal: {what} {part} has {found} elements, needs {need}"
+            )));
+        }
+    }
     let s = dev.stream();
     let (xp, _xs) = x.device_ptr(s);
     let (wp, _ws) = w.device_ptr(s);

@@ -1026,38 +1026,10 @@ impl CudaDevice {
         out_dim: usize,
         rank: usize,
     ) -> Result<()> {
-        self.lora_expand_add_strided_bf16(y, out_dim, xa, b, scale, rows, out_dim, rank)
-    }
-
-    /// [`Self::lora_expand_add_bf16`] into rows `ldy` ≥ out elements apart: y starts at this
-    /// projection's first column of a stacked output (rows, ldy) and holds at least
-    /// (rows − 1)·ldy + out elements.
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_expand_add_strided_bf16(
-        &self,
-        y: &mut impl DevicePtrMut<bf16>,
-        ldy: usize,
-        xa: &impl DevicePtr<f32>,
-        b: &impl DevicePtr<f32>,
-        scale: f32,
-        rows: usize,
-        out_dim: usize,
-        rank: usize,
-    ) -> Result<()> {
         let kn = "lora_expand_add_bf16";
-        if ldy < out_dim {
-            return Err(Error::invalid(format!("{kn}: ldy {ldy} < out {out_dim}")));
-        }
-        let need = if rows == 0 { 0 } else { (rows - 1) * ldy + out_dim };
-        if y.len() < need {
-            return Err(Error::invalid(format!(
-                "{kn}: y has {} elements, expected ≥ {need} = (rows-1)*ldy+out",
-                y.len()
-            )));
-        }
+        check_len("y", kn, y.len(), rows * out_dim, "rows*out")?;
         check_len("xa", kn, xa.len(), rows * rank, "rows*rank")?;
         check_len("b", kn, b.len(), out_dim * rank, "out*rank")?;
-        let ldy_i = as_i32(kn, "ldy", ldy)?;
         let (r_i, o_i, k_i) = (
             as_i32(kn, "rows", rows)?,
             as_i32(kn, "out", out_dim)?,
@@ -1077,11 +1049,10 @@ impl CudaDevice {
             .arg(&scale)
             .arg(&r_i)
             .arg(&o_i)
-            .arg(&k_i)
-            .arg(&ldy_i);
+            .arg(&k_i);
         let grid = (rows as u32, out_dim.div_ceil(256) as u32, 1);
         // SAFETY: (bf16* y, const float* xa, const float* b, float scale, int rows, int out,
-        // int rank, int ldy); lengths checked; grid.y·256 ≥ out with the kernel bounding o.
+        // int rank); lengths checked; grid.y·256 ≥ out with the kernel bounding o.
         unsafe { l.launch(cfg(grid, 256, 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
