@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use rft::cuda::{
     availability, decode_partitions, grad_norm_partials_len, grpo_loss_partials_len, AttnShape, CudaDevice,
-    GrpoLossScalars, SamplingParamsDev, TrainAttnShape,
+    GemmChoice, GrpoLossScalars, SamplingParamsDev, TrainAttnShape,
 };
 use rft::loss::GrpoLossConfig;
 use rft::optim::AdamW;
@@ -165,6 +165,39 @@ fn kernels(c: &mut Criterion) {
             sync(&dev)
         })
     });
+
+    // The decode GEMMs at 64 rows: cuBLAS vs the skinny kernel (kernels/gemm.cu) with one split
+    // and with the split rule's count, 10 launches per iteration (a launch is a few µs, as
+    // small as the synchronization): Qwen2.5-0.5B's stacked q|k|v, o, gate|up, down.
+    for (name, k, n) in [
+        ("qkv", D, D + 2 * KV * HD),
+        ("o", D, D),
+        ("gate_up", D, 2 * I),
+        ("down", I, D),
+    ] {
+        let xg = bf(&dev, SEQS * k, 30);
+        let wg = bf(&dev, n * k, 31);
+        let mut yg = bf(&dev, SEQS * n, 32);
+        let auto = rft::cuda::skinny_splits(k, n, dev.multiprocessors());
+        let mut choices = vec![GemmChoice::Cublas, GemmChoice::Skinny { splits: 1 }];
+        if auto > 1 {
+            choices.push(GemmChoice::Skinny { splits: auto });
+        }
+        for choice in choices {
+            let label = match choice {
+                GemmChoice::Cublas => "cublas".to_string(),
+                GemmChoice::Skinny { splits } => format!("skinny s{splits}"),
+            };
+            g.bench_function(format!("gemm {name} 64x{k}->{n} {label} (x10)"), |b| {
+                b.iter(|| {
+                    for _ in 0..10 {
+                        dev.gemm_with(choice, &xg, &wg, &mut yg, SEQS, k, n).unwrap();
+                    }
+                    sync(&dev)
+                })
+            });
+        }
+    }
 
     // Training: the log-softmax gather of one lm_head chunk (1024 rows), forward and backward.
     let mut chunk = f32s(&dev, 1024 * V, 16);

@@ -26,7 +26,8 @@ if [ "$what" != benches ]; then
   san=""
   if command -v compute-sanitizer >/dev/null && [ -z "${NO_SANITIZER:-}" ]; then
     for t in .gpu/test/cuda_kernels-* .gpu/test/cuda_lora_train-* .gpu/test/cuda_attention_train-* \
-             .gpu/test/cuda_fused-* .gpu/test/cuda_rollout_kernels-* .gpu/test/cuda_train_kernels-*; do
+             .gpu/test/cuda_fused-* .gpu/test/cuda_rollout_kernels-* .gpu/test/cuda_train_kernels-* \
+             .gpu/test/cuda_gemm-*; do
       n=$(basename "$t" | sed 's/-[0-9a-f]*$//')
       ( timeout "${SAN_TIMEOUT:-120}" compute-sanitizer --tool memcheck --print-limit 20 \
           --error-exitcode 9 "$t" --test-threads 2 >"$L/san-$n.log" 2>&1
@@ -76,10 +77,12 @@ if [ "$what" != tests ]; then
   step 60 gen-cuda $R generate --model tests/fixtures/models/qwen2 --prompt "12 + 7 =" --device cuda --max-new-tokens 8 --num-samples 2 --seed 1
   step 60 gen-cpu $R generate --model tests/fixtures/models/qwen2 --prompt "12 + 7 =" --device cpu --max-new-tokens 8 --num-samples 2 --seed 1
   step 90 roll-05b-64 $R bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --json
+  step 60 roll-05b-64-cublas env RFT_SKINNY_GEMM=0 $R bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --json
   step 60 roll-05b-64-lora16 $R bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --lora-rank 16 --json
   step 90 train-05b $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 90 roll-05b-1024 $R bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
   step 90 roll-15b-64 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
+  step 60 roll-15b-64-cublas env RFT_SKINNY_GEMM=0 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
   step 90 train-15b $R bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 150 default-train $R train --device cuda --max-steps 200 --output-dir /tmp/rft-default-cuda
   tail -n 2 /tmp/rft-default-cuda/metrics.jsonl 2>/dev/null | cut -c1-400 | tee -a "$S"

@@ -34,7 +34,7 @@ use rft::cuda::engine::{
     decode_bucket, score_groups, stage_decode_rows, DecodeRow, DecodeStaging, MemoryPlan, PlanNeeds,
     PAGE_SIZE, PREFILL_ROW_BUDGET,
 };
-use rft::cuda::CudaEngine;
+use rft::cuda::{CudaEngine, GemmChoice, GemmPolicy};
 use rft::engine::{Engine, Rollout};
 use rft::lora::LoraWeights;
 use rft::model::config::ModelConfig;
@@ -472,6 +472,86 @@ fn cuda_engine_graphs_match_eager() {
             "cuda_engine {name} seeded: {} of {} steps replayed",
             st.graph_steps, st.decode_steps
         );
+    }
+}
+
+/// The skinny decode GEMM (kernels/gemm.cu) in place of cuBLAS: the same tokens on every
+/// fixture model and log-probs within LP_BATCH (another f32 summation order, as between batch
+/// sizes), graphs identical to eager with it; `RFT_SKINNY_GEMM`'s default (Auto) times both per
+/// shape and keeps the faster, and cuBLAS-only decides nothing.
+#[test]
+fn cuda_engine_skinny_gemm_matches_cublas() {
+    if !gpu_or_skip() {
+        return;
+    }
+    for name in MODELS {
+        let dir = model_dir(name);
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 4321,
+            ..Default::default()
+        };
+        let stop = no_eos(16);
+        let mut runs = Vec::new();
+        for policy in [GemmPolicy::Cublas, GemmPolicy::Skinny, GemmPolicy::Auto] {
+            let mut gpu = CudaEngine::load(&dir, 0).unwrap();
+            gpu.device().set_gemm_policy(policy);
+            let ps = prompts(gpu.config().vocab_size);
+            let out = gpu.generate(&ps, 3, &params, &stop, None).unwrap();
+            let choices = gpu.device().gemm_choices();
+            let skinny = choices
+                .iter()
+                .filter(|(_, c)| matches!(c, GemmChoice::Skinny { .. }))
+                .count();
+            match policy {
+                GemmPolicy::Cublas => assert!(choices.is_empty(), "{name}: cuBLAS-only decided {choices:?}"),
+                GemmPolicy::Skinny => {
+                    assert!(skinny > 0, "{name}: the skinny GEMM never ran");
+                    graphs_vs_eager(&format!("{name} skinny"), &mut gpu, &ps, 3, &params, &stop);
+                }
+                GemmPolicy::Auto => {
+                    let tuned = gpu.device().gemm_tuning();
+                    assert!(!tuned.is_empty(), "{name}: nothing was tuned");
+                    for t in &tuned {
+                        assert!(t.timings_us.len() >= 2, "{name}: {}", t.to_json());
+                        assert!(
+                            t.timings_us.iter().all(|&(_, us)| us.is_finite() && us > 0.0),
+                            "{name}: {}",
+                            t.to_json()
+                        );
+                        let best = t.timings_us.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+                        assert_eq!(t.choice, best, "{name}: {}", t.to_json());
+                    }
+                    eprintln!(
+                        "cuda_engine {name}: tuned {} shapes, {skinny} chose the skinny GEMM; first {}",
+                        tuned.len(),
+                        tuned[0].to_json()
+                    );
+                }
+            }
+            runs.push(out);
+        }
+        for (i, what) in [(1, "skinny"), (2, "auto")] {
+            let (mut same_bits, mut total, mut worst) = (0usize, 0usize, 0f32);
+            for (a, b) in runs[0].iter().zip(&runs[i]) {
+                assert_eq!(
+                    a.completion_ids, b.completion_ids,
+                    "{name}: prompt {} sample {}: cuBLAS vs {what} sampled different tokens",
+                    a.prompt_index, a.sample_index
+                );
+                for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                    total += 1;
+                    same_bits += usize::from(x.to_bits() == y.to_bits());
+                    worst = worst.max((x - y).abs());
+                }
+            }
+            eprintln!(
+                "cuda_engine {name}: cuBLAS vs {what}: tokens identical, {same_bits}/{total} logprobs \
+                 bit-identical, worst |Δlogprob| {worst:.2e}"
+            );
+            assert!(worst <= LP_BATCH, "{name}: cuBLAS vs {what}: |Δlogprob| {worst}");
+        }
     }
 }
 

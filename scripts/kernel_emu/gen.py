@@ -9,7 +9,8 @@ inc/cuda_bf16.h (qualifiers, shuffles, barriers, atomics, intrinsics) or rewritt
     the runtime, which fills it with 0xff bytes (NaN, -1) before every block, so a read of a slot
     the block did not write shows up instead of seeing the previous block's value;
   - the inline-PTX helpers of attention_train.cu (at_mma, at_ldsm_x4, at_ldsm_x4_trans) and of
-    lora_train.cu (lt_*) become calls into emu_rt.cpp.
+    lora_train.cu (lt_*) and of gemm.cu (sk_*) become calls into emu_rt.cpp; gemm.cu's timing
+    spin kernel becomes empty.
 Anything left that the emulator does not know (inline asm, cooperative groups, warp votes, __ldg,
 other atomics) stops the build here rather than being silently miscompiled."""
 import re
@@ -55,10 +56,23 @@ PTX_HELPERS = {
         "static inline void lt_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
     "static __device__ __forceinline__ void lt_ldsm_x4_trans(":
         "static inline void lt_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
+    # kernels/gemm.cu: the same helpers under the sk_ prefix; __ldcg is a plain load.
+    "static __device__ __forceinline__ void sk_mma(":
+        "static inline void sk_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { at_mma_emu(d, a, b0, b1); }",
+    "static __device__ __forceinline__ void sk_ldsm_x4(":
+        "static inline void sk_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
+    "static __device__ __forceinline__ void sk_cp_async16(":
+        "static inline void sk_cp_async16(bf16* smem, const bf16* gmem, int src_bytes) { emu_cp_async16(smem, gmem, src_bytes); }",
+    "extern \"C\" __global__ void gemm_tune_spin(":
+        "extern \"C\" void gemm_tune_spin(long long) {}",
 }
 ONE_LINE = {
     "static __device__ __forceinline__ void dec_cp_async_commit()": "static inline void dec_cp_async_commit() {}",
     "static __device__ __forceinline__ void dec_cp_async_wait()": "static inline void dec_cp_async_wait() {}",
+    "static __device__ __forceinline__ void sk_cp_async_commit()": "static inline void sk_cp_async_commit() {}",
+    "template <int N> static __device__ __forceinline__ void sk_cp_async_wait()":
+        "template <int N> static inline void sk_cp_async_wait() {}",
+    "static __device__ __forceinline__ float sk_load_cg(": "static inline float sk_load_cg(const float* p) { return *p; }",
 }
 for sig, body in ONE_LINE.items():
     if sig in src:
@@ -76,7 +90,7 @@ src = re.sub(r"__shared__ ((?:__align__\(\d+\) )?[\w: ]+?) (\w+)((?:\[[^\]]+\])*
 
 code = re.sub(r"//[^\n]*", "", src)  # comments may mention anything
 for word in ["__shared__", "asm", "cooperative_groups", "__ballot_sync", "__any_sync", "__all_sync", "__activemask",
-             "__ldg", "atomicCAS", "atomicExch", "atomicMax", "atomicMin", "atomicSub", "__threadfence",
+             "__ldg", "atomicCAS", "atomicExch", "atomicMax", "atomicMin", "atomicSub",
              "__expf", "__logf", "__fdividef", "__sinf", "__cosf", "__saturatef", "__match_any_sync"]:
     if re.search(r"\b%s\b" % word, code):
         sys.exit("gen.py: %s uses %s, which the emulator does not model yet (inc/cuda_bf16.h)" % (sys.argv[1], word))

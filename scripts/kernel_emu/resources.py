@@ -30,9 +30,12 @@ DYNAMIC = {
     "rmsnorm_bwd_bf16": 48 * 1024 - 256,
     "rope_fwd_bf16": 2 * 4 * 128 * 4,
     "rope_bwd_bf16": 2 * 4 * 128 * 4,
+    "skinny_gemm_m16_bf16": 4 * (64 + 16) * 72 * 2,  # src/cuda/gemm.rs skinny_smem_bytes(1)
+    "skinny_gemm_m16_f32": 4 * (64 + 16) * 72 * 2,
 }
 OPT_IN = {"attention_train_fwd", "attention_train_bwd_dkdv", "attention_train_bwd_dq",  # allow_smem ≤ 99 KiB
-          "attention_decode_hd128_bf16", "attention_decode_hd256_bf16"}  # 68 / 66 KiB, RolloutKernels::load
+          "attention_decode_hd128_bf16", "attention_decode_hd256_bf16",  # 68 / 66 KiB, RolloutKernels::load
+          "skinny_gemm_m32", "skinny_gemm_m48", "skinny_gemm_m64"}  # 54 / 63 / 72 KiB, GemmKernels::load
 LIMIT = 48 * 1024
 
 cccl = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cccl")

@@ -25,7 +25,7 @@
 #                                                dynamic shared memory) and UBSan (misaligned
 #                                                vector loads, overflow, bad shifts)
 # Suites: rmsnorm elementwise attention lora sampling train convert attention_train lora_train
-# lm_head_train fused, and
+# lm_head_train fused gemm, and
 # resources (resources.py: registers and shared memory per block from ptxas against the launch
 # sizes, sm_80 and sm_90a; needs nvcc: $NVCC or on PATH, else skipped).
 #
@@ -38,7 +38,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 kernels="${EMU_KERNELS:-$here/../../kernels}"  # EMU_KERNELS: another copy (e.g. a mutated one)
-all_suites=(rmsnorm elementwise attention lora sampling train convert attention_train lora_train lm_head_train fused resources)
+all_suites=(rmsnorm elementwise attention lora sampling train convert attention_train lora_train lm_head_train fused gemm resources)
 mode=quick
 suites=()
 for a in "$@"; do

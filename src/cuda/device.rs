@@ -21,8 +21,13 @@ use cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use super::{
-    cuda_err, driver_availability, fused::FusedKernels, kernels::Kernels, kernels_fatbin,
-    rollout::RolloutKernels, train_kernels::TrainKernels,
+    cuda_err, driver_availability,
+    fused::FusedKernels,
+    gemm::{GemmKernels, GemmTuner},
+    kernels::Kernels,
+    kernels_fatbin,
+    rollout::RolloutKernels,
+    train_kernels::TrainKernels,
 };
 use crate::{Error, Result};
 
@@ -41,6 +46,9 @@ pub struct CudaDevice {
     pub(super) train: TrainKernels,
     /// The rollout forward's fused kernels (src/cuda/fused.rs).
     pub(super) fused: FusedKernels,
+    /// The skinny decode GEMM (src/cuda/gemm.rs) and the per-shape choice against cuBLAS.
+    pub(super) gemm_kernels: GemmKernels,
+    pub(super) gemm: GemmTuner,
     /// The cuBLAS handle and its workspace (the handle is dropped first).
     blas: OnceLock<(CudaBlas, CudaSlice<u8>)>,
     name: String,
@@ -96,6 +104,8 @@ impl CudaDevice {
         let rollout = RolloutKernels::load(&module)?;
         let train = TrainKernels::load(&module)?;
         let fused = FusedKernels::load(&module)?;
+        let gemm_kernels = GemmKernels::load(&module)?;
+        let gemm = GemmTuner::new(&ctx)?;
         Ok(CudaDevice {
             ctx,
             stream,
@@ -104,6 +114,8 @@ impl CudaDevice {
             rollout,
             train,
             fused,
+            gemm_kernels,
+            gemm,
             blas: OnceLock::new(),
             name,
             compute_capability,

@@ -39,13 +39,19 @@
 //!   falls back to it (one line on stderr; [`GenerateStats::graph_error`]). Graph and eager give
 //!   bit-identical results (tests/cuda_engine.rs `cuda_engine_graphs_match_eager`).
 //!
+//! Decode GEMMs: up to 64 rows, each GEMM shape runs either cuBLAS or kernels/gemm.cu's skinny
+//! tensor-core GEMM, whichever was timed faster for that exact shape the first time it ran
+//! (the bucket's eager step, src/cuda/gemm.rs; `RFT_SKINNY_GEMM=0` keeps cuBLAS, `=1` forces the
+//! skinny kernel); the choice is kept per device, so the graph captured next replays it.
+//!
 //! Batch invariance: every kernel but cuBLAS's GEMMs is per row or per sequence with a
-//! summation order fixed by that row (decode attention: fixed 128-position partitions), and
-//! the sampler's randomness is (seed, stream, step). So a sequence's numbers do not depend on
-//! the others in its batch, except through the GEMM kernel cuBLAS picks for the bucket's row
-//! count, which may sum in another order (bf16-rounding differences, a different token only at
-//! a near-tie of the sampled distribution). Equal tokens across batch sizes are asserted on the
-//! fixture models, not guaranteed in general.
+//! summation order fixed by that row (decode attention: fixed 128-position partitions; the
+//! skinny GEMM: fixed by the shape and its split count), and the sampler's randomness is
+//! (seed, stream, step). So a sequence's numbers do not depend on the others in its batch,
+//! except through the GEMM kernel picked for the bucket's row count (cuBLAS's own choice, or
+//! cuBLAS vs the skinny kernel), which may sum in another order (bf16-rounding differences, a
+//! different token only at a near-tie of the sampled distribution). Equal tokens across batch
+//! sizes are asserted on the fixture models, not guaranteed in general.
 //!
 //! # First GPU run checklist
 //!
@@ -86,7 +92,8 @@
 //! staging buffer, copies them to the device in one piece, and reads back tokens and logprobs
 //! in one piece. Padded rows use the planned rows (the largest bucket is `max_seqs`), the
 //! scratch page is one extra KV page, and the pinned host buffers are counted in
-//! [`MemoryPlan::pinned_host_bytes`]; the cuBLAS workspace (32 MiB) belongs to the device.
+//! [`MemoryPlan::pinned_host_bytes`]; the cuBLAS workspace (32 MiB) and the skinny GEMM's
+//! split-K scratch (8 MiB + 16 KiB, allocated at its first split-K launch) belong to the device.
 //!
 //! KV cache: per layer, k and v of (num_pages + 1, PAGE_SIZE, KV, hd) bf16. Pages are assigned
 //! on the host before the chunk starts: first every prompt's pages (ceil(P/16)), then each
@@ -1197,7 +1204,7 @@ fn gemm_checked<Y>(
     let (xp, _xs) = x.device_ptr(s);
     let (wp, _ws) = w.device_ptr(s);
     let (yp, _ys) = y.device_ptr_mut(s);
-    gemm_raw(dev, blas, xp, wp, yp, y_type, rows, d_in, d_out)
+    super::gemm::gemm(dev, blas, xp, wp, yp, y_type, rows, d_in, d_out)
 }
 
 /// The live adapter's LoRA of the projections `projs` (each with its first column in the
@@ -2799,6 +2806,10 @@ pub struct RolloutBench {
     pub decode_padded_rows: usize,
     /// Why graphs were turned off (a failed capture), if they were.
     pub graph_error: Option<String>,
+    /// `RFT_SKINNY_GEMM`'s policy and, under `auto`, every decode GEMM shape timed (cuBLAS vs
+    /// the skinny kernel, µs per launch) with the kernel chosen (src/cuda/gemm.rs).
+    pub gemm_policy: String,
+    pub gemm_tuning: Vec<super::GemmTuneRecord>,
 }
 
 /// The config of a benchmark shape, once CUDA is known to be usable (`rft bench …`).
@@ -2927,5 +2938,7 @@ pub fn bench_rollout(
         graphs_captured: warmup_captured + st.graphs_captured,
         decode_padded_rows: st.decode_padded_rows,
         graph_error: st.graph_error,
+        gemm_policy: format!("{:?}", engine.dev.gemm_policy()).to_lowercase(),
+        gemm_tuning: engine.dev.gemm_tuning(),
     })
 }

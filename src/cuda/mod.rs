@@ -13,7 +13,8 @@
 //! Layout: `device.rs` (context, stream, module, cuBLAS, host⇄device copies),
 //! `kernels.rs` (one launcher per `extern "C"` kernel: grid, block, argument order, shape checks),
 //! `rollout.rs` (the rollout kernels' launchers: embedding, RoPE, SwiGLU, KV cache, attention,
-//! LoRA, sampling, log-prob gather), `engine.rs` (the rollout engine: memory plan, forward,
+//! LoRA, sampling, log-prob gather), `fused.rs` (the rollout forward's fused per-layer kernels),
+//! `gemm.rs` (the skinny decode GEMM and its per-shape tuning against cuBLAS), `engine.rs` (the rollout engine: memory plan, forward,
 //! generate/score on the GPU), `train_kernels.rs` (the training step's kernels: log-softmax
 //! gather forward/backward, GRPO loss, LoRA / RMSNorm / SwiGLU / RoPE backward, grad norm, AdamW;
 //! it also loads the handles of every training kernel), `attention_train.rs` (training attention
@@ -25,6 +26,7 @@ mod attention_train;
 mod device;
 pub mod engine;
 mod fused;
+mod gemm;
 mod kernels;
 mod lora_train;
 mod rollout;
@@ -37,6 +39,10 @@ pub use attention_train::{
 pub use device::{CudaDevice, CUBLAS_WORKSPACE_BYTES};
 pub use engine::{CudaEngine, MemoryPlan};
 pub use fused::{LoraMember, FUSED_KERNEL_NAMES};
+pub use gemm::{
+    skinny_applies, skinny_smem_bytes, skinny_splits, GemmChoice, GemmOut, GemmPolicy, GemmTuneRecord,
+    GEMM_KERNEL_NAMES, SKINNY_MAX_ROWS, SKINNY_PARTIAL_LEN,
+};
 pub use lora_train::{
     lora_train_col_splits, lora_train_compiled_rank, lora_train_fused_smem_bytes,
     lora_train_grad_scratch_len, lora_train_grad_smem_bytes, lora_train_grad_split,

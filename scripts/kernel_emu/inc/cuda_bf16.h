@@ -90,3 +90,5 @@ template <class T> T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, sr
 // Atomics: fibers switch only at barriers, so a read-modify-write is atomic as written; the order
 // of float atomics (not fixed on the GPU) is the emulator's thread order.
 template <class T> T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
+// Blocks run one after another, each to completion, so a memory fence orders nothing further.
+inline void __threadfence() {}
