@@ -88,6 +88,9 @@ fn kernels(c: &mut Criterion) {
     let parts = SEQS * decode_partitions(LEN, None);
     let mut part_o = f32s(&dev, parts * H * HD, 8);
     let mut part_ml = f32s(&dev, parts * H * 2, 9);
+    let mut counters = dev
+        .alloc_zeros::<u32>(SEQS * shape.decode_blocks_per_seq())
+        .unwrap();
     g.bench_function("attention_decode_bf16 64x384", |b| {
         b.iter(|| {
             dev.attention_decode_bf16(
@@ -99,6 +102,7 @@ fn kernels(c: &mut Criterion) {
                 &mut out,
                 &mut part_o,
                 &mut part_ml,
+                &mut counters,
                 &shape,
                 SEQS,
                 LEN,

@@ -22,10 +22,10 @@
 //                                 group's query heads are the rows of mma.sync m16n8k16, k and v
 //                                 come 16 positions at a time through shared memory (cp.async).
 //                                 For hd % 8 == 0, hd ≤ 64 / 128 / 256. A sequence with one
-//                                 partition is written out directly, one with more writes f32
-//                                 partials that
-//   attention_decode_combine_bf16 merges (log-sum-exp rescaling, partitions in index order)
-//                                 into the bf16 output
+//                                 partition is written out directly; one with more writes f32
+//                                 partials, and the last of its partition blocks to finish merges
+//                                 them (log-sum-exp rescaling, partitions in index order) into
+//                                 the bf16 output
 //   attention_decode_simt_bf16    the same on CUDA cores (a warp per position), for head dims
 //                                 that are not a multiple of 8 (tiny test models)
 //
@@ -117,8 +117,8 @@ static __device__ __forceinline__ void load_head_slice(const bf16* __restrict__ 
 // Partitions of a sequence's valid span [start, len): ceil((len - start) / part_size), at
 // least 1 (a sequence of length 0 has one empty partition, whose output is 0). `len` is
 // seq_lens[s] clamped to [0, cap], cap = page_size · max_pages; start = len - window under a
-// sliding window that the sequence has outgrown, else 0. The decode and combine kernels both
-// call this, so they agree on every sequence's partitions.
+// sliding window that the sequence has outgrown, else 0. Every decode block of a sequence calls
+// this, so they agree on its partitions (and on how many blocks the merge waits for).
 static __device__ __forceinline__ int decode_num_parts(int len, int window, int part_size) {
     const int start = (window > 0 && len > window) ? len - window : 0;
     return max(1, CEIL_DIV(len - start, part_size));
@@ -172,11 +172,19 @@ static __device__ __forceinline__ bool decode_block_setup(DecodeBlock& b, bf16* 
 // smem [ATTN_WARPS][ATTN_GMAX][hd + 2] f32 (per warp and head: acc[0..hd), m, l; a warp that saw
 // no position has m = -inf, l = 0, acc = 0) and synchronised, in warp order, and writes either
 // the normalized bf16 output (the sequence has one partition) or the unnormalized partial
-// (acc, m, l) of partition `part` for attention_decode_combine_bf16.
+// (acc, m, l) of partition `part`. In the second case the last of the sequence's nparts blocks
+// of this head group to finish (counters[s · gridDim.y + blockIdx.y], reset to 0 by that block
+// for the next launch or graph replay) combines the partials:
+//   out[s, h, :] = Σ_i e^{m_i − M} acc_i / Σ_i e^{m_i − M} l_i over i = 0 .. nparts−1 in that
+//   order, M = max m_i (a partition that saw no valid position has m = −inf, l = 0, acc = 0 and
+//   drops out),
+// whichever block that is: the order is fixed, so the result is too. (A second launch did this
+// before; at 64 sequences it cost ~3.4 µs per layer.) All threads of the block call this.
 static __device__ __forceinline__ void decode_merge_write(const float* __restrict__ smem, bf16* __restrict__ out,
                                                           float* __restrict__ part_o, float* __restrict__ part_ml,
-                                                          int s, int h0, int gcount, int n_heads, int hd, int nparts,
-                                                          int part, int max_parts) {
+                                                          unsigned* __restrict__ counters, int s, int h0,
+                                                          int gcount, int n_heads, int hd, int nparts, int part,
+                                                          int max_parts) {
     const int stride = hd + 2;
     for (int idx = threadIdx.x; idx < gcount * hd; idx += blockDim.x) {
         const int g = idx / hd;
@@ -204,6 +212,31 @@ static __device__ __forceinline__ void decode_merge_write(const float* __restric
             }
         }
     }
+    if (nparts == 1) return;
+    __shared__ int dec_last;
+    __threadfence();  // this block's partials are visible device-wide before it counts itself
+    __syncthreads();
+    unsigned* const count = counters + (size_t)s * gridDim.y + blockIdx.y;
+    if (threadIdx.x == 0) dec_last = atomicAdd(count, 1u) == (unsigned)(nparts - 1);
+    __syncthreads();
+    if (!dec_last) return;
+    __threadfence();  // the partials of the blocks counted before are visible to this one
+    for (int idx = threadIdx.x; idx < gcount * hd; idx += blockDim.x) {
+        const int d = idx % hd;
+        const size_t r = (size_t)s * n_heads + h0 + idx / hd;
+        const float* ml = part_ml + r * max_parts * 2;
+        float mx = -INFINITY;
+        for (int i = 0; i < nparts; ++i) mx = fmaxf(mx, __ldcg(ml + 2 * i));
+        float sum_l = 0.0f, sum_a = 0.0f;
+        for (int i = 0; i < nparts; ++i) {
+            const float m_i = __ldcg(ml + 2 * i);
+            const float wgt = m_i == -INFINITY ? 0.0f : expf(m_i - mx);
+            sum_l += wgt * __ldcg(ml + 2 * i + 1);
+            sum_a += wgt * __ldcg(part_o + (r * max_parts + i) * hd + d);
+        }
+        out[r * hd + d] = f32_to_bf16(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
+    }
+    if (threadIdx.x == 0) *count = 0;
 }
 
 // One block = (sequence s = blockIdx.x, a group of ≤ ATTN_GMAX query heads sharing kv head kvh
@@ -214,12 +247,13 @@ static __device__ __forceinline__ void decode_merge_write(const float* __restric
 // heads, reduces each q·k over the warp, and keeps an online softmax (m, l, acc) per head. The
 // warps' states are merged in shared memory in warp order; the block then writes either the
 // normalized output (the sequence has one partition) or its unnormalized partial (acc, m, l)
-// for the combine kernel (more than one).
+// that the last partition block merges (more than one).
 //
 // Dynamic shared memory: ATTN_WARPS · ATTN_GMAX · (hd + 2) floats.
 template <int E>
 static __device__ void attention_decode_block(bf16* __restrict__ out, float* __restrict__ part_o,
-                                              float* __restrict__ part_ml, const bf16* __restrict__ q,
+                                              float* __restrict__ part_ml, unsigned* __restrict__ counters,
+                                              const bf16* __restrict__ q,
                                               const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                               const int* __restrict__ block_table, const int* __restrict__ seq_lens,
                                               int n_heads, int n_kv_heads, int hd, int page_size, int max_pages,
@@ -301,34 +335,36 @@ static __device__ void attention_decode_block(bf16* __restrict__ out, float* __r
         }
     }
     __syncthreads();
-    decode_merge_write(attn_smem, out, part_o, part_ml, s, h0, gcount, n_heads, hd, nparts, part, max_parts);
+    decode_merge_write(attn_smem, out, part_o, part_ml, counters, s, h0, gcount, n_heads, hd, nparts, part,
+                       max_parts);
 }
 
 // q (num_seqs, n_heads, hd) bf16: each sequence's newest token, at position seq_lens[s] - 1,
 // whose k and v are already in the cache. seq_lens (num_seqs) i32; a length of 0 gives a zero
-// output. out (num_seqs, n_heads, hd) bf16, written here for sequences of one partition; for
-// the others part_o (num_seqs, n_heads, max_parts, hd) f32 and part_ml (num_seqs, n_heads,
-// max_parts, 2) f32 receive partitions 0..nparts-1 and attention_decode_combine_bf16 produces
-// out. window 0 = no sliding window. grid = (num_seqs, n_kv_heads · ceil(group / ATTN_GMAX),
+// output. out (num_seqs, n_heads, hd) bf16, written by the partition's block for sequences of
+// one partition; for the others part_o (num_seqs, n_heads, max_parts, hd) f32 and part_ml
+// (num_seqs, n_heads, max_parts, 2) f32 receive partitions 0..nparts-1 and the last of their
+// blocks writes out (decode_merge_write), counting in counters (num_seqs, gridDim.y) u32, zero
+// before the launch and after it. window 0 = no sliding window. grid = (num_seqs, n_kv_heads · ceil(group / ATTN_GMAX),
 // max_parts) with max_parts ≥ every sequence's partition count, block = ATTN_WARPS·32, dynamic
 // shared memory ATTN_WARPS·ATTN_GMAX·(hd+2)·4 bytes. hd ≤ 256, even.
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP_SIZE)
     attention_decode_simt_bf16(bf16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
-                          const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                          unsigned* __restrict__ counters, const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
                           const bf16* __restrict__ v_cache, const int* __restrict__ block_table,
                           const int* __restrict__ seq_lens, int n_heads, int n_kv_heads, int hd,
                           int page_size, int max_pages, int window, int part_size, float scale) {
     if (hd <= 32) {
-        attention_decode_block<1>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
+        attention_decode_block<1>(out, part_o, part_ml, counters, q, k_cache, v_cache, block_table, seq_lens, n_heads,
                                   n_kv_heads, hd, page_size, max_pages, window, part_size, scale);
     } else if (hd <= 64) {
-        attention_decode_block<2>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
+        attention_decode_block<2>(out, part_o, part_ml, counters, q, k_cache, v_cache, block_table, seq_lens, n_heads,
                                   n_kv_heads, hd, page_size, max_pages, window, part_size, scale);
     } else if (hd <= 128) {
-        attention_decode_block<4>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
+        attention_decode_block<4>(out, part_o, part_ml, counters, q, k_cache, v_cache, block_table, seq_lens, n_heads,
                                   n_kv_heads, hd, page_size, max_pages, window, part_size, scale);
     } else {
-        attention_decode_block<8>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads,
+        attention_decode_block<8>(out, part_o, part_ml, counters, q, k_cache, v_cache, block_table, seq_lens, n_heads,
                                   n_kv_heads, hd, page_size, max_pages, window, part_size, scale);
     }
 }
@@ -442,7 +478,8 @@ static __device__ __forceinline__ void dec_issue_rows(bf16* dst, const bf16* __r
 
 template <int HD>
 static __device__ void attention_decode_mma_block(bf16* __restrict__ out, float* __restrict__ part_o,
-                                                  float* __restrict__ part_ml, const bf16* __restrict__ q,
+                                                  float* __restrict__ part_ml, unsigned* __restrict__ counters,
+                                                  const bf16* __restrict__ q,
                                                   const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                                   const int* __restrict__ block_table,
                                                   const int* __restrict__ seq_lens, int n_heads, int n_kv_heads,
@@ -609,7 +646,7 @@ static __device__ void attention_decode_mma_block(bf16* __restrict__ out, float*
         slot[hd + 1] = l_run;
     }
     __syncthreads();
-    decode_merge_write(ms, out, part_o, part_ml, s, blk.h0, blk.gcount, n_heads, hd, blk.nparts, blk.part,
+    decode_merge_write(ms, out, part_o, part_ml, counters, s, blk.h0, blk.gcount, n_heads, hd, blk.nparts, blk.part,
                        blk.max_parts);
 }
 
@@ -621,48 +658,15 @@ static __device__ void attention_decode_mma_block(bf16* __restrict__ out, float*
 #define DECODE_MMA_ENTRY(HD)                                                                                      \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP_SIZE, 1) attention_decode_hd##HD##_bf16(      \
         bf16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,                         \
-        const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,          \
+        unsigned* __restrict__ counters, const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,          \
         const int* __restrict__ block_table, const int* __restrict__ seq_lens, int n_heads, int n_kv_heads,      \
         int hd, int page_size, int max_pages, int window, int part_size, float scale) {                          \
-        attention_decode_mma_block<HD>(out, part_o, part_ml, q, k_cache, v_cache, block_table, seq_lens, n_heads, \
+        attention_decode_mma_block<HD>(out, part_o, part_ml, counters, q, k_cache, v_cache, block_table, seq_lens, n_heads, \
                                        n_kv_heads, hd, page_size, max_pages, window, part_size, scale);           \
     }
 DECODE_MMA_ENTRY(64)
 DECODE_MMA_ENTRY(128)
 DECODE_MMA_ENTRY(256)
-
-// For each (s, h) whose sequence has nparts > 1 partitions (computed from seq_lens[s] exactly
-// as the decode kernel does): out[s, h, :] = Σ_i e^{m_i - M} acc_i / Σ_i e^{m_i - M} l_i over
-// i = 0 .. nparts-1 in that order, M = max m_i (a partition that saw no valid position has
-// m = -inf, l = 0, acc = 0 and drops out). Sequences of one partition (written by the decode
-// kernel) and ones the grid did not cover (nparts > max_parts, NaN there) are left alone.
-// part_o (num_seqs, n_heads, max_parts, hd), part_ml (num_seqs, n_heads, max_parts, 2) f32;
-// out (num_seqs, n_heads, hd) bf16; cap = page_size · max_pages of the cache.
-// grid = num_seqs · n_heads, block = multiple of 32 (threads over hd).
-extern "C" __global__ void attention_decode_combine_bf16(bf16* __restrict__ out, const float* __restrict__ part_o,
-                                                         const float* __restrict__ part_ml,
-                                                         const int* __restrict__ seq_lens, int n_heads, int hd,
-                                                         int cap, int window, int part_size, int max_parts,
-                                                         int rows) {
-    const int r = blockIdx.x;  // = s · n_heads + h
-    if (r >= rows) return;
-    const int s = r / n_heads;
-    const int len = min(max(seq_lens[s], 0), cap);
-    const int nparts = decode_num_parts(len, window, part_size);
-    if (nparts <= 1 || nparts > max_parts) return;
-    const float* ml = part_ml + (size_t)r * max_parts * 2;
-    float mx = -INFINITY;
-    for (int i = 0; i < nparts; ++i) mx = fmaxf(mx, ml[2 * i]);
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float sum_l = 0.0f, sum_a = 0.0f;
-        for (int i = 0; i < nparts; ++i) {
-            const float wgt = ml[2 * i] == -INFINITY ? 0.0f : expf(ml[2 * i] - mx);
-            sum_l += wgt * ml[2 * i + 1];
-            sum_a += wgt * part_o[((size_t)r * max_parts + i) * hd + d];
-        }
-        out[(size_t)r * hd + d] = f32_to_bf16(sum_l > 0.0f ? sum_a / sum_l : 0.0f);
-    }
-}
 
 // ----------------------------------------------------------------------------
 // Prefill

@@ -1,5 +1,5 @@
 // kernels/attention.cu under the emulator (see run.sh): kv_cache_append, decode attention over
-// fixed partitions + combine, prefill attention, over a paged cache with scrambled pages (garbage
+// fixed partitions (the last partition block merging), prefill attention, over a paged cache with scrambled pages (garbage
 // in every unused slot) or a contiguous one, launched as src/cuda/rollout.rs does (grids, 4-warp
 // blocks, dynamic shared memory, partition count from decode_partitions(min(max_len, cap))),
 // against src/cpu/model.rs::attend (f32) with tests/cuda_rollout_kernels.rs's tolerances (atol
@@ -40,6 +40,8 @@ static std::vector<bf16> decode(const std::vector<bf16>& q, const std::vector<bf
     // else one (unused) slot.
     const size_t part = parts > 1 ? (size_t)num_seqs * s.h * parts : 1;
     std::vector<float> part_o(part * s.hd, NAN), part_ml(part * 2, NAN);
+    // The merge's arrival counters (num_seqs, blocks per sequence), zero before and after.
+    std::vector<unsigned> counters((size_t)std::max(num_seqs, 1) * blocks_per_seq(s), 0u);
     if (num_seqs == 0) return out;
     const float scale = 1.0f / std::sqrt((float)s.hd);
     const int part_i = PART;
@@ -48,7 +50,7 @@ static std::vector<bf16> decode(const std::vector<bf16>& q, const std::vector<bf
     const emu_dim3 grid = grid1(num_seqs, blocks_per_seq(s), parts);
     auto args = [&](auto kernel) {
         return [&, kernel] {
-            kernel(out.data(), part_o.data(), part_ml.data(), q.data(), kc.data(), vc.data(), bt.data(), lens.data(), s.h, s.kv,
+            kernel(out.data(), part_o.data(), part_ml.data(), counters.data(), q.data(), kc.data(), vc.data(), bt.data(), lens.data(), s.h, s.kv,
                    s.hd, s.page_size, s.max_pages, s.window, part_i, scale);
         };
     };
@@ -61,13 +63,8 @@ static std::vector<bf16> decode(const std::vector<bf16>& q, const std::vector<bf
     } else {
         emu_launch(grid, ATTN_WARPS * 32, DECODE_MMA_SMEM(256), args(attention_decode_hd256_bf16), DECODE_MMA_SMEM(256));
     }
-    if (parts > 1) {
-        const int rows = num_seqs * s.h;
-        emu_launch(grid1(rows), row_block(s.hd), 0, [&] {
-            attention_decode_combine_bf16(out.data(), part_o.data(), part_ml.data(), lens.data(), s.h, s.hd, cap, s.window, part_i,
-                                          parts, rows);
-        });
-    }
+    for (size_t i = 0; i < counters.size(); ++i)
+        if (counters[i] != 0) { printf("  decode: counter %zu = %u after the launch\n", i, counters[i]); ++g_bad; break; }
     return out;
 }
 

@@ -15,8 +15,7 @@
 //! # Decode steps as CUDA graphs
 //!
 //! A decode step is ~700 launches (24 layers × norms, 7 GEMMs, biases, RoPE, KV append,
-//! attention + combine, LoRA, residuals, SwiGLU), which alone would cost milliseconds; so the
-//! whole step — unstaging its inputs, the forward from the embedding to the logits, and the
+//! attention, LoRA, residuals, SwiGLU), which alone would cost milliseconds; so the whole step — unstaging its inputs, the forward from the embedding to the logits, and the
 //! sampler — is captured once into a CUDA graph and replayed ([`run_decode_step`]):
 //! - Buckets: the active sequences are padded to [`decode_bucket`] rows (1, 2, 4, 8, 16, 32,
 //!   48, …), one graph per bucket, captured lazily: a bucket's first step runs eagerly (it
@@ -284,7 +283,8 @@ impl MemoryPlan {
         // logits f32 [M, V], the gathered normed rows bf16 [M, D], and per logit row: row index,
         // logprob, entropy, target (4 B each).
         let logits_bytes = m * v * 4 + m * d * 2 + m * 4 * 4;
-        // Flash-decoding partials (acc hd + m, l) for max_seqs × max_decode_parts partitions, block
+        // Flash-decoding partials (acc hd + m, l) for max_seqs × max_decode_parts partitions and
+        // the merge's arrival counters (max_seqs × head groups u32), block
         // table, cu_rows/pos0/seq_lens, the sampling parameters (temperature, top_k, top_p,
         // min_p: 4 B; seed, stream, step: 8 B), the decode step's staged inputs (words of the
         // largest bucket, max_seqs rows), the sampled tokens + logprobs (2 words per row) and the
@@ -302,6 +302,7 @@ impl MemoryPlan {
             * 4;
         let sampled_bytes = 2 * m * 4;
         let scratch_bytes = part_rows * c.num_attention_heads * (hd + 2) * 4
+            + s * super::rollout::decode_blocks_per_seq(c.num_attention_heads, c.num_key_value_heads) * 4
             + s * needs.max_pages_per_seq * 4
             + (3 * s + 1) * 4
             + m * (4 * 4 + 3 * 8)
@@ -891,35 +892,36 @@ impl DeviceLora {
 pub(super) struct Buffers {
     /// Per layer (k, v): (num_pages + 1, PAGE_SIZE, KV, hd) bf16; the last page is the scratch page.
     kv: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)>,
-    x: CudaSlice<bf16>,          // (R, D) residual stream
-    h: CudaSlice<bf16>,          // (R, D) normed
-    proj: CudaSlice<bf16>,       // (R, D) o / down output
-    q: CudaSlice<bf16>,          // (R, H·hd)
-    q_pre: CudaSlice<bf16>,      // (R, H·hd) before the q norm (Qwen3)
-    attn: CudaSlice<bf16>,       // (R, H·hd)
-    k: CudaSlice<bf16>,          // (R, KV·hd) (Qwen3: the q/k-norm path)
-    k_pre: CudaSlice<bf16>,      // (R, KV·hd) (Qwen3)
-    v: CudaSlice<bf16>,          // (R, KV·hd) (Qwen3)
-    qkv: CudaSlice<bf16>,        // (R, qd + 2·kvd) stacked q|k|v output (models without qk norm)
-    gate_up: CudaSlice<bf16>,    // (R, 2·I) stacked gate|up output
-    act: CudaSlice<bf16>,        // (R, I)
-    xa: CudaSlice<f32>,          // (R, rank)
-    ids: CudaSlice<u32>,         // (R)
-    pos: CudaSlice<i32>,         // (R)
-    row_seq: CudaSlice<i32>,     // (R)
-    block_table: CudaSlice<i32>, // (S, P)
-    cu_rows: CudaSlice<i32>,     // (S + 1)
-    pos0: CudaSlice<i32>,        // (S)
-    seq_lens: CudaSlice<i32>,    // (S)
-    part_o: CudaSlice<f32>,      // (S, H, Z, hd)
-    part_ml: CudaSlice<f32>,     // (S, H, Z, 2)
-    logit_rows: CudaSlice<u32>,  // (M)
-    hsel: CudaSlice<bf16>,       // (M, D)
-    logits: CudaSlice<f32>,      // (M, V)
-    logprobs: CudaSlice<f32>,    // (M) score
-    entropy: CudaSlice<f32>,     // (M)
-    targets: CudaSlice<u32>,     // (M)
-    sampling: SamplingParamsDev, // (M) rows
+    x: CudaSlice<bf16>,            // (R, D) residual stream
+    h: CudaSlice<bf16>,            // (R, D) normed
+    proj: CudaSlice<bf16>,         // (R, D) o / down output
+    q: CudaSlice<bf16>,            // (R, H·hd)
+    q_pre: CudaSlice<bf16>,        // (R, H·hd) before the q norm (Qwen3)
+    attn: CudaSlice<bf16>,         // (R, H·hd)
+    k: CudaSlice<bf16>,            // (R, KV·hd) (Qwen3: the q/k-norm path)
+    k_pre: CudaSlice<bf16>,        // (R, KV·hd) (Qwen3)
+    v: CudaSlice<bf16>,            // (R, KV·hd) (Qwen3)
+    qkv: CudaSlice<bf16>,          // (R, qd + 2·kvd) stacked q|k|v output (models without qk norm)
+    gate_up: CudaSlice<bf16>,      // (R, 2·I) stacked gate|up output
+    act: CudaSlice<bf16>,          // (R, I)
+    xa: CudaSlice<f32>,            // (R, rank)
+    ids: CudaSlice<u32>,           // (R)
+    pos: CudaSlice<i32>,           // (R)
+    row_seq: CudaSlice<i32>,       // (R)
+    block_table: CudaSlice<i32>,   // (S, P)
+    cu_rows: CudaSlice<i32>,       // (S + 1)
+    pos0: CudaSlice<i32>,          // (S)
+    seq_lens: CudaSlice<i32>,      // (S)
+    part_o: CudaSlice<f32>,        // (S, H, Z, hd)
+    part_ml: CudaSlice<f32>,       // (S, H, Z, 2)
+    attn_counters: CudaSlice<u32>, // (S, kv head groups): the decode merge's arrivals
+    logit_rows: CudaSlice<u32>,    // (M)
+    hsel: CudaSlice<bf16>,         // (M, D)
+    logits: CudaSlice<f32>,        // (M, V)
+    logprobs: CudaSlice<f32>,      // (M) score
+    entropy: CudaSlice<f32>,       // (M)
+    targets: CudaSlice<u32>,       // (M)
+    sampling: SamplingParamsDev,   // (M) rows
     /// (3 · M · ceil(V / SAMPLE_CHUNK)) the sampler's fast-path scratch (`sample_scratch_len`).
     smp_scratch: CudaSlice<f64>,
     /// (W) a decode step's inputs ([`DecodeStaging`]), copied from `staging_host` in one piece.
@@ -1013,6 +1015,10 @@ impl Buffers {
             seq_lens: dev.alloc_zeros(s.max(1))?,
             part_o: dev.alloc_zeros(part_rows * c.num_attention_heads * hd)?,
             part_ml: dev.alloc_zeros(part_rows * c.num_attention_heads * 2)?,
+            attn_counters: dev.alloc_zeros(
+                (s * super::rollout::decode_blocks_per_seq(c.num_attention_heads, c.num_key_value_heads))
+                    .max(1),
+            )?,
             logit_rows: dev.alloc_zeros(m.max(1))?,
             hsel: bf(m * d)?,
             logits: dev.alloc_zeros((m * v).max(1))?,
@@ -1626,6 +1632,7 @@ fn forward_device(
                     &mut b.attn.slice_mut(..n * qd),
                     &mut b.part_o.slice_mut(..pr * hd),
                     &mut b.part_ml.slice_mut(..pr * 2),
+                    &mut b.attn_counters,
                     &attn,
                     ns,
                     max_len,

@@ -90,7 +90,6 @@ pub(super) struct RolloutKernels {
     attention_decode_hd64_bf16: CudaFunction,
     attention_decode_hd128_bf16: CudaFunction,
     attention_decode_hd256_bf16: CudaFunction,
-    attention_decode_combine_bf16: CudaFunction,
     attention_prefill_bf16: CudaFunction,
     lora_xa_bf16: CudaFunction,
     lora_expand_add_bf16: CudaFunction,
@@ -120,7 +119,6 @@ pub const ROLLOUT_KERNEL_NAMES: &[&str] = &[
     "attention_decode_hd64_bf16",
     "attention_decode_hd128_bf16",
     "attention_decode_hd256_bf16",
-    "attention_decode_combine_bf16",
     "attention_prefill_bf16",
     "lora_xa_bf16",
     "lora_expand_add_bf16",
@@ -172,7 +170,6 @@ impl RolloutKernels {
             attention_decode_hd64_bf16: f("attention_decode_hd64_bf16")?,
             attention_decode_hd128_bf16: allow_smem(f("attention_decode_hd128_bf16")?, decode_mma_smem(128))?,
             attention_decode_hd256_bf16: allow_smem(f("attention_decode_hd256_bf16")?, decode_mma_smem(256))?,
-            attention_decode_combine_bf16: f("attention_decode_combine_bf16")?,
             attention_prefill_bf16: f("attention_prefill_bf16")?,
             lora_xa_bf16: f("lora_xa_bf16")?,
             lora_expand_add_bf16: f("lora_expand_add_bf16")?,
@@ -281,8 +278,14 @@ impl AttnShape {
 
     /// Decode blocks per sequence and partition: kv heads × ceil(group / 8).
     pub fn decode_blocks_per_seq(&self) -> usize {
-        self.n_kv_heads * (self.n_heads / self.n_kv_heads).div_ceil(ATTN_GMAX)
+        decode_blocks_per_seq(self.n_heads, self.n_kv_heads)
     }
+}
+
+/// Decode blocks per sequence and partition for `n_heads` query heads over `n_kv_heads` kv
+/// heads: kv heads × ceil(group / 8) (also the decode merge's counters per sequence).
+pub fn decode_blocks_per_seq(n_heads: usize, n_kv_heads: usize) -> usize {
+    n_kv_heads * (n_heads / n_kv_heads.max(1)).div_ceil(ATTN_GMAX)
 }
 
 /// Positions per flash-decoding partition of the decode attention (a multiple of the KV page
@@ -730,8 +733,10 @@ impl CudaDevice {
     /// sequence the grid does not cover gets NaN, never a silently wrong output); a larger
     /// `max_len` only adds blocks that exit at once, the output bits do not change. When
     /// parts > 1, `part_o` (num_seqs·n_heads·parts·hd) and `part_ml` (num_seqs·n_heads·parts·2)
-    /// f32 receive the partials of sequences with more than one partition and the combine
-    /// kernel merges them; with parts = 1 the scratch is not touched (may be a dummy).
+    /// f32 receive the partials of sequences with more than one partition and the last block of
+    /// each (sequence, head group) merges them, counting arrivals in `counters`
+    /// (≥ num_seqs · [`AttnShape::decode_blocks_per_seq`] u32, zero before the first launch;
+    /// every launch leaves them zero); with parts = 1 the scratch is not touched (may be a dummy).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode_bf16(
         &self,
@@ -743,6 +748,7 @@ impl CudaDevice {
         out: &mut impl DevicePtrMut<bf16>,
         part_o: &mut impl DevicePtrMut<f32>,
         part_ml: &mut impl DevicePtrMut<f32>,
+        counters: &mut impl DevicePtrMut<u32>,
         shape: &AttnShape,
         num_seqs: usize,
         max_len: usize,
@@ -797,6 +803,13 @@ impl CudaDevice {
                 num_seqs * h * parts * 2,
                 "num_seqs*n_heads*parts*2",
             )?;
+            let need = num_seqs * shape.decode_blocks_per_seq();
+            if counters.len() < need {
+                return Err(Error::invalid(format!(
+                    "{kn}: counters has {} elements, needs {need} = num_seqs*decode_blocks_per_seq",
+                    counters.len()
+                )));
+            }
         }
         as_i32(kn, "num_seqs·n_heads", num_seqs * h)?;
         if num_seqs == 0 {
@@ -818,6 +831,7 @@ impl CudaDevice {
         let (op, _o) = out.device_ptr_mut(s);
         let (po, _po) = part_o.device_ptr_mut(s);
         let (pm, _pm) = part_ml.device_ptr_mut(s);
+        let (cn, _cn) = counters.device_ptr_mut(s);
         let (h_i, kv_i, hd_i) = (h as i32, shape.n_kv_heads as i32, hd as i32);
         let (ps, mp, win, part_i) = (
             shape.page_size as i32,
@@ -842,6 +856,7 @@ impl CudaDevice {
         l.arg(&op)
             .arg(&po)
             .arg(&pm)
+            .arg(&cn)
             .arg(&qp)
             .arg(&kc)
             .arg(&vc)
@@ -861,31 +876,13 @@ impl CudaDevice {
             parts as u32,
         );
         // SAFETY: argument order as kernels/attention.cu attention_decode_simt_bf16 and
-        // attention_decode_hd*_bf16 (the same); lengths checked above (part buffers only when
-        // parts > 1, the only case the kernels write them: a sequence with more than one
+        // attention_decode_hd*_bf16 (the same); lengths checked above (part buffers and counters
+        // only when parts > 1, the only case the kernels touch them: a sequence with more than one
         // partition needs a grid of more than one); block = 4 warps as the kernels' merge
         // assumes; smem: the CUDA-core kernel's 4·8·(hd+2) f32 ≤ 33 KiB, the tensor-core
         // kernels' decode_mma_smem (36 KiB; 68 and 66 KiB at hd_max 128 and 256, opted in at
         // load).
         unsafe { l.launch(cfg(grid, (ATTN_WARPS * 32) as u32, smem as u32)) }.map_err(cuda_err(kn))?;
-        if parts > 1 {
-            let rows_i = (num_seqs * h) as i32;
-            let (cap_i, parts_i) = (as_i32(kn, "cap", cap)?, parts as i32);
-            let mut l = s.launch_builder(&self.rk().attention_decode_combine_bf16);
-            l.arg(&op).arg(&po).arg(&pm).arg(&sl);
-            l.arg(&h_i)
-                .arg(&hd_i)
-                .arg(&cap_i)
-                .arg(&win)
-                .arg(&part_i)
-                .arg(&parts_i)
-                .arg(&rows_i);
-            // SAFETY: (bf16* out, const float* part_o, const float* part_ml, const int* seq_lens,
-            // int n_heads, int hd, int cap, int window, int part_size, int max_parts, int rows)
-            // with rows = num_seqs·n_heads and max_parts = the decode grid's z; lengths checked.
-            unsafe { l.launch(cfg(((num_seqs * h) as u32, 1, 1), row_block(hd), 0)) }
-                .map_err(cuda_err("attention_decode_combine_bf16"))?;
-        }
         Ok(())
     }
 
@@ -1616,6 +1613,7 @@ impl CudaDevice {
         };
         let mut part_o = self.alloc_zeros::<f32>(part * shape.head_dim)?;
         let mut part_ml = self.alloc_zeros::<f32>(part * 2)?;
+        let mut counters = self.alloc_zeros::<u32>((num_seqs * shape.decode_blocks_per_seq()).max(1))?;
         self.attention_decode_bf16(
             &qd,
             &kc,
@@ -1625,6 +1623,7 @@ impl CudaDevice {
             &mut out,
             &mut part_o,
             &mut part_ml,
+            &mut counters,
             shape,
             num_seqs,
             max_len,

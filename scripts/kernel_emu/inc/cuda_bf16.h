@@ -92,3 +92,5 @@ template <class T> T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, sr
 template <class T> T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
 // Blocks run one after another, each to completion, so a memory fence orders nothing further.
 inline void __threadfence() {}
+// A load through L2 only (another block's writes of this launch): a plain load here.
+template <class T> T __ldcg(const T* p) { return *p; }
