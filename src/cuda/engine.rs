@@ -15,8 +15,9 @@
 //! # Decode steps as CUDA graphs
 //!
 //! A decode step is ~700 launches (24 layers × norms, 7 GEMMs, biases, RoPE, KV append,
-//! attention, LoRA, residuals, SwiGLU), which alone would cost milliseconds; so the whole step — unstaging its inputs, the forward from the embedding to the logits, and the
-//! sampler — is captured once into a CUDA graph and replayed ([`run_decode_step`]):
+//! attention, LoRA, residuals, SwiGLU), which alone would cost milliseconds; so the whole
+//! step — unstaging its inputs, the forward from the embedding to the logits, and the sampler —
+//! is captured once into a CUDA graph and replayed ([`run_decode_step`]):
 //! - Buckets: the active sequences are padded to [`decode_bucket`] rows (1, 2, 4, 8, 16, 32,
 //!   48, …), one graph per bucket, captured lazily: a bucket's first step runs eagerly (it
 //!   loads every kernel and lets cuBLAS choose its kernels outside a capture), its second is
