@@ -207,32 +207,90 @@ __device__ __forceinline__ void rope_rows_bf16(bf16* __restrict__ q, bf16* __res
 }
 
 // ----------------------------------------------------------------------------
-// LoRA dot products (kernels/lora.cu, kernels/fused.cu: the per-projection and the grouped
-// kernels share them, so their results are bit-identical).
+// The rollout's LoRA, y += s · (x Aᵀ) Bᵀ (kernels/lora.cu per projection, kernels/fused.cu for
+// projections sharing their input). Both kernels of each pair are the helpers below, so the
+// grouped and the per-projection results are bit-identical. The arithmetic per element is that
+// of the kernels these replaced (one warp per (row, j), one thread per (row, column); the
+// emulator keeps them as its oracle, scripts/kernel_emu/lora_ref.h):
+//   xa[r, j] = Σ_i x[r, i]·A[j, i]: lane l adds its elements in index order (8-element vectors
+//       l, l + 32, ... when in is a multiple of 8 and x, A_j are 16-byte aligned, else elements
+//       l, l + 32, ...) in one f32 accumulator, then warp_reduce_sum's butterfly;
+//   y[r, o] = bf16(y[r, o] + scale · Σ_j xa[r, j]·B[o, j]), j ascending in one f32 accumulator.
+// What changed is who computes what, so that A and B are read once per tile of rows instead of
+// once per row (every row used to re-read all of B, out × rank f32, and of A, rank × in f32,
+// from L2). At 64 decode rows of Qwen2.5-0.5B at rank 16, per launch:
+//   expand, gate|up: B is 9728 × 16 f32 = 622 KB; 64 × 622 KB = 40 MB before, 2 row tiles ×
+//       622 KB = 1.2 MB now (+ xa staged: 32 rows × 16 f32 per block, 0.3 MB; y as before);
+//   expand, q|k|v: B 74 KB; 4.7 MB before, 0.15 MB now;
+//   xa, q|k|v: A 48 × 896 f32 = 172 KB; 11 MB before, 16 four-row tiles × 172 KB = 2.8 MB now;
+//   xa, down_proj: A 16 × 4864 f32 = 311 KB; 20 MB before, 5 MB now.
+// x's reads are unchanged (a block's warps, 8 values of j, share its rows through L1); y is read
+// and written once, coalesced, as before. Launches: the same 2 per group / projection.
 
-// Σ_i x[i]·a[i] over n by one warp, f32: lane l adds its elements in index order (8-element
-// vectors l, l + 32, ... when n is a multiple of 8 and both rows are 16-byte aligned, else
-// elements l, l + 32, ...), then a butterfly reduction; every lane gets the sum. The loads of
-// several vectors are in flight at once (unrolled), the additions stay in order.
-__device__ __forceinline__ float warp_dot_bf16_f32(const bf16* __restrict__ x, const float* __restrict__ a, int n,
-                                                   int lane) {
-    float acc = 0.0f;
-    if (n % 8 == 0 && vec16_ok(x) && vec16_ok(a)) {
-#pragma unroll 4
-        for (int v = lane; v < n / 8; v += WARP_SIZE) {
-            float xv[8], a0[4], a1[4];
-            load8_bf16(x + (size_t)v * 8, xv);
+// Up to 3 projections sharing their input; projection p has A_p (rank, in) and B_p (out_p,
+// rank) f32 and writes columns [col_p, col_p + out_p) of the stacked output (rows, ldy).
+struct LoraGroup3 {
+    const float* a[3];
+    const float* b[3];
+    int col[3];
+    int out[3];
+    int n;
+};
+
+// Rows per warp of the xa kernels. A warp's per-(row, j) sum is a fixed lane-strided chain over
+// all of in, so a warp's work grows with its rows: 4 rows cut A's traffic 4× and still leave
+// rows·n·rank/4 warps (256 for down_proj at 64 rows; 32-row tiles would leave 32).
+#define LORA_XA_ROWS 4
+// The expand kernels: columns (threads) and rows per block, and the largest rank whose B row a
+// thread keeps in registers (xa's tile then sits in shared memory; above it, both are read from
+// global memory per row, as before).
+#define LORA_EXPAND_THREADS 128
+#define LORA_EXPAND_ROWS 32
+#define LORA_REG_RANK 64
+
+// xa[k·ldxa] = Σ_i x[k·in + i]·a[i] for the nr ≤ LORA_XA_ROWS rows k of a tile (x, xa: its
+// first row), by one warp (every lane calls it). Each lane loads its slice of A_j once per tile
+// and applies it to every row of the tile (one accumulator per row, each in the order above),
+// then one butterfly per row; lane 0 stores. in % 8 == 0 makes every row of x as aligned as the
+// first, so the vector test per tile is the per-row test of the order above.
+static __device__ __forceinline__ void lora_xa_rows(float* __restrict__ xa, size_t ldxa, const bf16* __restrict__ x,
+                                                    const float* __restrict__ a, int in_dim, int nr, int lane) {
+    float acc[LORA_XA_ROWS];
+#pragma unroll
+    for (int k = 0; k < LORA_XA_ROWS; ++k) acc[k] = 0.0f;
+    if (in_dim % 8 == 0 && vec16_ok(x) && vec16_ok(a)) {
+#pragma unroll 2
+        for (int v = lane; v < in_dim / 8; v += WARP_SIZE) {
+            float a0[4], a1[4];
             load4_f32(a + (size_t)v * 8, a0);
             load4_f32(a + (size_t)v * 8 + 4, a1);
 #pragma unroll
-            for (int k = 0; k < 4; ++k) acc += xv[k] * a0[k];
+            for (int k = 0; k < LORA_XA_ROWS; ++k) {
+                if (k < nr) {
+                    float xv[8];
+                    load8_bf16(x + (size_t)k * in_dim + (size_t)v * 8, xv);
 #pragma unroll
-            for (int k = 0; k < 4; ++k) acc += xv[4 + k] * a1[k];
+                    for (int e = 0; e < 4; ++e) acc[k] += xv[e] * a0[e];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[k] += xv[4 + e] * a1[e];
+                }
+            }
         }
     } else {
-        for (int i = lane; i < n; i += WARP_SIZE) acc += bf16_to_f32(x[i]) * a[i];
+        for (int i = lane; i < in_dim; i += WARP_SIZE) {
+            const float ai = a[i];
+#pragma unroll
+            for (int k = 0; k < LORA_XA_ROWS; ++k)
+                if (k < nr) acc[k] += bf16_to_f32(x[(size_t)k * in_dim + i]) * ai;
+        }
     }
-    return warp_reduce_sum(acc);
+#pragma unroll
+    for (int k = 0; k < LORA_XA_ROWS; ++k) {
+        if (k < nr) {
+            const float s = warp_reduce_sum(acc[k]);  // nr is uniform over the warp
+            if (lane == 0) xa[(size_t)k * ldxa] = s;
+        }
+    }
 }
 
 // Σ_j u[j]·b[j] for j = 0 .. rank-1 in order, f32, by one thread (16-byte loads, all in flight,
@@ -252,4 +310,137 @@ __device__ __forceinline__ float rank_dot_f32(const float* __restrict__ u, const
     }
     for (int j = 0; j < rank; ++j) acc += u[j] * b[j];
     return acc;
+}
+
+// Projection of column c of g's outputs laid end to end (g.n when past them); c becomes the
+// column within it. g's arrays are only indexed by constants (unrolled loops, lora_pick): a
+// variable index into a kernel parameter makes the compiler copy the struct to local memory.
+static __device__ __forceinline__ int lora_proj(const LoraGroup3& g, int& c) {
+    int p = 0;
+#pragma unroll
+    for (int q = 0; q < 3; ++q) {
+        if (p == q && q < g.n && c >= g.out[q]) {
+            c -= g.out[q];
+            p = q + 1;
+        }
+    }
+    return p;
+}
+
+// v[p] for p < 3 by selects (see lora_proj).
+template <class T>
+static __device__ __forceinline__ T lora_pick(const T (&v)[3], int p) {
+    return p == 0 ? v[0] : p == 1 ? v[1] : v[2];
+}
+
+// One thread's column over the nr rows of a tile, rank ≤ R: its B row b (rank f32) is loaded
+// once into registers; row rr's xa is xs[rr·ldu ..] (shared memory) and its y value ys[rr·lds]
+// (shared memory, staged by this thread); the result goes to y[rr·ldy]. VEC: rank % 4 == 0
+// (16-byte shared-memory loads of xa; B's too when b is 16-byte aligned). Per row, the
+// accumulation is rank_dot_f32's.
+template <int R, bool VEC>
+static __device__ __forceinline__ void lora_expand_rows(bf16* __restrict__ y, size_t ldy, const bf16* ys, int lds,
+                                                        const float* xs, int ldu, const float* __restrict__ b,
+                                                        float scale, int nr, int rank) {
+    float bo[R];
+    if (VEC && vec16_ok(b)) {
+#pragma unroll
+        for (int c = 0; c < R; c += 4) {
+            float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (c < rank) load4_f32(b + c, v);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) bo[c + k] = v[k];
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < R; ++j) bo[j] = j < rank ? b[j] : 0.0f;
+    }
+#pragma unroll 4
+    for (int rr = 0; rr < nr; ++rr) {
+        const float* u = xs + (size_t)rr * ldu;
+        float acc = 0.0f;
+        if (VEC) {
+#pragma unroll
+            for (int c = 0; c < R; c += 4) {
+                if (c < rank) {
+                    float uv[4];
+                    load4_f32(u + c, uv);
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) acc += uv[k] * bo[c + k];
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < R; ++j)
+                if (j < rank) acc += u[j] * bo[j];
+        }
+        y[(size_t)rr * ldy] = f32_to_bf16(bf16_to_f32(ys[rr * lds]) + scale * acc);
+    }
+}
+
+// The expand kernels' body: y (rows, ldy) bf16 in place, y[r, col_p + o] = bf16(y + scale ·
+// Σ_j xa[r, p·rank + j] · B_p[o, j]) for p < g.n, o < out_p; xa (rows, n·rank) f32.
+// grid = (ceil(Σ out_p / blockDim), ceil(rows / LORA_EXPAND_ROWS)), block = LORA_EXPAND_THREADS:
+// thread t of block (cx, ry) owns column cx·blockDim + t of the outputs laid end to end
+// (consecutive threads, consecutive columns of y: coalesced) for rows ry·32 .. ry·32 + 31.
+// Dynamic shared memory, tile = min(rows, LORA_EXPAND_ROWS): the tile's y, tile·blockDim bf16
+// (each thread stages its own column, every load in flight at once), then for rank ≤
+// LORA_REG_RANK the tile's xa for the projections the block's columns touch, ≤ tile·n·rank f32.
+static __device__ __forceinline__ void lora_expand_tile(bf16* __restrict__ y, int ldy, const float* __restrict__ xa,
+                                                        const LoraGroup3& g, float scale, int rows, int rank) {
+    extern __shared__ float lora_smem[];
+    const int row0 = blockIdx.y * LORA_EXPAND_ROWS;
+    const int c0 = blockIdx.x * blockDim.x;
+    int total = 0;
+#pragma unroll
+    for (int q = 0; q < 3; ++q) total += q < g.n ? g.out[q] : 0;
+    if (row0 >= rows || c0 >= total) return;  // whole block
+    const int tile = min(rows, LORA_EXPAND_ROWS);
+    const int nr = min(LORA_EXPAND_ROWS, rows - row0);
+    const size_t ldxa = (size_t)g.n * rank;
+    int o = c0 + threadIdx.x;
+    const int p = lora_proj(g, o);
+    const bool live = p < g.n;
+    bf16* yc = live ? y + (size_t)row0 * ldy + lora_pick(g.col, p) + o : nullptr;
+    const float* bp = live ? lora_pick(g.b, p) + (size_t)o * rank : nullptr;
+    bf16* ys = reinterpret_cast<bf16*>(lora_smem) + threadIdx.x;  // row rr at ys[rr·blockDim]
+    const int lds = blockDim.x;
+    if (live) {
+#pragma unroll
+        for (int rr = 0; rr < LORA_EXPAND_ROWS; ++rr)
+            if (rr < nr) ys[rr * lds] = yc[(size_t)rr * ldy];
+    }
+    if (rank > LORA_REG_RANK) {  // uniform: no barrier below
+        if (!live) return;
+        const float* u = xa + (size_t)row0 * ldxa + (size_t)p * rank;
+        for (int rr = 0; rr < nr; ++rr) {
+            const float acc = rank_dot_f32(u + rr * ldxa, bp, rank);
+            yc[(size_t)rr * ldy] = f32_to_bf16(bf16_to_f32(ys[rr * lds]) + scale * acc);
+        }
+        return;
+    }
+    int lo = c0, hi = min(c0 + lds, total) - 1;
+    const int p_lo = lora_proj(g, lo);
+    const int p_hi = lora_proj(g, hi);
+    const int w = (p_hi - p_lo + 1) * rank;  // xa columns the block needs, per row
+    float* xs = lora_smem + tile * lds / 2;  // after the y tile (tile·blockDim·2 bytes, 16-aligned)
+    const float* src = xa + (size_t)row0 * ldxa + (size_t)p_lo * rank;
+    for (int t = threadIdx.x; t < nr * w; t += lds) {
+        const int rr = t / w;
+        xs[t] = src[(size_t)rr * ldxa + (t - rr * w)];
+    }
+    __syncthreads();
+    if (!live) return;
+    const float* u = xs + (p - p_lo) * rank;
+    if (rank % 4 == 0) {
+        if (rank <= 8) lora_expand_rows<8, true>(yc, ldy, ys, lds, u, w, bp, scale, nr, rank);
+        else if (rank <= 16) lora_expand_rows<16, true>(yc, ldy, ys, lds, u, w, bp, scale, nr, rank);
+        else if (rank <= 32) lora_expand_rows<32, true>(yc, ldy, ys, lds, u, w, bp, scale, nr, rank);
+        else lora_expand_rows<64, true>(yc, ldy, ys, lds, u, w, bp, scale, nr, rank);
+    } else {
+        if (rank <= 8) lora_expand_rows<8, false>(yc, ldy, ys, lds, u, w, bp, scale, nr, rank);
+        else if (rank <= 16) lora_expand_rows<16, false>(yc, ldy, ys, lds, u, w, bp, scale, nr, rank);
+        else if (rank <= 32) lora_expand_rows<32, false>(yc, ldy, ys, lds, u, w, bp, scale, nr, rank);
+        else lora_expand_rows<64, false>(yc, ldy, ys, lds, u, w, bp, scale, nr, rank);
+    }
 }

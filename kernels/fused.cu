@@ -145,50 +145,36 @@ extern "C" __global__ void residual_rmsnorm_fwd_bf16(bf16* __restrict__ out, bf1
 
 // ----------------------------------------------------------------------------
 // LoRA of projections that share their input, at once (q, k, v on h; gate, up on h2): the
-// same arithmetic per element as lora_xa_bf16 and lora_expand_add_bf16 (kernels/lora.cu), so
-// the result is bit-identical to running those per projection, in 2 launches instead of 2·n.
-
-// Up to 3 projections; projection p has A_p (rank, in) and B_p (out_p, rank) f32 and writes
+// helpers of lora_xa_bf16 and lora_expand_add_bf16 (common.cuh, "The rollout's LoRA"), so the
+// result is bit-identical to running those per projection, in 2 launches instead of 2·n.
+// g (LoraGroup3, common.cuh): projection p has A_p (rank, in), B_p (out_p, rank) f32 and writes
 // columns [col_p, col_p + out_p) of the stacked output.
-struct LoraGroup3 {
-    const float* a[3];
-    const float* b[3];
-    int col[3];
-    int out[3];
-    int n;
-};
 
-// xa (rows, n·rank) f32: xa[r, p·rank + j] = Σ_i x[r, i] · A_p[j, i] (warp_dot_bf16_f32, as
-// lora_xa_bf16). x (rows, in) bf16. grid = (rows, ceil(n·rank / warps)), block = multiple of
-// 32: warp w of block (row, g) computes the pair pj = g·warps + w = p·rank + j.
-extern "C" __global__ void lora_group_xa_bf16(float* __restrict__ xa, const bf16* __restrict__ x, LoraGroup3 g,
-                                              int rows, int in_dim, int rank) {
-    const int row = blockIdx.x;
+// xa (rows, n·rank) f32: xa[r, p·rank + j] = Σ_i x[r, i] · A_p[j, i] (lora_xa_rows, as
+// lora_xa_bf16). x (rows, in) bf16. grid = (ceil(rows / LORA_XA_ROWS), ceil(n·rank / warps)),
+// block = warps·32 (≤ 256): warp w of block (t, q) computes the pair pj = q·warps + w = p·rank + j
+// for rows t·4 .. t·4 + 3, reading its slice of A_p's row j once for them.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_group_xa_bf16(float* __restrict__ xa, const bf16* __restrict__ x, LoraGroup3 g, int rows, int in_dim,
+                       int rank) {
     const int warps = blockDim.x / WARP_SIZE;
     const int pj = blockIdx.y * warps + threadIdx.x / WARP_SIZE;
-    if (row >= rows || pj >= g.n * rank) return;  // whole warp
-    const int lane = threadIdx.x % WARP_SIZE;
-    const float* aj = g.a[pj / rank] + (size_t)(pj % rank) * in_dim;
-    const float acc = warp_dot_bf16_f32(x + (size_t)row * in_dim, aj, in_dim, lane);
-    if (lane == 0) xa[(size_t)row * g.n * rank + pj] = acc;
+    const int row0 = blockIdx.x * LORA_XA_ROWS;
+    if (row0 >= rows || pj >= g.n * rank) return;  // whole warp
+    const size_t ldxa = (size_t)g.n * rank;
+    const float* aj = lora_pick(g.a, pj / rank) + (size_t)(pj % rank) * in_dim;
+    lora_xa_rows(xa + (size_t)row0 * ldxa + pj, ldxa, x + (size_t)row0 * in_dim, aj, in_dim,
+                 min(LORA_XA_ROWS, rows - row0), threadIdx.x % WARP_SIZE);
 }
 
 // y (rows, ldy) bf16 in place: y[r, col_p + o] = bf16(y + scale · Σ_j xa[r, p·rank + j] ·
-// B_p[o, j]) for every p < n and o < out_p (j ascending, as lora_expand_add_bf16).
-// grid = (rows, ceil(Σ out_p / block)), block = multiple of 32; thread t of the row takes the
-// t-th column of the projections' outputs laid end to end.
-extern "C" __global__ void lora_group_expand_add_bf16(bf16* __restrict__ y, int ldy, const float* __restrict__ xa,
-                                                      LoraGroup3 g, float scale, int rows, int rank) {
-    const int row = blockIdx.x;
-    int o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (row >= rows) return;
-    int p = 0;
-    while (p < g.n && o >= g.out[p]) {
-        o -= g.out[p];
-        ++p;
-    }
-    if (p >= g.n) return;
-    const float acc = rank_dot_f32(xa + (size_t)row * g.n * rank + (size_t)p * rank, g.b[p] + (size_t)o * rank, rank);
-    bf16* yp = y + (size_t)row * ldy + g.col[p] + o;
-    *yp = f32_to_bf16(bf16_to_f32(*yp) + scale * acc);
+// B_p[o, j]) for every p < n and o < out_p (lora_expand_tile, as lora_expand_add_bf16).
+// grid = (ceil(Σ out_p / LORA_EXPAND_THREADS), ceil(rows / LORA_EXPAND_ROWS)), block =
+// LORA_EXPAND_THREADS, dynamic shared memory min(rows, 32) · (128 bf16 + n·rank f32, the latter
+// only for rank ≤ LORA_REG_RANK): thread t of block (cx, ry) owns the (cx·128 + t)-th column of
+// the projections' outputs laid end to end, for rows ry·32 .. ry·32 + 31.
+extern "C" __global__ void __launch_bounds__(LORA_EXPAND_THREADS)
+    lora_group_expand_add_bf16(bf16* __restrict__ y, int ldy, const float* __restrict__ xa, LoraGroup3 g, float scale,
+                               int rows, int rank) {
+    lora_expand_tile(y, ldy, xa, g, scale, rows, rank);
 }

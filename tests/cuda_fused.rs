@@ -151,12 +151,19 @@ fn residual_rmsnorm_matches_the_unfused_kernels() {
 #[test]
 fn lora_group_is_bit_identical_to_per_projection_lora() {
     let Some(dev) = device_or_skip() else { return };
-    // q|k|v of Qwen2.5-0.5B at rank 16, then gate|up with a gap of 5 unadapted columns.
-    for (outs, gap, din, rank) in [
-        (vec![896usize, 128, 128], 0usize, 896usize, 16usize),
-        (vec![300, 300], 5, 96, 8),
+    // q|k|v of Qwen2.5-0.5B at rank 16, then gate|up with a gap of 5 unadapted columns; the row
+    // tiles (4 rows per xa warp, 32 per expand block): one row, 70, 64 rows of Qwen2.5-0.5B's
+    // gate|up (the profiled decode bucket); ranks 64 and 80 (B and xa read per row) with odd
+    // outputs whose 128-column blocks straddle projections.
+    for (rows, outs, gap, din, rank) in [
+        (7, vec![896usize, 128, 128], 0usize, 896usize, 16usize),
+        (7, vec![300, 300], 5, 96, 8),
+        (1, vec![896, 128, 128], 0, 896, 16),
+        (70, vec![200, 40, 40], 0, 96, 16),
+        (64, vec![4864, 4864], 0, 896, 16),
+        (37, vec![131, 33, 7], 3, 64, 64),
+        (35, vec![77, 150], 1, 56, 80),
     ] {
-        let rows = 7;
         let n = outs.len();
         let mut cols = Vec::new();
         let mut ldy = 0;
@@ -206,7 +213,7 @@ fn lora_group_is_bit_identical_to_per_projection_lora() {
         let got = dev.download_bf16(&yd).unwrap();
         assert_eq!(
             got, want,
-            "outs {outs:?} gap {gap}: grouped vs per-projection LoRA"
+            "rows {rows} outs {outs:?} gap {gap} rank {rank}: grouped vs per-projection LoRA"
         );
     }
 }

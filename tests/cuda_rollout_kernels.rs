@@ -3,7 +3,8 @@
 //!
 //! Inputs are rounded to bf16 before BOTH sides see them, so tolerances only cover the kernels'
 //! own rounding (one bf16 store: ≤ 2^-9 relative) and f32 summation order; each is justified
-//! where it is set. Without a usable GPU every test prints "skipping: <reason>" and passes;
+//! where it is set. The LoRA kernels are also held bit-exact to their documented summation
+//! order and to one row per launch (`lora_bf16_is_bit_exact_and_row_invariant`). Without a usable GPU every test prints "skipping: <reason>" and passes;
 //! `RFT_REQUIRE_GPU=1` makes that a failure. Pure-host tests (decode partitions, fatbin names) run
 //! everywhere.
 
@@ -521,11 +522,17 @@ fn kv_append_and_attention_prefill_bf16_match_cpu() {
 fn lora_bf16_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
     // (rows, in, out, rank): Qwen2.5-0.5B q_proj (896 → 896) and down_proj (4864 → 896), odd sizes.
+    // Rows not a multiple of the kernels' row tiles (4 for xa, 32 for the expand), 1000 rows,
+    // ranks 64 (B's row in registers at the widest) and 80 (B and xa read per row).
     for &(rows, d_in, d_out, r) in &[
         (1usize, 123usize, 45usize, 1usize),
         (7, 896, 896, 16),
         (33, 4864, 896, 8),
         (5, 64, 461, 3),
+        (70, 896, 300, 16),
+        (1000, 64, 131, 16),
+        (37, 96, 257, 64),
+        (35, 72, 130, 80),
     ] {
         let x = bf(&uniform_vec(rows * d_in, 11, -2.0, 2.0));
         let a = uniform_vec(r * d_in, 12, -0.1, 0.1);
@@ -547,6 +554,95 @@ fn lora_bf16_matches_cpu() {
             2e-4,
             BF16_STORE_RTOL,
         );
+    }
+}
+
+/// The LoRA kernels' arithmetic per element (kernels/common.cuh, "The rollout's LoRA"), on the
+/// CPU: xa[r, j] by 32 lane partials (lane l: 8-element vectors l, l + 32, ... when in % 8 == 0,
+/// else elements l, l + 32, ...; x and A are whole allocations, 16-byte aligned) and the
+/// butterfly; y = bf16(y + scale · Σ_j xa·B, j ascending). nvcc contracts every a·b + c of it
+/// into an FMA (no separate f32 multiply in the kernels' PTX), so `mul_add` makes this exact.
+#[allow(clippy::too_many_arguments)]
+fn lora_in_kernel_order(
+    y: &[f32],
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    scale: f32,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+) -> Vec<f32> {
+    let mut out = y.to_vec();
+    let width = if d_in.is_multiple_of(8) { 8 } else { 1 };
+    for n in 0..rows {
+        let xa: Vec<f32> = (0..r)
+            .map(|j| {
+                let mut lanes = [0f32; 32];
+                for i in 0..d_in {
+                    let lane = (i / width) % 32;
+                    lanes[lane] = x[n * d_in + i].mul_add(a[j * d_in + i], lanes[lane]);
+                }
+                for off in [16, 8, 4, 2, 1] {
+                    let prev = lanes;
+                    for (l, v) in lanes.iter_mut().enumerate() {
+                        *v = prev[l] + prev[l ^ off];
+                    }
+                }
+                lanes[0]
+            })
+            .collect();
+        for o in 0..d_out {
+            let acc = (0..r).fold(0f32, |acc, j| xa[j].mul_add(b[o * r + j], acc));
+            let v = scale.mul_add(acc, out[n * d_out + o]);
+            out[n * d_out + o] = half::bf16::from_f32(v).to_f32();
+        }
+    }
+    out
+}
+
+/// The LoRA kernels tile rows (xa: 4 rows per warp; expand: 32 rows per block, B's row read
+/// once per tile), but each element's arithmetic is that of the untiled kernels they replaced:
+/// bit-exact against [`lora_in_kernel_order`], and a row's result does not depend on the other
+/// rows of the launch (70 rows at once vs one launch per row).
+#[test]
+fn lora_bf16_is_bit_exact_and_row_invariant() {
+    let Some(dev) = device_or_skip() else { return };
+    for &(rows, d_in, d_out, r) in &[
+        (70usize, 896usize, 300usize, 16usize),
+        (33, 4864, 896, 8),
+        (37, 123, 257, 64),
+        (5, 64, 461, 3),
+        (35, 72, 130, 80),
+        (64, 896, 9728, 16),
+    ] {
+        let x = bf(&uniform_vec(rows * d_in, 21, -2.0, 2.0));
+        let a = uniform_vec(r * d_in, 22, -0.1, 0.1);
+        let b = uniform_vec(d_out * r, 23, -0.1, 0.1);
+        let y = bf(&uniform_vec(rows * d_out, 24, -1.0, 1.0));
+        let scale = 2.0;
+        let got = dev
+            .lora_bf16_host(&y, &x, &a, &b, scale, rows, d_in, d_out, r)
+            .unwrap();
+        let what = format!("lora {rows}x{d_in}->{d_out} r{r}");
+        let want = lora_in_kernel_order(&y, &x, &a, &b, scale, rows, d_in, d_out, r);
+        assert_bits_eq(&format!("{what} vs the kernel order on the CPU"), &want, &got);
+        if rows <= 70 {
+            let one_by_one: Vec<f32> = (0..rows)
+                .flat_map(|n| {
+                    let xr = &x[n * d_in..(n + 1) * d_in];
+                    let yr = &y[n * d_out..(n + 1) * d_out];
+                    dev.lora_bf16_host(yr, xr, &a, &b, scale, 1, d_in, d_out, r)
+                        .unwrap()
+                })
+                .collect();
+            assert_bits_eq(
+                &format!("{what}: all rows vs one row per launch"),
+                &one_by_one,
+                &got,
+            );
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //   (exact) and the RMSNorm of rmsnorm_emu.cpp (atol 1e-6, rtol 2^-7).
 #include "emu.h"
 #include "fused.inc"
+#include "lora_ref.h"
 
 static const double BF16_STORE_RTOL = 1.0 / 256;
 
@@ -100,9 +101,12 @@ static void residual_norm(size_t rows, size_t dim) {
 }
 
 // Grouped LoRA of n projections into a stacked y (rows, ldy) whose columns are [col_p, col_p+out_p),
-// launched as src/cuda/fused.rs (xa: grid = (rows, ceil(n·rank / warps)), block = min(n·rank, 8) warps; expand: grid =
-// (rows, ceil(Σout/256)), block 256), against f64 x·Aᵀ then y + s·xa·Bᵀ (atol 1e-5 on xa,
-// rtol 2^-8 for the bf16 store of y); columns outside every projection stay untouched.
+// launched as src/cuda/fused.rs (lora_ref.h: xa grid = (ceil(rows / 4), ceil(n·rank / warps)),
+// block = min(n·rank, 8) warps; expand grid = (ceil(Σout / 128), ceil(rows / 32)), block 128,
+// shared memory min(rows, 32)·(256 + 4·n·rank bytes, the latter for rank ≤ 64)), against
+//   - the grouped kernels before the row tiling (lora_ref.h, launched as they were): xa and y
+//     bit-identical (columns outside every projection included: untouched);
+//   - f64 x·Aᵀ then y + s·xa·Bᵀ (atol 1e-5 on xa, rtol 2^-8 for the bf16 store of y).
 static void lora_group(size_t n, size_t rows, size_t in, size_t rank, const std::vector<size_t>& outs, size_t gap) {
     Rng rng(n * 1000 + rows * 10 + in + rank);
     std::vector<size_t> col(n);
@@ -131,18 +135,46 @@ static void lora_group(size_t n, size_t rows, size_t in, size_t rank, const std:
     g.n = (int)n;
     size_t total = 0;
     for (size_t p = 0; p < n; ++p) { g.a[p] = a[p].data(); g.b[p] = b[p].data(); g.col[p] = (int)col[p]; g.out[p] = (int)outs[p]; total += outs[p]; }
-    std::vector<float> xa(rows * n * rank, NAN);
-    std::vector<bf16> xb = to_bf(x), yb = to_bf(y);
+    std::vector<float> xa(rows * n * rank, NAN), xa_ref = xa;
+    std::vector<bf16> xb = to_bf(x), yb = to_bf(y), yref = yb;
     const int rows_i = (int)rows, in_i = (int)in, k_i = (int)rank, ld_i = (int)ldy;
-    if (rows > 0) {
-        const size_t warps = std::min<size_t>(n * rank, 8);
-        emu_launch(grid1(rows, (n * rank + warps - 1) / warps), (int)warps * 32, 0, [&] { lora_group_xa_bf16(xa.data(), xb.data(), g, rows_i, in_i, k_i); });
-        emu_launch(grid1(rows, (total + 255) / 256), 256, 0, [&] { lora_group_expand_add_bf16(yb.data(), ld_i, xa.data(), g, scale, rows_i, k_i); });
+    if (rows > 0 && total > 0) {
+        lora_xa_launch(rows, n * rank, [&] { lora_group_xa_bf16(xa.data(), xb.data(), g, rows_i, in_i, k_i); });
+        lora_expand_launch(rows, total, n, rank, [&] { lora_group_expand_add_bf16(yb.data(), ld_i, xa.data(), g, scale, rows_i, k_i); });
+        ref_lora_xa_launch(rows, n * rank, [&] { ref_lora_group_xa_bf16(xa_ref.data(), xb.data(), g, rows_i, in_i, k_i); });
+        ref_lora_expand_launch(rows, total, [&] { ref_lora_group_expand_add_bf16(yref.data(), ld_i, xa_ref.data(), g, scale, rows_i, k_i); });
     }
     const std::string what = "lora group n " + std::to_string(n) + " rows " + std::to_string(rows) + " in " + std::to_string(in) +
                              " rank " + std::to_string(rank) + " gap " + std::to_string(gap);
     check(what + " xa", want_xa, xa, 1e-5, 1e-5);
     check(what + " y", want, from_bf(yb), 1e-5, BF16_STORE_RTOL);
+    check_bits(what + " xa vs the untiled kernel", xa, xa_ref);
+    check_bits(what + " y vs the untiled kernel", yb, yref);
+}
+
+// lora_group_expand_add_bf16 alone on an xa and B whose sums cancel (lora_ref.h: y's bits show
+// the summation order), bit-identical to the untiled grouped kernel.
+static void lora_group_expand_order(size_t rows, size_t rank, const std::vector<size_t>& outs, size_t gap) {
+    const size_t n = outs.size();
+    Rng rng(rows * 13 + rank * 7 + n + gap);
+    std::vector<size_t> col(n);
+    size_t ldy = 0, total = 0;
+    for (size_t p = 0; p < n; ++p) { col[p] = ldy + gap; ldy = col[p] + outs[p]; total += outs[p]; }
+    ldy += gap;
+    auto xa = cancelling_xa(rng, rows, n, rank);
+    std::vector<std::vector<float>> b(n);
+    LoraGroup3 g{};
+    g.n = (int)n;
+    for (size_t p = 0; p < n; ++p) {
+        b[p] = paired_b(rng, outs[p], rank);
+        g.b[p] = b[p].data(); g.col[p] = (int)col[p]; g.out[p] = (int)outs[p];
+    }
+    std::vector<bf16> yb = to_bf(bfr(rng.vec(rows * ldy, -2, 2))), yref = yb;
+    const int rows_i = (int)rows, k_i = (int)rank, ld_i = (int)ldy;
+    lora_expand_launch(rows, total, n, rank, [&] { lora_group_expand_add_bf16(yb.data(), ld_i, xa.data(), g, 0.5f, rows_i, k_i); });
+    ref_lora_expand_launch(rows, total, [&] { ref_lora_group_expand_add_bf16(yref.data(), ld_i, xa.data(), g, 0.5f, rows_i, k_i); });
+    check_bits("lora group expand order n " + std::to_string(n) + " rows " + std::to_string(rows) + " rank " +
+                   std::to_string(rank) + " vs the untiled kernel", yb, yref);
 }
 
 int main(int argc, char** argv) {
@@ -150,6 +182,7 @@ int main(int argc, char** argv) {
     qkv(4, 2, 8, 9, true);
     residual_norm(5, 64);
     lora_group(3, 3, 40, 4, {24, 8, 8}, 0);
+    lora_group_expand_order(5, 16, {300, 40, 40}, 0);
     if (g_full) {
         // q|k|v of Qwen2.5-0.5B at rank 16; gate|up; one projection; gaps between projections
         // (a partially adapted group: columns of an unadapted projection stay as they are); a
@@ -159,6 +192,26 @@ int main(int argc, char** argv) {
         lora_group(1, 4, 33, 3, {17}, 0);
         lora_group(2, 3, 64, 5, {40, 9}, 13);
         lora_group(3, 0, 64, 4, {8, 8, 8}, 0);
+        // Row tiles (4 rows per xa warp, 32 per expand block): one row, rows not a multiple of
+        // either, 64 (the profiled decode bucket), 1000; gate|up of Qwen2.5-0.5B at 64 rows.
+        lora_group(3, 1, 896, 16, {896, 128, 128}, 0);
+        lora_group(3, 70, 96, 16, {200, 40, 40}, 0);
+        lora_group(2, 64, 896, 16, {4864, 4864}, 0);
+        lora_group(3, 1000, 64, 8, {64, 16, 16}, 2);
+        // Ranks 8 / 16 / 64 and odd ones (vector and element paths of the register B row), > 64
+        // (B and xa per row), with odd outputs and gaps; blocks of 128 columns that straddle
+        // two or three projections (outputs < 128) and one that starts mid-projection.
+        lora_group(3, 37, 64, 64, {131, 33, 7}, 3);
+        lora_group(2, 33, 40, 8, {129, 127}, 1);
+        lora_group(3, 5, 48, 5, {3, 200, 1}, 0);
+        lora_group(2, 9, 72, 12, {61, 61}, 4);
+        lora_group(3, 6, 33, 23, {50, 50, 50}, 0);
+        lora_group(2, 35, 56, 80, {77, 150}, 1);
+        lora_group(3, 4, 24, 65, {9, 9, 9}, 0);
+        // A projection with no columns (out 0) between two others.
+        lora_group(3, 6, 32, 4, {100, 0, 60}, 2);
+        for (size_t rank : {3, 8, 12, 16, 23, 64, 80}) lora_group_expand_order(37, rank, {131, 33, 70}, 1);
+        lora_group_expand_order(64, 16, {4864, 4864}, 0);
         // Qwen2.5-0.5B heads (14/2, hd 64) with and without bias, a GQA 1:1 and an hd 128 case;
         // rows: none, one, odd, and enough to fill every cache position of both sequences.
         for (bool b : {false, true}) {

@@ -20,7 +20,8 @@ nvcc, kdir = sys.argv[1], os.path.abspath(sys.argv[2])
 # 1) × 16 k and 16 v rows of HD + 8 bf16, hd128 and hd256 opting in at load; prefill: its
 # carve-up at hd 256), src/cuda/train_kernels.rs (rmsnorm_bwd: dim f32, dim limited by
 # SMEM_DEFAULT_BYTES − RMS_BWD_STATIC_SMEM_BYTES = 2·32 f32; rope_fwd/bwd: rope_launch's sin and
-# cos of ROPE_ROWS = 4 rows × hd/2 f32 at hd 256).
+# cos of ROPE_ROWS = 4 rows × hd/2 f32 at hd 256); src/cuda/rollout.rs lora_expand_cfg (a tile of
+# 32 rows: 128 bf16 of y + n·rank f32 of xa per row, n ≤ 3 (1 per projection), rank ≤ 64 staged).
 DYNAMIC = {
     "attention_decode_simt_bf16": 4 * 8 * (256 + 2) * 4,
     "attention_decode_hd64_bf16": 4 * 2 * 2 * 16 * (64 + 8) * 2,
@@ -32,6 +33,8 @@ DYNAMIC = {
     "rope_bwd_bf16": 2 * 4 * 128 * 4,
     "skinny_gemm_m16_bf16": 4 * (64 + 16) * 72 * 2,  # src/cuda/gemm.rs skinny_smem_bytes(1)
     "skinny_gemm_m16_f32": 4 * (64 + 16) * 72 * 2,
+    "lora_expand_add_bf16": 32 * (128 * 2 + 64 * 4),
+    "lora_group_expand_add_bf16": 32 * (128 * 2 + 3 * 64 * 4),
 }
 OPT_IN = {"attention_train_fwd", "attention_train_bwd_dkdv", "attention_train_bwd_dq",  # allow_smem ≤ 99 KiB
           "attention_decode_hd128_bf16", "attention_decode_hd256_bf16",  # 68 / 66 KiB, RolloutKernels::load

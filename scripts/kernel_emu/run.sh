@@ -67,7 +67,7 @@ build() {
     cmp -s "$out/$s.inc.new" "$out/$s.inc" || mv "$out/$s.inc.new" "$out/$s.inc"
     rm -f "$out/$s.inc.new"
     local newest
-    newest=$(ls -t "$out/$s.inc" "$here/${s}_emu.cpp" "$here/emu_rt.cpp" "$here/emu.h" "$here/inc/cuda_bf16.h" \
+    newest=$(ls -t "$out/$s.inc" "$here/${s}_emu.cpp" "$here/emu_rt.cpp" "$here/emu.h" "$here/lora_ref.h" "$here/inc/cuda_bf16.h" \
         "$kernels/common.cuh" "$0" | head -1)
     if [[ ! -x "$bin" || "$newest" -nt "$bin" ]]; then
         g++ "${flags[@]}" -I "$here" -I "$here/inc" -I "$out" -o "$bin" \

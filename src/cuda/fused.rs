@@ -5,11 +5,12 @@
 //! unfused kernels they replace (src/cuda/rollout.rs) are their oracle in tests/cuda_fused.rs.
 
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg,
 };
 use half::bf16;
 use std::sync::Arc;
 
+use super::rollout::{lora_expand_cfg, lora_xa_cfg};
 use super::train_kernels::{as_i32, cfg, check_len};
 use super::{cuda_err, AttnShape, CudaDevice};
 use crate::{Error, Result};
@@ -270,20 +271,16 @@ impl CudaDevice {
         if rows == 0 || total_out == 0 {
             return Ok(());
         }
+        let grid = lora_expand_cfg(kn, rows, total_out, n, rank)?;
         let (xp, _x) = x.device_ptr(s);
         let (ap, _a) = xa.device_ptr_mut(s);
         let mut l = s.launch_builder(&self.fused.lora_group_xa_bf16);
         l.arg(&ap).arg(&xp).arg(&g).arg(&r_i).arg(&in_i).arg(&k_i);
-        let warps = (n * rank).min(8);
-        let xa_cfg = LaunchConfig {
-            grid_dim: (rows as u32, (n * rank).div_ceil(warps) as u32, 1),
-            block_dim: ((warps * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: (float* xa, const bf16* x, LoraGroup3 g, int rows, int in, int rank); lengths
         // checked above; g's pointers are live slices of this device (guards held); one warp per
-        // (row, p·rank + j), grid.y·warps ≥ n·rank.
-        unsafe { l.launch(xa_cfg) }.map_err(cuda_err("lora_group_xa_bf16"))?;
+        // (4 rows, p·rank + j): grid.x·4 ≥ rows, grid.y·warps ≥ n·rank, ≤ 8 warps (the kernel's
+        // bound 256).
+        unsafe { l.launch(lora_xa_cfg(rows, n * rank)) }.map_err(cuda_err("lora_group_xa_bf16"))?;
         let (yp, _y) = y.device_ptr_mut(s);
         let mut l = s.launch_builder(&self.fused.lora_group_expand_add_bf16);
         l.arg(&yp)
@@ -293,13 +290,10 @@ impl CudaDevice {
             .arg(&scale)
             .arg(&r_i)
             .arg(&k_i);
-        let grid = LaunchConfig {
-            grid_dim: (rows as u32, total_out.div_ceil(256) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: (bf16* y, int ldy, const float* xa, LoraGroup3 g, float scale, int rows,
-        // int rank); y holds rows·ldy elements and every projection's columns fit in ldy.
+        // int rank); y holds rows·ldy elements and every projection's columns fit in ldy;
+        // grid.x·128 ≥ Σ out_p, grid.y·32 ≥ rows, both bounded in the kernel; block 128 (the
+        // kernel's bound); shared memory as lora_expand_tile's carve-up (≤ 32 KiB at rank 64).
         unsafe { l.launch(grid) }.map_err(cuda_err("lora_group_expand_add_bf16"))?;
         drop(guards);
         Ok(())

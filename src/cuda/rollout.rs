@@ -75,6 +75,55 @@ const EW_VEC: usize = 8;
 /// RoPE: rows per block and threads per block (kernels/common.cuh `ROPE_ROWS`, `ROPE_THREADS`).
 pub(super) const ROPE_ROWS: usize = 4;
 pub(super) const ROPE_THREADS: u32 = 128;
+/// LoRA (kernels/common.cuh): rows per warp of the xa kernels (`LORA_XA_ROWS`); columns (threads)
+/// and rows per block of the expand kernels (`LORA_EXPAND_THREADS`, `LORA_EXPAND_ROWS`); the
+/// largest rank whose xa tile the expand kernels stage in shared memory (`LORA_REG_RANK`).
+const LORA_XA_ROWS: usize = 4;
+const LORA_EXPAND_THREADS: usize = 128;
+const LORA_EXPAND_ROWS: usize = 32;
+const LORA_REG_RANK: usize = 64;
+
+/// Launch of the xa kernels (lora_xa_bf16, lora_group_xa_bf16) for `pairs` = n·rank values of j:
+/// grid = (ceil(rows / LORA_XA_ROWS), ceil(pairs / warps)), block = warps = min(pairs, 8) warps.
+pub(super) fn lora_xa_cfg(rows: usize, pairs: usize) -> LaunchConfig {
+    let warps = pairs.min(8);
+    cfg(
+        (
+            rows.div_ceil(LORA_XA_ROWS) as u32,
+            pairs.div_ceil(warps) as u32,
+            1,
+        ),
+        (warps * 32) as u32,
+        0,
+    )
+}
+
+/// Launch of the expand kernels (lora_expand_add_bf16, lora_group_expand_add_bf16) over `cols`
+/// output columns of n projections: grid = (ceil(cols / 128), ceil(rows / 32)), block 128, and
+/// dynamic shared memory for a tile of min(rows, 32) rows: its y (128 bf16 per row) and, for
+/// rank ≤ LORA_REG_RANK, its xa (n·rank f32 per row): ≤ 32·(256 + 768) = 32 KiB at n 3, rank 64.
+/// Errors when the row tiles exceed grid.y's 65535.
+pub(super) fn lora_expand_cfg(
+    kn: &str,
+    rows: usize,
+    cols: usize,
+    n: usize,
+    rank: usize,
+) -> Result<LaunchConfig> {
+    let tiles = rows.div_ceil(LORA_EXPAND_ROWS);
+    if tiles > 65_535 {
+        return Err(Error::invalid(format!(
+            "{kn}: {rows} rows need {tiles} row tiles, more than the grid's 65535"
+        )));
+    }
+    let tile = rows.min(LORA_EXPAND_ROWS);
+    let xa_row = if rank <= LORA_REG_RANK { n * rank * 4 } else { 0 };
+    Ok(cfg(
+        (cols.div_ceil(LORA_EXPAND_THREADS) as u32, tiles as u32, 1),
+        LORA_EXPAND_THREADS as u32,
+        (tile * (LORA_EXPAND_THREADS * 2 + xa_row)) as u32,
+    ))
+}
 
 /// The rollout kernels, looked up once when the device is opened.
 pub(super) struct RolloutKernels {
@@ -997,17 +1046,10 @@ impl CudaDevice {
         let (ap, _a) = a.device_ptr(s);
         let mut l = s.launch_builder(&self.rk().lora_xa_bf16);
         l.arg(&o).arg(&xp).arg(&ap).arg(&r_i).arg(&in_i).arg(&k_i);
-        let warps = rank.min(8);
         // SAFETY: (float* xa, const bf16* x, const float* a, int rows, int in, int rank);
-        // lengths checked; block is whole warps, grid.y·warps ≥ rank (one warp per (row, j)).
-        unsafe {
-            l.launch(cfg(
-                (rows as u32, rank.div_ceil(warps) as u32, 1),
-                (warps * 32) as u32,
-                0,
-            ))
-        }
-        .map_err(cuda_err(kn))?;
+        // lengths checked; block is whole warps (≤ 8, the kernel's bound 256), grid.x·4 ≥ rows
+        // and grid.y·warps ≥ rank (one warp per (4 rows, j)).
+        unsafe { l.launch(lora_xa_cfg(rows, rank)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -1047,10 +1089,12 @@ impl CudaDevice {
             .arg(&r_i)
             .arg(&o_i)
             .arg(&k_i);
-        let grid = (rows as u32, out_dim.div_ceil(256) as u32, 1);
+        let launch = lora_expand_cfg(kn, rows, out_dim, 1, rank)?;
         // SAFETY: (bf16* y, const float* xa, const float* b, float scale, int rows, int out,
-        // int rank); lengths checked; grid.y·256 ≥ out with the kernel bounding o.
-        unsafe { l.launch(cfg(grid, 256, 0)) }.map_err(cuda_err(kn))?;
+        // int rank); lengths checked; grid.x·128 ≥ out and grid.y·32 ≥ rows with the kernel
+        // bounding both; block 128 (the kernel's bound); shared memory as lora_expand_tile's
+        // carve-up (≤ 16 KiB at rank 64).
+        unsafe { l.launch(launch) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
