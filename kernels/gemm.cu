@@ -71,6 +71,7 @@ template <int N> static __device__ __forceinline__ void sk_cp_async_wait() { asm
 
 // Reads a value another block wrote in this launch (L2, not a possibly stale L1 line).
 static __device__ __forceinline__ float sk_load_cg(const float* p) { return __ldcg(p); }
+static __device__ __forceinline__ float4 sk_load4_cg(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
 template <int MT, typename OutT>
 static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const bf16* __restrict__ x,
@@ -176,11 +177,48 @@ static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const b
     if (!sk_last) return;
     __threadfence();  // the other blocks' partials, counted before this block's, are visible
     const int cols = min(SK_NB, N - n0);
-    for (int e = tid; e < M * cols; e += SK_THREADS) {
-        const int row = e / cols, col = n0 + e % cols;
-        float sum = 0.0f;
-        for (int s = 0; s < splits; ++s) sum += sk_load_cg(partial + ((size_t)s * M + row) * N + col);
-        store_f32(y + (size_t)row * N + col, sum);
+    if (N % 4 == 0) {
+        // 16-byte loads (N % 4 == 0: every (row, 4k-th column) is 16-byte aligned in partial),
+        // the split loop outside so that each thread's 2·MT loads of one split are in flight
+        // together (the tile's 64·16·MT·4 bytes × S come from L2 at once, not one latency per
+        // element); each element still adds partial[0], partial[1], … in order.
+        constexpr int EPT = 2 * MT;  // ≥ 16·MT rows × 16 float4 columns / 128 threads
+        const int c4 = cols / 4, total = M * c4;
+        float4 sum[EPT];
+#pragma unroll
+        for (int i = 0; i < EPT; ++i) sum[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 2
+        for (int s = 0; s < splits; ++s) {
+#pragma unroll
+            for (int i = 0; i < EPT; ++i) {
+                const int e = tid + i * SK_THREADS;
+                if (e < total) {
+                    const float4 p = sk_load4_cg(partial + ((size_t)s * M + e / c4) * N + n0 + e % c4 * 4);
+                    sum[i].x += p.x;
+                    sum[i].y += p.y;
+                    sum[i].z += p.z;
+                    sum[i].w += p.w;
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < EPT; ++i) {
+            const int e = tid + i * SK_THREADS;
+            if (e < total) {
+                OutT* yr = y + (size_t)(e / c4) * N + n0 + e % c4 * 4;
+                store_f32(yr, sum[i].x);
+                store_f32(yr + 1, sum[i].y);
+                store_f32(yr + 2, sum[i].z);
+                store_f32(yr + 3, sum[i].w);
+            }
+        }
+    } else {
+        for (int e = tid; e < M * cols; e += SK_THREADS) {
+            const int row = e / cols, col = n0 + e % cols;
+            float sum = 0.0f;
+            for (int s = 0; s < splits; ++s) sum += sk_load_cg(partial + ((size_t)s * M + row) * N + col);
+            store_f32(y + (size_t)row * N + col, sum);
+        }
     }
     if (tid == 0) counters[nb] = 0;  // ready for the next launch (or graph replay)
 }

@@ -73,6 +73,8 @@ ONE_LINE = {
     "template <int N> static __device__ __forceinline__ void sk_cp_async_wait()":
         "template <int N> static inline void sk_cp_async_wait() {}",
     "static __device__ __forceinline__ float sk_load_cg(": "static inline float sk_load_cg(const float* p) { return *p; }",
+    "static __device__ __forceinline__ float4 sk_load4_cg(":
+        "static inline float4 sk_load4_cg(const float* p) { return *reinterpret_cast<const float4*>(p); }",
 }
 for sig, body in ONE_LINE.items():
     if sig in src:

@@ -43,7 +43,8 @@ pub const fn skinny_smem_bytes(mt: usize) -> usize {
 pub const SKINNY_PARTIAL_LEN: usize = 1 << 21;
 /// Column tiles a split-K launch may have (one counter each).
 const SKINNY_MAX_TILES: usize = 4096;
-/// Most k-splits the tuner tries: the last block of a tile adds S partial tiles alone.
+/// Most k-splits the split rule gives (the tuner also tries twice that): the last block of a
+/// tile adds the S partial tiles alone.
 const SKINNY_MAX_SPLITS: usize = 8;
 
 /// Every kernel name of kernels/gemm.cu (for the fatbin-content test).
@@ -396,7 +397,7 @@ const TUNE_REPS: usize = 16;
 /// to queue every timed launch, so the events time the GPU alone.
 const TUNE_SPIN_CYCLES: i64 = 2_000_000;
 
-/// Times cuBLAS and the skinny kernel (1 split and `auto` splits) on this exact shape and
+/// Times cuBLAS and the skinny kernel (1, auto/2, auto and 2·auto splits) on this exact shape and
 /// operands (y is overwritten; the caller's launch then writes it for real), records the result
 /// and returns the fastest.
 #[allow(clippy::too_many_arguments)]
@@ -413,9 +414,20 @@ fn tune(
     auto: usize,
 ) -> Result<GemmChoice> {
     let f32_out = matches!(y_type, cudaDataType::CUDA_R_32F);
-    let mut candidates = vec![GemmChoice::Cublas, GemmChoice::Skinny { splits: 1 }];
-    if auto > 1 {
-        candidates.push(GemmChoice::Skinny { splits: auto });
+    // cuBLAS; the skinny kernel without split-K, with half, all and twice the rule's splits
+    // (at most 16, ≥ 2 k-chunks each, partials within the scratch), each trimmed so that no
+    // split is empty.
+    let chunks = d_in.div_ceil(SK_KC);
+    let cap = (chunks / 2)
+        .min(2 * SKINNY_MAX_SPLITS)
+        .min(SKINNY_PARTIAL_LEN / (rows * d_out).max(1))
+        .max(1);
+    let mut candidates = vec![GemmChoice::Cublas];
+    for s in [1, auto / 2, auto, 2 * auto] {
+        let s = chunks.div_ceil(chunks.div_ceil(s.clamp(1, cap)));
+        if !candidates.contains(&GemmChoice::Skinny { splits: s }) {
+            candidates.push(GemmChoice::Skinny { splits: s });
+        }
     }
     let run = |c: GemmChoice| match c {
         GemmChoice::Cublas => super::engine::gemm_raw(dev, blas, x, w, y, y_type, rows, d_in, d_out),
