@@ -78,6 +78,10 @@ __device__ __forceinline__ float block_reduce_max(float v) {
     return warp_reduce_max(v);
 }
 
+// silu(g) = g · sigmoid(g) as g / (1 + e^{−g}), f32 (SwiGLU: kernels/elementwise.cu, the skinny
+// GEMM's fused SwiGLU in kernels/gemm.cu; the same expression everywhere, so the same bits).
+__device__ __forceinline__ float silu_f32(float g) { return g / (1.0f + expf(-g)); }
+
 // ----------------------------------------------------------------------------
 // 16-byte vector access for the memory-bound kernels: 8 bf16 or 4 f32 per load/store. The
 // caller checks vec16_ok (every pointer 16-byte aligned) and that the index is a multiple of the

@@ -41,7 +41,6 @@ extern "C" __global__ void rope_fwd_bf16(bf16* __restrict__ q, bf16* __restrict_
     rope_rows_bf16<false>(q, k, pos, inv_freq, rows, n_heads, n_kv_heads, hd);
 }
 
-static __device__ __forceinline__ float silu_f32(float g) { return g / (1.0f + expf(-g)); }
 
 // The grid-stride kernels below take 8 elements per thread per step (16-byte loads and stores)
 // when every pointer is 16-byte aligned (and, for the row-structured ones, the

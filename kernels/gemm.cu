@@ -25,6 +25,10 @@
 // (batch invariance, unlike cuBLAS, which may pick another kernel per row count), and two runs
 // are bit-identical (no float atomics).
 //
+// skinny_gemm_swiglu_m*_bf16: the same GEMM whose X is act = silu(gate) · up, computed per
+// k-chunk in shared memory from the stacked gate|up output (the decode step's SwiGLU and down
+// projection in one launch; bit-identical to swiglu_fused_fwd_bf16 then skinny_gemm_m*_bf16).
+//
 // Requirements (checked by the launcher, src/cuda/gemm.rs): K % 8 == 0 and 16-byte aligned X, W
 // (every row starts 16-byte aligned), 1 ≤ M ≤ 64, S·cps ≥ ceil(K/64) > (S−1)·cps, partial
 // holds S·M·N floats and counters ceil(N/64) zeros when S > 1.
@@ -37,8 +41,10 @@
 #define SK_STAGES 4                  // cp.async pipeline depth
 #define SK_LD (SK_KC + 8)            // shared row stride in bf16: 144 bytes, conflict-free ldmatrix
 #define SK_THREADS 128
-// Dynamic shared memory of the MT-row-tile kernel: STAGES × (64 W rows + 16·MT X rows) × LD bf16.
+// Dynamic shared memory of the MT-row-tile kernel: STAGES × (64 W rows + 16·MT X rows) × LD bf16;
+// the SwiGLU variant also 16·MT up rows per stage.
 #define SK_SMEM(MT) (SK_STAGES * (SK_NB + 16 * (MT)) * SK_LD * 2)
+#define SK_SMEM_SWIGLU(MT) (SK_STAGES * (SK_NB + 32 * (MT)) * SK_LD * 2)
 
 // d += a · b: mma.m16n8k16 row.col, f32 accumulate; lane = 4g + t holds a0 = A(g, 2t..2t+1),
 // a1 = A(g+8, 2t..), a2 = A(g, 2t+8..), a3 = A(g+8, 2t+8..), b0 = B(2t..2t+1, g),
@@ -73,10 +79,16 @@ template <int N> static __device__ __forceinline__ void sk_cp_async_wait() { asm
 static __device__ __forceinline__ float sk_load_cg(const float* p) { return __ldcg(p); }
 static __device__ __forceinline__ float4 sk_load4_cg(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
-template <int MT, typename OutT>
+// SWIGLU: x is the stacked gate|up output (M, 2K) and the X operand is act = silu(gate) · up,
+// computed per k-chunk in shared memory exactly as swiglu_fused_fwd_bf16 rounds it (one bf16
+// rounding of silu_f32(g) · u), so Y is bit-identical to swiglu_fused_fwd_bf16 followed by the
+// plain kernel; the blocks of column tile 0 also write act (M, K) to act_out when it is not null
+// (the down projection's LoRA reads it). Shared memory: a third region of 16·MT up rows per stage.
+template <int MT, typename OutT, bool SWIGLU>
 static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const bf16* __restrict__ x,
                                                    const bf16* __restrict__ w, float* __restrict__ partial,
-                                                   unsigned* __restrict__ counters, int M, int N, int K, int cps) {
+                                                   unsigned* __restrict__ counters, int M, int N, int K, int cps,
+                                                   bf16* __restrict__ act_out) {
     extern __shared__ __align__(16) bf16 sk_smem[];
     __shared__ int sk_last;
     const int nb = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -86,6 +98,8 @@ static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const b
     const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
     bf16* ws = sk_smem;                                 // [STAGES][64][LD]   W rows n0..n0+63
     bf16* xs = sk_smem + SK_STAGES * SK_NB * SK_LD;     // [STAGES][16·MT][LD] X rows 0..16·MT−1
+    bf16* us = xs + SK_STAGES * 16 * MT * SK_LD;        // SWIGLU: [STAGES][16·MT][LD] up rows
+    const int ldx = SWIGLU ? 2 * K : K;                 // row stride of x
 
     // Chunk c of this block (k from (c0 + c)·64) into stage slot `slot`: 8 bf16 per copy.
     auto load = [&](int c, int slot) {
@@ -100,7 +114,9 @@ static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const b
         for (int p = tid; p < 16 * MT * (SK_KC / 8); p += SK_THREADS) {
             const int r = p / (SK_KC / 8), kk = p % (SK_KC / 8) * 8;
             const bool ok = r < M && kbase + kk < K;
-            sk_cp_async16(xd + r * SK_LD + kk, ok ? x + (size_t)r * K + kbase + kk : x, ok ? 16 : 0);
+            const bf16* src = x + (size_t)r * ldx + kbase + kk;
+            sk_cp_async16(xd + r * SK_LD + kk, ok ? src : x, ok ? 16 : 0);
+            if (SWIGLU) sk_cp_async16(us + slot * 16 * MT * SK_LD + r * SK_LD + kk, ok ? src + K : x, ok ? 16 : 0);
         }
     };
 
@@ -123,6 +139,25 @@ static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const b
         __syncthreads();                     // … everyone's, and chunk c − 1's slot is free
         if (c + SK_STAGES - 1 < nch) load(c + SK_STAGES - 1, (c + SK_STAGES - 1) % SK_STAGES);
         sk_cp_async_commit();
+        if (SWIGLU) {
+            // act = silu(gate) · up over the chunk, in place of gate (padding: silu(0)·0 = 0).
+            bf16* gt = xs + (c % SK_STAGES) * 16 * MT * SK_LD;
+            const bf16* ut = us + (c % SK_STAGES) * 16 * MT * SK_LD;
+            const int kbase = (c0 + c) * SK_KC;
+            for (int p = tid; p < 16 * MT * (SK_KC / 8); p += SK_THREADS) {
+                const int r = p / (SK_KC / 8), kk = p % (SK_KC / 8) * 8;
+                float g[8], u[8];
+                load8_bf16(gt + r * SK_LD + kk, g);
+                load8_bf16(ut + r * SK_LD + kk, u);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) g[j] = silu_f32(g[j]) * u[j];
+                store8_bf16(gt + r * SK_LD + kk, g);
+                if (act_out != nullptr && nb == 0 && r < M && kbase + kk < K)
+                    *reinterpret_cast<uint4*>(act_out + (size_t)r * K + kbase + kk) =
+                        *reinterpret_cast<const uint4*>(gt + r * SK_LD + kk);
+            }
+            __syncthreads();
+        }
         const bf16* wt = ws + (c % SK_STAGES) * SK_NB * SK_LD + warp * 16 * SK_LD;
         const bf16* xt = xs + (c % SK_STAGES) * 16 * MT * SK_LD;
 #pragma unroll
@@ -228,13 +263,19 @@ static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const b
         skinny_gemm_m##ROWS##_bf16(bf16* __restrict__ y, const bf16* __restrict__ x, const bf16* __restrict__ w, \
                                    float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,   \
                                    int K, int cps) {                                                             \
-        skinny_gemm<MT, bf16>(y, x, w, partial, counters, M, N, K, cps);                                         \
+        skinny_gemm<MT, bf16, false>(y, x, w, partial, counters, M, N, K, cps, nullptr);                         \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(SK_THREADS)                                                     \
         skinny_gemm_m##ROWS##_f32(float* __restrict__ y, const bf16* __restrict__ x, const bf16* __restrict__ w, \
                                   float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N,    \
                                   int K, int cps) {                                                              \
-        skinny_gemm<MT, float>(y, x, w, partial, counters, M, N, K, cps);                                        \
+        skinny_gemm<MT, float, false>(y, x, w, partial, counters, M, N, K, cps, nullptr);                        \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(SK_THREADS) skinny_gemm_swiglu_m##ROWS##_bf16(                  \
+        bf16* __restrict__ y, const bf16* __restrict__ gate_up, const bf16* __restrict__ w,                      \
+        float* __restrict__ partial, unsigned* __restrict__ counters, int M, int N, int K, int cps,              \
+        bf16* __restrict__ act_out) {                                                                            \
+        skinny_gemm<MT, bf16, true>(y, gate_up, w, partial, counters, M, N, K, cps, act_out);                    \
     }
 SK_DEFINE(16, 1)
 SK_DEFINE(32, 2)

@@ -197,6 +197,51 @@ fn skinny_gemm_matches_f64_and_cublas() {
     }
 }
 
+/// The SwiGLU variant (the decode step's fused SwiGLU + down projection) against
+/// swiglu_fused_fwd_bf16 then the plain skinny kernel with the same splits: y and act bit for
+/// bit (the same act values enter the same GEMM).
+#[test]
+fn skinny_swiglu_gemm_matches_swiglu_then_gemm() {
+    let Some(dev) = device_or_skip() else { return };
+    let sms = dev.multiprocessors();
+    for &(rows, inter, d) in &[
+        (64usize, 4864usize, 896usize),
+        (7, 8960, 1536),
+        (33, 200, 70),
+        (1, 64, 8),
+    ] {
+        let gu = common::bf(&uniform_vec(rows * 2 * inter, (rows * inter) as u64, -4.0, 4.0));
+        let w = common::bf(&uniform_vec(d * inter, (d * inter + 3) as u64, -0.1, 0.1));
+        let gud = dev.upload_bf16(&gu).unwrap();
+        let wd = dev.upload_bf16(&w).unwrap();
+        let mut act_ref = dev.alloc_zeros::<bf16>(rows * inter).unwrap();
+        dev.swiglu_fused_fwd_bf16(&gud, &mut act_ref, rows, inter)
+            .unwrap();
+        for s in [1, skinny_splits(inter, d, sms)] {
+            let c = GemmChoice::Skinny { splits: s };
+            let mut want = dev.alloc_zeros::<bf16>(rows * d).unwrap();
+            dev.gemm_with(c, &act_ref, &wd, &mut want, rows, inter, d)
+                .unwrap();
+            let mut got = dev.alloc_zeros::<bf16>(rows * d).unwrap();
+            let mut act = dev.alloc_zeros::<bf16>(rows * inter).unwrap();
+            dev.skinny_swiglu_gemm(s, &gud, &wd, &mut got, Some(&mut act), rows, inter, d)
+                .unwrap();
+            let bits = |v: Vec<bf16>| v.into_iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(dev.download(&got).unwrap()),
+                bits(dev.download(&want).unwrap()),
+                "{rows}x{inter}->{d} splits {s}: y"
+            );
+            assert_eq!(
+                bits(dev.download(&act).unwrap()),
+                bits(dev.download(&act_ref).unwrap()),
+                "{rows}x{inter}->{d} splits {s}: act"
+            );
+        }
+        eprintln!("skinny_swiglu_gemm {rows}x{inter}->{d}: bit-identical to swiglu + skinny GEMM");
+    }
+}
+
 #[test]
 fn skinny_gemm_rejects_what_it_does_not_take() {
     let Some(dev) = device_or_skip() else { return };

@@ -6,6 +6,7 @@
 // K · 2^-24 · Σ_k |x·w| (an f32 sum of K products); the same bound as tests/cuda_gemm.rs. Also:
 // the counters are back to 0 after a split-K launch (a graph replays it), a row's output is
 // bit-identical whatever the row count (batch invariance), and a second launch is bit-identical.
+// The SwiGLU variant against swiglu + the plain kernel, bit for bit (run_swiglu).
 #include "emu.h"
 #include "gemm.inc"
 
@@ -81,11 +82,55 @@ static void run(int M, int N, int K, int splits) {
     check_bits(std::string(what) + " rows alone", std::vector<OutT>(y.begin(), y.begin() + (size_t)m1 * N), y1);
 }
 
+// The SwiGLU variant: gate_up (M, 2K) → y must equal, bit for bit, the plain kernel on
+// act = bf16(silu(gate) · up) (swiglu_fused_fwd_bf16's expression) with the same splits, and
+// act_out must be act (written by column tile 0's blocks only).
+static void run_swiglu(int M, int N, int K, int splits, bool with_act) {
+    Rng rng((uint64_t)M * 31 + N * 17 + K * 5 + splits);
+    auto gu = bfr(rng.vec((size_t)M * 2 * K, -4, 4)), wf = bfr(rng.vec((size_t)N * K, -0.5f, 0.5f));
+    std::vector<bf16> g = to_bf(gu), w = to_bf(wf), act((size_t)M * K);
+    for (int r = 0; r < M; ++r)
+        for (int k = 0; k < K; ++k) {
+            const float a = gu[(size_t)r * 2 * K + k], u = gu[(size_t)r * 2 * K + K + k];
+            act[(size_t)r * K + k] = __float2bfloat16_rn(a / (1.0f + expf(-a)) * u);
+        }
+    std::vector<float> partial((size_t)16 * 64 * N + 1, NAN);
+    std::vector<unsigned> counters((N + 63) / 64 + 1, 0u);
+    std::vector<bf16> want((size_t)M * N), got((size_t)M * N), act_out((size_t)M * K);
+    memset(got.data(), 0xff, got.size() * 2);
+    memset(act_out.data(), 0xff, act_out.size() * 2);
+    launch(want, act, w, M, N, K, splits, partial, counters);
+    const int chunks = (K + 63) / 64, cps = (chunks + splits - 1) / splits, s_eff = (chunks + cps - 1) / cps;
+    const int mt = (M + 15) / 16;
+    const size_t smem = (size_t)4 * (64 + 32 * mt) * 72 * 2;
+    bf16* ao = with_act ? act_out.data() : nullptr;
+    auto k = [&] {
+        float* p = s_eff > 1 ? partial.data() : nullptr;
+        unsigned* c = s_eff > 1 ? counters.data() : nullptr;
+        if (mt == 1) skinny_gemm_swiglu_m16_bf16(got.data(), g.data(), w.data(), p, c, M, N, K, cps, ao);
+        if (mt == 2) skinny_gemm_swiglu_m32_bf16(got.data(), g.data(), w.data(), p, c, M, N, K, cps, ao);
+        if (mt == 3) skinny_gemm_swiglu_m48_bf16(got.data(), g.data(), w.data(), p, c, M, N, K, cps, ao);
+        if (mt == 4) skinny_gemm_swiglu_m64_bf16(got.data(), g.data(), w.data(), p, c, M, N, K, cps, ao);
+    };
+    emu_launch(grid1((N + 63) / 64, s_eff), 128, smem, k, smem);
+    char what[128];
+    snprintf(what, sizeof what, "skinny swiglu M %d N %d K %d S %d", M, N, K, s_eff);
+    check_bits(std::string(what) + " vs swiglu + skinny", want, got);
+    if (with_act) check_bits(std::string(what) + " act_out", act, act_out);
+    for (size_t i = 0; i < counters.size(); ++i)
+        if (counters[i] != 0) { printf("  %s: counter %zu = %u after the launch\n", what, i, counters[i]); ++g_bad; break; }
+}
+
 int main(int argc, char** argv) {
     parse_args(argc, argv);
     run<bf16>(5, 130, 136, 1);
     run<bf16>(5, 130, 136, 2);
+    run_swiglu(5, 70, 136, 2, true);
     if (g_full) {
+        run_swiglu(64, 130, 320, 1, true);
+        run_swiglu(33, 64, 200, 3, false);
+        run_swiglu(17, 200, 512, 8, true);
+        run_swiglu(1, 8, 64, 1, true);
         // Every row tile (16, 32, 48, 64 rows and partial ones), N with a partial column tile
         // and a single one, K with a partial chunk (136, 200) or whole ones, 1 to 8 splits
         // (3 of 4 chunks → 2 splits of 2: the launcher's trim), bf16 and f32 output.

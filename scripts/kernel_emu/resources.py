@@ -38,7 +38,8 @@ DYNAMIC = {
 }
 OPT_IN = {"attention_train_fwd", "attention_train_bwd_dkdv", "attention_train_bwd_dq",  # allow_smem ≤ 99 KiB
           "attention_decode_hd128_bf16", "attention_decode_hd256_bf16",  # 68 / 66 KiB, RolloutKernels::load
-          "skinny_gemm_m32", "skinny_gemm_m48", "skinny_gemm_m64"}  # 54 / 63 / 72 KiB, GemmKernels::load
+          "skinny_gemm_m32", "skinny_gemm_m48", "skinny_gemm_m64",  # 54 / 63 / 72 KiB, GemmKernels::load
+          "skinny_gemm_swiglu"}  # 54–108 KiB, GemmKernels::load
 LIMIT = 48 * 1024
 
 cccl = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cccl")

@@ -1289,6 +1289,19 @@ pub(super) fn linear(
 ) -> Result<()> {
     let (bf, w) = (cudaDataType::CUDA_R_16BF, lin.w());
     gemm_checked(dev, blas, "linear", x, &w, y, bf, rows, lin.d_in, lin.d_out)?;
+    linear_epilogue(dev, x, lin, lora, xa, y, rows)
+}
+
+/// What [`linear`] adds after its GEMM: the bias, then the LoRA term of x (rows, in).
+fn linear_epilogue(
+    dev: &CudaDevice,
+    x: &impl DevicePtr<bf16>,
+    lin: &DeviceLinear,
+    lora: Option<(&DeviceLoraPair, f32, usize)>,
+    xa: &mut CudaSlice<f32>,
+    y: &mut impl DevicePtrMut<bf16>,
+    rows: usize,
+) -> Result<()> {
     if let Some(b) = &lin.b {
         dev.add_bias_bf16(y, b, rows, lin.d_out)?;
     }
@@ -1680,18 +1693,45 @@ fn forward_device(
             wg,
             n,
         )?;
-        dev.swiglu_fused_fwd_bf16(
-            &b.gate_up.slice(..n * wg),
-            &mut b.act.slice_mut(..n * inter),
-            n,
-            inter,
-        )?;
-        linear(
+        // SwiGLU, then the down projection: once the down GEMM's shape has been decided for the
+        // skinny kernel (at an earlier, eager step: src/cuda/gemm.rs), one launch that computes
+        // act inside the GEMM, bit-identical to the two launches (act is written out only when
+        // the down projection's LoRA reads it); else swiglu and `linear` (which decides).
+        let down = &lw.proj[Proj::Down as usize];
+        let down_lora = lora_of(l, Proj::Down);
+        match dev.gemm_choice(n, inter, d, false) {
+            Some(super::GemmChoice::Skinny { splits }) => {
+                let s = dev.stream();
+                let dw = down.w();
+                check("down weight", dw.len(), d * inter)?;
+                check("gate_up", b.gate_up.len(), n * wg)?;
+                check("act", b.act.len(), n * inter)?;
+                check("proj", b.proj.len(), n * d)?;
+                let (gp, _g) = b.gate_up.device_ptr(s);
+                let (wp, _w) = dw.device_ptr(s);
+                let (ap, _a) = b.act.device_ptr_mut(s);
+                let (yp, _y) = b.proj.device_ptr_mut(s);
+                let act_out = down_lora.is_some().then_some(ap);
+                dev.skinny_gemm_swiglu_raw(gp, wp, yp, act_out, n, inter, d, splits)?;
+            }
+            _ => {
+                dev.swiglu_fused_fwd_bf16(
+                    &b.gate_up.slice(..n * wg),
+                    &mut b.act.slice_mut(..n * inter),
+                    n,
+                    inter,
+                )?;
+                let bf = cudaDataType::CUDA_R_16BF;
+                let act = b.act.slice(..n * inter);
+                let (w, y) = (down.w(), &mut b.proj.slice_mut(..n * d));
+                gemm_checked(dev, blas, "down", &act, &w, y, bf, n, inter, d)?;
+            }
+        }
+        linear_epilogue(
             dev,
-            blas,
             &b.act.slice(..n * inter),
-            &lw.proj[Proj::Down as usize],
-            lora_of(l, Proj::Down),
+            down,
+            down_lora,
             &mut b.xa,
             &mut b.proj.slice_mut(..n * d),
             n,

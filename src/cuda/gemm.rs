@@ -11,6 +11,10 @@
 //! second step replays the choice. Each choice and its timings are kept
 //! ([`CudaDevice::gemm_tuning`]; `rft bench rollout --json` prints them).
 //!
+//! Once the down projection's shape has chosen the skinny kernel, the engine runs SwiGLU and
+//! the down GEMM as one launch of its SwiGLU variant (act computed inside the GEMM; bit-identical
+//! to the two launches, so a bucket's eager first step and its graph agree).
+//!
 //! The skinny kernel's result for a row does not depend on the other rows (see the kernel's
 //! comment), so with it decode steps are batch-invariant for a fixed split count; which kernel
 //! wins may differ between buckets, so across buckets the engine keeps its documented caveat
@@ -39,6 +43,10 @@ const SK_THREADS: u32 = 128;
 pub const fn skinny_smem_bytes(mt: usize) -> usize {
     4 * (SK_NB + 16 * mt) * (SK_KC + 8) * 2
 }
+/// kernels/gemm.cu's SK_SMEM_SWIGLU(mt): also 16·mt up rows per stage.
+pub const fn skinny_swiglu_smem_bytes(mt: usize) -> usize {
+    4 * (SK_NB + 32 * mt) * (SK_KC + 8) * 2
+}
 /// f32 elements of the split-K partial sums (8 MiB): S·rows·d_out must fit, which bounds S.
 pub const SKINNY_PARTIAL_LEN: usize = 1 << 21;
 /// Column tiles a split-K launch may have (one counter each).
@@ -57,6 +65,10 @@ pub const GEMM_KERNEL_NAMES: &[&str] = &[
     "skinny_gemm_m32_f32",
     "skinny_gemm_m48_f32",
     "skinny_gemm_m64_f32",
+    "skinny_gemm_swiglu_m16_bf16",
+    "skinny_gemm_swiglu_m32_bf16",
+    "skinny_gemm_swiglu_m48_bf16",
+    "skinny_gemm_swiglu_m64_bf16",
     "gemm_tune_spin",
 ];
 
@@ -137,6 +149,8 @@ pub(super) struct GemmKernels {
     /// [mt − 1] for mt = rows / 16 rounded up, bf16 and f32 output.
     bf16_out: [CudaFunction; 4],
     f32_out: [CudaFunction; 4],
+    /// The SwiGLU-input variant (bf16 output).
+    swiglu: [CudaFunction; 4],
     spin: CudaFunction,
 }
 
@@ -157,17 +171,22 @@ impl GemmKernels {
             }
             Ok(func)
         };
-        let set = |out: &str| -> Result<[CudaFunction; 4]> {
+        // name(rows) → the four row-tile variants (16, 32, 48, 64 rows), smem(mt) each.
+        let set = |name: &dyn Fn(usize) -> String, smem: fn(usize) -> usize| -> Result<[CudaFunction; 4]> {
             Ok([
-                f(format!("skinny_gemm_m16_{out}"), skinny_smem_bytes(1))?,
-                f(format!("skinny_gemm_m32_{out}"), skinny_smem_bytes(2))?,
-                f(format!("skinny_gemm_m48_{out}"), skinny_smem_bytes(3))?,
-                f(format!("skinny_gemm_m64_{out}"), skinny_smem_bytes(4))?,
+                f(name(16), smem(1))?,
+                f(name(32), smem(2))?,
+                f(name(48), smem(3))?,
+                f(name(64), smem(4))?,
             ])
         };
         Ok(GemmKernels {
-            bf16_out: set("bf16")?,
-            f32_out: set("f32")?,
+            bf16_out: set(&|m| format!("skinny_gemm_m{m}_bf16"), skinny_smem_bytes)?,
+            f32_out: set(&|m| format!("skinny_gemm_m{m}_f32"), skinny_smem_bytes)?,
+            swiglu: set(
+                &|m| format!("skinny_gemm_swiglu_m{m}_bf16"),
+                skinny_swiglu_smem_bytes,
+            )?,
             spin: f("gemm_tune_spin".to_string(), 0)?,
         })
     }
@@ -268,8 +287,83 @@ impl CudaDevice {
         d_out: usize,
         splits: usize,
     ) -> Result<()> {
-        let kn = "skinny_gemm";
-        if !skinny_applies(rows, d_in, d_out) || !x.is_multiple_of(16) || !w.is_multiple_of(16) {
+        let mt = rows.div_ceil(16).clamp(1, 4);
+        let k = &self.gemm_kernels;
+        let func = if f32_out {
+            &k.f32_out[mt - 1]
+        } else {
+            &k.bf16_out[mt - 1]
+        };
+        self.skinny_launch(
+            func,
+            skinny_smem_bytes(mt),
+            x,
+            w,
+            y,
+            None,
+            rows,
+            d_in,
+            d_out,
+            splits,
+        )
+    }
+
+    /// y (rows, d_out) bf16 = act · wᵀ with act = silu(gate) · up (rows, inter) computed inside
+    /// the GEMM from gate_up (rows, 2·inter) bf16, bit-identical to swiglu_fused_fwd_bf16 then
+    /// [`Self::skinny_gemm_raw`] with the same splits; `act_out` (rows·inter bf16, 16-byte
+    /// aligned) also receives act when given. Raw pointers, lengths checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn skinny_gemm_swiglu_raw(
+        &self,
+        gate_up: u64,
+        w: u64,
+        y: u64,
+        act_out: Option<u64>,
+        rows: usize,
+        inter: usize,
+        d_out: usize,
+        splits: usize,
+    ) -> Result<()> {
+        let mt = rows.div_ceil(16).clamp(1, 4);
+        let func = &self.gemm_kernels.swiglu[mt - 1];
+        let act = Some(act_out.unwrap_or(0));
+        self.skinny_launch(
+            func,
+            skinny_swiglu_smem_bytes(mt),
+            gate_up,
+            w,
+            y,
+            act,
+            rows,
+            inter,
+            d_out,
+            splits,
+        )
+    }
+
+    /// One launch of a kernels/gemm.cu kernel; `act` is Some (the act_out pointer, 0 = none)
+    /// for the SwiGLU variant, whose x rows are 2·d_in wide.
+    #[allow(clippy::too_many_arguments)]
+    fn skinny_launch(
+        &self,
+        func: &CudaFunction,
+        smem: usize,
+        x: u64,
+        w: u64,
+        y: u64,
+        act: Option<u64>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        splits: usize,
+    ) -> Result<()> {
+        let kn = if act.is_some() {
+            "skinny_gemm_swiglu"
+        } else {
+            "skinny_gemm"
+        };
+        let aligned = |p: u64| p.is_multiple_of(16);
+        if !skinny_applies(rows, d_in, d_out) || !aligned(x) || !aligned(w) || !aligned(act.unwrap_or(0)) {
             return Err(Error::invalid(format!(
                 "{kn}: {rows}×{d_in} · ({d_out}×{d_in})ᵀ is not a shape it takes (1–64 rows, \
                  in a multiple of 8, 16-byte aligned operands)"
@@ -291,12 +385,6 @@ impl CudaDevice {
         } else {
             (0u64, 0u64)
         };
-        let mt = rows.div_ceil(16);
-        let func = if f32_out {
-            &self.gemm_kernels.f32_out[mt - 1]
-        } else {
-            &self.gemm_kernels.bf16_out[mt - 1]
-        };
         let (m_i, n_i, k_i, c_i) = (
             as_i32(kn, "rows", rows)?,
             as_i32(kn, "out", d_out)?,
@@ -314,14 +402,30 @@ impl CudaDevice {
             .arg(&n_i)
             .arg(&k_i)
             .arg(&c_i);
+        if let Some(a) = &act {
+            l.arg(a);
+        }
         // SAFETY: (OutT* y, const bf16* x, const bf16* w, float* partial, unsigned* counters,
-        // int M, int N, int K, int cps): pointers of live device buffers of the stated lengths
-        // (caller), 16-byte aligned x and w, K % 8 == 0; with splits > 1 the scratch holds
-        // splits·M·N floats and ≥ ceil(N/64) counters that are zero between launches (the
-        // kernel resets them); every split has ≥ 1 chunk (splits recomputed from cps above);
-        // shared memory allowed at load (GemmKernels::load).
-        unsafe { l.launch(cfg(grid, SK_THREADS, skinny_smem_bytes(mt) as u32)) }.map_err(cuda_err(kn))?;
+        // int M, int N, int K, int cps[, bf16* act_out]): pointers of live device buffers of the
+        // stated lengths (caller; x rows 2·K wide for the SwiGLU variant), 16-byte aligned x, w
+        // and act_out, K % 8 == 0; with splits > 1 the scratch holds splits·M·N floats and
+        // ≥ ceil(N/64) counters that are zero between launches (the kernel resets them); every
+        // split has ≥ 1 chunk (splits recomputed from cps above); shared memory allowed at load
+        // (GemmKernels::load).
+        unsafe { l.launch(cfg(grid, SK_THREADS, smem as u32)) }.map_err(cuda_err(kn))?;
         Ok(())
+    }
+
+    /// The kernel chosen for a decode GEMM shape so far (None: not yet decided, or cuBLAS-only).
+    pub(super) fn gemm_choice(
+        &self,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        f32_out: bool,
+    ) -> Option<GemmChoice> {
+        let t = self.gemm.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(&(rows, d_in, d_out, f32_out)).copied()
     }
 }
 
@@ -559,6 +663,48 @@ impl CudaDevice {
         let mut y = self.alloc_zeros::<Y>(rows * d_out)?;
         self.gemm_with(choice, &xd, &wd, &mut y, rows, d_in, d_out)?;
         Ok(self.download(&y)?.into_iter().map(Y::to_f32).collect())
+    }
+
+    /// y (rows, d_out) bf16 = (silu(gate) · up) · wᵀ from gate_up (rows, 2·inter) by the skinny
+    /// kernel's SwiGLU variant with `splits` k-splits, act (rows, inter) also written when given
+    /// (tests and benches; the engine uses it once the down projection's shape chose the skinny
+    /// kernel). Lengths checked.
+    #[allow(clippy::too_many_arguments)]
+    pub fn skinny_swiglu_gemm(
+        &self,
+        splits: usize,
+        gate_up: &CudaSlice<half::bf16>,
+        w: &CudaSlice<half::bf16>,
+        y: &mut CudaSlice<half::bf16>,
+        act: Option<&mut CudaSlice<half::bf16>>,
+        rows: usize,
+        inter: usize,
+        d_out: usize,
+    ) -> Result<()> {
+        let want = [
+            ("gate_up", gate_up.len(), rows * 2 * inter),
+            ("w", w.len(), d_out * inter),
+            ("y", y.len(), rows * d_out),
+            (
+                "act",
+                act.as_ref().map_or(rows * inter, |a| a.len()),
+                rows * inter,
+            ),
+        ];
+        for (part, found, need) in want {
+            if found != need {
+                return Err(Error::invalid(format!(
+                    "skinny_swiglu_gemm: {part} has {found} elements, expected {need}"
+                )));
+            }
+        }
+        let s = self.stream();
+        let (gp, _g) = gate_up.device_ptr(s);
+        let (wp, _w) = w.device_ptr(s);
+        let (yp, _y) = cudarc::driver::DevicePtrMut::device_ptr_mut(y, s);
+        let act = act.map(|a| cudarc::driver::DevicePtrMut::device_ptr_mut(a, s));
+        let ap = act.as_ref().map(|a| a.0);
+        self.skinny_gemm_swiglu_raw(gp, wp, yp, ap, rows, inter, d_out, splits)
     }
 
     /// The shapes this device has decided so far (policy and tuning), in no particular order.
