@@ -241,6 +241,27 @@ fn kernels(c: &mut Criterion) {
             sync(&dev)
         })
     });
+    // The training step's form: f32 logits read, bf16 dlogits written (replaces the in-place
+    // backward above followed by cast_f32_to_bf16).
+    let mut dchunk = bf(&dev, 1024 * V, 22);
+    g.bench_function("logprob_gather_bwd_f32_to_bf16 1024x151936", |b| {
+        b.iter(|| {
+            dev.logprob_gather_bwd_f32_to_bf16(
+                &chunk,
+                &mut dchunk,
+                &targets,
+                &dlogp,
+                None::<&CudaSlice<f32>>,
+                &lse,
+                &ms,
+                1024,
+                V,
+                1.0,
+            )
+            .unwrap();
+            sync(&dev)
+        })
+    });
 
     // Training attention over 64 packed sequences of 384 tokens, forward and backward.
     let tshape = TrainAttnShape {

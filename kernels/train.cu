@@ -1,5 +1,5 @@
 // Training-step kernels: the chunked lm_head's log-softmax gather (forward and backward, dlogits
-// in place), the GRPO loss with its gradient, LoRA backward, RMSNorm / SwiGLU / RoPE backward,
+// in place or f32 → bf16), the GRPO loss with its gradient, LoRA backward, RMSNorm / SwiGLU / RoPE backward,
 // and the optimiser (global grad norm with a non-finite flag, AdamW).
 //
 // CPU oracles (tests/cuda_train_kernels.rs compares against them):
@@ -76,7 +76,8 @@ extern "C" __global__ void sum_partials_add_f32(float* __restrict__ out, const f
 //             saved for the backward: lse (max folded in: p = exp(s − lse) ≤ 1 needs no
 //             separate max) and mean_s = E_p[s]
 //   backward: dlogits_j = (dlogp·(δ_{j,target} − p_j) − dH·p_j·(s_j − E_p[s])) / T
-//             written over the logits in place (same dtype), ready for dX = dlogits · W_lm.
+//             written over the logits in place (same dtype), or from f32 logits to a separate
+//             bf16 buffer (rounded once), ready for dX = dlogits · W_lm.
 // Online softmax over one row (one block per row) carrying (m, Z = Σ e^{s−m}, S1 = Σ e^{s−m}(s−m)):
 // then lse = m + log Z, E[s] = m + S1/Z, H = log Z − S1/Z. s = −∞ entries have p = 0. When vocab
 // is a multiple of the 16-byte vector (4 f32 / 8 bf16) and logits 16-byte aligned, each thread
@@ -209,18 +210,38 @@ extern "C" __global__ void logprob_gather_fwd_bf16(float* __restrict__ logp, flo
     tr_logprob_fwd_row(logp, entropy, lse, mean_s, logits, targets, temperature, rows, vocab);
 }
 
+// V elements at a 16-byte-aligned p, as V·sizeof(T)/16 16-byte loads (each lane converted as
+// load_f32 would): 4 or 8 f32, 8 bf16.
+static __device__ __forceinline__ void tr_load_vec(const float* p, float (&v)[4]) { load4_f32(p, v); }
+static __device__ __forceinline__ void tr_load_vec(const bf16* p, float (&v)[8]) { load8_bf16(p, v); }
+static __device__ __forceinline__ void tr_load_vec(const float* p, float (&v)[8]) {
+    float a[4], b[4];
+    load4_f32(p, a);
+    load4_f32(p + 4, b);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        v[k] = a[k];
+        v[k + 4] = b[k];
+    }
+}
+
 // Mirrors the CPU's rounding steps: d = (−gl·p − ge·p·(s − E[s])) / T, then d[target] += gl / T,
 // with explicit _rn intrinsics so nvcc does not contract them into FMAs. Elementwise given the
-// row's saved stats: 16-byte vectors (4 f32 / 8 bf16 per thread per step) when vocab is a
-// multiple of the vector and logits 16-byte aligned, else one element per step; same result.
-template <typename T>
-static __device__ void tr_logprob_bwd_row(T* logits, const uint32_t* __restrict__ targets,
+// row's saved stats: reads logits (Tin) and writes dlogits (Tout, stored as store_f32 would: a
+// bf16 output is d rounded once by f32_to_bf16), in place when both are the same buffer (each
+// element is read and then written by the same thread). 16-byte vectors of the narrower type
+// (4 f32 / 8 bf16 per thread per step; f32 → bf16: two 16-byte loads, one 16-byte store) when
+// vocab is a multiple of the vector and both pointers are 16-byte aligned, else one element per
+// step; same result either way.
+template <typename Tin, typename Tout>
+static __device__ void tr_logprob_bwd_row(const Tin* logits, Tout* dlogits, const uint32_t* __restrict__ targets,
                                           const float* __restrict__ dlogp, const float* __restrict__ dentropy,
                                           const float* __restrict__ lse, const float* __restrict__ mean_s,
                                           float temperature, int rows, int vocab) {
     const int row = blockIdx.x;
     if (row >= rows) return;
-    T* x = logits + (size_t)row * vocab;
+    const Tin* x = logits + (size_t)row * vocab;
+    Tout* y = dlogits + (size_t)row * vocab;
     const float gl = dlogp[row];
     const float ge = dentropy ? dentropy[row] : 0.0f;
     const float l = lse[row];
@@ -235,18 +256,18 @@ static __device__ void tr_logprob_bwd_row(T* logits, const uint32_t* __restrict_
         if ((uint32_t)i == t) d = __fadd_rn(d, hot);
         return d;
     };
-    constexpr int V = 16 / sizeof(T);
-    if (vocab % V == 0 && vec16_ok(logits)) {
+    constexpr int V = 16 / (sizeof(Tin) < sizeof(Tout) ? sizeof(Tin) : sizeof(Tout));
+    if (vocab % V == 0 && vec16_ok(logits) && vec16_ok(dlogits)) {
         for (int i0 = threadIdx.x * V; i0 < vocab; i0 += blockDim.x * V) {
             float v[V];
-            load_vec16(x + i0, v);
+            tr_load_vec(x + i0, v);
 #pragma unroll
             for (int k = 0; k < V; ++k) v[k] = dlogit(v[k], i0 + k);
-            store_vec16(x + i0, v);
+            store_vec16(y + i0, v);
         }
         return;
     }
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) store_f32(x + i, dlogit(load_f32(x + i), i));
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) store_f32(y + i, dlogit(load_f32(x + i), i));
 }
 
 // In place: logits (rows, vocab) f32 → dlogits = d(Σ dlogp·logp + dentropy·H)/d logits, from
@@ -257,7 +278,7 @@ extern "C" __global__ void logprob_gather_bwd_f32(float* logits, const uint32_t*
                                                   const float* __restrict__ dentropy,
                                                   const float* __restrict__ lse, const float* __restrict__ mean_s,
                                                   float temperature, int rows, int vocab) {
-    tr_logprob_bwd_row(logits, targets, dlogp, dentropy, lse, mean_s, temperature, rows, vocab);
+    tr_logprob_bwd_row(logits, logits, targets, dlogp, dentropy, lse, mean_s, temperature, rows, vocab);
 }
 
 // As logprob_gather_bwd_f32 on bf16 logits (rows, vocab); dlogits rounded to bf16 once.
@@ -266,7 +287,24 @@ extern "C" __global__ void logprob_gather_bwd_bf16(bf16* logits, const uint32_t*
                                                    const float* __restrict__ dentropy,
                                                    const float* __restrict__ lse, const float* __restrict__ mean_s,
                                                    float temperature, int rows, int vocab) {
-    tr_logprob_bwd_row(logits, targets, dlogp, dentropy, lse, mean_s, temperature, rows, vocab);
+    tr_logprob_bwd_row(logits, logits, targets, dlogp, dentropy, lse, mean_s, temperature, rows, vocab);
+}
+
+// As logprob_gather_bwd_f32 but out of place: reads f32 logits (rows, vocab), writes bf16
+// dlogits (rows, vocab; a separate buffer, not overlapping logits), each element the f32
+// dlogit of logprob_gather_bwd_f32 rounded to bf16 once (f32_to_bf16, as cast_f32_to_bf16): bit
+// for bit logprob_gather_bwd_f32 followed by cast_f32_to_bf16, in one pass (the training
+// step's lm_head backward: 6 bytes per element instead of 4 + 4 + 4 + 2). grid = rows,
+// block = 32k ≤ 1024.
+extern "C" __global__ void logprob_gather_bwd_f32_to_bf16(const float* __restrict__ logits,
+                                                          bf16* __restrict__ dlogits,
+                                                          const uint32_t* __restrict__ targets,
+                                                          const float* __restrict__ dlogp,
+                                                          const float* __restrict__ dentropy,
+                                                          const float* __restrict__ lse,
+                                                          const float* __restrict__ mean_s, float temperature,
+                                                          int rows, int vocab) {
+    tr_logprob_bwd_row(logits, dlogits, targets, dlogp, dentropy, lse, mean_s, temperature, rows, vocab);
 }
 
 // ----------------------------------------------------------------------------

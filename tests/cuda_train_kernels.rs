@@ -11,8 +11,10 @@
 
 mod common;
 use common::{bf, device_or_skip, uniform_vec};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
 use rft::cpu::ops;
-use rft::cuda::{clip_report_from_stats, kernels_fatbin, TRAIN_KERNEL_NAMES};
+use rft::cuda::{clip_report_from_stats, kernels_fatbin, CudaDevice, TRAIN_KERNEL_NAMES};
 use rft::loss::{grpo_loss, GrpoInputs, GrpoLossConfig, KlEstimator, LossType, OldLogp};
 use rft::model::config::ModelConfig;
 use rft::optim::{clip_and_step, grad_norm, AdamW, AdamWState};
@@ -191,6 +193,148 @@ fn logprob_gather_bwd_matches_cpu() {
                     &atol,
                     rtol,
                 );
+            }
+        }
+    }
+}
+
+/// cast_f32_to_bf16 (kernels/convert.cu) launched as src/cuda/train.rs does: out = bf16(in).
+fn cast_f32_to_bf16(dev: &CudaDevice, input: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<bf16>) {
+    let n = input.len();
+    assert_eq!(out.len(), n, "cast lengths");
+    let f = dev.function("cast_f32_to_bf16").unwrap();
+    let n64 = n as u64;
+    let s = dev.stream();
+    let (op, _o) = out.device_ptr_mut(s);
+    let (ip, _i) = input.device_ptr(s);
+    let mut l = s.launch_builder(&f);
+    l.arg(&op).arg(&ip).arg(&n64);
+    let grid = n.div_ceil(8).div_ceil(256).clamp(1, 65_535) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: (bf16* out, const float* in, size_t n); both hold n elements (asserted); the
+    // kernel is grid-stride, correct for any grid.
+    unsafe { l.launch(cfg) }.unwrap();
+}
+
+/// The training step's lm_head backward: logprob_gather_bwd_f32_to_bf16 (f32 logits read, bf16
+/// dlogits written) must equal logprob_gather_bwd_f32 (in place) followed by cast_f32_to_bf16
+/// BIT FOR BIT (same f32 dlogit, one f32_to_bf16 rounding), on the vector path (vocab % 8 == 0,
+/// aligned) and the element path (vocab % 8 ≠ 0, or logits / dlogits one element off 16-byte
+/// alignment), with and without dentropy, T ≠ 1, a target ≥ vocab and −∞ logits; it must leave
+/// the logits untouched; and (through the _host wrapper) match the CPU gold within the f32
+/// tolerance plus one bf16 store.
+#[test]
+fn logprob_gather_bwd_f32_to_bf16_is_bwd_f32_then_cast() {
+    let Some(dev) = device_or_skip() else { return };
+    for &vocab in &[461usize, 464, 1004, 151_936] {
+        for &rows in &[1usize, 7] {
+            let n = rows * vocab;
+            let mut logits = uniform_vec(n, n as u64 + 11, -8.0, 8.0);
+            if rows > 1 {
+                for i in (vocab..2 * vocab).step_by(3) {
+                    logits[i] = f32::NEG_INFINITY;
+                }
+            }
+            let mut targets: Vec<u32> = (0..rows).map(|r| ((r * 7919 + 5) % vocab) as u32).collect();
+            if rows > 2 {
+                targets[2] = vocab as u32 + 3; // no one-hot term
+            }
+            let dlogp = uniform_vec(rows, rows as u64 + 13, -1.0, 1.0);
+            let dent = uniform_vec(rows, rows as u64 + 14, -0.5, 0.5);
+            let t = dev.upload(&targets).unwrap();
+            let gl = dev.upload(&dlogp).unwrap();
+            let ge = dev.upload(&dent).unwrap();
+            for &(temp, with_ent) in &[(1.0f32, true), (0.7, false), (1.3, true)] {
+                let what = format!("vocab {vocab} rows {rows} T {temp} ent {with_ent}");
+                let ge = with_ent.then_some(&ge);
+                let x = dev.upload(&logits).unwrap();
+                let mut stats: [CudaSlice<f32>; 4] = std::array::from_fn(|_| dev.alloc_zeros(rows).unwrap());
+                let [lp, ent, lse, ms] = &mut stats;
+                dev.logprob_gather_fwd_f32(&x, &t, lp, ent, lse, ms, rows, vocab, temp)
+                    .unwrap();
+                // Reference: in place, then the cast.
+                let mut x_ref = dev.upload(&logits).unwrap();
+                dev.logprob_gather_bwd_f32(&mut x_ref, &t, &gl, ge, lse, ms, rows, vocab, temp)
+                    .unwrap();
+                let mut want = dev.alloc_zeros::<bf16>(n).unwrap();
+                cast_f32_to_bf16(&dev, &x_ref, &mut want);
+                let want: Vec<u16> = dev.download(&want).unwrap().iter().map(|v| v.to_bits()).collect();
+                for &(off_in, off_out) in &[(0usize, 0usize), (1, 0), (0, 1)] {
+                    let mut padded = vec![0.0f32; off_in];
+                    padded.extend_from_slice(&logits);
+                    let xin = dev.upload(&padded).unwrap();
+                    let mut out = dev.upload(&vec![bf16::NAN; off_out + n]).unwrap();
+                    dev.logprob_gather_bwd_f32_to_bf16(
+                        &xin.slice(off_in..),
+                        &mut out.slice_mut(off_out..),
+                        &t,
+                        &gl,
+                        ge,
+                        lse,
+                        ms,
+                        rows,
+                        vocab,
+                        temp,
+                    )
+                    .unwrap();
+                    let got = dev.download(&out).unwrap();
+                    let bad = got[off_out..]
+                        .iter()
+                        .zip(&want)
+                        .filter(|(g, w)| g.to_bits() != **w)
+                        .count();
+                    assert_eq!(
+                        bad, 0,
+                        "{what} offsets ({off_in}, {off_out}): {bad} of {n} differ"
+                    );
+                    let back = dev.download(&xin).unwrap();
+                    assert!(
+                        back[off_in..]
+                            .iter()
+                            .zip(&logits)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what} offsets ({off_in}, {off_out}): logits modified"
+                    );
+                }
+                let host = dev
+                    .logprob_gather_bwd_f32_to_bf16_host(
+                        &logits,
+                        &targets,
+                        &dlogp,
+                        with_ent.then_some(&dent[..]),
+                        vocab,
+                        temp,
+                    )
+                    .unwrap();
+                let bad = host
+                    .iter()
+                    .zip(&want)
+                    .filter(|(g, w)| bf16::from_f32(**g).to_bits() != **w)
+                    .count();
+                assert_eq!(bad, 0, "{what} _host: {bad} of {n} differ");
+                // Rows without −∞ logits (the f64 gold's 0·∞) against the CPU head backward:
+                // the f32 test's 2e-5·Σ|terms| plus one bf16 store.
+                for r in 0..rows {
+                    let xr = &logits[r * vocab..(r + 1) * vocab];
+                    if xr.iter().any(|v| v.is_infinite()) {
+                        continue;
+                    }
+                    let row: Vec<f32> = xr.iter().map(|&v| v / temp).collect();
+                    let g_e = if with_ent { dent[r] } else { 0.0 };
+                    let (d, m) = dlogits_gold(&row, targets[r] as usize, dlogp[r], g_e, temp);
+                    let atol: Vec<f32> = m.iter().map(|m| 2e-5 * m + 1e-30).collect();
+                    assert_close_each(
+                        &format!("{what} row {r} vs gold"),
+                        &d,
+                        &host[r * vocab..(r + 1) * vocab],
+                        &atol,
+                        BF16_STORE_RTOL,
+                    );
+                }
             }
         }
     }

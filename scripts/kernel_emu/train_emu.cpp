@@ -2,7 +2,9 @@
 // src/cuda/train_kernels.rs does (grids, blocks, shared memory, split-K and second passes), against
 // references ported from the CPU code with tests/cuda_train_kernels.rs's tolerances:
 //   logprob_gather_fwd/bwd   f64 log-softmax gold (1e-5 + 1e-6·|ref|; dlogits 2e-5·Σ|terms| + 2^-8
-//                            for bf16), in place, with and without dentropy, target ≥ vocab
+//                            for bf16), in place, with and without dentropy, target ≥ vocab;
+//                            f32 → bf16 out of place bit-equal to in-place f32 + bf16 rounding,
+//                            vector and scalar (vocab % 8 ≠ 0, misaligned in or out) paths
 //   grpo_loss_fwd_bwd        src/loss/grpo.rs (grad 1e-6·max|g| + 2e-6, exact without exp; loss
 //                            2e-6·Σ|w·loss|; clip counts exact) incl. the grid-stride past 1024 blocks
 //   lora_* + sum_partials    src/cpu/train.rs::proj_bwd in f64 (2e-5·Σ|terms|, dx + 2^-8), split-K
@@ -94,8 +96,30 @@ static void gather_case(size_t vocab, size_t rows, float temp, bool with_ent) {
     check(w + " entropy", w_ent, ent, a1, 1e-6);
     check(w + " lse", w_lse, lse, a1, 1e-6);
     check(w + " mean_s", w_es, ms, a1, 1e-6);
+    const float* de = with_ent ? dent.data() : nullptr;
+    // Out of place f32 → bf16 (f32 logits only), before the in-place backward overwrites xt:
+    // logits and dlogits each at element offset 0 or 1 (a misaligned pointer: the element path
+    // even when vocab % 8 == 0), in buffers that end where the data ends (ASan sees overruns).
+    const size_t n = rows * vocab;
+    std::vector<std::vector<bf16>> fused;
+    std::vector<std::string> fused_what;
+    if constexpr (std::is_same<T, float>::value) {
+        for (auto off : {std::pair<size_t, size_t>{0, 0}, {1, 0}, {0, 1}}) {
+            std::vector<float> in(off.first + n);
+            std::copy(xt.begin(), xt.end(), in.begin() + off.first);
+            std::vector<bf16> out(off.second + n, bf_nan());
+            emu_launch(grid1(rows), row_block(vocab), 0, [&] {
+                logprob_gather_bwd_f32_to_bf16(in.data() + off.first, out.data() + off.second, targets.data(),
+                                               dlogp.data(), de, lse.data(), ms.data(), temp, r_i, v_i);
+            });
+            char o[64];
+            snprintf(o, sizeof o, " f32_to_bf16 (offsets %zu, %zu)", off.first, off.second);
+            check_bits(w + o + " leaves logits", std::vector<float>(in.begin() + off.first, in.end()), xt);
+            fused.emplace_back(out.begin() + off.second, out.end());
+            fused_what.push_back(w + o);
+        }
+    }
     emu_launch(grid1(rows), row_block(vocab), 0, [&] {
-        const float* de = with_ent ? dent.data() : nullptr;
         if constexpr (std::is_same<T, float>::value)
             logprob_gather_bwd_f32(xt.data(), targets.data(), dlogp.data(), de, lse.data(), ms.data(), temp, r_i, v_i);
         else
@@ -103,6 +127,15 @@ static void gather_case(size_t vocab, size_t rows, float temp, bool with_ent) {
     });
     for (auto& m : mag) m = 2e-5 * m + 1e-30;
     check(w + " dlogits", want_d, load(xt), mag, bf ? BF16_STORE_RTOL : 0.0);
+    if constexpr (std::is_same<T, float>::value) {
+        // Bit for bit logprob_gather_bwd_f32 then cast_f32_to_bf16 (f32_to_bf16 per element),
+        // and within the reference's tolerance plus one bf16 store.
+        const std::vector<bf16> want_bits = store<bf16>(xt);
+        for (size_t k = 0; k < fused.size(); ++k) {
+            check_bits(fused_what[k] + " == bwd_f32 + cast", fused[k], want_bits);
+            check(fused_what[k] + " dlogits", want_d, from_bf(fused[k]), mag, BF16_STORE_RTOL);
+        }
+    }
 }
 
 // ---- GRPO loss (src/loss/grpo.rs) ----
@@ -508,6 +541,7 @@ int main(int argc, char** argv) {
     parse_args(argc, argv);
     sum_partials_case();
     gather_case<float>(461, 7, 0.7f, true);
+    gather_case<float>(464, 7, 1.3f, false);
     grpo_case({3, 0, 7, 1, 33, 12}, {GRPO, 0.04, 0.2, 0.28, false, 384}, true, true, 6);
     lora_case(33, 123, 896, 4);
     rmsnorm_bwd_case(7, 123, true, false);
@@ -524,10 +558,16 @@ int main(int argc, char** argv) {
                 gather_case<bf16>(vocab, rows, 0.7f, false);
             }
         gather_case<float>(33, 4, 1.3f, true);
-        // vocab % 8 == 0: the backward's vector path (4 f32 / 8 bf16), 461 / 33 above: scalar.
+        // vocab % 8 == 0: the backward's vector path (4 f32 / 8 bf16; f32 → bf16: 8), 461 / 33
+        // above: scalar. 1004, 12 (% 4 == 0, % 8 != 0): in-place f32 vector, f32 → bf16 scalar.
         for (size_t vocab : {8, 464, 1000}) {
             gather_case<float>(vocab, 5, 1.0f, true);
+            gather_case<float>(vocab, 5, 0.7f, false);
             gather_case<bf16>(vocab, 5, 0.7f, true);
+        }
+        for (size_t vocab : {12, 1004}) {
+            gather_case<float>(vocab, 5, 1.3f, true);
+            gather_case<float>(vocab, 3, 1.0f, false);
         }
         std::vector<size_t> big;
         for (size_t i = 0; i < 64; ++i) big.push_back((i * 97 + 13) % 385);

@@ -19,7 +19,7 @@
 //!   per chunk of ≤ C scored rows: hsel = hf[rows]; per vocabulary chunk of ≤ Vc columns:
 //!     logits f32 [C,Vc] ─► row statistics ─► online-softmax merge ─► logp, entropy, lse, E[s]
 //!   GRPO loss kernel over the T tokens ─► dL/dlogp
-//!   per chunk: per vocabulary chunk: logits again ─► dlogits in place ─► bf16
+//!   per chunk: per vocabulary chunk: logits again ─► dlogits (bf16, one pass from f32)
 //!     ─► dhsel (f32) += dlogits·W_lm[chunk];  dh[rows] = dhsel
 //!   final norm bwd ─► dx ─► layer L-1 bwd … layer 0 bwd   (dx: dL/d residual stream)
 //!   layer bwd (recompute: rerun the layer's forward from xs[l] first):
@@ -1718,8 +1718,9 @@ impl CudaTrainer {
                 d,
                 n,
             )?;
-            // Per vocabulary chunk: the same logits again, dlogits in place (with the merged
-            // lse and E[s]), rounded to bf16, and dhsel (f32) += dlogits · W_lm[chunk].
+            // Per vocabulary chunk: the same logits again, dlogits (with the merged lse and
+            // E[s]) rounded to bf16 in one pass (the f32 logits only read; bit for bit the
+            // in-place f32 backward then a cast), and dhsel (f32) += dlogits · W_lm[chunk].
             for (k, v0) in (0..v).step_by(vc_max).enumerate() {
                 let w = vc_max.min(v - v0);
                 let w_lm = engine.weights.lm_head().slice(v0 * d..(v0 + w) * d);
@@ -1733,8 +1734,9 @@ impl CudaTrainer {
                     d,
                     w,
                 )?;
-                dev.logprob_gather_bwd_f32(
-                    &mut b.logits.slice_mut(..m * w),
+                dev.logprob_gather_bwd_f32_to_bf16(
+                    &b.logits.slice(..m * w),
+                    &mut b.dlogits.slice_mut(..m * w),
                     &b.targets_vc.slice(k * t + start..k * t + start + m),
                     &b.grad_logp.slice(start..start + m),
                     None::<&CudaSlice<f32>>,
@@ -1743,12 +1745,6 @@ impl CudaTrainer {
                     m,
                     w,
                     opts.temperature,
-                )?;
-                cast_f32_to_bf16(
-                    dev,
-                    &self.cast,
-                    &b.logits.slice(..m * w),
-                    &mut b.dlogits.slice_mut(..m * w),
                 )?;
                 gemm_dx(
                     dev,

@@ -1,10 +1,10 @@
 //! Launchers for the training-step kernels of `kernels/train.cu`: the chunked lm_head's
-//! log-softmax gather (forward, and backward writing dlogits in place), the GRPO loss with its
-//! gradient, LoRA backward, RMSNorm / SwiGLU / RoPE backward, the global gradient norm with its
-//! non-finite flag, and AdamW. Each launcher checks buffer lengths against the shapes, picks
-//! grid / block / shared memory and pushes the arguments in the kernel's order; `*_host`
-//! conveniences (host slices in, host vectors out) exist for tests. The CPU oracles are named
-//! in kernels/train.cu's top comment.
+//! log-softmax gather (forward, and backward writing dlogits in place or from f32 logits to
+//! bf16), the GRPO loss with its gradient, LoRA backward, RMSNorm / SwiGLU / RoPE backward, the
+//! global gradient norm with its non-finite flag, and AdamW. Each launcher checks buffer lengths
+//! against the shapes, picks grid / block / shared memory and pushes the arguments in the
+//! kernel's order; `*_host` conveniences (host slices in, host vectors out) exist for tests. The
+//! CPU oracles are named in kernels/train.cu's top comment.
 //!
 //! It owns no memory plan: scratch buffers (reduction partials, split-K partials) are passed
 //! in, sized by the pure functions here ([`grpo_loss_partials_len`], [`grad_norm_partials_len`],
@@ -57,6 +57,7 @@ train_kernels!(
     logprob_gather_fwd_bf16,
     logprob_gather_bwd_f32,
     logprob_gather_bwd_bf16,
+    logprob_gather_bwd_f32_to_bf16,
     grpo_loss_fwd_bwd_f32,
     lora_bwd_xa_bf16,
     lora_bwd_dyb_bf16,
@@ -297,6 +298,40 @@ fn check_min_len(what: &str, kernel: &str, found: usize, needed: usize, shape: &
 
 pub(super) fn as_i32(kernel: &str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(format!("{kernel}: {what} = {v} exceeds i32::MAX")))
+}
+
+/// Checks of the backward gathers: vocab > 0, the temperature, every `data` buffer (logits,
+/// dlogits) rows·vocab and the row inputs rows long. Returns (rows, vocab) as i32, None when
+/// there are no rows (nothing to launch).
+#[allow(clippy::too_many_arguments)]
+fn gather_bwd_check<E: DevicePtr<f32>>(
+    kn: &str,
+    data: &[(&str, usize)],
+    targets: &impl DevicePtr<u32>,
+    dlogp: &impl DevicePtr<f32>,
+    dentropy: Option<&E>,
+    lse: &impl DevicePtr<f32>,
+    mean_s: &impl DevicePtr<f32>,
+    rows: usize,
+    vocab: usize,
+    temperature: f32,
+) -> Result<Option<(i32, i32)>> {
+    if vocab == 0 {
+        return Err(Error::invalid(format!("{kn}: vocab must be > 0")));
+    }
+    temperature_ok(kn, temperature)?;
+    for &(name, len) in data {
+        check_len(name, kn, len, rows * vocab, "rows*vocab")?;
+    }
+    check_len("targets", kn, targets.len(), rows, "rows")?;
+    check_len("dlogp", kn, dlogp.len(), rows, "rows")?;
+    if let Some(d) = dentropy {
+        check_len("dentropy", kn, d.len(), rows, "rows")?;
+    }
+    check_len("lse", kn, lse.len(), rows, "rows")?;
+    check_len("mean_s", kn, mean_s.len(), rows, "rows")?;
+    let (r_i, v_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "vocab", vocab)?);
+    Ok((rows > 0).then_some((r_i, v_i)))
 }
 
 /// Threads for one-row-per-block kernels: the row in whole warps, 32..=512.
@@ -567,7 +602,7 @@ impl CudaDevice {
         temperature: f32,
     ) -> Result<()> {
         let f = &self.tk().logprob_gather_bwd_f32;
-        self.launch_gather_bwd(
+        self.launch_gather_bwd_in_place(
             f,
             "logprob_gather_bwd_f32",
             logits,
@@ -597,7 +632,7 @@ impl CudaDevice {
         temperature: f32,
     ) -> Result<()> {
         let f = &self.tk().logprob_gather_bwd_bf16;
-        self.launch_gather_bwd(
+        self.launch_gather_bwd_in_place(
             f,
             "logprob_gather_bwd_bf16",
             logits,
@@ -612,8 +647,65 @@ impl CudaDevice {
         )
     }
 
+    /// Backward over a chunk of f32 logits (rows, vocab), OUT OF PLACE into bf16: `dlogits`
+    /// (rows, vocab) = the dlogits of [`Self::logprob_gather_bwd_f32`] rounded to bf16 once, bit
+    /// for bit that kernel followed by a cast to bf16, in one pass (reads 4 bytes and writes 2
+    /// per element instead of 4 + 4 + 4 + 2); `logits` is only read.
     #[allow(clippy::too_many_arguments)]
-    fn launch_gather_bwd<T, E: DevicePtr<f32>>(
+    pub fn logprob_gather_bwd_f32_to_bf16<E: DevicePtr<f32>>(
+        &self,
+        logits: &impl DevicePtr<f32>,
+        dlogits: &mut impl DevicePtrMut<bf16>,
+        targets: &impl DevicePtr<u32>,
+        dlogp: &impl DevicePtr<f32>,
+        dentropy: Option<&E>,
+        lse: &impl DevicePtr<f32>,
+        mean_s: &impl DevicePtr<f32>,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+    ) -> Result<()> {
+        let kn = "logprob_gather_bwd_f32_to_bf16";
+        let data = [("logits", logits.len()), ("dlogits", dlogits.len())];
+        let Some((r_i, v_i)) = gather_bwd_check(
+            kn,
+            &data,
+            targets,
+            dlogp,
+            dentropy,
+            lse,
+            mean_s,
+            rows,
+            vocab,
+            temperature,
+        )?
+        else {
+            return Ok(());
+        };
+        let s = self.stream();
+        let (xp, _x) = logits.device_ptr(s);
+        let (dp, _d) = dlogits.device_ptr_mut(s);
+        let f = &self.tk().logprob_gather_bwd_f32_to_bf16;
+        // The kernel's head arguments: (const float* logits, bf16* dlogits), two buffers of
+        // different element types, which safe code cannot alias (the kernel's __restrict__).
+        self.launch_gather_bwd(
+            f,
+            kn,
+            &[xp, dp],
+            targets,
+            dlogp,
+            dentropy,
+            lse,
+            mean_s,
+            r_i,
+            v_i,
+            temperature,
+        )
+    }
+
+    /// The in-place backward (T* logits, the kernel's one head argument).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_gather_bwd_in_place<T, E: DevicePtr<f32>>(
         &self,
         func: &CudaFunction,
         kn: &str,
@@ -627,24 +719,56 @@ impl CudaDevice {
         vocab: usize,
         temperature: f32,
     ) -> Result<()> {
-        if vocab == 0 {
-            return Err(Error::invalid(format!("{kn}: vocab must be > 0")));
-        }
-        temperature_ok(kn, temperature)?;
-        check_len("logits", kn, logits.len(), rows * vocab, "rows*vocab")?;
-        check_len("targets", kn, targets.len(), rows, "rows")?;
-        check_len("dlogp", kn, dlogp.len(), rows, "rows")?;
-        if let Some(d) = dentropy {
-            check_len("dentropy", kn, d.len(), rows, "rows")?;
-        }
-        check_len("lse", kn, lse.len(), rows, "rows")?;
-        check_len("mean_s", kn, mean_s.len(), rows, "rows")?;
-        let (r_i, v_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "vocab", vocab)?);
-        if rows == 0 {
+        let data = [("logits", logits.len())];
+        let Some((r_i, v_i)) = gather_bwd_check(
+            kn,
+            &data,
+            targets,
+            dlogp,
+            dentropy,
+            lse,
+            mean_s,
+            rows,
+            vocab,
+            temperature,
+        )?
+        else {
             return Ok(());
-        }
+        };
+        let (xp, _x) = logits.device_ptr_mut(self.stream());
+        self.launch_gather_bwd(
+            func,
+            kn,
+            &[xp],
+            targets,
+            dlogp,
+            dentropy,
+            lse,
+            mean_s,
+            r_i,
+            v_i,
+            temperature,
+        )
+    }
+
+    /// Launches a backward gather whose `head` pointers (logits and, out of place, dlogits) the
+    /// caller has taken from the stream and still holds, after [`gather_bwd_check`].
+    #[allow(clippy::too_many_arguments)]
+    fn launch_gather_bwd<E: DevicePtr<f32>>(
+        &self,
+        func: &CudaFunction,
+        kn: &str,
+        head: &[u64],
+        targets: &impl DevicePtr<u32>,
+        dlogp: &impl DevicePtr<f32>,
+        dentropy: Option<&E>,
+        lse: &impl DevicePtr<f32>,
+        mean_s: &impl DevicePtr<f32>,
+        r_i: i32,
+        v_i: i32,
+        temperature: f32,
+    ) -> Result<()> {
         let s = self.stream();
-        let (xp, _x) = logits.device_ptr_mut(s);
         let (tg, _tg) = targets.device_ptr(s);
         let (gl, _gl) = dlogp.device_ptr(s);
         let de = dentropy.map(|d| d.device_ptr(s));
@@ -652,8 +776,10 @@ impl CudaDevice {
         let (ls, _ls) = lse.device_ptr(s);
         let (ms, _ms) = mean_s.device_ptr(s);
         let mut l = s.launch_builder(func);
-        l.arg(&xp)
-            .arg(&tg)
+        for p in head {
+            l.arg(p);
+        }
+        l.arg(&tg)
             .arg(&gl)
             .arg(&de_ptr)
             .arg(&ls)
@@ -661,10 +787,12 @@ impl CudaDevice {
             .arg(&temperature)
             .arg(&r_i)
             .arg(&v_i);
-        // SAFETY: (T* logits, const u32* targets, const float* dlogp, const float* dentropy or
-        // NULL, const float* lse, const float* mean_s, float temperature, int rows, int vocab);
-        // lengths checked; the dentropy guard lives until the end of this function.
-        unsafe { l.launch(cfg((rows as u32, 1, 1), row_block(vocab), 0)) }.map_err(cuda_err(kn))?;
+        // SAFETY: (head: T* logits | const float* logits, bf16* dlogits; const u32* targets,
+        // const float* dlogp, const float* dentropy or NULL, const float* lse, const float*
+        // mean_s, float temperature, int rows, int vocab); every length checked by
+        // gather_bwd_check, the head's guards held by the caller and the dentropy guard until the
+        // end of this function.
+        unsafe { l.launch(cfg((r_i as u32, 1, 1), row_block(v_i as usize), 0)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
 
@@ -743,6 +871,49 @@ impl CudaDevice {
             self.logprob_gather_bwd_f32(&mut x, &t, &gl, ge.as_ref(), lse, ms, rows, vocab, temperature)?;
             self.download(&x)
         }
+    }
+
+    /// Test convenience: forward then the out-of-place f32 → bf16 backward on the device, from
+    /// host f32 logits (rows, vocab); returns the bf16 dlogits (rows, vocab) as f32 (exact).
+    pub fn logprob_gather_bwd_f32_to_bf16_host(
+        &self,
+        logits: &[f32],
+        targets: &[u32],
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+        vocab: usize,
+        temperature: f32,
+    ) -> Result<Vec<f32>> {
+        let rows = targets.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let t = self.upload(targets)?;
+        let gl = self.upload(dlogp)?;
+        let ge = dentropy.map(|d| self.upload(d)).transpose()?;
+        let mut outs: [CudaSlice<f32>; 4] = [
+            self.alloc_zeros(rows)?,
+            self.alloc_zeros(rows)?,
+            self.alloc_zeros(rows)?,
+            self.alloc_zeros(rows)?,
+        ];
+        let [a, b, lse, ms] = &mut outs;
+        let x = self.upload(logits)?;
+        let mut dx = self.alloc_zeros::<bf16>(logits.len())?;
+        self.logprob_gather_fwd_f32(&x, &t, a, b, lse, ms, rows, vocab, temperature)?;
+        self.logprob_gather_bwd_f32_to_bf16(
+            &x,
+            &mut dx,
+            &t,
+            &gl,
+            ge.as_ref(),
+            lse,
+            ms,
+            rows,
+            vocab,
+            temperature,
+        )?;
+        self.download_bf16(&dx)
     }
 
     // ---------------------------------------------------------------------------------------
