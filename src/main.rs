@@ -489,6 +489,16 @@ fn run(cli: Cli) -> Result<()> {
                     r.plan_bytes as f64 / (1u64 << 30) as f64,
                     r.peak_gpu_bytes_measured as f64 / (1u64 << 30) as f64,
                 );
+                let skinny = r
+                    .gemm_tuning
+                    .iter()
+                    .filter(|t| matches!(t.choice, rft::cuda::GemmChoice::Skinny { .. }))
+                    .count();
+                println!(
+                    "decode GEMMs ({}): {} shapes timed, {skinny} on the skinny kernel, the rest on cuBLAS",
+                    r.gemm_policy,
+                    r.gemm_tuning.len()
+                );
             }
             Ok(())
         }
