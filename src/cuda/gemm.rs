@@ -587,6 +587,18 @@ fn tune(
     Ok(choice)
 }
 
+/// Each (buffer, elements it has, elements the shape needs) must match exactly.
+fn exact_lens(kn: &str, parts: &[(&str, usize, usize)]) -> Result<()> {
+    for &(part, found, need) in parts {
+        if found != need {
+            return Err(Error::invalid(format!(
+                "{kn}: {part} has {found} elements, expected {need}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// An output element type of the decode GEMMs: bf16 (projections) or f32 (logits).
 pub trait GemmOut: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy {
     const F32: bool;
@@ -619,17 +631,14 @@ impl CudaDevice {
         d_in: usize,
         d_out: usize,
     ) -> Result<()> {
-        for (part, found, need) in [
-            ("x", x.len(), rows * d_in),
-            ("w", w.len(), d_out * d_in),
-            ("y", y.len(), rows * d_out),
-        ] {
-            if found != need {
-                return Err(Error::invalid(format!(
-                    "gemm_with: {part} has {found} elements, expected {need} ({rows}×{d_in} · ({d_out}×{d_in})ᵀ)"
-                )));
-            }
-        }
+        exact_lens(
+            "gemm_with",
+            &[
+                ("x", x.len(), rows * d_in),
+                ("w", w.len(), d_out * d_in),
+                ("y", y.len(), rows * d_out),
+            ],
+        )?;
         let s = self.stream();
         let (xp, _x) = x.device_ptr(s);
         let (wp, _w) = w.device_ptr(s);
@@ -681,23 +690,19 @@ impl CudaDevice {
         inter: usize,
         d_out: usize,
     ) -> Result<()> {
-        let want = [
-            ("gate_up", gate_up.len(), rows * 2 * inter),
-            ("w", w.len(), d_out * inter),
-            ("y", y.len(), rows * d_out),
-            (
-                "act",
-                act.as_ref().map_or(rows * inter, |a| a.len()),
-                rows * inter,
-            ),
-        ];
-        for (part, found, need) in want {
-            if found != need {
-                return Err(Error::invalid(format!(
-                    "skinny_swiglu_gemm: {part} has {found} elements, expected {need}"
-                )));
-            }
-        }
+        exact_lens(
+            "skinny_swiglu_gemm",
+            &[
+                ("gate_up", gate_up.len(), rows * 2 * inter),
+                ("w", w.len(), d_out * inter),
+                ("y", y.len(), rows * d_out),
+                (
+                    "act",
+                    act.as_ref().map_or(rows * inter, |a| a.len()),
+                    rows * inter,
+                ),
+            ],
+        )?;
         let s = self.stream();
         let (gp, _g) = gate_up.device_ptr(s);
         let (wp, _w) = w.device_ptr(s);
