@@ -28,6 +28,15 @@
 // wider than 128 columns are accumulated in passes of 128 (the scores are recomputed per pass)
 // so the accumulators stay in registers.
 //
+// Pipeline: the tiles stream global → shared memory with cp.async (16-byte copies, or 8-byte ones
+// when hd % 8 != 0 or a tensor is not 16-byte aligned; rows past the edge and columns hd..HD-1
+// zero-filled), never through registers. The streamed tiles (k, v in forward and dq; q, dout in
+// dk/dv) have two stages where shared memory allows (AtCfg::*_STAGES): after the barrier that
+// opens tile t, the copies of the next tile of the block's walk go into the other stage and land
+// while tile t is computed; one __syncthreads per tile, as with one stage. Only where the data come
+// from and when they arrive changed: every product, every sum and its order are those of the
+// synchronous one-stage kernels (scripts/kernel_emu checks the outputs bit for bit against them).
+//
 // Grids: forward and dq blocks are (64-query tile, head, sequence), the tiles taken last-first
 // (the causal tail sees the most keys, so the longest blocks start first); dk/dv blocks are
 // (64-key tile, kv head, sequence), tile 0 (seen by the most queries) first.
@@ -57,6 +66,29 @@ struct AtCfg {
     static constexpr int PASSES = HD / ACC_D;
     static constexpr int BK = HD <= 128 ? 64 : 32;         // keys per forward / dq tile
     static constexpr int DKDV_BQ = HD <= 64 ? 64 : (HD <= 128 ? 32 : 16);  // queries per dkdv tile
+    // Stages of the streamed tiles (2: the next tile is copied while this one is computed), as many
+    // as fit the 99 KiB of dynamic shared memory a block may opt in to on every sm_80+ GPU (the
+    // launcher's allow_smem). dq at HD 128 has two stages of k but one of v: the next tile's v is
+    // copied after a second barrier, once every warp has done its dP = dout Vᵀ (dQ += dS K reads
+    // k only).
+    static constexpr int FWD_STAGES = 2;
+    static constexpr int DQ_K_STAGES = HD <= 128 ? 2 : 1;
+    static constexpr int DQ_V_STAGES = HD <= 64 ? 2 : 1;
+    static constexpr int DKDV_STAGES = HD <= 128 ? 2 : 1;
+    // Dynamic shared memory in bytes (mirrored by src/cuda/attention_train.rs).
+    static constexpr int FWD_SMEM = (AT_BQ + FWD_STAGES * 2 * BK) * LD * 2;
+    static constexpr int DQ_SMEM = (2 * AT_BQ + (DQ_K_STAGES + DQ_V_STAGES) * BK) * LD * 2;
+    static constexpr int DKDV_SMEM = (2 * AT_BKV + DKDV_STAGES * 2 * DKDV_BQ) * LD * 2 + DKDV_STAGES * 2 * DKDV_BQ * 4;
+    static_assert(FWD_SMEM <= 99 * 1024 && DQ_SMEM <= 99 * 1024 && DKDV_SMEM <= 99 * 1024, "over the opt-in limit");
+    static_assert(DKDV_BQ <= AT_THREADS, "one thread per query row stages lse and delta");
+    // Blocks per SM the register allocation must allow (__launch_bounds__): at HD 64 as many as
+    // the one-stage kernels' registers allowed (forward, dk/dv, dq: 4, 3, 4 blocks, ≤ 128, 168,
+    // 128 registers). Left free, ptxas gives the cp.async kernels more registers (sm_90a: 128,
+    // 222, 168) and dk/dv and dq lose a block per SM; capped, they spill a few words per tile,
+    // outside the mma loops. 1: no cap (shared memory bounds the blocks per SM there anyway).
+    static constexpr int FWD_MIN_BLOCKS = HD == 64 ? 4 : 1;
+    static constexpr int DKDV_MIN_BLOCKS = HD == 64 ? 3 : 1;
+    static constexpr int DQ_MIN_BLOCKS = HD == 64 ? 4 : 1;
 };
 
 // ----------------------------------------------------------------------------
@@ -137,20 +169,54 @@ static __device__ __forceinline__ void at_frag_a_from_c(uint32_t (&a)[4], const 
     a[3] = at_pack_f32(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// dst[r][c] (row stride HD + AT_PAD) = src[row0 + r, head, c] of a (rows, heads, hd) bf16 tensor
-// for r < nr, c < hd; zero elsewhere (r < R, c < HD). All threads of the block call it. 8-byte
-// loads: hd % 4 == 0 and the launcher checks the base pointers are 8-byte aligned.
-template <int R, int HD>
-static __device__ __forceinline__ void at_load_tile(bf16* dst, const bf16* __restrict__ src, int row0, int nr,
+// cp.async global → shared, asynchronous: the first src_bytes (0 or the size) of the 16 (.cg, L2
+// only) or 8 (.ca) bytes are copied, the rest zero-filled (src_bytes = 0 reads nothing); both
+// addresses aligned to the size. A thread's copies land after its at_cp_async_commit and a
+// matching at_cp_async_wait_all, and are visible to the other threads after a __syncthreads.
+static __device__ __forceinline__ void at_cp_async16(bf16* smem, const bf16* gmem, int src_bytes) {
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes)
+                 : "memory");
+}
+static __device__ __forceinline__ void at_cp_async8(bf16* smem, const bf16* gmem, int src_bytes) {
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes)
+                 : "memory");
+}
+static __device__ __forceinline__ void at_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until every committed group of this thread's copies has landed (wait_group 0).
+static __device__ __forceinline__ void at_cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Whether tiles of (rows, heads, hd) tensors at these bases can move in 16-byte pieces: hd % 8 == 0
+// and every base 16-byte aligned (every row then is). Else 8-byte pieces: hd % 4 == 0 and the
+// launcher checks the bases are 8-byte aligned. Each kernel is compiled for both (template VEC =
+// 8 or 4 bf16 per copy) and picks one at entry, block-uniformly.
+static __device__ __forceinline__ bool at_vec16(int hd, const bf16* a, const bf16* b, const bf16* c,
+                                                const bf16* d = nullptr) {
+    return hd % 8 == 0 && vec16_ok(a) && vec16_ok(b) && vec16_ok(c) && (d == nullptr || vec16_ok(d));
+}
+
+// Issues the copies dst[r][c] (row stride HD + AT_PAD) = src[row0 + r, head, c] of a (rows, heads,
+// hd) bf16 tensor for r < nr, c < hd; zero elsewhere (r < R, c < HD), VEC bf16 per copy (8: 16-byte
+// copies, the tensor at_vec16; 4: 8-byte ones). Thread x copies column (x % CH)·VEC of rows
+// x / CH + i·RS (CH copies per row, RS rows per sweep of the block). All threads of the block call
+// it; it does not commit or wait.
+template <int R, int HD, int VEC>
+static __device__ __forceinline__ void at_copy_tile(bf16* dst, const bf16* __restrict__ src, int row0, int nr,
                                                     int heads, int head, int hd) {
-    constexpr int CH = HD / 4;
-    for (int idx = threadIdx.x; idx < R * CH; idx += AT_THREADS) {
-        const int r = idx / CH;
-        const int c = (idx % CH) * 4;
-        uint2 val = make_uint2(0u, 0u);
-        if (r < nr && c < hd)
-            val = *reinterpret_cast<const uint2*>(src + ((size_t)(row0 + r) * heads + head) * hd + c);
-        *reinterpret_cast<uint2*>(dst + r * (HD + AT_PAD) + c) = val;
+    constexpr int CH = HD / VEC, RS = AT_THREADS / CH;
+    static_assert((VEC == 8 || VEC == 4) && AT_THREADS % CH == 0 && R % RS == 0, "sweeps cover the tile");
+    const int c = (threadIdx.x % CH) * VEC;
+    const int rt = threadIdx.x / CH;
+#pragma unroll
+    for (int i = 0; i < R / RS; ++i) {
+        const int r = rt + i * RS;
+        const bool ok = r < nr && c < hd;
+        const bf16* from = ok ? src + ((size_t)(row0 + r) * heads + head) * hd + c : src;
+        if (VEC == 8)
+            at_cp_async16(dst + r * (HD + AT_PAD) + c, from, ok ? 16 : 0);
+        else
+            at_cp_async8(dst + r * (HD + AT_PAD) + c, from, ok ? 8 : 0);
     }
 }
 
@@ -167,19 +233,20 @@ static __device__ __forceinline__ bool at_visible(int i, int j, int window) {
 // owns rows 16w..16w+15 of the tile. Keys [lo, hi] (lo = the first row's window start, hi = the
 // last row) are walked in tiles of BK staged in shared memory; per tile S = Q Kᵀ (mma), masked,
 // scaled into the log2 domain, the online-softmax max/sum updated per row (a row lives in the 4
-// lanes of a quad), O rescaled and O += P V (mma, P from the S registers).
-// Dynamic shared memory: (AT_BQ + 2·BK)·(HD + 8) bf16.
-template <int HD>
+// lanes of a quad), O rescaled and O += P V (mma, P from the S registers). The key/value tiles
+// stream through FWD_STAGES stages, the walk (a pass's tiles, then the next pass's) prefetched one
+// tile ahead. Dynamic shared memory: (AT_BQ + FWD_STAGES·2·BK)·(HD + 8) bf16 (AtCfg::FWD_SMEM).
+template <int HD, int VEC>
 static __device__ void at_fwd(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q,
                               const bf16* __restrict__ k, const bf16* __restrict__ v,
                               const int* __restrict__ cu_rows, int n_heads, int n_kv_heads, int hd, int window,
                               float scale) {
     using C = AtCfg<HD>;
     constexpr int LD = C::LD, BK = C::BK, NT = BK / 8, DT = C::ACC_D / 8;
+    static_assert(C::FWD_STAGES == 2, "the forward's walk is written for two stages");
     extern __shared__ __align__(16) unsigned char at_smem[];
     bf16* q_s = reinterpret_cast<bf16*>(at_smem);  // [AT_BQ][LD]
-    bf16* k_s = q_s + AT_BQ * LD;                   // [BK][LD]
-    bf16* v_s = k_s + BK * LD;                      // [BK][LD]
+    bf16* kv_s = q_s + AT_BQ * LD;                  // [2 stages][k, v][BK][LD]
 
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
@@ -196,8 +263,17 @@ static __device__ void at_fwd(bf16* __restrict__ out, float* __restrict__ lse, c
     const int r0 = warp * 16;
     const int row_pos[2] = {q0 + r0 + g, q0 + r0 + g + 8};  // this lane's two rows
     const float scale_log2 = scale * AT_LOG2E;
+    // Issues the copies of the key/value tile at kt into stage st.
+    auto load_kv = [&](int st, int kt) {
+        bf16* ks = kv_s + st * 2 * BK * LD;
+        at_copy_tile<BK, HD, VEC>(ks, k, row_begin + kt, hi + 1 - kt, n_kv_heads, kvh, hd);
+        at_copy_tile<BK, HD, VEC>(ks + BK * LD, v, row_begin + kt, hi + 1 - kt, n_kv_heads, kvh, hd);
+    };
 
-    at_load_tile<AT_BQ, HD>(q_s, q, row_begin + q0, nrows - q0, n_heads, h, hd);
+    at_copy_tile<AT_BQ, HD, VEC>(q_s, q, row_begin + q0, nrows - q0, n_heads, h, hd);
+    load_kv(0, lo);  // the walk's first tile
+    at_cp_async_commit();
+    int stage = 0;  // the stage of the current tile
 
     for (int pass = 0; pass < C::PASSES; ++pass) {
         const int d0 = pass * C::ACC_D;
@@ -208,10 +284,17 @@ static __device__ void at_fwd(bf16* __restrict__ out, float* __restrict__ lse, c
         float l[2] = {0.0f, 0.0f};            // this lane's share of the running sum per row
 
         for (int kt = lo; kt <= hi; kt += BK) {
-            __syncthreads();  // the previous tile's k_s, v_s are no longer read (first: q_s ready)
-            at_load_tile<BK, HD>(k_s, k, row_begin + kt, hi + 1 - kt, n_kv_heads, kvh, hd);
-            at_load_tile<BK, HD>(v_s, v, row_begin + kt, hi + 1 - kt, n_kv_heads, kvh, hd);
-            __syncthreads();
+            at_cp_async_wait_all();  // this thread's copies of the tile (first: and of q) landed
+            __syncthreads();         // everyone's; and the other stage (the previous tile) is no longer read
+            const int cur = stage;
+            stage ^= 1;
+            // The walk's next tile (after a pass's last: the next pass's first) into the other stage.
+            if (kt + BK <= hi || pass + 1 < C::PASSES) {
+                load_kv(cur ^ 1, kt + BK <= hi ? kt + BK : lo);
+                at_cp_async_commit();
+            }
+            const bf16* k_s = kv_s + cur * 2 * BK * LD;
+            const bf16* v_s = k_s + BK * LD;
             // Warp-uniform skip: no key of the tile is visible from any of the warp's rows.
             const int w_first = q0 + r0, w_last = q0 + r0 + 15;
             if (kt > w_last || (window > 0 && kt + BK - 1 < w_first + 1 - window)) continue;
@@ -310,13 +393,18 @@ static __device__ void at_fwd(bf16* __restrict__ out, float* __restrict__ lse, c
 
 // q (N, H, hd), k, v (N, KV, hd) bf16, cu_rows (S+1) i32 → out (N, H, hd) bf16, lse (N, H) f32
 // (natural log of Σ_j e^{s_ij}). window 0 = none. grid = (ceil(max_rows / 64), H, S), block = 128,
-// dynamic shared memory (64 + 2·BK)·(HD + 8)·2 bytes (BK = 64, or 32 for HD 256). hd ≤ HD, hd % 4 == 0.
+// dynamic shared memory AtCfg<HD>::FWD_SMEM = (64 + 4·BK)·(HD + 8)·2 bytes (BK = 64, or 32 for HD 256:
+// 46080, 87040, 101376). hd ≤ HD, hd % 4 == 0.
 #define AT_FWD_KERNEL(HD)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(AT_THREADS) attention_train_fwd_hd##HD##_bf16(                   \
-        bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q, const bf16* __restrict__ k, \
-        const bf16* __restrict__ v, const int* __restrict__ cu_rows, int n_heads, int n_kv_heads, int hd,      \
-        int window, float scale) {                                                                              \
-        at_fwd<HD>(out, lse, q, k, v, cu_rows, n_heads, n_kv_heads, hd, window, scale);                         \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, AtCfg<HD>::FWD_MIN_BLOCKS)                            \
+    attention_train_fwd_hd##HD##_bf16(                                                                             \
+        bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ q, const bf16* __restrict__ k,   \
+        const bf16* __restrict__ v, const int* __restrict__ cu_rows, int n_heads, int n_kv_heads, int hd,          \
+        int window, float scale) {                                                                                 \
+        if (at_vec16(hd, q, k, v))                                                                                 \
+            at_fwd<HD, 8>(out, lse, q, k, v, cu_rows, n_heads, n_kv_heads, hd, window, scale);                     \
+        else                                                                                                       \
+            at_fwd<HD, 4>(out, lse, q, k, v, cu_rows, n_heads, n_kv_heads, hd, window, scale);                     \
     }
 AT_FWD_KERNEL(64)
 AT_FWD_KERNEL(128)
@@ -369,23 +457,25 @@ extern "C" __global__ void attention_train_bwd_delta_bf16(float* __restrict__ de
 // of the group (in order) and each query tile (DKDV_BQ rows, in order) of the rows that can see
 // the tile's keys ([k0, last key + window − 1]): Sᵀ = K Qᵀ and dPᵀ = V doutᵀ (mma),
 // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ∘ (dPᵀ − delta), then dV += Pᵀ dout and
-// dK += dSᵀ Q (mma, Pᵀ and dSᵀ from registers). dK is scaled once at the end.
-// Dynamic shared memory: (2·AT_BKV + 2·DKDV_BQ)·(HD + 8) bf16 + 2·DKDV_BQ f32.
-template <int HD>
+// dK += dSᵀ Q (mma, Pᵀ and dSᵀ from registers). dK is scaled once at the end. The query/dout
+// tiles stream through DKDV_STAGES stages, the walk (heads of the group, their query tiles, then
+// the next pass's) prefetched one tile ahead; the tile's lse·log2e and delta (one query row per
+// thread) are read into registers when its copies are issued and stored into its stage at the top
+// of its iteration, before the barrier. Dynamic shared memory:
+// (2·AT_BKV + DKDV_STAGES·2·DKDV_BQ)·(HD + 8) bf16 + DKDV_STAGES·2·DKDV_BQ f32 (AtCfg::DKDV_SMEM).
+template <int HD, int VEC>
 static __device__ void at_dkdv(bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __restrict__ q,
                                const bf16* __restrict__ k, const bf16* __restrict__ v,
                                const bf16* __restrict__ dout, const float* __restrict__ lse,
                                const float* __restrict__ delta, const int* __restrict__ cu_rows, int n_heads,
                                int n_kv_heads, int hd, int window, float scale) {
     using C = AtCfg<HD>;
-    constexpr int LD = C::LD, BQ = C::DKDV_BQ, NT = BQ / 8, DT = C::ACC_D / 8;
+    constexpr int LD = C::LD, BQ = C::DKDV_BQ, NT = BQ / 8, DT = C::ACC_D / 8, ST = C::DKDV_STAGES;
     extern __shared__ __align__(16) unsigned char at_smem[];
     bf16* k_s = reinterpret_cast<bf16*>(at_smem);  // [AT_BKV][LD]
     bf16* v_s = k_s + AT_BKV * LD;                  // [AT_BKV][LD]
-    bf16* q_s = v_s + AT_BKV * LD;                  // [BQ][LD]
-    bf16* do_s = q_s + BQ * LD;                     // [BQ][LD]
-    float* lse_s = reinterpret_cast<float*>(do_s + BQ * LD);  // [BQ], log2 domain
-    float* delta_s = lse_s + BQ;                               // [BQ]
+    bf16* qd_s = v_s + AT_BKV * LD;                 // [ST][q, dout][BQ][LD]
+    float* ld_s = reinterpret_cast<float*>(qd_s + ST * 2 * BQ * LD);  // [ST][lse (log2 domain), delta][BQ]
 
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
@@ -402,9 +492,34 @@ static __device__ void at_dkdv(bf16* __restrict__ dk, bf16* __restrict__ dv, con
     const int r0 = warp * 16;
     const int key_pos[2] = {k0 + r0 + g, k0 + r0 + g + 8};  // this lane's two keys
     const float scale_log2 = scale * AT_LOG2E;
+    // Issues the copies of head hh's query/dout tile at qq into stage st.
+    auto load_qd = [&](int st, int hh, int qq) {
+        bf16* qs = qd_s + st * 2 * BQ * LD;
+        const int nqq = min(BQ, q_hi + 1 - qq);
+        at_copy_tile<BQ, HD, VEC>(qs, q, row_begin + qq, nqq, n_heads, hh, hd);
+        at_copy_tile<BQ, HD, VEC>(qs + BQ * LD, dout, row_begin + qq, nqq, n_heads, hh, hd);
+    };
+    // lse·log2e and delta of query row qq + threadIdx.x of head hh (past the tile: +∞ and 0), read
+    // into registers until stored at the top of the tile's iteration (thread i < BQ: row i).
+    float ld_lse = 0.0f, ld_delta = 0.0f;
+    auto read_ld = [&](int hh, int qq) {
+        const int i = threadIdx.x;
+        if (i < BQ) {
+            const int nqq = min(BQ, q_hi + 1 - qq);
+            const size_t r = (size_t)(row_begin + qq + i) * n_heads + hh;
+            ld_lse = i < nqq ? lse[r] * AT_LOG2E : INFINITY;
+            ld_delta = i < nqq ? delta[r] : 0.0f;
+        }
+    };
 
-    at_load_tile<AT_BKV, HD>(k_s, k, row_begin + k0, k_last + 1 - k0, n_kv_heads, kvh, hd);
-    at_load_tile<AT_BKV, HD>(v_s, v, row_begin + k0, k_last + 1 - k0, n_kv_heads, kvh, hd);
+    at_copy_tile<AT_BKV, HD, VEC>(k_s, k, row_begin + k0, k_last + 1 - k0, n_kv_heads, kvh, hd);
+    at_copy_tile<AT_BKV, HD, VEC>(v_s, v, row_begin + k0, k_last + 1 - k0, n_kv_heads, kvh, hd);
+    if (ST == 2) {  // the walk's first tile
+        load_qd(0, kvh * group, k0);
+        read_ld(kvh * group, k0);
+    }
+    at_cp_async_commit();
+    int stage = 0;  // the stage of the current tile
 
     for (int pass = 0; pass < C::PASSES; ++pass) {
         const int d0 = pass * C::ACC_D;
@@ -418,15 +533,41 @@ static __device__ void at_dkdv(bf16* __restrict__ dk, bf16* __restrict__ dv, con
             const int h = kvh * group + gi;
             for (int qt = k0; qt <= q_hi; qt += BQ) {
                 const int nq = min(BQ, q_hi + 1 - qt);
-                __syncthreads();  // the previous tile is no longer read (first: k_s, v_s ready)
-                at_load_tile<BQ, HD>(q_s, q, row_begin + qt, nq, n_heads, h, hd);
-                at_load_tile<BQ, HD>(do_s, dout, row_begin + qt, nq, n_heads, h, hd);
-                for (int i = threadIdx.x; i < BQ; i += AT_THREADS) {
-                    const size_t r = (size_t)(row_begin + qt + i) * n_heads + h;
-                    lse_s[i] = i < nq ? lse[r] * AT_LOG2E : INFINITY;
-                    delta_s[i] = i < nq ? delta[r] : 0.0f;
+                if (ST == 1) {
+                    __syncthreads();  // the previous tile is no longer read
+                    load_qd(0, h, qt);
+                    at_cp_async_commit();
+                    read_ld(h, qt);
                 }
-                __syncthreads();
+                const int cur = stage;
+                float* lse_s = ld_s + cur * 2 * BQ;  // [BQ]
+                float* delta_s = lse_s + BQ;         // [BQ]
+                if (threadIdx.x < BQ) {  // this tile's, read a tile ago (two stages) or just now
+                    lse_s[threadIdx.x] = ld_lse;
+                    delta_s[threadIdx.x] = ld_delta;
+                }
+                at_cp_async_wait_all();  // this thread's copies of the tile (first: and of k, v) landed
+                __syncthreads();         // everyone's; two stages: the other stage is no longer read
+                if (ST == 2) {
+                    stage ^= 1;
+                    // The walk's next tile: the head's next query tile, else the next head's first,
+                    // else the next pass's first.
+                    int nqt = qt + BQ, ngi = gi, npass = pass;
+                    if (nqt > q_hi) {
+                        nqt = k0;
+                        if (++ngi == group) {
+                            ngi = 0;
+                            ++npass;
+                        }
+                    }
+                    if (npass < C::PASSES) {
+                        load_qd(cur ^ 1, kvh * group + ngi, nqt);
+                        at_cp_async_commit();
+                        read_ld(kvh * group + ngi, nqt);
+                    }
+                }
+                const bf16* q_s = qd_s + cur * 2 * BQ * LD;  // [BQ][LD]
+                const bf16* do_s = q_s + BQ * LD;             // [BQ][LD]
                 // Warp-uniform skip: no query of the tile sees any of the warp's keys.
                 const int w_first = k0 + r0, w_last = k0 + r0 + 15;
                 if (qt + BQ - 1 < w_first || (window > 0 && qt > w_last + window - 1)) continue;
@@ -499,21 +640,25 @@ static __device__ void at_dkdv(bf16* __restrict__ dk, bf16* __restrict__ dv, con
                 }
             }
         }
-        // The next pass overwrites q_s/do_s only after its first __syncthreads.
     }
 }
 
 // q, dout (N, H, hd), k, v (N, KV, hd) bf16, lse, delta (N, H) f32 (the forward's lse and
 // attention_train_bwd_delta_bf16's delta), cu_rows (S+1) i32 → dk, dv (N, KV, hd) bf16 (every row
 // of every sequence written). grid = (ceil(max_rows / 64), KV, S), block = 128, dynamic shared
-// memory (128 + 2·BQ)·(HD + 8)·2 + 8·BQ bytes (BQ = 64, 32, 16 for HD 64, 128, 256).
+// memory AtCfg<HD>::DKDV_SMEM = (128 + 2·ST·BQ)·(HD + 8)·2 + 8·ST·BQ bytes (BQ = 64, 32, 16 and
+// stages ST = 2, 2, 1 for HD 64, 128, 256: 56320, 70144, 84608).
 #define AT_DKDV_KERNEL(HD)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(AT_THREADS) attention_train_bwd_dkdv_hd##HD##_bf16(              \
-        bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __restrict__ q, const bf16* __restrict__ k,    \
-        const bf16* __restrict__ v, const bf16* __restrict__ dout, const float* __restrict__ lse,               \
-        const float* __restrict__ delta, const int* __restrict__ cu_rows, int n_heads, int n_kv_heads, int hd,  \
-        int window, float scale) {                                                                              \
-        at_dkdv<HD>(dk, dv, q, k, v, dout, lse, delta, cu_rows, n_heads, n_kv_heads, hd, window, scale);        \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, AtCfg<HD>::DKDV_MIN_BLOCKS)                           \
+    attention_train_bwd_dkdv_hd##HD##_bf16(                                                                        \
+        bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __restrict__ q, const bf16* __restrict__ k,      \
+        const bf16* __restrict__ v, const bf16* __restrict__ dout, const float* __restrict__ lse,                  \
+        const float* __restrict__ delta, const int* __restrict__ cu_rows, int n_heads, int n_kv_heads, int hd,     \
+        int window, float scale) {                                                                                 \
+        if (at_vec16(hd, q, k, v, dout))                                                                           \
+            at_dkdv<HD, 8>(dk, dv, q, k, v, dout, lse, delta, cu_rows, n_heads, n_kv_heads, hd, window, scale);    \
+        else                                                                                                       \
+            at_dkdv<HD, 4>(dk, dv, q, k, v, dout, lse, delta, cu_rows, n_heads, n_kv_heads, hd, window, scale);    \
     }
 AT_DKDV_KERNEL(64)
 AT_DKDV_KERNEL(128)
@@ -525,9 +670,13 @@ AT_DKDV_KERNEL(256)
 // One block = (query tile of AT_BQ rows, head, sequence), last tile first, as the forward. Warp w
 // owns rows 16w..16w+15; Q and dout stay in shared memory; keys [lo, hi] in tiles of BK:
 // S = Q Kᵀ, dP = dout Vᵀ (mma), P = exp2(S·scale·log2e − lse·log2e), dS = P ∘ (dP − delta),
-// dQ += dS K (mma, dS from registers); dQ scaled once at the end.
-// Dynamic shared memory: (2·AT_BQ + 2·BK)·(HD + 8) bf16.
-template <int HD>
+// dQ += dS K (mma, dS from registers); dQ scaled once at the end. The key tiles stream through
+// DQ_K_STAGES stages, the value tiles through DQ_V_STAGES, the walk (a pass's tiles, then the next
+// pass's) prefetched one tile ahead: with two stages of both, the next tile's copies are issued
+// after the barrier that opens a tile; with two of k and one of v (HD 128), the next k then, the
+// next v after a second barrier that follows every warp's dP. Dynamic shared memory:
+// (2·AT_BQ + (DQ_K_STAGES + DQ_V_STAGES)·BK)·(HD + 8) bf16 (AtCfg::DQ_SMEM).
+template <int HD, int VEC>
 static __device__ void at_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* __restrict__ k,
                              const bf16* __restrict__ v, const bf16* __restrict__ dout,
                              const float* __restrict__ lse, const float* __restrict__ delta,
@@ -535,11 +684,13 @@ static __device__ void at_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
                              float scale) {
     using C = AtCfg<HD>;
     constexpr int LD = C::LD, BK = C::BK, NT = BK / 8, DT = C::ACC_D / 8;
+    constexpr int KS = C::DQ_K_STAGES, VS = C::DQ_V_STAGES;
+    static_assert(VS <= KS, "v has at most the stages of k");
     extern __shared__ __align__(16) unsigned char at_smem[];
     bf16* q_s = reinterpret_cast<bf16*>(at_smem);  // [AT_BQ][LD]
     bf16* do_s = q_s + AT_BQ * LD;                  // [AT_BQ][LD]
-    bf16* k_s = do_s + AT_BQ * LD;                  // [BK][LD]
-    bf16* v_s = k_s + BK * LD;                      // [BK][LD]
+    bf16* k_ring = do_s + AT_BQ * LD;               // [KS][BK][LD]
+    bf16* v_ring = k_ring + KS * BK * LD;           // [VS][BK][LD]
 
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
@@ -564,9 +715,22 @@ static __device__ void at_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
         lse2[r] = ok ? lse[idx] * AT_LOG2E : INFINITY;
         dlt[r] = ok ? delta[idx] : 0.0f;
     }
+    // Issues the copies of the key (value) tile at kt into stage st.
+    auto load_k = [&](int st, int kt) {
+        at_copy_tile<BK, HD, VEC>(k_ring + st * BK * LD, k, row_begin + kt, hi + 1 - kt, n_kv_heads, kvh, hd);
+    };
+    auto load_v = [&](int st, int kt) {
+        at_copy_tile<BK, HD, VEC>(v_ring + st * BK * LD, v, row_begin + kt, hi + 1 - kt, n_kv_heads, kvh, hd);
+    };
 
-    at_load_tile<AT_BQ, HD>(q_s, q, row_begin + q0, nrows - q0, n_heads, h, hd);
-    at_load_tile<AT_BQ, HD>(do_s, dout, row_begin + q0, nrows - q0, n_heads, h, hd);
+    at_copy_tile<AT_BQ, HD, VEC>(q_s, q, row_begin + q0, nrows - q0, n_heads, h, hd);
+    at_copy_tile<AT_BQ, HD, VEC>(do_s, dout, row_begin + q0, nrows - q0, n_heads, h, hd);
+    if (KS == 2) {  // the walk's first tile
+        load_k(0, lo);
+        load_v(0, lo);
+    }
+    at_cp_async_commit();
+    int stage = 0;  // the k stage of the current tile
 
     for (int pass = 0; pass < C::PASSES; ++pass) {
         const int d0 = pass * C::ACC_D;
@@ -575,56 +739,86 @@ static __device__ void at_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
         for (int dn = 0; dn < DT; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
 
         for (int kt = lo; kt <= hi; kt += BK) {
-            __syncthreads();  // the previous tile's k_s, v_s are no longer read (first: q_s, do_s ready)
-            at_load_tile<BK, HD>(k_s, k, row_begin + kt, hi + 1 - kt, n_kv_heads, kvh, hd);
-            at_load_tile<BK, HD>(v_s, v, row_begin + kt, hi + 1 - kt, n_kv_heads, kvh, hd);
-            __syncthreads();
+            if (KS == 1) {
+                __syncthreads();  // the previous tile's k, v are no longer read
+                load_k(0, kt);
+                load_v(0, kt);
+                at_cp_async_commit();
+            }
+            at_cp_async_wait_all();  // this thread's copies of the tile (first: and of q, dout) landed
+            __syncthreads();         // everyone's; two stages: the other stage is no longer read
+            const int cur = stage;
+            // The walk's next tile (after a pass's last: the next pass's first).
+            const bool has_next = KS == 2 && (kt + BK <= hi || pass + 1 < C::PASSES);
+            const int next = kt + BK <= hi ? kt + BK : lo;
+            if (KS == 2) {
+                stage ^= 1;
+                if (has_next) {
+                    load_k(cur ^ 1, next);
+                    if (VS == 2) load_v(cur ^ 1, next);
+                    at_cp_async_commit();
+                }
+            }
+            const bf16* k_s = k_ring + cur * BK * LD;
+            const bf16* v_s = v_ring + (VS == 2 ? cur : 0) * BK * LD;
+            // Warp-uniform skip: no key of the tile is visible from any of the warp's rows.
             const int w_first = q0 + r0, w_last = q0 + r0 + 15;
-            if (kt > w_last || (window > 0 && kt + BK - 1 < w_first + 1 - window)) continue;
+            const bool skip = kt > w_last || (window > 0 && kt + BK - 1 < w_first + 1 - window);
 
             float sc[NT][4], dp[NT][4];
+            if (!skip) {
 #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-                dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-            }
+                for (int n = 0; n < NT; ++n) {
+                    sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+                    dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
+                }
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                uint32_t aq[4], ado[4];
-                at_frag_a(aq, q_s, LD, r0, kk * 16, lane);
-                at_frag_a(ado, do_s, LD, r0, kk * 16, lane);
+                for (int kk = 0; kk < HD / 16; ++kk) {
+                    uint32_t aq[4], ado[4];
+                    at_frag_a(aq, q_s, LD, r0, kk * 16, lane);
+                    at_frag_a(ado, do_s, LD, r0, kk * 16, lane);
 #pragma unroll
-                for (int n = 0; n < NT; n += 2) {
-                    uint32_t b[4];
-                    at_frag_b_t(b, k_s, LD, kk * 16, n * 8, lane);
-                    at_mma(sc[n], aq, b[0], b[1]);
-                    at_mma(sc[n + 1], aq, b[2], b[3]);
-                    at_frag_b_t(b, v_s, LD, kk * 16, n * 8, lane);
-                    at_mma(dp[n], ado, b[0], b[1]);
-                    at_mma(dp[n + 1], ado, b[2], b[3]);
+                    for (int n = 0; n < NT; n += 2) {
+                        uint32_t b[4];
+                        at_frag_b_t(b, k_s, LD, kk * 16, n * 8, lane);
+                        at_mma(sc[n], aq, b[0], b[1]);
+                        at_mma(sc[n + 1], aq, b[2], b[3]);
+                        at_frag_b_t(b, v_s, LD, kk * 16, n * 8, lane);
+                        at_mma(dp[n], ado, b[0], b[1]);
+                        at_mma(dp[n + 1], ado, b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = row_pos[e / 2];
+                        const int j = kt + n * 8 + 2 * t + (e & 1);
+                        const bool ok = i < nrows && at_visible(i, j, window);
+                        const float p = ok ? exp2f(sc[n][e] * scale_log2 - lse2[e / 2]) : 0.0f;
+                        dp[n][e] = p * (dp[n][e] - dlt[e / 2]);
+                    }
                 }
             }
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = row_pos[e / 2];
-                    const int j = kt + n * 8 + 2 * t + (e & 1);
-                    const bool ok = i < nrows && at_visible(i, j, window);
-                    const float p = ok ? exp2f(sc[n][e] * scale_log2 - lse2[e / 2]) : 0.0f;
-                    dp[n][e] = p * (dp[n][e] - dlt[e / 2]);
+            if (KS == 2 && VS == 1) {
+                __syncthreads();  // every warp's dP is done: v_s is no longer read
+                if (has_next) {
+                    load_v(0, next);
+                    at_cp_async_commit();
                 }
             }
+            if (!skip) {
 #pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) {
-                uint32_t a[4];
-                at_frag_a_from_c<NT>(a, dp, kk);
+                for (int kk = 0; kk < BK / 16; ++kk) {
+                    uint32_t a[4];
+                    at_frag_a_from_c<NT>(a, dp, kk);
 #pragma unroll
-                for (int dn = 0; dn < DT; dn += 2) {
-                    uint32_t b[4];
-                    at_frag_b(b, k_s, LD, kk * 16, d0 + dn * 8, lane);
-                    at_mma(acc[dn], a, b[0], b[1]);
-                    at_mma(acc[dn + 1], a, b[2], b[3]);
+                    for (int dn = 0; dn < DT; dn += 2) {
+                        uint32_t b[4];
+                        at_frag_b(b, k_s, LD, kk * 16, d0 + dn * 8, lane);
+                        at_mma(acc[dn], a, b[0], b[1]);
+                        at_mma(acc[dn + 1], a, b[2], b[3]);
+                    }
                 }
             }
         }
@@ -645,13 +839,18 @@ static __device__ void at_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, 
 
 // q, dout (N, H, hd), k, v (N, KV, hd) bf16, lse, delta (N, H) f32, cu_rows (S+1) i32 → dq
 // (N, H, hd) bf16. grid = (ceil(max_rows / 64), H, S), block = 128, dynamic shared memory
-// (128 + 2·BK)·(HD + 8)·2 bytes (BK = 64, or 32 for HD 256).
+// AtCfg<HD>::DQ_SMEM = (128 + (KS + VS)·BK)·(HD + 8)·2 bytes (BK = 64, 64, 32 and k/v stages
+// KS + VS = 4, 3, 2 for HD 64, 128, 256: 55296, 87040, 101376).
 #define AT_DQ_KERNEL(HD)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(AT_THREADS) attention_train_bwd_dq_hd##HD##_bf16(                \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, AtCfg<HD>::DQ_MIN_BLOCKS)                             \
+    attention_train_bwd_dq_hd##HD##_bf16(                                                                          \
         bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v, \
-        const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,          \
-        const int* __restrict__ cu_rows, int n_heads, int n_kv_heads, int hd, int window, float scale) {        \
-        at_dq<HD>(dq, q, k, v, dout, lse, delta, cu_rows, n_heads, n_kv_heads, hd, window, scale);              \
+        const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,             \
+        const int* __restrict__ cu_rows, int n_heads, int n_kv_heads, int hd, int window, float scale) {           \
+        if (at_vec16(hd, q, k, v, dout))                                                                           \
+            at_dq<HD, 8>(dq, q, k, v, dout, lse, delta, cu_rows, n_heads, n_kv_heads, hd, window, scale);          \
+        else                                                                                                       \
+            at_dq<HD, 4>(dq, q, k, v, dout, lse, delta, cu_rows, n_heads, n_kv_heads, hd, window, scale);          \
     }
 AT_DQ_KERNEL(64)
 AT_DQ_KERNEL(128)

@@ -363,15 +363,18 @@ fn sizing_functions() {
     ] {
         assert_eq!(shape(hd).compiled_head_dim(), c, "hd {hd}");
     }
-    // (64 q rows + 2·64 key/value rows)·(64 + 8)·2 bytes; HD 256 takes 32-key tiles.
-    assert_eq!(shape(64).fwd_smem_bytes(), 192 * 72 * 2);
-    assert_eq!(shape(128).fwd_smem_bytes(), 192 * 136 * 2);
-    assert_eq!(shape(256).fwd_smem_bytes(), 128 * 264 * 2);
-    // dk/dv: 2·64 key rows + 2·BQ query rows (BQ 64, 32, 16) + BQ lse and delta f32.
-    assert_eq!(shape(64).dkdv_smem_bytes(), 256 * 72 * 2 + 512);
-    assert_eq!(shape(128).dkdv_smem_bytes(), 192 * 136 * 2 + 256);
+    // (64 q rows + 2 stages · 2·64 key/value rows)·(64 + 8)·2 bytes; HD 256 takes 32-key tiles.
+    assert_eq!(shape(64).fwd_smem_bytes(), 320 * 72 * 2);
+    assert_eq!(shape(128).fwd_smem_bytes(), 320 * 136 * 2);
+    assert_eq!(shape(256).fwd_smem_bytes(), 192 * 264 * 2);
+    // dk/dv: 2·64 key rows + per stage (2, 2, 1) 2·BQ query rows (BQ 64, 32, 16) + BQ lse and
+    // delta f32.
+    assert_eq!(shape(64).dkdv_smem_bytes(), 384 * 72 * 2 + 1024);
+    assert_eq!(shape(128).dkdv_smem_bytes(), 256 * 136 * 2 + 512);
     assert_eq!(shape(256).dkdv_smem_bytes(), 160 * 264 * 2 + 128);
-    assert_eq!(shape(64).dq_smem_bytes(), 256 * 72 * 2);
+    // dq: 2·64 q/dout rows + key and value stages (2 + 2, 2 + 1, 1 + 1) of BK rows (64, 64, 32).
+    assert_eq!(shape(64).dq_smem_bytes(), 384 * 72 * 2);
+    assert_eq!(shape(128).dq_smem_bytes(), 320 * 136 * 2);
     assert_eq!(shape(256).dq_smem_bytes(), 192 * 264 * 2);
     // Every kernel fits the smallest opt-in limit of sm_80+ GPUs (99 KiB on sm_86/sm_89).
     for hd in (4..=256).step_by(4) {

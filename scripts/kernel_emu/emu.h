@@ -31,6 +31,16 @@ static inline void emu_cp_async16(void* dst, const void* src, int src_bytes) {
     if (src_bytes) memcpy(dst, src, src_bytes);
 }
 
+// cp.async of kernels/attention_train.cu (at_cp_async*), modelled as asynchronous: each copy (the
+// source read and the src-size checked at issue, the destination checked to lie in the launch's
+// dynamic shared memory) lands either at once or, at random, only when its thread waits for its
+// commit group; copies never committed and waited for by the end of the block are an error. So a
+// missing wait, commit or barrier, or a copy into a stage that another warp still reads, shows up
+// as wrong data (the kernels' bit-identity check) instead of passing as with emu_cp_async16.
+void emu_cpa_issue(void* dst, const void* src, int bytes, int src_bytes);
+void emu_cpa_commit();
+void emu_cpa_wait(int n);  // cp.async.wait_group n: all but the n newest committed groups landed
+
 // ---- test helpers (header-only: each harness is one translation unit plus emu_rt.cpp) ----
 struct Rng {
     uint64_t s;

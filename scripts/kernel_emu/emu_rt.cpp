@@ -2,7 +2,9 @@
 // Every CUDA thread of a block is a fiber on one OS thread. Barriers yield to the scheduler, which
 // runs the runnable fibers in a fresh pseudo-random order each round (so a missing barrier shows
 // up as a wrong result: some reader runs before its writer), releases a warp barrier when all 32
-// lanes of the warp wait on it with the same tag, and a block barrier when every live thread waits
+// lanes of the warp wait on it with the same tag (at random a round late, so that warps drift
+// apart as on the GPU; and after a block barrier, at random, one warp only once every other
+// thread waits at the next one), and a block barrier when every live thread waits
 // on it; anything else is a deadlock, a divergent warp collective, or a barrier after a partial
 // exit, and aborts with the block's coordinates.
 #include <vector>
@@ -99,8 +101,50 @@ int emu_syncthreads_or(int pred) {
     abort();
 }
 
+static uint64_t skew_rng = 0xD1B54A32D192ED03ull;
+static unsigned skew_rand() { skew_rng ^= skew_rng << 13; skew_rng ^= skew_rng >> 7; skew_rng ^= skew_rng << 17; return (unsigned)(skew_rng >> 32); }
+static std::vector<int> ready;  // warps whose lanes all wait at a warp barrier
 static uint64_t order_rng = 0x9E3779B97F4A7C15ull;
 static unsigned next_rand() { order_rng ^= order_rng << 13; order_rng ^= order_rng >> 7; order_rng ^= order_rng << 17; return (unsigned)(order_rng >> 32); }
+
+// Asynchronous cp.async (emu.h): per thread of the block, its uncommitted copies and its committed
+// groups, oldest first. Copy decisions draw from their own generator so that the scheduling order
+// of kernels without cp.async stays what it was.
+struct CpaCopy { unsigned char* dst; unsigned char data[16]; int bytes; };
+struct CpaThread { std::vector<CpaCopy> open; std::vector<std::vector<CpaCopy>> groups; };
+static std::vector<CpaThread> cpa;
+static size_t dyn_smem_bytes = 0;
+static uint64_t cpa_rng = 0x2545F4914F6CDD1Dull;
+static bool cpa_coin() { cpa_rng ^= cpa_rng << 13; cpa_rng ^= cpa_rng >> 7; cpa_rng ^= cpa_rng << 17; return (cpa_rng >> 40) & 1; }
+static void cpa_fail(const char* what) {
+    fprintf(stderr, "cp.async: %s (thread %d, block (%u,%u,%u))\n", what, cur, blockIdx.x, blockIdx.y, blockIdx.z);
+    abort();
+}
+void emu_cpa_issue(void* dst, const void* src, int bytes, int src_bytes) {
+    if ((bytes != 4 && bytes != 8 && bytes != 16) || (src_bytes != 0 && src_bytes != bytes)) cpa_fail("bad size or src-size");
+    if (((uintptr_t)dst % bytes) || ((uintptr_t)src % bytes)) cpa_fail("misaligned address");
+    unsigned char* d = (unsigned char*)dst;
+    if (d < emu_dyn_smem || d + bytes > emu_dyn_smem + dyn_smem_bytes) cpa_fail("destination outside the dynamic shared memory");
+    CpaCopy c;
+    c.dst = d;
+    c.bytes = bytes;
+    memset(c.data, 0, sizeof c.data);
+    if (src_bytes) memcpy(c.data, src, src_bytes);  // the source is read now (ASan checks it here)
+    if (cpa_coin()) memcpy(d, c.data, bytes);       // landed at once
+    else cpa[cur].open.push_back(c);                // lands when the thread waits for it
+}
+void emu_cpa_commit() {
+    CpaThread& t = cpa[cur];
+    t.groups.push_back(std::move(t.open));
+    t.open.clear();
+}
+void emu_cpa_wait(int n) {
+    CpaThread& t = cpa[cur];
+    while ((int)t.groups.size() > n) {
+        for (const CpaCopy& c : t.groups.front()) memcpy(c.dst, c.data, c.bytes);
+        t.groups.erase(t.groups.begin());
+    }
+}
 
 void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<void()>& kernel, size_t smem_limit) {
     if (threads <= 0 || threads > 1024 || threads % 32 != 0) { fprintf(stderr, "launch: block of %d threads (need 32k ≤ 1024)\n", threads); abort(); }
@@ -114,6 +158,7 @@ void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<voi
     // of a slot no thread of the block wrote shows up.
     std::vector<unsigned char> smem_buf(smem);
     emu_dyn_smem = smem_buf.data();
+    dyn_smem_bytes = smem;
     gridDim = grid; blockDim = emu_dim3{(unsigned)threads, 1, 1};
     body = &kernel;
     if (fibers.size() < (size_t)threads) {
@@ -129,6 +174,7 @@ void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<voi
     for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = emu_dim3{bx, by, bz};
         if (smem) memset(emu_dyn_smem, 0xff, smem);
+        cpa.assign(threads, CpaThread());
         for (auto& r : shared_regs()) memset(r.first, 0xff, r.second);
         for (int t = 0; t < threads; ++t) {
             // Fresh stack: [6 callee-saved registers][fiber_main][fake return address], 16-aligned
@@ -146,12 +192,18 @@ void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<voi
             fibers[t].sp = sp;
             fibers[t].wait = RUN;
         }
+        // Held warp: after the block's start and each block barrier, at random one warp runs
+        // only once no other thread can move (all at the next block barrier, or exited). A warp
+        // that reads what another writes after the same barrier, with no barrier between (a
+        // missing one), then reads it unwritten.
+        auto pick_held = [&] { return threads > 32 && skew_rand() % 2 ? (int)(skew_rand() % (threads / 32)) : -1; };
+        int held = pick_held();
         for (;;) {
             bool ran = false;
             for (int t = 0; t < threads; ++t) order[t] = t;
             for (int t = threads - 1; t > 0; --t) std::swap(order[t], order[next_rand() % (t + 1)]);
             for (int t : order) {
-                if (fibers[t].wait != RUN) continue;
+                if (fibers[t].wait != RUN || t / 32 == held) continue;
                 cur = t; threadIdx = emu_dim3{(unsigned)t, 0, 0};
                 to_fiber(t);
                 ran = true;
@@ -159,7 +211,19 @@ void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<voi
             if (ran) continue;
             bool all_done = true, progress = false;
             for (int t = 0; t < threads; ++t) all_done &= fibers[t].wait == DONE;
-            if (all_done) break;
+            if (all_done) {
+                for (int t = 0; t < threads; ++t) {
+                    size_t pending = cpa[t].open.size();
+                    for (auto& g : cpa[t].groups) pending += g.size();
+                    if (pending) { cur = t; cpa_fail("copies still in flight (never waited for) at the end of the block"); }
+                }
+                break;
+            }
+            // Warps whose 32 lanes all wait at a warp barrier are released, each but one at random
+            // held back a round now and then: warps drift apart between block barriers, as on the
+            // GPU, so that one warp writing shared memory that another still reads (a missing
+            // block barrier) shows up even where every warp runs the same collectives.
+            ready.clear();
             for (int w = 0; w < threads / 32; ++w) {
                 Fiber* lanes = &fibers[w * 32];
                 bool all = true;
@@ -167,10 +231,18 @@ void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<voi
                 if (!all) continue;
                 for (int l = 0; l < 32; ++l)
                     if (lanes[l].tag != lanes[0].tag) fail("divergent warp collective (lanes at different shuffles)");
-                for (int l = 0; l < 32; ++l) lanes[l].wait = RUN;
+                ready.push_back(w);
+            }
+            if (!ready.empty()) {
+                const int keep = ready[skew_rand() % ready.size()];  // always released: progress
+                for (int w : ready) {
+                    if (w != keep && skew_rand() % 4 == 0) continue;
+                    for (int l = 0; l < 32; ++l) fibers[w * 32 + l].wait = RUN;
+                }
                 progress = true;
             }
             if (progress) continue;
+            if (held >= 0) { held = -1; continue; }
             bool blk = true, any = false, exited = false;
             for (int t = 0; t < threads; ++t) {
                 const Wait w = fibers[t].wait;
@@ -179,11 +251,12 @@ void emu_launch(emu_dim3 grid, int threads, size_t smem, const std::function<voi
             // A block barrier after some threads exited is legal CUDA, but these kernels never do
             // it (their early exits are block-uniform), so it means a bug.
             if (blk && any && exited) fail("barrier after partial exit");
-            if (blk && any) { for (int t = 0; t < threads; ++t) fibers[t].wait = RUN; continue; }
+            if (blk && any) { for (int t = 0; t < threads; ++t) fibers[t].wait = RUN; held = pick_held(); continue; }
             fail("DEADLOCK");
         }
     }
     emu_dyn_smem = nullptr;
+    dyn_smem_bytes = 0;
 }
 
 // mma.m16n8k16 row.col bf16 → f32, from the PTX ISA fragment layout.

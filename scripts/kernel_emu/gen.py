@@ -8,7 +8,8 @@ inc/cuda_bf16.h (qualifiers, shuffles, barriers, atomics, intrinsics) or rewritt
   - `__shared__ T name[dims];` (static shared memory) becomes a static variable registered with
     the runtime, which fills it with 0xff bytes (NaN, -1) before every block, so a read of a slot
     the block did not write shows up instead of seeing the previous block's value;
-  - the inline-PTX helpers of attention_train.cu (at_mma, at_ldsm_x4, at_ldsm_x4_trans) and of
+  - the inline-PTX helpers of attention_train.cu (at_mma, at_ldsm_x4, at_ldsm_x4_trans, and
+    at_cp_async* as the asynchronous copies of emu_rt.cpp's emu_cpa_*) and of
     lora_train.cu (lt_*) and of gemm.cu (sk_*) become calls into emu_rt.cpp; gemm.cu's timing
     spin kernel becomes empty.
 Anything left that the emulator does not know (inline asm, cooperative groups, warp votes, __ldg,
@@ -37,6 +38,11 @@ PTX_HELPERS = {
         "static inline void at_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
     "static __device__ __forceinline__ void at_ldsm_x4_trans(":
         "static inline void at_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
+    # kernels/attention_train.cu's cp.async: asynchronous in the emulator (emu_rt.cpp emu_cpa_*).
+    "static __device__ __forceinline__ void at_cp_async16(":
+        "static inline void at_cp_async16(bf16* smem, const bf16* gmem, int src_bytes) { emu_cpa_issue(smem, gmem, 16, src_bytes); }",
+    "static __device__ __forceinline__ void at_cp_async8(":
+        "static inline void at_cp_async8(bf16* smem, const bf16* gmem, int src_bytes) { emu_cpa_issue(smem, gmem, 8, src_bytes); }",
     # kernels/attention.cu's tensor-core decode: mma with rows 8..15 of A zero, ldmatrix, and
     # cp.async as a synchronous copy (threads switch only at barriers, so waiting is a no-op).
     "static __device__ __forceinline__ void dec_mma(":
@@ -67,6 +73,8 @@ PTX_HELPERS = {
         "extern \"C\" void gemm_tune_spin(long long) {}",
 }
 ONE_LINE = {
+    "static __device__ __forceinline__ void at_cp_async_commit()": "static inline void at_cp_async_commit() { emu_cpa_commit(); }",
+    "static __device__ __forceinline__ void at_cp_async_wait_all()": "static inline void at_cp_async_wait_all() { emu_cpa_wait(0); }",
     "static __device__ __forceinline__ void dec_cp_async_commit()": "static inline void dec_cp_async_commit() {}",
     "static __device__ __forceinline__ void dec_cp_async_wait()": "static inline void dec_cp_async_wait() {}",
     "static __device__ __forceinline__ void sk_cp_async_commit()": "static inline void sk_cp_async_commit() {}",

@@ -32,9 +32,10 @@
 # It checks indexing, masking, tiling, synchronisation structure and numerics up to the math
 # library and FMA contraction (see inc/cuda_bf16.h), not the hardware's timing, memory model or
 # performance: threads switch only at barriers, so a race between barriers is found only when
-# the shuffled order makes a reader run before its writer (at random, per round), and a missing
-# __syncwarp between warp-synchronous shared-memory accesses is invisible. The GPU tests remain
-# the authority.
+# the shuffled order makes a reader run before its writer (at random, per round; warps also drift
+# apart at random, one sometimes held back to the end of a barrier interval, and attention_train's
+# cp.async copies land at issue or only at their wait, at random), and a missing __syncwarp
+# between warp-synchronous shared-memory accesses is invisible. The GPU tests remain the authority.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 kernels="${EMU_KERNELS:-$here/../../kernels}"  # EMU_KERNELS: another copy (e.g. a mutated one)
@@ -61,13 +62,19 @@ out="${TMPDIR:-/tmp}/rft-kernel-emu/$tag"
 mkdir -p "$out"
 
 # Build (in parallel, 2 at a time; a binary is rebuilt when any of its inputs is newer).
+# A suite's <file>_ref.cu beside this script (a kernel file as it was, the bit-identity oracle of
+# its harness) is rewritten too, into <file>_ref.inc.
+gen() {
+    python3 "$here/gen.py" "$1" "$2.new"
+    cmp -s "$2.new" "$2" || mv "$2.new" "$2"
+    rm -f "$2.new"
+}
 build() {
-    local s=$1 bin="$out/$1_emu"
-    python3 "$here/gen.py" "$kernels/$s.cu" "$out/$s.inc.new"
-    cmp -s "$out/$s.inc.new" "$out/$s.inc" || mv "$out/$s.inc.new" "$out/$s.inc"
-    rm -f "$out/$s.inc.new"
+    local s=$1 bin="$out/$1_emu" refs=()
+    gen "$kernels/$s.cu" "$out/$s.inc"
+    if [[ -f "$here/${s}_ref.cu" ]]; then gen "$here/${s}_ref.cu" "$out/${s}_ref.inc"; refs=("$out/${s}_ref.inc"); fi
     local newest
-    newest=$(ls -t "$out/$s.inc" "$here/${s}_emu.cpp" "$here/emu_rt.cpp" "$here/emu.h" "$here/lora_ref.h" "$here/inc/cuda_bf16.h" \
+    newest=$(ls -t "$out/$s.inc" "${refs[@]}" "$here/${s}_emu.cpp" "$here/emu_rt.cpp" "$here/emu.h" "$here/lora_ref.h" "$here/inc/cuda_bf16.h" \
         "$kernels/common.cuh" "$0" | head -1)
     if [[ ! -x "$bin" || "$newest" -nt "$bin" ]]; then
         g++ "${flags[@]}" -I "$here" -I "$here/inc" -I "$out" -o "$bin" \

@@ -103,26 +103,30 @@ impl TrainAttnShape {
             .unwrap_or(256)
     }
 
-    /// Dynamic shared memory of the forward kernel: the query tile and one key and value tile,
-    /// (64 + 2·BK) rows of (HD + 8) bf16, BK = 64 (32 at HD 256).
+    /// Dynamic shared memory of the forward kernel (kernels `AtCfg::FWD_SMEM`): the query tile
+    /// and two stages of a key and a value tile, (64 + 2·2·BK) rows of (HD + 8) bf16, BK = 64 (32
+    /// at HD 256): 46080, 87040, 101376 bytes at HD 64, 128, 256.
     pub fn fwd_smem_bytes(&self) -> usize {
         let c = self.compiled_head_dim();
-        (AT_BQ + 2 * fwd_keys_per_tile(c)) * (c + AT_PAD) * 2
+        (AT_BQ + FWD_STAGES * 2 * fwd_keys_per_tile(c)) * (c + AT_PAD) * 2
     }
 
-    /// Dynamic shared memory of the dk/dv kernel: the key and value tiles (64 rows each), one
-    /// query and dout tile (BQ rows each: 64, 32, 16 at HD 64, 128, 256) and BQ lse and delta.
+    /// Dynamic shared memory of the dk/dv kernel (`AtCfg::DKDV_SMEM`): the key and value tiles
+    /// (64 rows each) and per stage a query and a dout tile (BQ rows each: 64, 32, 16 at HD 64,
+    /// 128, 256) and BQ lse and delta; 2, 2, 1 stages: 56320, 70144, 84608 bytes.
     pub fn dkdv_smem_bytes(&self) -> usize {
         let c = self.compiled_head_dim();
-        let bq = dkdv_queries_per_tile(c);
-        (2 * AT_BKV + 2 * bq) * (c + AT_PAD) * 2 + 2 * bq * 4
+        let (bq, st) = (dkdv_queries_per_tile(c), dkdv_stages(c));
+        (2 * AT_BKV + st * 2 * bq) * (c + AT_PAD) * 2 + st * 2 * bq * 4
     }
 
-    /// Dynamic shared memory of the dq kernel: the query and dout tiles (64 rows each) and one
-    /// key and value tile (BK rows each).
+    /// Dynamic shared memory of the dq kernel (`AtCfg::DQ_SMEM`): the query and dout tiles (64
+    /// rows each) and the stages of the key and value tiles (BK rows each; 2 + 2, 2 + 1, 1 + 1 at
+    /// HD 64, 128, 256): 55296, 87040, 101376 bytes.
     pub fn dq_smem_bytes(&self) -> usize {
         let c = self.compiled_head_dim();
-        (2 * AT_BQ + 2 * fwd_keys_per_tile(c)) * (c + AT_PAD) * 2
+        let (ks, vs) = dq_stages(c);
+        (2 * AT_BQ + (ks + vs) * fwd_keys_per_tile(c)) * (c + AT_PAD) * 2
     }
 }
 
@@ -132,6 +136,28 @@ fn fwd_keys_per_tile(c: usize) -> usize {
         64
     } else {
         32
+    }
+}
+
+/// Stages of the forward's key/value tiles (kernels `AtCfg::FWD_STAGES`).
+const FWD_STAGES: usize = 2;
+
+/// Stages of the dk/dv kernel's query/dout tiles for compiled head dim `c` (`AtCfg::DKDV_STAGES`).
+fn dkdv_stages(c: usize) -> usize {
+    if c <= 128 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Stages of the dq kernel's key and value tiles for compiled head dim `c`
+/// (`AtCfg::DQ_K_STAGES`, `DQ_V_STAGES`).
+fn dq_stages(c: usize) -> (usize, usize) {
+    match c {
+        0..=64 => (2, 2),
+        65..=128 => (2, 1),
+        _ => (1, 1),
     }
 }
 
@@ -273,7 +299,8 @@ impl CudaDevice {
         let (kp, _k) = k.device_ptr(s);
         let (vp, _v) = v.device_ptr(s);
         let (cu, _cu) = cu_rows.device_ptr(s);
-        // The kernel moves q, k, v in 8-byte pieces and stores out in 4-byte pairs.
+        // The kernel copies q, k, v in 16-byte pieces (8-byte ones unless hd % 8 == 0 and all three
+        // start 16-byte aligned) and stores out in 4-byte pairs.
         for (what, p) in [("q", qp), ("k", kp), ("v", vp), ("out", op)] {
             if p % 8 != 0 {
                 return Err(Error::invalid(format!("{kn}: {what} must start 8-byte aligned")));
@@ -363,7 +390,8 @@ impl CudaDevice {
         let (dkp, _dk) = dk.device_ptr_mut(s);
         let (dvp, _dv) = dv.device_ptr_mut(s);
         let (dp, _d) = delta.device_ptr_mut(s);
-        // 8-byte tile loads of q, k, v, dout; 4-byte pair stores of dq, dk, dv.
+        // 16-byte tile copies of q, k, v, dout (8-byte ones unless hd % 8 == 0 and all four start
+        // 16-byte aligned); 4-byte pair stores of dq, dk, dv.
         for (what, p) in [
             ("q", qp),
             ("k", kp),
