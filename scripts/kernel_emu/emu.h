@@ -31,7 +31,8 @@ static inline void emu_cp_async16(void* dst, const void* src, int src_bytes) {
     if (src_bytes) memcpy(dst, src, src_bytes);
 }
 
-// cp.async of kernels/attention_train.cu (at_cp_async*), modelled as asynchronous: each copy (the
+// cp.async of kernels/attention_train.cu (at_cp_async*) and kernels/gemm.cu (sk_cp_async*),
+// modelled as asynchronous: each copy (the
 // source read and the src-size checked at issue, the destination checked to lie in the launch's
 // dynamic shared memory) lands either at once or, at random, only when its thread waits for its
 // commit group; copies never committed and waited for by the end of the block are an error. So a

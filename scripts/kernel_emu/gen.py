@@ -62,13 +62,14 @@ PTX_HELPERS = {
         "static inline void lt_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
     "static __device__ __forceinline__ void lt_ldsm_x4_trans(":
         "static inline void lt_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
-    # kernels/gemm.cu: the same helpers under the sk_ prefix; __ldcg is a plain load.
+    # kernels/gemm.cu: the same helpers under the sk_ prefix, its cp.async asynchronous as
+    # attention_train.cu's (emu_cpa_*); __ldcg is a plain load.
     "static __device__ __forceinline__ void sk_mma(":
         "static inline void sk_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { at_mma_emu(d, a, b0, b1); }",
     "static __device__ __forceinline__ void sk_ldsm_x4(":
         "static inline void sk_ldsm_x4(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, false); }",
     "static __device__ __forceinline__ void sk_cp_async16(":
-        "static inline void sk_cp_async16(bf16* smem, const bf16* gmem, int src_bytes) { emu_cp_async16(smem, gmem, src_bytes); }",
+        "static inline void sk_cp_async16(bf16* smem, const bf16* gmem, int src_bytes) { emu_cpa_issue(smem, gmem, 16, src_bytes); }",
     "extern \"C\" __global__ void gemm_tune_spin(":
         "extern \"C\" void gemm_tune_spin(long long) {}",
 }
@@ -77,9 +78,9 @@ ONE_LINE = {
     "static __device__ __forceinline__ void at_cp_async_wait_all()": "static inline void at_cp_async_wait_all() { emu_cpa_wait(0); }",
     "static __device__ __forceinline__ void dec_cp_async_commit()": "static inline void dec_cp_async_commit() {}",
     "static __device__ __forceinline__ void dec_cp_async_wait()": "static inline void dec_cp_async_wait() {}",
-    "static __device__ __forceinline__ void sk_cp_async_commit()": "static inline void sk_cp_async_commit() {}",
+    "static __device__ __forceinline__ void sk_cp_async_commit()": "static inline void sk_cp_async_commit() { emu_cpa_commit(); }",
     "template <int N> static __device__ __forceinline__ void sk_cp_async_wait()":
-        "template <int N> static inline void sk_cp_async_wait() {}",
+        "template <int N> static inline void sk_cp_async_wait() { emu_cpa_wait(N); }",
     "static __device__ __forceinline__ float sk_load_cg(": "static inline float sk_load_cg(const float* p) { return *p; }",
     "static __device__ __forceinline__ float4 sk_load4_cg(":
         "static inline float4 sk_load4_cg(const float* p) { return *reinterpret_cast<const float4*>(p); }",
