@@ -75,9 +75,6 @@ static __device__ __forceinline__ void sk_cp_async_commit() { asm volatile("cp.a
 // Waits until at most the N newest committed groups of this thread are in flight.
 template <int N> static __device__ __forceinline__ void sk_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-// Reads a value another block wrote in this launch (L2, not a possibly stale L1 line).
-static __device__ __forceinline__ float sk_load_cg(const float* p) { return __ldcg(p); }
-static __device__ __forceinline__ float4 sk_load4_cg(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
 // SWIGLU: x is the stacked gate|up output (M, 2K) and the X operand is act = silu(gate) · up,
 // computed per k-chunk in shared memory exactly as swiglu_fused_fwd_bf16 rounds it (one bf16
@@ -211,6 +208,7 @@ static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const b
     __syncthreads();
     if (!sk_last) return;
     __threadfence();  // the other blocks' partials, counted before this block's, are visible
+    // (read with __ldcg: through L2, never a stale L1 line)
     const int cols = min(SK_NB, N - n0);
     if (N % 4 == 0) {
         // 16-byte loads (N % 4 == 0: every (row, 4k-th column) is 16-byte aligned in partial),
@@ -228,7 +226,8 @@ static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const b
             for (int i = 0; i < EPT; ++i) {
                 const int e = tid + i * SK_THREADS;
                 if (e < total) {
-                    const float4 p = sk_load4_cg(partial + ((size_t)s * M + e / c4) * N + n0 + e % c4 * 4);
+                    const float* src = partial + ((size_t)s * M + e / c4) * N + n0 + e % c4 * 4;
+                    const float4 p = __ldcg(reinterpret_cast<const float4*>(src));
                     sum[i].x += p.x;
                     sum[i].y += p.y;
                     sum[i].z += p.z;
@@ -251,7 +250,7 @@ static __device__ __forceinline__ void skinny_gemm(OutT* __restrict__ y, const b
         for (int e = tid; e < M * cols; e += SK_THREADS) {
             const int row = e / cols, col = n0 + e % cols;
             float sum = 0.0f;
-            for (int s = 0; s < splits; ++s) sum += sk_load_cg(partial + ((size_t)s * M + row) * N + col);
+            for (int s = 0; s < splits; ++s) sum += __ldcg(partial + ((size_t)s * M + row) * N + col);
             store_f32(y + (size_t)row * N + col, sum);
         }
     }

@@ -63,7 +63,7 @@ PTX_HELPERS = {
     "static __device__ __forceinline__ void lt_ldsm_x4_trans(":
         "static inline void lt_ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) { at_ldsm_emu(r, p, true); }",
     # kernels/gemm.cu: the same helpers under the sk_ prefix, its cp.async asynchronous as
-    # attention_train.cu's (emu_cpa_*); __ldcg is a plain load.
+    # attention_train.cu's (emu_cpa_*).
     "static __device__ __forceinline__ void sk_mma(":
         "static inline void sk_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { at_mma_emu(d, a, b0, b1); }",
     "static __device__ __forceinline__ void sk_ldsm_x4(":
@@ -81,9 +81,6 @@ ONE_LINE = {
     "static __device__ __forceinline__ void sk_cp_async_commit()": "static inline void sk_cp_async_commit() { emu_cpa_commit(); }",
     "template <int N> static __device__ __forceinline__ void sk_cp_async_wait()":
         "template <int N> static inline void sk_cp_async_wait() { emu_cpa_wait(N); }",
-    "static __device__ __forceinline__ float sk_load_cg(": "static inline float sk_load_cg(const float* p) { return *p; }",
-    "static __device__ __forceinline__ float4 sk_load4_cg(":
-        "static inline float4 sk_load4_cg(const float* p) { return *reinterpret_cast<const float4*>(p); }",
 }
 for sig, body in ONE_LINE.items():
     if sig in src:

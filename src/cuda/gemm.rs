@@ -218,6 +218,11 @@ pub fn skinny_applies(rows: usize, d_in: usize, d_out: usize) -> bool {
         && i32::try_from(d_in.max(d_out)).is_ok()
 }
 
+/// [`skinny_applies`] and every operand pointer 16-byte aligned (the kernel's cp.async copies).
+fn skinny_takes(rows: usize, d_in: usize, d_out: usize, ptrs: &[u64]) -> bool {
+    skinny_applies(rows, d_in, d_out) && ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
 /// The k-split count for (d_in, d_out) on a GPU with `sms` multiprocessors: enough blocks for
 /// about two per multiprocessor, at least 2 k-chunks of 64 per split, at most
 /// [`SKINNY_MAX_SPLITS`], and the partials of 64 rows within [`SKINNY_PARTIAL_LEN`]; then
@@ -229,8 +234,13 @@ pub fn skinny_splits(d_in: usize, d_out: usize, sms: usize) -> usize {
     let cap = (chunks / 2)
         .min(SKINNY_MAX_SPLITS)
         .min(SKINNY_PARTIAL_LEN / (SKINNY_MAX_ROWS * d_out).max(1));
-    let s = want.min(cap).max(1);
-    chunks.div_ceil(chunks.div_ceil(s)) // no empty split
+    trim_splits(chunks, want.min(cap))
+}
+
+/// `splits` (at least 1) lowered so that none of them is empty when `chunks` k-chunks are dealt
+/// out ceil(chunks / splits) to a split: the count the kernel's grid really has.
+fn trim_splits(chunks: usize, splits: usize) -> usize {
+    chunks.div_ceil(chunks.div_ceil(splits.max(1)))
 }
 
 impl CudaDevice {
@@ -362,16 +372,15 @@ impl CudaDevice {
         } else {
             "skinny_gemm"
         };
-        let aligned = |p: u64| p.is_multiple_of(16);
-        if !skinny_applies(rows, d_in, d_out) || !aligned(x) || !aligned(w) || !aligned(act.unwrap_or(0)) {
+        if !skinny_takes(rows, d_in, d_out, &[x, w, act.unwrap_or(0)]) {
             return Err(Error::invalid(format!(
                 "{kn}: {rows}×{d_in} · ({d_out}×{d_in})ᵀ is not a shape it takes (1–64 rows, \
                  in a multiple of 8, 16-byte aligned operands)"
             )));
         }
         let chunks = d_in.div_ceil(SK_KC);
-        let cps = chunks.div_ceil(splits.max(1));
-        let splits = chunks.div_ceil(cps);
+        let splits = trim_splits(chunks, splits);
+        let cps = chunks.div_ceil(splits);
         if splits > 1 && splits * rows * d_out > SKINNY_PARTIAL_LEN {
             return Err(Error::invalid(format!(
                 "{kn}: {splits} splits of {rows}×{d_out} partial sums exceed the scratch of \
@@ -444,25 +453,13 @@ pub(super) fn gemm(
     d_in: usize,
     d_out: usize,
 ) -> Result<()> {
-    let cublas = || super::engine::gemm_raw(dev, blas, x, w, y, y_type, rows, d_in, d_out);
     let f32_out = matches!(y_type, cudaDataType::CUDA_R_32F);
+    let run = |c| run_choice(dev, Some(blas), c, x, w, y, f32_out, rows, d_in, d_out);
     let policy = dev.gemm_policy();
-    if policy == GemmPolicy::Cublas
-        || !skinny_applies(rows, d_in, d_out)
-        || !x.is_multiple_of(16)
-        || !w.is_multiple_of(16)
-    {
-        return cublas();
+    if policy == GemmPolicy::Cublas || !skinny_takes(rows, d_in, d_out, &[x, w]) {
+        return run(GemmChoice::Cublas);
     }
-    let key = (rows, d_in, d_out, f32_out);
-    let known = dev
-        .gemm
-        .table
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .copied();
-    let choice = match known {
+    let choice = match dev.gemm_choice(rows, d_in, d_out, f32_out) {
         Some(c) => c,
         None => {
             let capturing = dev
@@ -473,24 +470,53 @@ pub(super) fn gemm(
             if capturing {
                 // Nothing can be timed (or allocated) inside a capture; the eager step that
                 // precedes every capture has tuned the engine's shapes, so this is a stray one.
-                return cublas();
+                return run(GemmChoice::Cublas);
             }
             let auto = skinny_splits(d_in, d_out, dev.gemm.sms);
             let choice = if policy == GemmPolicy::Skinny {
                 GemmChoice::Skinny { splits: auto }
             } else {
-                tune(dev, blas, x, w, y, y_type, rows, d_in, d_out, auto)?
+                tune(dev, blas, x, w, y, f32_out, rows, d_in, d_out, auto)?
             };
             dev.gemm
                 .table
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(key, choice);
+                .insert((rows, d_in, d_out, f32_out), choice);
             choice
         }
     };
+    run(choice)
+}
+
+/// Runs y = x · wᵀ by exactly `choice` (raw pointers, lengths checked by the caller). `blas`
+/// None: the device's handle, fetched (created on first use) only if cuBLAS runs.
+#[allow(clippy::too_many_arguments)]
+fn run_choice(
+    dev: &CudaDevice,
+    blas: Option<&CudaBlas>,
+    choice: GemmChoice,
+    x: u64,
+    w: u64,
+    y: u64,
+    f32_out: bool,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<()> {
     match choice {
-        GemmChoice::Cublas => cublas(),
+        GemmChoice::Cublas => {
+            let y_type = if f32_out {
+                cudaDataType::CUDA_R_32F
+            } else {
+                cudaDataType::CUDA_R_16BF
+            };
+            let blas = match blas {
+                Some(b) => b,
+                None => dev.blas()?,
+            };
+            super::engine::gemm_raw(dev, blas, x, w, y, y_type, rows, d_in, d_out)
+        }
         GemmChoice::Skinny { splits } => dev.skinny_gemm_raw(x, w, y, f32_out, rows, d_in, d_out, splits),
     }
 }
@@ -511,13 +537,12 @@ fn tune(
     x: u64,
     w: u64,
     y: u64,
-    y_type: cudaDataType,
+    f32_out: bool,
     rows: usize,
     d_in: usize,
     d_out: usize,
     auto: usize,
 ) -> Result<GemmChoice> {
-    let f32_out = matches!(y_type, cudaDataType::CUDA_R_32F);
     // cuBLAS; the skinny kernel without split-K, with half, all and twice the rule's splits
     // (at most 16, ≥ 2 k-chunks each, partials within the scratch), each trimmed so that no
     // split is empty.
@@ -528,15 +553,12 @@ fn tune(
         .max(1);
     let mut candidates = vec![GemmChoice::Cublas];
     for s in [1, auto / 2, auto, 2 * auto] {
-        let s = chunks.div_ceil(chunks.div_ceil(s.clamp(1, cap)));
+        let s = trim_splits(chunks, s.clamp(1, cap));
         if !candidates.contains(&GemmChoice::Skinny { splits: s }) {
             candidates.push(GemmChoice::Skinny { splits: s });
         }
     }
-    let run = |c: GemmChoice| match c {
-        GemmChoice::Cublas => super::engine::gemm_raw(dev, blas, x, w, y, y_type, rows, d_in, d_out),
-        GemmChoice::Skinny { splits } => dev.skinny_gemm_raw(x, w, y, f32_out, rows, d_in, d_out, splits),
-    };
+    let run = |c| run_choice(dev, Some(blas), c, x, w, y, f32_out, rows, d_in, d_out);
     for &c in &candidates {
         run(c)?; // warm: loads the kernel, lets cuBLAS choose, allocates the split-K scratch
     }
@@ -576,7 +598,7 @@ fn tune(
         timings_us: timings,
         choice,
     };
-    if std::env::var_os("RFT_CUDA_DEBUG").is_some_and(|v| v == "1") {
+    if super::engine::debug_enabled() {
         eprintln!("rft: gemm tuning {}", rec.to_json());
     }
     dev.gemm
@@ -643,19 +665,7 @@ impl CudaDevice {
         let (xp, _x) = x.device_ptr(s);
         let (wp, _w) = w.device_ptr(s);
         let (yp, _y) = cudarc::driver::DevicePtrMut::device_ptr_mut(y, s);
-        match choice {
-            GemmChoice::Cublas => {
-                let y_type = if Y::F32 {
-                    cudaDataType::CUDA_R_32F
-                } else {
-                    cudaDataType::CUDA_R_16BF
-                };
-                super::engine::gemm_raw(self, self.blas()?, xp, wp, yp, y_type, rows, d_in, d_out)
-            }
-            GemmChoice::Skinny { splits } => {
-                self.skinny_gemm_raw(xp, wp, yp, Y::F32, rows, d_in, d_out, splits)
-            }
-        }
+        run_choice(self, None, choice, xp, wp, yp, Y::F32, rows, d_in, d_out)
     }
 
     /// [`Self::gemm_with`] on host data: x and w rounded to bf16, y back as f32 (exact).

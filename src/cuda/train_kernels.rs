@@ -278,6 +278,14 @@ pub fn clip_report_from_stats(stats: [f64; 2], max_norm: f32) -> ClipReport {
     }
 }
 
+/// What [`CudaDevice::gather_bwd_host_inputs`] uploads and allocates.
+struct GatherBwdHostInputs {
+    targets: CudaSlice<u32>,
+    dlogp: CudaSlice<f32>,
+    dentropy: Option<CudaSlice<f32>>,
+    stats: [CudaSlice<f32>; 4],
+}
+
 pub(super) fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
     if found != expected {
         return Err(Error::invalid(format!(
@@ -833,6 +841,28 @@ impl CudaDevice {
         ])
     }
 
+    /// The device inputs of the backward test conveniences: targets, dlogp, dentropy uploaded,
+    /// and the forward's four per-row outputs (logp, entropy, lse, mean_s) allocated.
+    fn gather_bwd_host_inputs(
+        &self,
+        targets: &[u32],
+        dlogp: &[f32],
+        dentropy: Option<&[f32]>,
+    ) -> Result<GatherBwdHostInputs> {
+        let rows = targets.len();
+        Ok(GatherBwdHostInputs {
+            targets: self.upload(targets)?,
+            dlogp: self.upload(dlogp)?,
+            dentropy: dentropy.map(|d| self.upload(d)).transpose()?,
+            stats: [
+                self.alloc_zeros(rows)?,
+                self.alloc_zeros(rows)?,
+                self.alloc_zeros(rows)?,
+                self.alloc_zeros(rows)?,
+            ],
+        })
+    }
+
     /// Test convenience: forward then in-place backward on the device, from host logits (rows,
     /// vocab) (bf16 storage when `use_bf16`); returns dlogits (rows, vocab) as f32.
     #[allow(clippy::too_many_arguments)]
@@ -850,25 +880,18 @@ impl CudaDevice {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let t = self.upload(targets)?;
-        let gl = self.upload(dlogp)?;
-        let ge = dentropy.map(|d| self.upload(d)).transpose()?;
-        let mut outs: [CudaSlice<f32>; 4] = [
-            self.alloc_zeros(rows)?,
-            self.alloc_zeros(rows)?,
-            self.alloc_zeros(rows)?,
-            self.alloc_zeros(rows)?,
-        ];
-        let [a, b, lse, ms] = &mut outs;
+        let mut inp = self.gather_bwd_host_inputs(targets, dlogp, dentropy)?;
+        let (t, gl, ge) = (&inp.targets, &inp.dlogp, inp.dentropy.as_ref());
+        let [a, b, lse, ms] = &mut inp.stats;
         if use_bf16 {
             let mut x = self.upload_bf16(logits)?;
-            self.logprob_gather_fwd_bf16(&x, &t, a, b, lse, ms, rows, vocab, temperature)?;
-            self.logprob_gather_bwd_bf16(&mut x, &t, &gl, ge.as_ref(), lse, ms, rows, vocab, temperature)?;
+            self.logprob_gather_fwd_bf16(&x, t, a, b, lse, ms, rows, vocab, temperature)?;
+            self.logprob_gather_bwd_bf16(&mut x, t, gl, ge, lse, ms, rows, vocab, temperature)?;
             self.download_bf16(&x)
         } else {
             let mut x = self.upload(logits)?;
-            self.logprob_gather_fwd_f32(&x, &t, a, b, lse, ms, rows, vocab, temperature)?;
-            self.logprob_gather_bwd_f32(&mut x, &t, &gl, ge.as_ref(), lse, ms, rows, vocab, temperature)?;
+            self.logprob_gather_fwd_f32(&x, t, a, b, lse, ms, rows, vocab, temperature)?;
+            self.logprob_gather_bwd_f32(&mut x, t, gl, ge, lse, ms, rows, vocab, temperature)?;
             self.download(&x)
         }
     }
@@ -888,31 +911,13 @@ impl CudaDevice {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let t = self.upload(targets)?;
-        let gl = self.upload(dlogp)?;
-        let ge = dentropy.map(|d| self.upload(d)).transpose()?;
-        let mut outs: [CudaSlice<f32>; 4] = [
-            self.alloc_zeros(rows)?,
-            self.alloc_zeros(rows)?,
-            self.alloc_zeros(rows)?,
-            self.alloc_zeros(rows)?,
-        ];
-        let [a, b, lse, ms] = &mut outs;
+        let mut inp = self.gather_bwd_host_inputs(targets, dlogp, dentropy)?;
+        let (t, gl, ge) = (&inp.targets, &inp.dlogp, inp.dentropy.as_ref());
+        let [a, b, lse, ms] = &mut inp.stats;
         let x = self.upload(logits)?;
         let mut dx = self.alloc_zeros::<bf16>(logits.len())?;
-        self.logprob_gather_fwd_f32(&x, &t, a, b, lse, ms, rows, vocab, temperature)?;
-        self.logprob_gather_bwd_f32_to_bf16(
-            &x,
-            &mut dx,
-            &t,
-            &gl,
-            ge.as_ref(),
-            lse,
-            ms,
-            rows,
-            vocab,
-            temperature,
-        )?;
+        self.logprob_gather_fwd_f32(&x, t, a, b, lse, ms, rows, vocab, temperature)?;
+        self.logprob_gather_bwd_f32_to_bf16(&x, &mut dx, t, gl, ge, lse, ms, rows, vocab, temperature)?;
         self.download_bf16(&dx)
     }
 
