@@ -9,7 +9,7 @@
 //! everywhere.
 
 mod common;
-use common::{bf, device_or_skip, uniform_vec};
+use common::{bf, device_or_skip, emulated, uniform_vec};
 use rft::cpu::model::attend;
 use rft::cpu::ops;
 use rft::cuda::{
@@ -627,7 +627,20 @@ fn lora_bf16_is_bit_exact_and_row_invariant() {
             .unwrap();
         let what = format!("lora {rows}x{d_in}->{d_out} r{r}");
         let want = lora_in_kernel_order(&y, &x, &a, &b, scale, rows, d_in, d_out, r);
-        assert_bits_eq(&format!("{what} vs the kernel order on the CPU"), &want, &got);
+        if emulated(&dev) {
+            // No FMA contraction in the emulator: the replay's mul_adds hold within one bf16 ulp
+            // of the result (relative ≤ 2⁻⁷); the tiling and order are still checked by the row
+            // invariance below and by the kernel emulator's own bit-identity oracle (lora_ref.h).
+            assert_close(
+                &format!("{what} vs the kernel order on the CPU"),
+                &want,
+                &got,
+                1e-6,
+                1.0 / 128.0,
+            );
+        } else {
+            assert_bits_eq(&format!("{what} vs the kernel order on the CPU"), &want, &got);
+        }
         if rows <= 70 {
             let one_by_one: Vec<f32> = (0..rows)
                 .flat_map(|n| {

@@ -54,6 +54,14 @@ pub fn device_or_skip() -> Option<CudaDevice> {
     Some(dev)
 }
 
+/// Whether `dev` is the CPU stand-in of scripts/cuda_emu (the real kernels in the kernel
+/// emulator). It compiles the kernels without FMA contraction, which nvcc does by default, so a
+/// comparison that is bit-exact against an FMA-ordered CPU replay only holds within an ulp there.
+#[allow(dead_code)]
+pub fn emulated(dev: &CudaDevice) -> bool {
+    dev.name().starts_with("rft CUDA emulator")
+}
+
 /// Deterministic values in [lo, hi) (xorshift64*), so failures reproduce.
 pub fn uniform_vec(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
