@@ -31,14 +31,15 @@ export RFT_REQUIRE_NVCC=1 RFT_REQUIRE_GPU=1
 cd "$root"
 tests=()
 for s in "${suites[@]}"; do tests+=(--test "$s"); done
-cargo test --release "${tests[@]}" --no-run 2>&1 | grep -v "^ *Executable" || true
+# Build the suites (as `cargo test --release` does) and find their executables.
+json=$(cargo test --release "${tests[@]}" --no-run --message-format=json-render-diagnostics)
 status=0
 for s in "${suites[@]}"; do
-    bin=$(cargo test --release --test "$s" --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys
+    bin=$(python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]: print(m["executable"])' "$s")
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]: print(m["executable"])' "$s" <<< "$json")
+    [[ -n "$bin" ]] || { echo "no test executable for $s" >&2; exit 2; }
     echo "== $s (CPU CUDA emulator)"
     start=$SECONDS
     if [[ "${ASAN:-0}" == 1 ]]; then
