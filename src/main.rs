@@ -151,7 +151,8 @@ enum Cmd {
 enum BenchCmd {
     /// CUDA rollout throughput on random weights of a real model shape (no files needed).
     Rollout {
-        /// qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b.
+        /// qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama3.2-1b, or a model directory (its
+        /// config.json's shape; the weights are random either way).
         #[arg(long, default_value = "qwen2.5-0.5b")]
         shape: String,
         #[arg(long, default_value_t = 8)]
@@ -179,7 +180,8 @@ enum BenchCmd {
     /// One CUDA GRPO training step (forward, loss, LoRA backward, AdamW) on random weights of
     /// a real model shape: step time, tokens/s, peak GPU memory.
     Train {
-        /// qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b.
+        /// qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama3.2-1b, or a model directory (its
+        /// config.json's shape; the weights are random either way).
         #[arg(long, default_value = "qwen2.5-0.5b")]
         shape: String,
         #[arg(long, default_value_t = 64)]

@@ -2860,14 +2860,21 @@ pub struct RolloutBench {
     pub gemm_tuning: Vec<super::GemmTuneRecord>,
 }
 
-/// The config of a benchmark shape, once CUDA is known to be usable (`rft bench …`).
+/// The config of a benchmark shape, once CUDA is known to be usable (`rft bench …`): a preset
+/// name, or a model directory whose config.json gives the shape (its weights are not read).
 pub(super) fn bench_shape(shape: &str) -> Result<ModelConfig> {
     super::availability().map_err(Error::CudaUnavailable)?;
-    ModelConfig::preset(shape).ok_or_else(|| {
-        Error::invalid(format!(
-            "unknown shape {shape:?}; expected qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or llama3.2-1b"
-        ))
-    })
+    if let Some(c) = ModelConfig::preset(shape) {
+        return Ok(c);
+    }
+    let dir = std::path::Path::new(shape);
+    if dir.join("config.json").is_file() {
+        return ModelConfig::from_dir(dir);
+    }
+    Err(Error::invalid(format!(
+        "unknown shape {shape:?}; expected qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama3.2-1b or a \
+         model directory with a config.json"
+    )))
 }
 
 /// Random weights of preset `shape` on device `ordinal`; `prompts` random prompts of
