@@ -198,6 +198,10 @@ enum BenchCmd {
         /// Activation memory: `layer` recomputes each layer in the backward, `none` saves all.
         #[arg(long, value_enum, default_value = "layer")]
         recompute: RecomputeArg,
+        /// With `--recompute layer`, keep the last K layers' activations (their backward skips
+        /// the recompute: faster, K layers' activations more memory).
+        #[arg(long, default_value_t = 0)]
+        keep_layers: usize,
         /// Sequences per forward/backward (0: the whole batch at once).
         #[arg(long, default_value_t = 0)]
         micro_batch_size: usize,
@@ -513,6 +517,7 @@ fn run(cli: Cli) -> Result<()> {
                     prompt_len,
                     lora_rank,
                     recompute,
+                    keep_layers,
                     micro_batch_size,
                     steps,
                     device,
@@ -529,6 +534,7 @@ fn run(cli: Cli) -> Result<()> {
                     RecomputeArg::Layer => rft::cpu::train::Recompute::Layer,
                     RecomputeArg::None => rft::cpu::train::Recompute::None,
                 },
+                keep_layers,
                 micro_batch_size,
                 steps,
                 device,
@@ -539,8 +545,8 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
                 println!(
-                    "{} on {}: {} × {} tokens (prompt {}), LoRA r{} ({} params), recompute {}: \
-                     {:.1} ms/step, {:.0} tok/s, weights {:.2} GiB, plan {:.2} GiB, measured {:.2} GiB",
+                    "{} on {}: {} × {} tokens (prompt {}), LoRA r{} ({} params), recompute {} \
+                     (last {} layers kept): {:.1} ms/step, {:.0} tok/s, weights {:.2} GiB, plan {:.2} GiB, measured {:.2} GiB",
                     r.shape,
                     r.device,
                     r.sequences,
@@ -549,6 +555,7 @@ fn run(cli: Cli) -> Result<()> {
                     r.lora_rank,
                     r.trainable_params,
                     r.recompute,
+                    r.kept_layers,
                     r.step_ms,
                     r.tokens_per_s,
                     gib(r.weight_bytes),

@@ -320,6 +320,22 @@ fn cuda_recompute_is_bit_identical_and_micro_batches_add_up() {
         lora_params(recomputed.grads.lora.as_ref().unwrap()),
         "recompute changed the gradients"
     );
+    // Layer recompute keeping the last layer's activations (a kept set and the scratch set;
+    // the first layer recomputed): the same bits again. A fresh trainer, since a plan that
+    // keeps more layers is reused as it is.
+    let mut partial = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
+    partial.set_keep_layers(1);
+    let kept = partial
+        .grpo_gradients(&engine, &b, &opts(loss, 2, Recompute::Layer))
+        .unwrap();
+    let plan = partial.plan().unwrap();
+    assert_eq!((plan.kept_layers, plan.saved_layers), (1, 2));
+    assert_eq!(saved.logp, kept.logp);
+    assert_eq!(
+        lora_params(saved.grads.lora.as_ref().unwrap()),
+        lora_params(kept.grads.lora.as_ref().unwrap()),
+        "keeping the last layer changed the gradients"
+    );
     // One micro-batch vs two: the GEMMs see other row counts (cuBLAS may pick other kernels),
     // so equality holds to bf16 rounding, not bits.
     let whole = tr

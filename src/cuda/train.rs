@@ -185,8 +185,15 @@ pub struct TrainPlan {
     pub chunk_rows: usize,
     /// Vocabulary columns of one lm_head chunk.
     pub vocab_chunk: usize,
-    /// Layers whose activations exist at once (1 with recompute, L without).
+    /// Trailing layers whose activations are kept from the forward to the backward (L without
+    /// recompute; with layer recompute 0, or K from [`TrainPlan::keeping_last_layers`]): the
+    /// backward recomputes only layers 0 .. L − kept.
+    pub kept_layers: usize,
+    /// Activation sets that exist at once: the kept layers' plus one scratch set the other
+    /// layers are computed (and recomputed) into, when there are any.
     pub saved_layers: usize,
+    /// Bytes of one layer's activation set.
+    pub layer_act_bytes: usize,
     pub lora_rank: usize,
     /// Largest f32 scratch of one LoRA-gradient launch.
     pub lora_scratch: usize,
@@ -217,9 +224,9 @@ impl TrainPlan {
             c.vocab_size,
         );
         let (l, h, r) = (c.num_hidden_layers, c.num_attention_heads, max_rows);
-        let saved_layers = match recompute {
-            Recompute::None => l,
-            Recompute::Layer => 1,
+        let (kept_layers, saved_layers) = match recompute {
+            Recompute::None => (l, l),
+            Recompute::Layer => (0, 1),
         };
         let qk = if c.qk_norm { qd + kvd } else { 0 };
         // One layer's activations per row, bf16: h1, x_mid, h2, proj (D); q, attn (qd); k, v
@@ -264,13 +271,48 @@ impl TrainPlan {
             max_tokens,
             chunk_rows,
             vocab_chunk: vc,
+            kept_layers,
             saved_layers,
+            layer_act_bytes: r * layer_row,
             lora_rank,
             lora_scratch,
             activation_bytes,
             backward_bytes,
             logits_bytes,
             lora_bytes,
+        }
+    }
+
+    /// With layer recompute, also keeps the activations of the last `k` layers (≤ L; `k` = L is
+    /// no recompute): their backward skips the recompute, for `k` more layers' activations.
+    /// Results are bit-identical whatever `k` (a recompute reruns the forward's kernels).
+    pub fn keeping_last_layers(mut self, num_layers: usize, k: usize) -> TrainPlan {
+        let kept = k.clamp(self.kept_layers, num_layers);
+        let saved = if kept == num_layers { num_layers } else { kept + 1 };
+        self.activation_bytes =
+            self.activation_bytes - self.saved_layers * self.layer_act_bytes + saved * self.layer_act_bytes;
+        self.kept_layers = kept;
+        self.saved_layers = saved;
+        self
+    }
+
+    /// The activation set of layer `l` (of `num_layers`) in a training forward: its own for a
+    /// kept layer, else the scratch set.
+    fn act_slot(&self, l: usize, num_layers: usize) -> usize {
+        let first_kept = num_layers - self.kept_layers;
+        if l >= first_kept {
+            l - first_kept
+        } else {
+            self.kept_layers
+        }
+    }
+
+    /// The scratch activation set (also what a log-prob-only pass uses).
+    fn scratch_slot(&self, num_layers: usize) -> usize {
+        if self.kept_layers == num_layers {
+            0
+        } else {
+            self.kept_layers
         }
     }
 
@@ -285,7 +327,7 @@ impl TrainPlan {
             && self.max_tokens >= o.max_tokens
             && self.chunk_rows >= o.chunk_rows
             && self.vocab_chunk == o.vocab_chunk
-            && self.saved_layers >= o.saved_layers
+            && self.kept_layers >= o.kept_layers
             && self.lora_scratch >= o.lora_scratch
     }
 }
@@ -417,18 +459,21 @@ impl LayerActs {
 
 /// Every device buffer of a [`TrainPlan`] (R rows, S sequences, T tokens, C chunk rows).
 struct TrainBuffers {
-    ids: CudaSlice<u32>,        // (R)
-    pos: CudaSlice<i32>,        // (R)
-    cu_rows: CudaSlice<i32>,    // (S+1)
-    scored: CudaSlice<u32>,     // (T)
-    targets: CudaSlice<u32>,    // (T)
-    token_seq: CudaSlice<i32>,  // (T)
-    adv: CudaSlice<f32>,        // (S)
-    seq_w: CudaSlice<f64>,      // (S)
-    old: CudaSlice<f32>,        // (T)
-    refl: CudaSlice<f32>,       // (T)
-    xs: Vec<CudaSlice<bf16>>,   // L+1 × (R, D) layer inputs (xs[L]: the last layer's output)
-    acts: Vec<LayerActs>,       // saved_layers
+    ids: CudaSlice<u32>,       // (R)
+    pos: CudaSlice<i32>,       // (R)
+    cu_rows: CudaSlice<i32>,   // (S+1)
+    scored: CudaSlice<u32>,    // (T)
+    targets: CudaSlice<u32>,   // (T)
+    token_seq: CudaSlice<i32>, // (T)
+    adv: CudaSlice<f32>,       // (S)
+    seq_w: CudaSlice<f64>,     // (S)
+    old: CudaSlice<f32>,       // (T)
+    refl: CudaSlice<f32>,      // (T)
+    xs: Vec<CudaSlice<bf16>>,  // L+1 × (R, D) layer inputs (xs[L]: the last layer's output)
+    acts: Vec<LayerActs>,      // saved_layers (TrainPlan::act_slot)
+    /// The layer whose training-forward activations the scratch set still holds (the last
+    /// recomputable layer right after a training forward: its backward needs no recompute).
+    scratch_holds: Option<usize>,
     hf: CudaSlice<bf16>,        // (R, D) final norm
     hsel: CudaSlice<bf16>,      // (C, D)
     dhsel: CudaSlice<bf16>,     // (C, D)
@@ -496,6 +541,7 @@ impl TrainBuffers {
             acts: (0..p.saved_layers)
                 .map(|_| LayerActs::alloc(dev, c, r, rank))
                 .collect::<Result<_>>()?,
+            scratch_holds: None,
             hf: bf(r * d)?,
             hsel: bf(ch * d)?,
             dhsel: bf(ch * d)?,
@@ -1262,6 +1308,9 @@ pub struct CudaTrainer {
     /// Vocabulary columns of one lm_head chunk ([`TRAIN_VOCAB_CHUNK`]; smaller in tests, to
     /// exercise the merge on small vocabularies).
     vocab_chunk: usize,
+    /// With layer recompute, the trailing layers whose activations are kept
+    /// ([`TrainPlan::keeping_last_layers`]; 0 by default).
+    keep_layers: usize,
     pub last_stats: TrainStats,
 }
 
@@ -1324,11 +1373,21 @@ impl CudaTrainer {
             merge,
             finish,
             vocab_chunk: TRAIN_VOCAB_CHUNK,
+            keep_layers: 0,
             last_stats: TrainStats::default(),
         })
     }
 
     /// Sets the vocabulary columns of one lm_head chunk (≥ 1; takes effect at the next step).
+    /// With layer recompute (`gradient_checkpointing`), also keep the activations of the last
+    /// `layers` layers from the forward to the backward, so that their backward skips the
+    /// recompute: faster by about one layer's forward each, for one layer's activations each
+    /// (`plan().layer_act_bytes`). Bit-identical results whatever the count; takes effect at
+    /// the next plan (a larger plan is kept).
+    pub fn set_keep_layers(&mut self, layers: usize) {
+        self.keep_layers = layers;
+    }
+
     pub fn set_vocab_chunk(&mut self, columns: usize) {
         self.vocab_chunk = columns.max(1);
     }
@@ -1389,12 +1448,12 @@ impl CudaTrainer {
                 have.max_tokens.max(want.max_tokens),
                 self.flat.len,
                 self.flat.rank,
-                if have.saved_layers.max(want.saved_layers) > 1 {
-                    Recompute::None
-                } else {
-                    Recompute::Layer
-                },
+                Recompute::Layer,
                 want.vocab_chunk,
+            )
+            .keeping_last_layers(
+                engine.config.num_hidden_layers,
+                have.kept_layers.max(want.kept_layers),
             ),
             None => want,
         };
@@ -1441,6 +1500,7 @@ impl CudaTrainer {
             opts.recompute,
             self.vocab_chunk,
         )
+        .keeping_last_layers(c.num_hidden_layers, self.keep_layers)
     }
 
     fn check_options(&self, opts: &GrpoOptions) -> Result<()> {
@@ -1533,9 +1593,15 @@ impl CudaTrainer {
             } else {
                 (&hi[0], &mut lo[o])
             };
-            let ai = if train && plan.saved_layers > 1 { l } else { 0 };
+            let ai = if train {
+                plan.act_slot(l, nl)
+            } else {
+                plan.scratch_slot(nl)
+            };
             layer_fwd(&ctx, l, lora, &rows, x_in, x_out, &mut b.acts[ai])?;
         }
+        // After a training forward the scratch set holds the last recomputable layer.
+        b.scratch_holds = (train && plan.kept_layers < nl).then(|| nl - plan.kept_layers - 1);
         let last = if train { nl } else { nl % 2 };
         dev.rmsnorm_fwd_bf16(
             &b.xs[last].slice(..n * d),
@@ -1813,14 +1879,15 @@ impl CudaTrainer {
             dyb: &mut b.dyb,
             lora_scratch: &mut b.lora_scratch,
         };
+        let scratch_holds = b.scratch_holds.take();
         for l in (0..nl).rev() {
-            let ai = if plan.saved_layers > 1 { l } else { 0 };
-            if plan.saved_layers == 1 {
+            let ai = plan.act_slot(l, nl);
+            if l < nl - plan.kept_layers && scratch_holds != Some(l) {
                 // Recompute this layer's activations from its saved input (same kernels, same
                 // order: bit-identical to the forward). Its output goes to a scratch copy of
                 // xs[l+1] (it is identical, and no longer needed: the final norm backward ran).
                 let (lo, hi) = b.xs.split_at_mut(l + 1);
-                layer_fwd(&ctx, l, Some(lora), &rows, &lo[l], &mut hi[0], &mut b.acts[0])?;
+                layer_fwd(&ctx, l, Some(lora), &rows, &lo[l], &mut hi[0], &mut b.acts[ai])?;
             }
             layer_bwd(
                 &ctx,
@@ -2089,6 +2156,8 @@ pub struct TrainBench {
     pub prompt_len: usize,
     pub lora_rank: usize,
     pub recompute: String,
+    /// Trailing layers whose activations were kept (no recompute in their backward).
+    pub kept_layers: usize,
     pub trainable_params: usize,
     /// Median over the timed steps.
     pub step_ms: f64,
@@ -2115,6 +2184,7 @@ pub fn bench_train(
     prompt_len: usize,
     lora_rank: usize,
     recompute: Recompute,
+    keep_layers: usize,
     micro_batch_size: usize,
     steps: usize,
     ordinal: usize,
@@ -2135,6 +2205,7 @@ pub fn bench_train(
     // PEFT init leaves B = 0; a non-zero B exercises every term of the backward.
     let lora = LoraWeights::new_random(all_linear(lora_rank), &config, 3, 0.02, 1e-3);
     let mut trainer = CudaTrainer::new(&mut engine, &lora, &AdamWState::default())?;
+    trainer.set_keep_layers(keep_layers);
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
     let mut rnd = || {
         s ^= s << 13;
@@ -2199,6 +2270,7 @@ pub fn bench_train(
         prompt_len,
         lora_rank,
         recompute: format!("{recompute:?}").to_lowercase(),
+        kept_layers: trainer.plan().map_or(0, |p| p.kept_layers),
         trainable_params: trainer.num_params(),
         step_ms,
         step_ms_all: times,
@@ -2324,6 +2396,50 @@ mod tests {
         );
         let total = p.total_bytes() + bf16_weight_bytes(&c);
         assert!(total < 14 << 30, "1.5B plan {:.2} GiB", gib(total));
+    }
+
+    #[test]
+    fn kept_layers_map_to_activation_sets() {
+        let c = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        let nl = c.num_hidden_layers;
+        let plan = |recompute, keep| {
+            TrainPlan::new(&c, 64 * 384, 64, 64 * 256, 1000, 16, recompute, TRAIN_VOCAB_CHUNK)
+                .keeping_last_layers(nl, keep)
+        };
+        let layer = plan(Recompute::Layer, 0);
+        assert_eq!((layer.kept_layers, layer.saved_layers), (0, 1));
+        assert!((0..nl).all(|l| layer.act_slot(l, nl) == 0));
+        assert_eq!(layer.scratch_slot(nl), 0);
+        // Keep 5: layers 19..23 in sets 0..4, the rest in the scratch set 5.
+        let five = plan(Recompute::Layer, 5);
+        assert_eq!((five.kept_layers, five.saved_layers), (5, 6));
+        assert_eq!(
+            (0..nl).map(|l| five.act_slot(l, nl)).collect::<Vec<_>>(),
+            [vec![5; 19], vec![0, 1, 2, 3, 4]].concat()
+        );
+        assert_eq!(five.scratch_slot(nl), 5);
+        assert_eq!(
+            five.activation_bytes - layer.activation_bytes,
+            5 * layer.layer_act_bytes
+        );
+        // Keeping every layer is no recompute; no recompute ignores the count.
+        let none = plan(Recompute::None, 0);
+        assert_eq!(plan(Recompute::Layer, nl).activation_bytes, none.activation_bytes);
+        assert_eq!(plan(Recompute::Layer, nl + 3).saved_layers, nl);
+        assert_eq!((none.kept_layers, none.saved_layers), (nl, nl));
+        assert!((0..nl).all(|l| none.act_slot(l, nl) == l));
+        // The 0.5B step: how many layers fit under 10 GiB with the weights (0.96 GB a
+        // layer at 64 × 384 rows).
+        let weights = bf16_weight_bytes(&c);
+        let fit = (0..=nl)
+            .take_while(|&k| plan(Recompute::Layer, k).total_bytes() + weights <= 10 << 30)
+            .last()
+            .unwrap();
+        eprintln!(
+            "0.5B: {:.2} GiB a layer, {fit} layers kept fit in 10 GiB",
+            gib(layer.layer_act_bytes)
+        );
+        assert!(fit >= 4, "{fit}");
     }
 
     #[test]

@@ -202,6 +202,9 @@ pub struct TrainConfig {
     pub micro_batch_size: usize,
     /// Recompute each layer's activations in the backward (less memory, more time).
     pub gradient_checkpointing: bool,
+    /// With gradient_checkpointing on the GPU: keep the last K layers' activations anyway (their
+    /// backward skips the recompute; K layers' activations more memory). Same results.
+    pub gradient_checkpointing_keep_layers: usize,
     /// DAPO's dynamic sampling: drop groups whose rewards are all equal and draw more prompts.
     pub dynamic_sampling: bool,
     /// At most this many extra draws per step when dynamic sampling refills the batch.
@@ -259,6 +262,7 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             micro_batch_size: 0,
             gradient_checkpointing: false,
+            gradient_checkpointing_keep_layers: 0,
             dynamic_sampling: false,
             max_resample_rounds: 4,
             max_steps: 100,
@@ -626,7 +630,8 @@ impl Trainer {
         let mut engine =
             CudaEngine::from_weights(self.engine.config().clone(), &self.engine.model.weights, ordinal)?;
         engine.set_max_batch_seqs(self.config.rollout_batch_size);
-        let trainer = CudaTrainer::new(&mut engine, lora, &self.state.adam)?;
+        let mut trainer = CudaTrainer::new(&mut engine, lora, &self.state.adam)?;
+        trainer.set_keep_layers(self.config.gradient_checkpointing_keep_layers);
         self.cuda = Some(CudaBackend { engine, trainer });
         Ok(())
     }
@@ -1057,6 +1062,8 @@ impl Trainer {
                 .as_ref()
                 .ok_or_else(|| Error::invalid("CUDA training needs a LoRA adapter"))?;
             c.trainer = CudaTrainer::new(&mut c.engine, lora, &self.state.adam)?;
+            c.trainer
+                .set_keep_layers(self.config.gradient_checkpointing_keep_layers);
         }
         Ok(())
     }
