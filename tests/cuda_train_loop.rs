@@ -12,8 +12,12 @@ use common::gpu_or_skip;
 use rft::trainer::run::{TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 
+/// The repo root at run time (`CARGO_MANIFEST_DIR`, else the current directory): the GPU
+/// machine runs the packed test binary from a copy of the repo elsewhere.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("."))
 }
 
 /// configs/default.toml with `device = "cuda"`, `max_steps` steps and 16 validation prompts.
