@@ -9,6 +9,14 @@
 //   dB  (out, r) += s · dyᵀ xa                lora_train_grad_r*_bf16 (p = out rows of dy)
 //   dA  (r, in)  += s · dybᵀ x                lora_train_grad_r*_bf16 (p = in rows of x, stored ᵀ)
 // Multiplying through the rank-r side first (as Unsloth's fast_lora), W + BA is never formed.
+//
+// LoRA dropout (x̃ = x ⊙ m, m = 0 or 1/(1−p) per entry, on the input of A only):
+//   x̃   (n, in)  = x ⊙ m                      lora_dropout_bf16 (the forward and dA read x̃)
+//   dx  (n, in)  += s · (dyb A) ⊙ m           lora_train_bwd_dx_drop_r*_bf16 (the mask in the
+//                                             fused kernel's epilogue)
+// m is lt_dropout_factor: a pure hash of (seed, layer, projection, row, column), bit for bit
+// the CPU reference's crate::cpu::train::dropout_factor, so a recomputed forward and the
+// backward see the forward's mask without storing it.
 // Precision (as HF + peft training in bf16): x, dy, A, B are bf16 operands (A and B are bf16
 // copies of the f32 master weights, refreshed after every optimizer step), every product is an
 // mma.sync m16n8k16 with f32 accumulation, xa and dyb are rounded to bf16 once (in registers,
@@ -121,6 +129,32 @@ static __device__ __forceinline__ void lt_frag_b_kn(uint32_t (&b)[4], const bf16
 }
 
 // ----------------------------------------------------------------------------
+// LoRA dropout mask.
+
+// One projection's dropout: keep probability 1 − p, kept entries scaled by keep_scale = 1/(1−p)
+// (computed on the host in f32, as the CPU does), seed of the micro-batch, site = (layer << 56) ^
+// (projection << 48).
+struct LtDrop {
+    float p;
+    float keep_scale;
+    unsigned long long seed;
+    unsigned long long site;
+};
+
+// The mask value of entry (row, col): 0 or keep_scale. splitmix64 of seed + (site ^ row << 24 ^
+// col), its top 24 bits as u ∈ [0, 1) (exact in f32), dropped when u < p: the CPU's
+// dropout_factor bit for bit (same integer hash, same f32 compare).
+static __device__ __forceinline__ float lt_dropout_factor(const LtDrop& d, int row, int col) {
+    unsigned long long z = d.seed + (d.site ^ ((unsigned long long)row << 24) ^ (unsigned long long)col);
+    z *= 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = (float)(z >> 40) / 16777216.0f;
+    return u < d.p ? 0.0f : d.keep_scale;
+}
+
+// ----------------------------------------------------------------------------
 // Tiles: global ⇄ registers ⇄ shared memory in 16-byte pieces.
 
 // 8 consecutive bf16 from p of which `valid` (≥ 1) exist; the rest read as 0.
@@ -209,11 +243,12 @@ struct LtCfg {
 
 // FWD: act = x (n, dk = in), w1 = A (rank, in), w2 = B (out, rank), out = y (n, dn = out).
 // !FWD: act = dy (n, dk = out), w1 = B (out, rank), w2 = A (rank, in), out = dx (n, dn = in).
-// low_out (n, rank) bf16 or NULL. grid = (ceil(n / 64), column splits), block = LT_THREADS.
-template <int RP, bool FWD>
+// low_out (n, rank) bf16 or NULL. DROP (backward only): out += scale · (low · W2) ⊙ mask of `drop`.
+// grid = (ceil(n / 64), column splits), block = LT_THREADS.
+template <int RP, bool FWD, bool DROP = false>
 static __device__ void lt_fused(bf16* out, bf16* __restrict__ low_out, const bf16* __restrict__ act,
                                 const bf16* __restrict__ w1, const bf16* __restrict__ w2, float scale, int n, int dk,
-                                int dn, int rank) {
+                                int dn, int rank, LtDrop drop = LtDrop{0.0f, 1.0f, 0ull, 0ull}) {
     using Cfg = LtCfg<RP>;
     constexpr int LDR = Cfg::LDR, NT = RP / 8;
     extern __shared__ __align__(16) unsigned char lt_smem[];
@@ -338,14 +373,23 @@ static __device__ void lt_fused(bf16* out, bf16* __restrict__ low_out, const bf1
                     lt_mma(o[j + 1], low_f[kk], b[2], b[3]);
                 }
             }
-            // This warp's 16 rows of the staged tile: out = bf16(out + scale·o).
+            // This warp's 16 rows of the staged tile: out = bf16(out + scale·o), with dropout
+            // out = bf16(out + (scale·o)·mask) (the CPU's order: s·(dyb A) first, then the mask).
 #pragma unroll
             for (int j = 0; j < LT_BK / 8; ++j) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     bf16* p = o_s + (r0 + g + 8 * h) * LT_LDK + j * 8 + 2 * t;
-                    const float v0 = bf16_to_f32(p[0]) + scale * o[j][2 * h];
-                    const float v1 = bf16_to_f32(p[1]) + scale * o[j][2 * h + 1];
+                    float v0, v1;
+                    if (DROP) {
+                        const int row = m0 + r0 + g + 8 * h, col = c * LT_BK + j * 8 + 2 * t;
+                        const float t0 = scale * o[j][2 * h], t1 = scale * o[j][2 * h + 1];
+                        v0 = bf16_to_f32(p[0]) + t0 * lt_dropout_factor(drop, row, col);
+                        v1 = bf16_to_f32(p[1]) + t1 * lt_dropout_factor(drop, row, col + 1);
+                    } else {
+                        v0 = bf16_to_f32(p[0]) + scale * o[j][2 * h];
+                        v1 = bf16_to_f32(p[1]) + scale * o[j][2 * h + 1];
+                    }
                     *reinterpret_cast<uint32_t*>(p) = lt_pack_f32(v0, v1);
                 }
             }
@@ -476,6 +520,18 @@ static __device__ void lt_grad(float* out, float* __restrict__ partials, const b
         lt_fused<RP, false>(dx, dyb, dy, b, a, scale, n, out_dim, in_dim, rank);                                \
     }
 
+// lora_train_bwd_dx_r*_bf16 with LoRA dropout: dx (n, in) bf16 += scale · (bf16(dy B) A) ⊙ m,
+// m = lt_dropout_factor of (row, column of dx) with (p, keep_scale, seed, site); dyb as above.
+// Same grid, block and shared memory as lora_train_bwd_dx_r*_bf16.
+#define LT_BWD_DX_DROP_KERNEL(RP)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(LT_THREADS) lora_train_bwd_dx_drop_r##RP##_bf16(                 \
+        bf16* dx, bf16* __restrict__ dyb, const bf16* __restrict__ dy, const bf16* __restrict__ a,              \
+        const bf16* __restrict__ b, float scale, int n, int in_dim, int out_dim, int rank, float p,             \
+        float keep_scale, unsigned long long seed, unsigned long long site) {                                  \
+        lt_fused<RP, false, true>(dx, dyb, dy, b, a, scale, n, out_dim, in_dim, rank,                           \
+                                  LtDrop{p, keep_scale, seed, site});                                           \
+    }
+
 // G (p_dim, rank) = actᵀ low over a row split (see lt_grad): dB with act = dy (n, out), low = xa;
 // dA (transposed) with act = x (n, in), low = dyb. out f32 (+= scale·G when unsplit), partials f32
 // (splits, p_dim·rank). grid = (ceil(p_dim / 64), splits), block = 128, dynamic shared memory
@@ -495,7 +551,27 @@ LT_BWD_DX_KERNEL(16)
 LT_BWD_DX_KERNEL(32)
 LT_BWD_DX_KERNEL(64)
 LT_BWD_DX_KERNEL(128)
+LT_BWD_DX_DROP_KERNEL(16)
+LT_BWD_DX_DROP_KERNEL(32)
+LT_BWD_DX_DROP_KERNEL(64)
+LT_BWD_DX_DROP_KERNEL(128)
 LT_GRAD_KERNEL(16)
 LT_GRAD_KERNEL(32)
 LT_GRAD_KERNEL(64)
 LT_GRAD_KERNEL(128)
+
+// ----------------------------------------------------------------------------
+// x̃ (n, in) bf16 = bf16(x · m): LoRA dropout on the input of A, m = lt_dropout_factor of entry
+// (row, col) with (p, keep_scale, seed, site). x (n, in) bf16. Grid-stride over n·in:
+// 256-thread blocks, ceil(n·in / 256) of them (capped at 65535).
+extern "C" __global__ void lora_dropout_bf16(bf16* __restrict__ xd, const bf16* __restrict__ x, float p,
+                                             float keep_scale, unsigned long long seed, unsigned long long site,
+                                             int n, int in_dim) {
+    const LtDrop d{p, keep_scale, seed, site};
+    const size_t total = (size_t)n * in_dim;
+    const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = tid; i < total; i += stride) {
+        const int row = (int)(i / (size_t)in_dim), col = (int)(i - (size_t)row * in_dim);
+        xd[i] = f32_to_bf16(bf16_to_f32(x[i]) * lt_dropout_factor(d, row, col));
+    }
+}

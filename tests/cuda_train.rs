@@ -1,7 +1,8 @@
 //! The CUDA training step (src/cuda/train.rs) against the CPU training core
 //! (`rft::trainer::step`), on every fixture model: token log-probs, loss and LoRA gradients of
 //! one pass (every loss option), recompute on/off, micro-batching, the lm_head's vocabulary
-//! chunks, and five optimiser steps.
+//! chunks, five optimiser steps, and LoRA dropout (the masks bit for bit, and the pass with
+//! dropout against the CPU's with the same step seed).
 //!
 //! Both sides use the SAME bf16-rounded weights (the CPU model is rounded before the engine is
 //! built from it), so what differs is only the CUDA side's bf16 activations: every stored
@@ -27,17 +28,20 @@
 
 mod common;
 
-use common::{bf16_noise, fixture_model, gpu_or_skip};
+use common::{bf16_noise, device_or_skip, fixture_model, gpu_or_skip, uniform_vec};
+use half::bf16;
 use rft::cpu::model::CpuModel;
-use rft::cpu::train::Recompute;
+use rft::cpu::train::{dropout_factor, LoraDropout, Recompute};
 use rft::cuda::train::all_linear;
-use rft::cuda::{CudaEngine, CudaTrainer};
+use rft::cuda::{CudaEngine, CudaTrainer, LoraDropoutSite};
 use rft::lora::LoraWeights;
 use rft::loss::{GrpoLossConfig, KlEstimator, LossType};
 use rft::model::config::ModelConfig;
+use rft::model::weights::Proj;
 use rft::optim::{AdamW, AdamWState, LrSchedule, SchedulerType, Warmup};
 use rft::trainer::{
-    grpo_gradients, grpo_update, lora_params, weight_params_mut, GrpoBatch, GrpoOptions, GrpoSeq, TrainState,
+    grpo_gradients, grpo_gradients_with_dropout, grpo_update, lora_params, weight_params_mut, GrpoBatch,
+    GrpoGradients, GrpoOptions, GrpoSeq, TrainState,
 };
 
 const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
@@ -212,6 +216,11 @@ fn check_pass(name: &str, label: &str, opts: &GrpoOptions) {
     let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
     let gpu = tr.grpo_gradients(&engine, &b, opts).unwrap();
     eprintln!("cuda_train {name} {label}:");
+    compare_pass(name, label, &gpu, &cpu);
+}
+
+/// One pass's log-probs, loss, entropy and LoRA gradients, GPU against CPU (top comment).
+fn compare_pass(name: &str, label: &str, gpu: &GrpoGradients, cpu: &GrpoGradients) {
     let t = tol(name);
     let dl = compare_logp("logp", t, &gpu.logp, &cpu.logp);
     if let (Some(g), Some(c)) = (&gpu.ref_logp, &cpu.ref_logp) {
@@ -475,12 +484,15 @@ fn cuda_trainer_rejects_what_it_does_not_support() {
     }
     let (model, mut engine) = models("qwen2");
     let mut lora = adapter(&model.config);
+    // LoRA dropout runs on the GPU (cuda_dropout_* below); a probability outside [0, 1) is refused.
     lora.config.dropout = 0.1;
+    CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).expect("dropout 0.1 is supported");
+    lora.config.dropout = 1.0;
     let e = CudaTrainer::new(&mut engine, &lora, &AdamWState::default())
         .err()
-        .expect("dropout must be refused")
+        .expect("dropout 1 must be refused")
         .to_string();
-    assert!(e.contains("dropout"), "{e}");
+    assert!(e.contains("dropout") && e.contains("[0, 1)"), "{e}");
     lora.config.dropout = 0.0;
     let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
     let mut o = opts(GrpoLossConfig::default(), 1, Recompute::Layer);
@@ -490,4 +502,210 @@ fn cuda_trainer_rejects_what_it_does_not_support() {
         .expect_err("full fine-tuning must be refused")
         .to_string();
     assert!(e.contains("full fine-tuning"), "{e}");
+}
+
+#[test]
+fn cuda_dropout_masks_equal_the_cpu_bit_for_bit() {
+    let Some(dev) = device_or_skip() else {
+        return;
+    };
+    // x̃ = bf16(x · dropout_factor(...)) on a grid of (layer, projection, row, column): the mask
+    // is an integer hash and an exact f32 compare, x·m one f32 product rounded once, so the
+    // kernel must equal the CPU's value bit for bit (no tolerance). Shapes: 67 × 130 (rows and
+    // columns past a block and a power of two), and 3000 × 3 (rows past 2^11, into the hash's
+    // shifted row bits).
+    let mut dropped = 0usize;
+    let mut total = 0usize;
+    for (n, d_in) in [(67usize, 130usize), (3000, 3)] {
+        let x = uniform_vec(n * d_in, (n * 31 + d_in) as u64, -2.0, 2.0);
+        for (p, seed) in [(0.1f32, 0x5EED_u64), (0.5, u64::MAX - 3)] {
+            for layer in [0usize, 1, 27, 255] {
+                for proj in Proj::ALL {
+                    let d = LoraDropout { p, seed };
+                    let got = dev
+                        .lora_dropout_host(&x, LoraDropoutSite::new(&d, layer, proj), n, d_in)
+                        .unwrap();
+                    for (i, (&g, &xv)) in got.iter().zip(&x).enumerate() {
+                        let (row, col) = (i / d_in, i % d_in);
+                        let m = dropout_factor(&d, layer, proj, row, col);
+                        let want = bf16::from_f32(bf16::from_f32(xv).to_f32() * m);
+                        assert_eq!(
+                            bf16::from_f32(g).to_bits(),
+                            want.to_bits(),
+                            "x̃ p {p} layer {layer} {proj:?} row {row} col {col}: gpu {g} cpu {want}"
+                        );
+                        dropped += (m == 0.0) as usize;
+                        total += 1;
+                    }
+                }
+            }
+        }
+    }
+    // Half of the grid at p = 0.1, half at 0.5: about 30% dropped.
+    let frac = dropped as f64 / total as f64;
+    eprintln!("cuda_train dropout masks: {total} entries equal, {frac:.3} dropped");
+    assert!((0.28..0.32).contains(&frac), "dropped fraction {frac}");
+
+    // The masked input gradient: dx = dx_in + (s·(bf16(dy B) A)) ⊙ m. Dropped entries keep dx_in
+    // bit for bit (dx_in + 0, rounded to bf16 again: itself); kept ones match an f64 oracle
+    // (from the kernel's own bf16 dyb, so only the f32 accumulation and the final bf16 rounding
+    // differ) within 2^-8 relative (one bf16 rounding) + 1e-6 absolute.
+    let (n, d_in, d_out, r, s) = (150usize, 200usize, 72usize, 5usize, 1.75f32);
+    let dy = uniform_vec(n * d_out, 1, -1.0, 1.0);
+    let a = uniform_vec(r * d_in, 2, -0.5, 0.5);
+    let b = uniform_vec(d_out * r, 3, -0.5, 0.5);
+    let dx_in = uniform_vec(n * d_in, 4, -0.1, 0.1);
+    let d = LoraDropout { p: 0.3, seed: 77 };
+    let site = LoraDropoutSite::new(&d, 3, Proj::Down);
+    let [dyb, dx] = dev
+        .lora_train_bwd_dx_host(&dy, &a, &b, &dx_in, s, n, d_in, d_out, r, Some(site))
+        .unwrap();
+    let [dyb0, _] = dev
+        .lora_train_bwd_dx_host(&dy, &a, &b, &dx_in, s, n, d_in, d_out, r, None)
+        .unwrap();
+    assert_eq!(dyb, dyb0, "dyb does not depend on the mask");
+    let a_bf = common::bf(&a);
+    let mut kept = 0;
+    for row in 0..n {
+        for col in 0..d_in {
+            let i = row * d_in + col;
+            let m = dropout_factor(&d, 3, Proj::Down, row, col);
+            let base = bf16::from_f32(dx_in[i]).to_f32();
+            if m == 0.0 {
+                assert_eq!(dx[i].to_bits(), base.to_bits(), "dropped dx row {row} col {col}");
+                continue;
+            }
+            kept += 1;
+            let t: f64 = (0..r)
+                .map(|j| dyb[row * r + j] as f64 * a_bf[j * d_in + col] as f64)
+                .sum();
+            let want = base as f64 + s as f64 * t * m as f64;
+            let err = (dx[i] as f64 - want).abs();
+            assert!(
+                err <= want.abs() / 256.0 + 1e-6,
+                "kept dx row {row} col {col}: gpu {} want {want}",
+                dx[i]
+            );
+        }
+    }
+    assert!(
+        kept > n * d_in / 2 && kept < n * d_in,
+        "kept {kept} of {}",
+        n * d_in
+    );
+}
+
+/// The fixture adapter with LoRA dropout p.
+fn dropout_adapter(c: &ModelConfig, p: f32) -> LoraWeights {
+    let mut l = adapter(c);
+    l.config.dropout = p;
+    l
+}
+
+#[test]
+fn cuda_dropout_gradients_match_cpu_on_every_model() {
+    if !gpu_or_skip() {
+        return;
+    }
+    // The same step seed on both sides: the same masks (the packed rows are the CPU's stacked
+    // rows, packed_batch_matches_the_cpu_layout), so the oracle and tolerances are those of
+    // cuda_gradients_match_cpu_on_every_model (top comment): only the GPU's bf16 activations
+    // differ. p = 0.1 on every model (β > 0: the reference pass has no adapter; 2 micro-batches:
+    // seed + micro-batch index), p = 0.5 with saved activations on qwen2.
+    let seed = TrainState::new(7).dropout_seed();
+    let loss = GrpoLossConfig {
+        beta: 0.04,
+        ..Default::default()
+    };
+    let cases: Vec<(&str, f32, Recompute)> = MODELS
+        .iter()
+        .map(|&m| (m, 0.1, Recompute::Layer))
+        .chain([("qwen2", 0.5, Recompute::None)])
+        .collect();
+    for (name, p, recompute) in cases {
+        let (model, mut engine) = models(name);
+        let lora = dropout_adapter(&model.config, p);
+        let b = batch(&model.config);
+        let o = opts(loss, 2, recompute);
+        let cpu = grpo_gradients_with_dropout(&model, Some(&lora), &b, &o, seed).unwrap();
+        // The masks matter: without them the CPU's gradients are further from these than the
+        // tolerance, so a GPU that ignored dropout (or used other masks) would fail.
+        let plain = grpo_gradients(&model, Some(&lora), &b, &o).unwrap();
+        let moved = rel_l2(
+            &lora_params(plain.grads.lora.as_ref().unwrap()).concat(),
+            &lora_params(cpu.grads.lora.as_ref().unwrap()).concat(),
+        );
+        assert!(
+            moved > tol(name).grad,
+            "{name} p {p}: dropout moves the gradients by only {moved:.3}"
+        );
+        let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
+        let gpu = tr.grpo_gradients_with_dropout(&engine, &b, &o, seed).unwrap();
+        let label = format!("dropout p={p} {recompute:?}, dapo β=0.04 k3, 2 micro-batches");
+        eprintln!("cuda_train {name} {label} (no-dropout gradients {moved:.3} away):");
+        compare_pass(name, &label, &gpu, &cpu);
+        // The reference pass never sees the adapter, the old-logp pass no dropout: the
+        // reference log-probs equal the no-dropout pass's (same GPU kernels, same bits).
+        let gpu_plain = tr.grpo_gradients(&engine, &b, &o).unwrap();
+        assert_eq!(
+            gpu.ref_logp, gpu_plain.ref_logp,
+            "{name}: reference pass saw dropout"
+        );
+    }
+}
+
+#[test]
+fn cuda_dropout_recompute_is_bit_identical_and_steps_track_cpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let (mut model, mut engine) = models("qwen2");
+    let lora = dropout_adapter(&model.config, 0.1);
+    let b = batch(&model.config);
+    let seed = TrainState::new(3).dropout_seed();
+    let loss = GrpoLossConfig::default();
+    let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
+    let saved = tr
+        .grpo_gradients_with_dropout(&engine, &b, &opts(loss, 2, Recompute::None), seed)
+        .unwrap();
+    let recomputed = tr
+        .grpo_gradients_with_dropout(&engine, &b, &opts(loss, 2, Recompute::Layer), seed)
+        .unwrap();
+    // The recomputed forward regenerates the forward's masks: identical bits.
+    assert_eq!(saved.logp, recomputed.logp);
+    assert_eq!(
+        lora_params(saved.grads.lora.as_ref().unwrap()),
+        lora_params(recomputed.grads.lora.as_ref().unwrap()),
+        "recompute with dropout changed the gradients"
+    );
+    // Another seed, other masks.
+    let other = tr
+        .grpo_gradients_with_dropout(&engine, &b, &opts(loss, 2, Recompute::Layer), seed ^ 1)
+        .unwrap();
+    assert_ne!(other.logp, saved.logp, "the seed does not reach the masks");
+
+    // Two optimiser steps (each its own step seed, TrainState::dropout_seed) with dropout:
+    // loss and grad norm track the CPU's as in cuda_five_steps_track_cpu.
+    let o = opts(loss, 2, Recompute::Layer);
+    let (mut cpu_lora, mut cpu_state) = (lora.clone(), TrainState::new(5));
+    let mut gpu_state = TrainState::new(5);
+    let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
+    eprintln!("cuda_train qwen2 dropout steps:");
+    for step in 0..2 {
+        let c = grpo_update(&mut model, Some(&mut cpu_lora), &mut cpu_state, &b, &o).unwrap();
+        let g = tr.grpo_update(&mut engine, &mut gpu_state, &b, &o).unwrap();
+        let (c, g) = (&c[0], &g[0]);
+        eprintln!(
+            "  step {step}: loss gpu {:.5} cpu {:.5}, grad_norm gpu {:.4} cpu {:.4}",
+            g.loss, c.loss, g.grad_norm, c.grad_norm
+        );
+        assert!(
+            (g.loss - c.loss).abs() <= 0.05 * c.loss.abs().max(1.0),
+            "step {step} loss"
+        );
+        assert!(
+            (g.grad_norm - c.grad_norm).abs() <= 0.05 * c.grad_norm.max(1e-3),
+            "step {step} grad norm"
+        );
+    }
 }

@@ -193,8 +193,9 @@ pub struct TrainForward<'a> {
     x_final: Vec<f32>, // [N, D]
 }
 
-/// Keep-mask value of LoRA dropout at one input entry: 0 or 1/(1−p).
-fn dropout_factor(d: &LoraDropout, layer: usize, proj: Proj, row: usize, col: usize) -> f32 {
+/// Keep-mask value of LoRA dropout at one input entry: 0 or 1/(1−p). The CUDA kernels
+/// (kernels/lora_train.cu `lt_dropout_factor`) compute the same bits.
+pub fn dropout_factor(d: &LoraDropout, layer: usize, proj: Proj, row: usize, col: usize) -> f32 {
     // splitmix64 of the entry's coordinates: a counter-based generator, order independent.
     let mut z = d
         .seed

@@ -12,12 +12,19 @@
 //! (never on the GPU), so the summation order and the gradients are the same on every GPU. The
 //! oracle is an f64 host reference (tests/cuda_lora_train.rs; without a GPU,
 //! `scripts/kernel_emu/run.sh lora_train` runs the same kernels on the CPU emulator).
+//!
+//! LoRA dropout ([`LoraDropoutSite`]): [`CudaDevice::lora_dropout_bf16`] writes x̃ = x ⊙ mask
+//! (what the forward and dA read instead of x) and [`CudaDevice::lora_train_bwd_dx_dropout_bf16`]
+//! masks the LoRA term of dx in the fused kernel's epilogue; the mask is the CPU reference's
+//! `crate::cpu::train::dropout_factor`, bit for bit (tests/cuda_train.rs).
 
 use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::bf16;
 
-use super::train_kernels::{as_i32, cfg, check_len};
+use super::train_kernels::{as_i32, cfg, check_len, ew_grid};
 use super::{cuda_err, CudaDevice};
+use crate::cpu::train::LoraDropout;
+use crate::model::weights::Proj;
 use crate::{Error, Result};
 
 /// Threads per block: 4 warps (kernels/lora_train.cu `LT_THREADS`).
@@ -110,11 +117,46 @@ pub fn lora_train_grad_scratch_len(n: usize, p: usize, rank: usize) -> usize {
     }
 }
 
-/// Which fused kernel: the forward or the input gradient.
+/// One projection's LoRA dropout as the kernels take it (kernels/lora_train.cu `LtDrop`): drop
+/// probability p, the keep scale 1/(1−p) (f32, computed here as the CPU computes it), the
+/// micro-batch's seed and the projection's site (layer << 56) ^ (projection << 48); the mask of
+/// entry (row, col) is then `crate::cpu::train::dropout_factor(&LoraDropout { p, seed }, layer,
+/// proj, row, col)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraDropoutSite {
+    pub p: f32,
+    pub keep_scale: f32,
+    pub seed: u64,
+    pub site: u64,
+}
+
+impl LoraDropoutSite {
+    pub fn new(d: &LoraDropout, layer: usize, proj: Proj) -> LoraDropoutSite {
+        LoraDropoutSite {
+            p: d.p,
+            keep_scale: 1.0 / (1.0 - d.p),
+            seed: d.seed,
+            site: ((layer as u64) << 56) ^ ((proj as u64) << 48),
+        }
+    }
+
+    fn check(&self, kn: &str) -> Result<()> {
+        if !(0.0..1.0).contains(&self.p) {
+            return Err(Error::invalid(format!(
+                "{kn}: dropout probability must be in [0, 1), got {}",
+                self.p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Which fused kernel: the forward or the input gradient (with or without dropout).
 #[derive(Clone, Copy)]
 enum Fused {
     Fwd,
     BwdDx,
+    BwdDxDrop,
 }
 
 impl CudaDevice {
@@ -129,6 +171,10 @@ impl CudaDevice {
             (Some(Fused::BwdDx), 32) => &t.lora_train_bwd_dx_r32_bf16,
             (Some(Fused::BwdDx), 64) => &t.lora_train_bwd_dx_r64_bf16,
             (Some(Fused::BwdDx), _) => &t.lora_train_bwd_dx_r128_bf16,
+            (Some(Fused::BwdDxDrop), 16) => &t.lora_train_bwd_dx_drop_r16_bf16,
+            (Some(Fused::BwdDxDrop), 32) => &t.lora_train_bwd_dx_drop_r32_bf16,
+            (Some(Fused::BwdDxDrop), 64) => &t.lora_train_bwd_dx_drop_r64_bf16,
+            (Some(Fused::BwdDxDrop), _) => &t.lora_train_bwd_dx_drop_r128_bf16,
             (None, 16) => &t.lora_train_grad_r16_bf16,
             (None, 32) => &t.lora_train_grad_r32_bf16,
             (None, 64) => &t.lora_train_grad_r64_bf16,
@@ -138,7 +184,8 @@ impl CudaDevice {
 
     /// The shared launch of the two fused kernels (argument order identical:
     /// `(bf16* out, bf16* low, const bf16* act, const bf16* a, const bf16* b, float scale,
-    /// int n, int in, int out, int rank)`). `low` = None passes NULL (forward only).
+    /// int n, int in, int out, int rank)`, then with dropout `float p, float keep_scale,
+    /// unsigned long long seed, unsigned long long site`). `low` = None passes NULL (forward only).
     #[allow(clippy::too_many_arguments)]
     fn lora_train_fused(
         &self,
@@ -154,16 +201,25 @@ impl CudaDevice {
         d_in: usize,
         d_out: usize,
         rank: usize,
+        drop: Option<LoraDropoutSite>,
     ) -> Result<()> {
         let rp = lora_train_compiled_rank(rank).map_err(|e| Error::invalid(format!("{kn}: {e}")))?;
         let (act_cols, out_cols) = match which {
             Fused::Fwd => (d_in, d_out),
-            Fused::BwdDx => (d_out, d_in),
+            Fused::BwdDx | Fused::BwdDxDrop => (d_out, d_in),
         };
         let (act_name, out_name, low_name) = match which {
             Fused::Fwd => (("x", "n*in"), ("y", "n*out"), "xa"),
-            Fused::BwdDx => (("dy", "n*out"), ("dx", "n*in"), "dyb"),
+            Fused::BwdDx | Fused::BwdDxDrop => (("dy", "n*out"), ("dx", "n*in"), "dyb"),
         };
+        if matches!(which, Fused::BwdDxDrop) != drop.is_some() {
+            return Err(Error::invalid(format!(
+                "{kn}: internal: dropout parameters go with the dropout kernel only"
+            )));
+        }
+        if let Some(d) = &drop {
+            d.check(kn)?;
+        }
         check_len(act_name.0, kn, act.len(), n * act_cols, act_name.1)?;
         check_len("a", kn, a.len(), rank * d_in, "r*in")?;
         check_len("b", kn, b.len(), d_out * rank, "out*r")?;
@@ -206,9 +262,14 @@ impl CudaDevice {
             .arg(&in_i)
             .arg(&out_i)
             .arg(&r_i);
+        if let Some(d) = &drop {
+            l.arg(&d.p).arg(&d.keep_scale).arg(&d.seed).arg(&d.site);
+        }
         // SAFETY: lora_train_fwd_r{RP}_bf16(bf16* y, bf16* xa, const bf16* x, const bf16* a,
-        // const bf16* b, float scale, int n, int in, int out, int rank) and
-        // lora_train_bwd_dx_r{RP}_bf16(bf16* dx, bf16* dyb, const bf16* dy, ...same); every
+        // const bf16* b, float scale, int n, int in, int out, int rank),
+        // lora_train_bwd_dx_r{RP}_bf16(bf16* dx, bf16* dyb, const bf16* dy, ...same) and
+        // lora_train_bwd_dx_drop_r{RP}_bf16(...same, float p, float keep_scale, unsigned long
+        // long seed, unsigned long long site: pushed exactly when `which` is BwdDxDrop); every
         // length checked above (low NULL only for the forward, which then stores nothing); any
         // alignment is handled in the kernel; rank ≤ RP; block = 4 warps; grid.x covers the rows,
         // grid.y ≤ the 64-column chunks; smem = LtCfg<RP>::SMEM_BYTES, opted in above 48 KiB.
@@ -246,6 +307,7 @@ impl CudaDevice {
             d_in,
             d_out,
             rank,
+            None,
         )
     }
 
@@ -279,7 +341,146 @@ impl CudaDevice {
             d_in,
             d_out,
             rank,
+            None,
         )
+    }
+
+    /// [`Self::lora_train_bwd_dx_bf16`] with LoRA dropout: dyb (n, r) = bf16(dy B) and dx (n, in)
+    /// bf16 += scale · (dyb A) ⊙ mask, the mask of `drop` at (row, column of dx): the input
+    /// gradient of y = s·(x̃ Aᵀ) Bᵀ with x̃ = x ⊙ mask.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_train_bwd_dx_dropout_bf16(
+        &self,
+        dy: &impl DevicePtr<bf16>,
+        a: &impl DevicePtr<bf16>,
+        b: &impl DevicePtr<bf16>,
+        dx: &mut impl DevicePtrMut<bf16>,
+        dyb_out: &mut impl DevicePtrMut<bf16>,
+        scale: f32,
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        drop: LoraDropoutSite,
+    ) -> Result<()> {
+        self.lora_train_fused(
+            Fused::BwdDxDrop,
+            "lora_train_bwd_dx_dropout_bf16",
+            dy,
+            a,
+            b,
+            dx,
+            Some(dyb_out),
+            scale,
+            n,
+            d_in,
+            d_out,
+            rank,
+            Some(drop),
+        )
+    }
+
+    /// LoRA dropout on the input of A: xd (n, in) bf16 = bf16(x · mask), x (n, in) bf16, the mask
+    /// of `drop` at each (row, col) (0 or 1/(1−p)).
+    pub fn lora_dropout_bf16(
+        &self,
+        x: &impl DevicePtr<bf16>,
+        xd: &mut impl DevicePtrMut<bf16>,
+        drop: LoraDropoutSite,
+        n: usize,
+        d_in: usize,
+    ) -> Result<()> {
+        let kn = "lora_dropout_bf16";
+        drop.check(kn)?;
+        check_len("x", kn, x.len(), n * d_in, "n*in")?;
+        check_len("xd", kn, xd.len(), n * d_in, "n*in")?;
+        let (n_i, in_i) = (as_i32(kn, "n", n)?, as_i32(kn, "in", d_in)?);
+        if n * d_in == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (op, _o) = xd.device_ptr_mut(s);
+        let (xp, _x) = x.device_ptr(s);
+        let mut l = s.launch_builder(&self.train.lora_dropout_bf16);
+        l.arg(&op)
+            .arg(&xp)
+            .arg(&drop.p)
+            .arg(&drop.keep_scale)
+            .arg(&drop.seed)
+            .arg(&drop.site)
+            .arg(&n_i)
+            .arg(&in_i);
+        // SAFETY: lora_dropout_bf16(bf16* xd, const bf16* x, float p, float keep_scale, unsigned
+        // long long seed, unsigned long long site, int n, int in); x and xd hold n·in (checked);
+        // grid-stride, any grid covers every element.
+        unsafe { l.launch(cfg((ew_grid(n * d_in), 1, 1), 256, 0)) }.map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// Test convenience of [`Self::lora_dropout_bf16`]: x (n, in) rounded to bf16, x̃ back as f32.
+    pub fn lora_dropout_host(
+        &self,
+        x: &[f32],
+        drop: LoraDropoutSite,
+        n: usize,
+        d_in: usize,
+    ) -> Result<Vec<f32>> {
+        check_len("x", "lora_dropout_host", x.len(), n * d_in, "n*in")?;
+        let xd = self.upload_bf16(&super::train_kernels::nonempty(x))?;
+        let mut out = self.alloc_zeros::<bf16>((n * d_in).max(1))?;
+        self.lora_dropout_bf16(
+            &xd.slice(..n * d_in),
+            &mut out.slice_mut(..n * d_in),
+            drop,
+            n,
+            d_in,
+        )?;
+        let mut v = self.download_bf16(&out)?;
+        v.truncate(n * d_in);
+        Ok(v)
+    }
+
+    /// Test convenience of [`Self::lora_train_bwd_dx_dropout_bf16`] (without `drop`: the plain
+    /// kernel) on host data: dy (n, out), a (r, in), b (out, r), dx_in (n, in) rounded to bf16.
+    /// Returns (dyb, dx) as f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_train_bwd_dx_host(
+        &self,
+        dy: &[f32],
+        a: &[f32],
+        b: &[f32],
+        dx_in: &[f32],
+        scale: f32,
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        drop: Option<LoraDropoutSite>,
+    ) -> Result<[Vec<f32>; 2]> {
+        let nz = super::train_kernels::nonempty::<f32>;
+        let dyd = self.upload_bf16(&nz(dy))?;
+        let ad = self.upload_bf16(&nz(a))?;
+        let bd = self.upload_bf16(&nz(b))?;
+        let mut dx = self.upload_bf16(&nz(dx_in))?;
+        let mut dyb = self.alloc_zeros::<bf16>((n * rank).max(1))?;
+        let (dyv, av, bv) = (
+            dyd.slice(..n * d_out),
+            ad.slice(..rank * d_in),
+            bd.slice(..d_out * rank),
+        );
+        let (mut dxv, mut dybv) = (dx.slice_mut(..n * d_in), dyb.slice_mut(..n * rank));
+        match drop {
+            Some(d) => self.lora_train_bwd_dx_dropout_bf16(
+                &dyv, &av, &bv, &mut dxv, &mut dybv, scale, n, d_in, d_out, rank, d,
+            )?,
+            None => {
+                self.lora_train_bwd_dx_bf16(&dyv, &av, &bv, &mut dxv, &mut dybv, scale, n, d_in, d_out, rank)?
+            }
+        }
+        let (mut dyb, mut dx) = (self.download_bf16(&dyb)?, self.download_bf16(&dx)?);
+        dyb.truncate(n * rank);
+        dx.truncate(n * d_in);
+        Ok([dyb, dx])
     }
 
     /// The shared launch of the gradient kernel: grad (p, r) or, `transposed`, (r, p) f32 +=

@@ -36,9 +36,16 @@
 //! [N,D] bf16 are kept and one layer's activations exist at a time; `Recompute::None` keeps
 //! every layer's activations (faster, L times the activation memory). The lm_head never holds
 //! more than [C,Vc] f32 logits and [C,Vc] bf16 dlogits ([`TRAIN_LOGIT_CHUNK_ROWS`],
-//! [`TRAIN_VOCAB_CHUNK`]: 0.2 GB at a 152k vocabulary).
+//! [`TRAIN_VOCAB_CHUNK`]: 0.2 GB at a 152k vocabulary). LoRA dropout adds one x̃ buffer of
+//! [N, max(D, qd, I)] bf16 ([`TrainPlan::lora_dropout`]).
 //!
-//! Not on the GPU yet (clear errors): LoRA dropout, full fine-tuning, an entropy bonus.
+//! LoRA dropout (training passes only; eval, reference and old-logp passes have none, as on the
+//! CPU): the LoRA kernels read x̃ = x ⊙ mask, written per projection into one scratch (the base
+//! GEMM reads x), and the LoRA term of dx is masked in the fused input-gradient kernel; the mask
+//! is the CPU's `dropout_factor` of (step seed + micro-batch, layer, projection, packed row,
+//! column), a pure hash, so the backward and a recomputed forward regenerate it.
+//!
+//! Not on the GPU yet (clear errors): full fine-tuning, an entropy bonus.
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
@@ -52,9 +59,9 @@ use super::engine::{check, gemm_logits, get, gib, put, CudaEngine, DeviceLinear,
 use super::train_kernels::{cfg, ew_grid, ew_vec_grid, nonempty};
 use super::{
     cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_train_compiled_rank,
-    lora_train_grad_scratch_len, CudaDevice, GrpoLossScalars, TrainAttnShape, GRPO_FIELDS,
+    lora_train_grad_scratch_len, CudaDevice, GrpoLossScalars, LoraDropoutSite, TrainAttnShape, GRPO_FIELDS,
 };
-use crate::cpu::train::{Grads, Recompute, Sequence};
+use crate::cpu::train::{Grads, LoraDropout, Recompute, Sequence};
 use crate::lora::LoraWeights;
 use crate::loss::sequence_weights;
 use crate::model::config::ModelConfig;
@@ -197,6 +204,8 @@ pub struct TrainPlan {
     pub lora_rank: usize,
     /// Largest f32 scratch of one LoRA-gradient launch.
     pub lora_scratch: usize,
+    /// Holds the LoRA-dropout input x̃ (R, max projection input) bf16.
+    pub lora_dropout: bool,
     pub activation_bytes: usize,
     pub backward_bytes: usize,
     pub logits_bytes: usize,
@@ -214,6 +223,7 @@ impl TrainPlan {
         lora_params: usize,
         lora_rank: usize,
         recompute: Recompute,
+        lora_dropout: bool,
         vocab_chunk: usize,
     ) -> TrainPlan {
         let (d, qd, kvd, i, v) = (
@@ -234,8 +244,10 @@ impl TrainPlan {
         // plus lse (H f32).
         let layer_row =
             (4 * d + 2 * qd + 2 * kvd + qk + 3 * i + Proj::ALL.len() * lora_rank.max(1)) * 2 + h * 4;
-        // xs: L+1 layer inputs; hf (final norm); per row ids, pos (4 B each).
-        let activation_bytes = (l + 1) * r * d * 2 + saved_layers * r * layer_row + r * d * 2 + r * 8;
+        // xs: L+1 layer inputs; hf (final norm); per row ids, pos (4 B each); with LoRA dropout
+        // one x̃ of the widest projection input (D, qd or I), regenerated per projection.
+        let xdrop = if lora_dropout { r * d.max(qd).max(i) * 2 } else { 0 };
+        let activation_bytes = (l + 1) * r * d * 2 + saved_layers * r * layer_row + r * d * 2 + r * 8 + xdrop;
         // dx, dtmp, dh (D); dattn, dq (qd); dk, dv (kvd); dq_pre, dk_pre (Qwen3); dgate, dup,
         // dact (I), LoRA dyb (rank), bf16; delta (H f32).
         let per_row_bwd = (3 * d + 2 * qd + 2 * kvd + qk + 3 * i + lora_rank.max(1)) * 2 + h * 4;
@@ -276,6 +288,7 @@ impl TrainPlan {
             layer_act_bytes: r * layer_row,
             lora_rank,
             lora_scratch,
+            lora_dropout,
             activation_bytes,
             backward_bytes,
             logits_bytes,
@@ -329,6 +342,7 @@ impl TrainPlan {
             && self.vocab_chunk == o.vocab_chunk
             && self.kept_layers >= o.kept_layers
             && self.lora_scratch >= o.lora_scratch
+            && (self.lora_dropout || !o.lora_dropout)
     }
 }
 
@@ -508,6 +522,7 @@ struct TrainBuffers {
     delta: CudaSlice<f32>,       // (R, H)
     dyb: CudaSlice<bf16>,        // (R, rank) LoRA dy·B
     lora_scratch: CudaSlice<f32>,
+    xdrop: CudaSlice<bf16>, // (R, max(D, qd, I)) LoRA-dropout x̃ of one projection (1 without dropout)
 }
 
 impl TrainBuffers {
@@ -576,6 +591,7 @@ impl TrainBuffers {
             delta: f(r * c.num_attention_heads)?,
             dyb: bf(r * rank)?,
             lora_scratch: f(p.lora_scratch)?,
+            xdrop: bf(if p.lora_dropout { r * d.max(qd).max(i) } else { 1 })?,
         })
     }
 }
@@ -686,14 +702,17 @@ struct LoraAB<'a> {
     b: CudaView<'a, bf16>,
     scale: f32,
     rank: usize,
+    /// LoRA dropout of this projection (training forward and backward only).
+    drop: Option<LoraDropoutSite>,
 }
 
 /// The live adapter as seen by a forward: the bf16 copy of the flat params + layout (None:
-/// adapter off).
+/// adapter off), and the micro-batch's LoRA dropout (training passes only, as on the CPU).
 #[derive(Clone, Copy)]
 struct LoraRef<'a> {
     params_bf16: &'a CudaSlice<bf16>,
     flat: &'a FlatLora,
+    dropout: Option<LoraDropout>,
 }
 
 impl<'a> LoraRef<'a> {
@@ -703,6 +722,7 @@ impl<'a> LoraRef<'a> {
             b: self.params_bf16.slice(r.b.clone()),
             scale: self.flat.scale,
             rank: self.flat.rank,
+            drop: self.dropout.as_ref().map(|d| LoraDropoutSite::new(d, l, p)),
         })
     }
 }
@@ -726,14 +746,17 @@ impl Ctx<'_> {
         }
     }
 
-    /// y (n, out) = x Wᵀ + b + s·bf16(x Aᵀ) Bᵀ, bf16, with the adapter read from the bf16 copy
-    /// of the flat params; `xa` (≥ n·rank) receives bf16(x Aᵀ) for the backward.
+    /// y (n, out) = x Wᵀ + b + s·bf16(x̃ Aᵀ) Bᵀ, bf16, with the adapter read from the bf16 copy
+    /// of the flat params; `xa` (≥ n·rank) receives bf16(x̃ Aᵀ) for the backward. x̃ = x, or with
+    /// LoRA dropout x ⊙ mask written into `xd` (≥ n·in) first (the base GEMM reads x).
+    #[allow(clippy::too_many_arguments)]
     fn proj_fwd(
         &self,
         x: &impl DevicePtr<bf16>,
         lin: &DeviceLinear,
         lora: Option<LoraAB<'_>>,
         xa: &mut CudaSlice<bf16>,
+        xd: &mut CudaSlice<bf16>,
         y: &mut impl DevicePtrMut<bf16>,
         n: usize,
     ) -> Result<()> {
@@ -761,25 +784,37 @@ impl Ctx<'_> {
             self.dev.add_bias_bf16(y, b, n, lin.d_out)?;
         }
         if let Some(ab) = lora {
-            self.dev.lora_train_fwd_bf16(
-                x,
-                &ab.a,
-                &ab.b,
-                y,
-                Some(&mut xa.slice_mut(..n * ab.rank)),
-                ab.scale,
-                n,
-                lin.d_in,
-                lin.d_out,
-                ab.rank,
-            )?;
+            let xa = Some(&mut xa.slice_mut(..n * ab.rank));
+            match ab.drop {
+                None => self
+                    .dev
+                    .lora_train_fwd_bf16(x, &ab.a, &ab.b, y, xa, ab.scale, n, lin.d_in, lin.d_out, ab.rank)?,
+                Some(site) => {
+                    let ni = n * lin.d_in;
+                    self.dev
+                        .lora_dropout_bf16(x, &mut xd.slice_mut(..ni), site, n, lin.d_in)?;
+                    self.dev.lora_train_fwd_bf16(
+                        &xd.slice(..ni),
+                        &ab.a,
+                        &ab.b,
+                        y,
+                        xa,
+                        ab.scale,
+                        n,
+                        lin.d_in,
+                        lin.d_out,
+                        ab.rank,
+                    )?;
+                }
+            }
         }
         Ok(())
     }
 
     /// Backward of [`Self::proj_fwd`]: dx (n, in) = dy·W (+ dx when `accumulate`) + s·(dy B) A;
-    /// with an adapter also dB += s·dyᵀ xa and dA += s·(dy B)ᵀ x into `grads`, xa being the
-    /// forward's bf16(x Aᵀ) of this projection.
+    /// with an adapter also dB += s·dyᵀ xa and dA += s·(dy B)ᵀ x̃ into `grads`, xa being the
+    /// forward's bf16(x̃ Aᵀ) of this projection. With LoRA dropout the LoRA term of dx is masked
+    /// (s·((dy B) A) ⊙ mask) and x̃ is regenerated into `sc.xd` (the mask is a pure hash).
     #[allow(clippy::too_many_arguments)]
     fn proj_bwd(
         &self,
@@ -807,9 +842,14 @@ impl Ctx<'_> {
         if let Some((ab, ranges, xa)) = lora {
             let r = ab.rank;
             let mut dyb = sc.dyb.slice_mut(..n * r);
-            self.dev.lora_train_bwd_dx_bf16(
-                dy, &ab.a, &ab.b, dx, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r,
-            )?;
+            match ab.drop {
+                None => self.dev.lora_train_bwd_dx_bf16(
+                    dy, &ab.a, &ab.b, dx, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r,
+                )?,
+                Some(site) => self.dev.lora_train_bwd_dx_dropout_bf16(
+                    dy, &ab.a, &ab.b, dx, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r, site,
+                )?,
+            }
             self.dev.lora_train_grad_b_bf16(
                 dy,
                 &xa.slice(..n * r),
@@ -820,25 +860,39 @@ impl Ctx<'_> {
                 lin.d_out,
                 r,
             )?;
-            self.dev.lora_train_grad_a_bf16(
-                &dyb,
-                x,
-                &mut grads.slice_mut(ranges.a.clone()),
-                sc.lora_scratch,
-                ab.scale,
-                n,
-                lin.d_in,
-                r,
-            )?;
+            let ga = &mut grads.slice_mut(ranges.a.clone());
+            match ab.drop {
+                None => {
+                    self.dev
+                        .lora_train_grad_a_bf16(&dyb, x, ga, sc.lora_scratch, ab.scale, n, lin.d_in, r)?
+                }
+                Some(site) => {
+                    let ni = n * lin.d_in;
+                    self.dev
+                        .lora_dropout_bf16(x, &mut sc.xd.slice_mut(..ni), site, n, lin.d_in)?;
+                    self.dev.lora_train_grad_a_bf16(
+                        &dyb,
+                        &sc.xd.slice(..ni),
+                        ga,
+                        sc.lora_scratch,
+                        ab.scale,
+                        n,
+                        lin.d_in,
+                        r,
+                    )?;
+                }
+            }
         }
         Ok(())
     }
 }
 
-/// Scratch of the LoRA backward: dyb (R, rank) bf16 and the gradients' row-split partials.
+/// Scratch of the LoRA backward: dyb (R, rank) bf16, the gradients' row-split partials and the
+/// LoRA-dropout x̃ (R, max input) bf16.
 struct Scratch<'a> {
     dyb: &'a mut CudaSlice<bf16>,
     lora_scratch: &'a mut CudaSlice<f32>,
+    xd: &'a mut CudaSlice<bf16>,
 }
 
 /// Row geometry of one forward.
@@ -850,8 +904,9 @@ struct Rows<'a> {
     cu_rows: &'a CudaSlice<i32>,
 }
 
-/// One decoder layer's forward from `x_in` (n, D) into `x_out`, every activation into `a`.
-/// The single source of truth for the forward, the recompute and the log-prob-only passes.
+/// One decoder layer's forward from `x_in` (n, D) into `x_out`, every activation into `a`;
+/// `xd` is the LoRA-dropout x̃ scratch. The single source of truth for the forward, the
+/// recompute and the log-prob-only passes.
 #[allow(clippy::too_many_arguments)]
 fn layer_fwd(
     ctx: &Ctx<'_>,
@@ -861,6 +916,7 @@ fn layer_fwd(
     x_in: &CudaSlice<bf16>,
     x_out: &mut CudaSlice<bf16>,
     a: &mut LayerActs,
+    xd: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     let (dev, c) = (ctx.dev, ctx.c);
     let lw = &ctx.w.layers[l];
@@ -892,6 +948,7 @@ fn layer_fwd(
                 lin(Proj::Q),
                 pair(Proj::Q),
                 &mut a.xa[Proj::Q as usize],
+                xd,
                 &mut q_pre.slice_mut(..n * qd),
                 n,
             )?;
@@ -900,6 +957,7 @@ fn layer_fwd(
                 lin(Proj::K),
                 pair(Proj::K),
                 &mut a.xa[Proj::K as usize],
+                xd,
                 &mut k_pre.slice_mut(..n * kvd),
                 n,
             )?;
@@ -926,6 +984,7 @@ fn layer_fwd(
                 lin(Proj::Q),
                 pair(Proj::Q),
                 &mut a.xa[Proj::Q as usize],
+                xd,
                 &mut a.q.slice_mut(..n * qd),
                 n,
             )?;
@@ -934,6 +993,7 @@ fn layer_fwd(
                 lin(Proj::K),
                 pair(Proj::K),
                 &mut a.xa[Proj::K as usize],
+                xd,
                 &mut a.k.slice_mut(..n * kvd),
                 n,
             )?;
@@ -949,6 +1009,7 @@ fn layer_fwd(
         lin(Proj::V),
         pair(Proj::V),
         &mut a.xa[Proj::V as usize],
+        xd,
         &mut a.v.slice_mut(..n * kvd),
         n,
     )?;
@@ -979,6 +1040,7 @@ fn layer_fwd(
         lin(Proj::O),
         pair(Proj::O),
         &mut a.xa[Proj::O as usize],
+        xd,
         &mut a.proj.slice_mut(..n * d),
         n,
     )?;
@@ -1001,6 +1063,7 @@ fn layer_fwd(
         lin(Proj::Gate),
         pair(Proj::Gate),
         &mut a.xa[Proj::Gate as usize],
+        xd,
         &mut a.gate.slice_mut(..n * inter),
         n,
     )?;
@@ -1009,6 +1072,7 @@ fn layer_fwd(
         lin(Proj::Up),
         pair(Proj::Up),
         &mut a.xa[Proj::Up as usize],
+        xd,
         &mut a.up.slice_mut(..n * inter),
         n,
     )?;
@@ -1023,6 +1087,7 @@ fn layer_fwd(
         lin(Proj::Down),
         pair(Proj::Down),
         &mut a.xa[Proj::Down as usize],
+        xd,
         &mut a.proj.slice_mut(..n * d),
         n,
     )?;
@@ -1064,6 +1129,7 @@ fn layer_bwd(
     let mut sc = Scratch {
         dyb: &mut *g.dyb,
         lora_scratch: &mut *g.lora_scratch,
+        xd: &mut *g.xd,
     };
 
     // --- MLP: x_out = x_mid + down(silu(gate(h2))·up(h2))
@@ -1259,6 +1325,7 @@ struct BwdBufs<'a> {
     delta: &'a mut CudaSlice<f32>,
     dyb: &'a mut CudaSlice<bf16>,
     lora_scratch: &'a mut CudaSlice<f32>,
+    xd: &'a mut CudaSlice<bf16>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1326,10 +1393,9 @@ impl CudaTrainer {
                 c.num_hidden_layers
             )));
         }
-        if lora.config.dropout > 0.0 {
+        if !(0.0..1.0).contains(&lora.config.dropout) {
             return Err(Error::invalid(format!(
-                "lora dropout {} is not supported by the CUDA training step yet; set lora.dropout = 0 \
-                 or train with --device cpu",
+                "lora dropout must be in [0, 1), got {}",
                 lora.config.dropout
             )));
         }
@@ -1449,6 +1515,7 @@ impl CudaTrainer {
                 self.flat.len,
                 self.flat.rank,
                 Recompute::Layer,
+                have.lora_dropout || want.lora_dropout,
                 want.vocab_chunk,
             )
             .keeping_last_layers(
@@ -1498,9 +1565,23 @@ impl CudaTrainer {
             self.flat.len,
             self.flat.rank,
             opts.recompute,
+            self.shape.config.dropout > 0.0,
             self.vocab_chunk,
         )
         .keeping_last_layers(c.num_hidden_layers, self.keep_layers)
+    }
+
+    /// The LoRA dropout of micro-batch `mi` of a training pass whose step seed is `dropout_seed`
+    /// (None: no dropout, as the CPU's eval, reference, old-logp and `grpo_gradients` passes):
+    /// the CPU's `train_opts` (seed + micro-batch index).
+    fn micro_dropout(&self, dropout_seed: Option<u64>, mi: usize) -> Option<LoraDropout> {
+        match dropout_seed {
+            Some(seed) if self.shape.config.dropout > 0.0 => Some(LoraDropout {
+                p: self.shape.config.dropout,
+                seed: seed.wrapping_add(mi as u64),
+            }),
+            _ => None,
+        }
     }
 
     fn check_options(&self, opts: &GrpoOptions) -> Result<()> {
@@ -1523,16 +1604,18 @@ impl CudaTrainer {
         temperature: f32,
     ) -> Result<MicroOut> {
         let pk = PackedBatch::new(seqs)?;
-        self.forward(engine, &pk, adapter, temperature, false)
+        self.forward(engine, &pk, adapter, None, temperature, false)
     }
 
-    /// Uploads the packed rows, runs the forward (saving activations when `train`), and the
-    /// chunked lm_head gather; leaves logp/entropy/lse/mean_s of the T tokens on the device.
+    /// Uploads the packed rows, runs the forward (saving activations when `train`; with the
+    /// adapter's LoRA `dropout` when given), and the chunked lm_head gather; leaves
+    /// logp/entropy/lse/mean_s of the T tokens on the device.
     fn forward(
         &mut self,
         engine: &CudaEngine,
         pk: &PackedBatch,
         adapter: bool,
+        dropout: Option<LoraDropout>,
         temperature: f32,
         train: bool,
     ) -> Result<MicroOut> {
@@ -1549,6 +1632,11 @@ impl CudaTrainer {
                  {} / {} / {}",
                 plan.max_rows, plan.max_seqs, plan.max_tokens
             )));
+        }
+        if dropout.is_some() && !plan.lora_dropout {
+            return Err(Error::Cuda(
+                "internal: a LoRA-dropout forward against a plan without the x̃ buffer".into(),
+            ));
         }
         let ctx = Ctx {
             dev,
@@ -1575,6 +1663,7 @@ impl CudaTrainer {
         let lora = adapter.then_some(LoraRef {
             params_bf16: &self.params_bf16,
             flat: &self.flat,
+            dropout,
         });
         let rows = Rows {
             n,
@@ -1598,7 +1687,7 @@ impl CudaTrainer {
             } else {
                 plan.scratch_slot(nl)
             };
-            layer_fwd(&ctx, l, lora, &rows, x_in, x_out, &mut b.acts[ai])?;
+            layer_fwd(&ctx, l, lora, &rows, x_in, x_out, &mut b.acts[ai], &mut b.xdrop)?;
         }
         // After a training forward the scratch set holds the last recomputable layer.
         b.scratch_holds = (train && plan.kept_layers < nl).then(|| nl - plan.kept_layers - 1);
@@ -1707,14 +1796,16 @@ impl CudaTrainer {
         })
     }
 
-    /// Loss and backward of the micro-batch whose forward (train = true) just ran: GRPO loss
-    /// over its T tokens with the batch's weights, then the lm_head and every layer backward,
-    /// accumulating the LoRA gradients.
+    /// Loss and backward of the micro-batch whose forward (train = true, LoRA dropout
+    /// `dropout`) just ran: GRPO loss over its T tokens with the batch's weights, then the
+    /// lm_head and every layer backward (with the forward's dropout masks), accumulating the
+    /// LoRA gradients.
     #[allow(clippy::too_many_arguments)]
     fn loss_backward(
         &mut self,
         engine: &CudaEngine,
         pk: &PackedBatch,
+        dropout: Option<LoraDropout>,
         adv: &[f32],
         seq_w: &[f64],
         old: Option<&[f32]>,
@@ -1854,6 +1945,7 @@ impl CudaTrainer {
         let lora = LoraRef {
             params_bf16: &self.params_bf16,
             flat: &self.flat,
+            dropout,
         };
         let rows = Rows {
             n,
@@ -1878,6 +1970,7 @@ impl CudaTrainer {
             delta: &mut b.delta,
             dyb: &mut b.dyb,
             lora_scratch: &mut b.lora_scratch,
+            xd: &mut b.xdrop,
         };
         let scratch_holds = b.scratch_holds.take();
         for l in (0..nl).rev() {
@@ -1887,7 +1980,18 @@ impl CudaTrainer {
                 // order: bit-identical to the forward). Its output goes to a scratch copy of
                 // xs[l+1] (it is identical, and no longer needed: the final norm backward ran).
                 let (lo, hi) = b.xs.split_at_mut(l + 1);
-                layer_fwd(&ctx, l, Some(lora), &rows, &lo[l], &mut hi[0], &mut b.acts[ai])?;
+                // The same masks too: LoRA dropout is a pure hash of (seed, layer, projection,
+                // row, column).
+                layer_fwd(
+                    &ctx,
+                    l,
+                    Some(lora),
+                    &rows,
+                    &lo[l],
+                    &mut hi[0],
+                    &mut b.acts[ai],
+                    &mut *g.xd,
+                )?;
             }
             layer_bwd(
                 &ctx,
@@ -1904,8 +2008,15 @@ impl CudaTrainer {
     }
 
     /// The gradients of one pass over the prepared batch (accumulated in `self.grads`, zeroed
-    /// first), with the loss, metrics and log-probs the CPU's `gradients` reports.
-    fn gradients(&mut self, engine: &CudaEngine, p: &Prepared, opts: &GrpoOptions) -> Result<GrpoGradients> {
+    /// first), with the loss, metrics and log-probs the CPU's `gradients` reports; LoRA dropout
+    /// (when the adapter has it) seeded by `dropout_seed` + micro-batch index, None: off.
+    fn gradients(
+        &mut self,
+        engine: &CudaEngine,
+        p: &Prepared,
+        opts: &GrpoOptions,
+        dropout_seed: Option<u64>,
+    ) -> Result<GrpoGradients> {
         let cfg = &opts.loss;
         let weights = sequence_weights(&p.lengths, cfg.loss_type, cfg.max_completion_length);
         let mut tok_off = vec![0usize];
@@ -1919,14 +2030,16 @@ impl CudaTrainer {
             .map_err(cuda_err("zeroing the gradients"))?;
         let mut logp_all = Vec::with_capacity(*tok_off.last().unwrap());
         let mut entropy_sum = 0f64;
-        for rg in p.micro_batches(opts) {
+        for (mi, rg) in p.micro_batches(opts).into_iter().enumerate() {
             let seqs = p.seqs(rg.clone());
             let pk = PackedBatch::new(&seqs)?;
-            let out = self.forward(engine, &pk, true, opts.temperature, true)?;
+            let dropout = self.micro_dropout(dropout_seed, mi);
+            let out = self.forward(engine, &pk, true, dropout, opts.temperature, true)?;
             let toks = tok_off[rg.start]..tok_off[rg.end];
             self.loss_backward(
                 engine,
                 &pk,
+                dropout,
                 &p.adv[rg.clone()],
                 &weights[rg.clone()],
                 p.old.as_ref().map(|o| &o[toks.clone()]),
@@ -1966,16 +2079,40 @@ impl CudaTrainer {
         Ok(p)
     }
 
-    /// Gradients of the GRPO loss on `batch` for the current adapter, without stepping; the
-    /// LoRA gradients are downloaded into `grads.lora` (tests and tools).
+    /// Gradients of the GRPO loss on `batch` for the current adapter, without stepping and
+    /// without LoRA dropout (as the CPU's [`crate::trainer::grpo_gradients`]); the LoRA
+    /// gradients are downloaded into `grads.lora` (tests and tools).
     pub fn grpo_gradients(
         &mut self,
         engine: &CudaEngine,
         batch: &GrpoBatch,
         opts: &GrpoOptions,
     ) -> Result<GrpoGradients> {
+        self.gradients_downloaded(engine, batch, opts, None)
+    }
+
+    /// [`Self::grpo_gradients`] of a training step whose LoRA-dropout seed is `dropout_seed`
+    /// ([`TrainState::dropout_seed`]): the adapter's dropout applies, with the masks of the
+    /// CPU's [`crate::trainer::step::grpo_gradients_with_dropout`] for the same seed.
+    pub fn grpo_gradients_with_dropout(
+        &mut self,
+        engine: &CudaEngine,
+        batch: &GrpoBatch,
+        opts: &GrpoOptions,
+        dropout_seed: u64,
+    ) -> Result<GrpoGradients> {
+        self.gradients_downloaded(engine, batch, opts, Some(dropout_seed))
+    }
+
+    fn gradients_downloaded(
+        &mut self,
+        engine: &CudaEngine,
+        batch: &GrpoBatch,
+        opts: &GrpoOptions,
+        dropout_seed: Option<u64>,
+    ) -> Result<GrpoGradients> {
         let p = self.prepare(engine, batch, opts)?;
-        let mut g = self.gradients(engine, &p, opts)?;
+        let mut g = self.gradients(engine, &p, opts, dropout_seed)?;
         let host = get(&engine.dev, "gradients", &self.grads, self.flat.len)?;
         let mut lg = self.shape.zeros_like();
         for (d, s) in crate::trainer::lora_params_mut(&mut lg)
@@ -2005,7 +2142,7 @@ impl CudaTrainer {
         let mut out = Vec::with_capacity(opts.num_iterations);
         for iteration in 0..opts.num_iterations {
             let t0 = Instant::now();
-            let g = self.gradients(engine, &p, opts)?;
+            let g = self.gradients(engine, &p, opts, Some(state.dropout_seed()))?;
             engine.dev.synchronize()?;
             let t1 = Instant::now();
             let lr = opts.schedule.lr_at(state.step as usize);
@@ -2364,11 +2501,29 @@ mod tests {
             n,
             16,
             Recompute::Layer,
+            false,
             TRAIN_VOCAB_CHUNK,
         );
         let weights = bf16_weight_bytes(&c);
         let total = p.total_bytes() + weights;
         assert!(total < 8 << 30, "0.5B plan {:.2} GiB", gib(total));
+        // LoRA dropout adds one x̃ of the widest projection input (I = 4864 here), bf16.
+        let with_dropout = TrainPlan::new(
+            &c,
+            64 * 384,
+            64,
+            64 * 256,
+            n,
+            16,
+            Recompute::Layer,
+            true,
+            TRAIN_VOCAB_CHUNK,
+        );
+        assert_eq!(
+            with_dropout.total_bytes() - p.total_bytes(),
+            64 * 384 * c.intermediate_size * 2
+        );
+        assert!(with_dropout.total_bytes() + weights < 8 << 30);
         // Without recompute the activations of 24 layers exceed it (the switch matters).
         let all = TrainPlan::new(
             &c,
@@ -2378,6 +2533,7 @@ mod tests {
             n,
             16,
             Recompute::None,
+            false,
             TRAIN_VOCAB_CHUNK,
         );
         assert!(all.activation_bytes > 10 * p.activation_bytes);
@@ -2392,6 +2548,7 @@ mod tests {
             n,
             16,
             Recompute::Layer,
+            false,
             TRAIN_VOCAB_CHUNK,
         );
         let total = p.total_bytes() + bf16_weight_bytes(&c);
@@ -2403,8 +2560,18 @@ mod tests {
         let c = ModelConfig::preset("qwen2.5-0.5b").unwrap();
         let nl = c.num_hidden_layers;
         let plan = |recompute, keep| {
-            TrainPlan::new(&c, 64 * 384, 64, 64 * 256, 1000, 16, recompute, TRAIN_VOCAB_CHUNK)
-                .keeping_last_layers(nl, keep)
+            TrainPlan::new(
+                &c,
+                64 * 384,
+                64,
+                64 * 256,
+                1000,
+                16,
+                recompute,
+                false,
+                TRAIN_VOCAB_CHUNK,
+            )
+            .keeping_last_layers(nl, keep)
         };
         let layer = plan(Recompute::Layer, 0);
         assert_eq!((layer.kept_layers, layer.saved_layers), (0, 1));

@@ -19,7 +19,10 @@ pub mod step;
 
 pub use sft::{epoch_order, sft_gradients, sft_step, SftExample, SftMetrics, SftOptions};
 pub use state::{load_checkpoint, save_checkpoint, Checkpoint, TrainState, Trainable};
-pub use step::{grpo_gradients, grpo_update, GrpoBatch, GrpoGradients, GrpoOptions, GrpoSeq, StepMetrics};
+pub use step::{
+    grpo_gradients, grpo_gradients_with_dropout, grpo_update, GrpoBatch, GrpoGradients, GrpoOptions, GrpoSeq,
+    StepMetrics,
+};
 
 use crate::cpu::model::CpuModel;
 use crate::cpu::train::Grads;

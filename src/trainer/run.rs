@@ -415,12 +415,6 @@ impl TrainConfig {
         if self.model.as_ref().is_some_and(|m| m.full_fine_tuning) {
             return Some("full fine-tuning runs on the CPU only for now (use a LoRA adapter)".into());
         }
-        if self.lora.dropout > 0.0 {
-            return Some(format!(
-                "lora.dropout = {} is not supported by the CUDA training step yet (set it to 0)",
-                self.lora.dropout
-            ));
-        }
         None
     }
 

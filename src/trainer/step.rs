@@ -516,6 +516,20 @@ pub fn grpo_gradients(
     gradients(model, lora, &p, opts, 0)
 }
 
+/// [`grpo_gradients`] of a training step whose LoRA-dropout seed is `dropout_seed`
+/// ([`TrainState::dropout_seed`]): the adapter's dropout applies, exactly as in the first pass
+/// of [`grpo_update`] at that seed (micro-batch i uses `dropout_seed + i`).
+pub fn grpo_gradients_with_dropout(
+    model: &CpuModel,
+    lora: Option<&LoraWeights>,
+    batch: &GrpoBatch,
+    opts: &GrpoOptions,
+    dropout_seed: u64,
+) -> Result<GrpoGradients> {
+    let p = prepare(model, lora, batch, opts)?;
+    gradients(model, lora, &p, opts, dropout_seed)
+}
+
 /// The GRPO policy update: `num_iterations` optimiser steps on the same rollouts. Trains the
 /// adapter when given, else (with `opts.full_fine_tuning`) every base weight. A step whose loss
 /// or gradient is non-finite is skipped (parameters and moments unchanged, `skipped` set); the
