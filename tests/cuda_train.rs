@@ -22,6 +22,10 @@
 //!   order are the same, else cuBLAS's summation order only: SAME_DEVICE (0.05 relative L2).
 //! - The loss is a weighted mean of per-token terms, each within its logp error times |A|
 //!   (≤ ~2): |Δloss| ≤ 0.05 · max(1, |loss|).
+//! - Full fine-tuning: every weight's gradient is built from the same bf16 activations as the
+//!   LoRA gradients (dW = dyᵀx, db = Σ dy, the norms' Σ dy·x·r, the embedding's Σ dx), so
+//!   Tol::grad and COS_MIN apply tensor by tensor; the updates after a few steps as the LoRA
+//!   ones (Tol::update), for the matrices (see cuda_full_fine_tuning_steps_track_cpu).
 //!
 //! Without a usable GPU every test prints "skipping: <reason>" and passes; `RFT_REQUIRE_GPU=1`
 //! makes that a failure.

@@ -824,7 +824,9 @@ fn embedding_grad_matches_cpu_bit_for_bit() {
         let n = ids.len();
         let dx = bf(&uniform_vec(n * dim, n as u64 + 60, -1.0, 1.0));
         let e_in = uniform_vec(vocab * dim, 61, -0.1, 0.1);
-        let got = dev.embedding_grad_bf16_to_f32_host(&dx, &ids, &e_in, dim).unwrap();
+        let got = dev
+            .embedding_grad_bf16_to_f32_host(&dx, &ids, &e_in, dim)
+            .unwrap();
         let mut want = e_in.clone();
         for (r, &t) in ids.iter().enumerate() {
             for c in 0..dim {

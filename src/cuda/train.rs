@@ -8,6 +8,16 @@
 //! It owns the flat f32 LoRA state (params, grads, AdamW m and v: one buffer each, tensors in
 //! [`crate::trainer::lora_params`] order, so host checkpoints line up tensor by tensor), the
 //! bf16 copy of the params the LoRA kernels read, and the training memory plan ([`TrainPlan`]).
+//!
+//! Full fine-tuning ([`CudaTrainer::new_full`], `model.full_fine_tuning`): the same step with no
+//! adapter, training every base weight. The flat f32 state holds the master weights in
+//! [`crate::trainer::weight_params`] order (16 B per parameter with grads, m, v: small models);
+//! the backward adds dW += dyᵀx (cuBLAS, bf16 in, f32 accumulated over micro-batches), db += dyᵀ·1,
+//! each RMSNorm's dweight (the kernel's fixed-order partials), dW_lm += dlogitsᵀ·hsel per
+//! vocabulary chunk (into the embedding when tied) and the embedding's rows (one thread per
+//! element over its token's rows in order: deterministic). After AdamW the engine's bf16 weights
+//! (and its stacked q|k|v / gate|up bias copies) are rewritten in place from the master, so the
+//! next forward and rollout read the new model and captured decode graphs stay valid.
 //! It owns no math of its own: every op is a launcher tested against the CPU reference
 //! (`rollout.rs`, `train_kernels.rs`, `attention_train.rs`, `lora_train.rs`),
 //! and the CPU training core (`crate::cpu::train`, `crate::trainer::step`) is the oracle of the
@@ -38,7 +48,7 @@
 //! more than [C,Vc] f32 logits and [C,Vc] bf16 dlogits ([`TRAIN_LOGIT_CHUNK_ROWS`],
 //! [`TRAIN_VOCAB_CHUNK`]: 0.2 GB at a 152k vocabulary).
 //!
-//! Not on the GPU yet (clear errors): LoRA dropout, full fine-tuning, an entropy bonus.
+//! Not on the GPU yet (clear errors): LoRA dropout, an entropy bonus.
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
@@ -2889,6 +2899,78 @@ mod tests {
         );
         let total = p.total_bytes() + bf16_weight_bytes(&c);
         assert!(total < 14 << 30, "1.5B plan {:.2} GiB", gib(total));
+    }
+
+    #[test]
+    fn flat_weights_follow_weight_params_order() {
+        // Qwen2 (q/k/v biases, tied embeddings), and with q/k norms and an lm_head of its own:
+        // every range holds the tensor weight_params puts there.
+        for (preset, qwen3_like) in [("qwen2.5-0.5b", false), ("qwen2.5-0.5b", true)] {
+            let mut c = ModelConfig::preset(preset).unwrap();
+            c.num_hidden_layers = 2;
+            c.vocab_size = 50;
+            c.qk_norm = qwen3_like;
+            c.tie_word_embeddings = !qwen3_like;
+            let w = Weights::random(&c, 3, 0.02);
+            let flat = FlatWeights::of(&w);
+            let host = crate::trainer::weight_params(&w).concat();
+            assert_eq!(flat.len, host.len());
+            let lw = &w.layers[1];
+            let lr = &flat.layers[1];
+            assert_eq!(&host[flat.embed.clone()], &w.embed[..]);
+            assert_eq!(&host[lr.input_norm.clone()], &lw.input_norm[..]);
+            assert_eq!(&host[lr.proj[Proj::K as usize].w.clone()], &lw.k.w[..]);
+            assert_eq!(&host[lr.post_norm.clone()], &lw.post_norm[..]);
+            assert_eq!(&host[lr.proj[Proj::Down as usize].w.clone()], &lw.down.w[..]);
+            assert_eq!(&host[flat.final_norm.clone()], &w.final_norm[..]);
+            match (&lr.proj[Proj::V as usize].b, &lw.v.b) {
+                (Some(r), Some(b)) => assert_eq!(&host[r.clone()], &b[..]),
+                (None, None) => {}
+                _ => panic!("{preset}: v bias layout"),
+            }
+            match (&lr.q_norm, &lw.q_norm) {
+                (Some(r), Some(q)) => assert_eq!(&host[r.clone()], &q[..]),
+                (None, None) => {}
+                _ => panic!("{preset}: q norm layout"),
+            }
+            assert_eq!(flat.lm_head.is_none(), c.tie_word_embeddings);
+            assert_eq!(flat.lm_head_grad(), flat.lm_head.as_ref().unwrap_or(&flat.embed));
+            assert_eq!(split_sizes(&host, &flat.sizes).concat(), host);
+        }
+    }
+
+    #[test]
+    fn full_fine_tuning_plan_counts_its_state() {
+        // Qwen2.5-0.5B: 494M parameters × 16 B of f32 state (weights, grads, m, v) ≈ 7.4 GiB,
+        // next to its 1 GB of bf16 weights: fits an 80 GB GPU with the step's buffers.
+        let c = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        let params = bf16_weight_bytes(&c) / 2;
+        let p = TrainPlan::new_full(
+            &c,
+            64 * 384,
+            64,
+            64 * 256,
+            params,
+            Recompute::Layer,
+            TRAIN_VOCAB_CHUNK,
+        );
+        assert_eq!(p.lora_bytes, 0);
+        assert!(p.full_bytes >= 16 * params && p.full_bytes < 16 * params + (1 << 20));
+        assert!(p.norm_partials >= rmsnorm_bwd_partials_len(64 * 384, c.hidden_size));
+        let gb = gib(p.total_bytes() + bf16_weight_bytes(&c));
+        assert!(gb < 20.0, "0.5B full fine-tuning plan {gb:.2} GiB");
+        // The LoRA plan of the same batch has none of it.
+        let l = TrainPlan::new(
+            &c,
+            64 * 384,
+            64,
+            64 * 256,
+            1000,
+            16,
+            Recompute::Layer,
+            TRAIN_VOCAB_CHUNK,
+        );
+        assert_eq!((l.full_bytes, l.full_params, l.norm_partials), (0, 0, 0));
     }
 
     #[test]
