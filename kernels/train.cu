@@ -759,3 +759,30 @@ extern "C" __global__ void adamw_step_f32(float* __restrict__ param, float* __re
         v[i] = vi;
     }
 }
+
+// ----------------------------------------------------------------------------
+// Full fine-tuning: the embedding's gradient (src/cpu/train.rs::TrainForward::backward, the
+// last loop). The linear weights' gradients are cuBLAS GEMMs and the norms' come from
+// rmsnorm_bwd_bf16's dweight (src/cuda/train.rs).
+
+// dembed (V, dim) f32 += the rows of dx (rows, dim) bf16 added into their tokens' rows: for each
+// distinct token u < num_tokens of the micro-batch, dembed[tokens[u]] += dx[rows[i]] for i in
+// row_off[u] .. row_off[u+1] (the token's rows, ascending, listed by the host). One block per
+// distinct token (grid-stride over tokens), threads stride over columns, so each element is
+// summed by one thread in row order (the CPU's order): deterministic, no atomics.
+// tokens (num_tokens) distinct, < V; row_off (num_tokens + 1); rows (row_off[num_tokens]).
+// grid = min(num_tokens, 65535), block = 256.
+extern "C" __global__ void embedding_grad_bf16_to_f32(float* __restrict__ dembed, const bf16* __restrict__ dx,
+                                                      const uint32_t* __restrict__ tokens,
+                                                      const int* __restrict__ row_off, const int* __restrict__ rows,
+                                                      int num_tokens, int dim) {
+    for (int u = blockIdx.x; u < num_tokens; u += gridDim.x) {
+        float* out = dembed + (size_t)tokens[u] * dim;
+        const int r0 = row_off[u], r1 = row_off[u + 1];
+        for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+            float acc = out[c];
+            for (int i = r0; i < r1; ++i) acc += bf16_to_f32(dx[(size_t)rows[i] * dim + c]);
+            out[c] = acc;
+        }
+    }
+}

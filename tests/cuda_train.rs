@@ -1,8 +1,9 @@
 //! The CUDA training step (src/cuda/train.rs) against the CPU training core
 //! (`rft::trainer::step`), on every fixture model: token log-probs, loss and LoRA gradients of
 //! one pass (every loss option), recompute on/off, micro-batching, the lm_head's vocabulary
-//! chunks, five optimiser steps, and LoRA dropout (the masks bit for bit, and the pass with
-//! dropout against the CPU's with the same step seed).
+//! chunks, five optimiser steps, LoRA dropout (the masks bit for bit, and the pass with
+//! dropout against the CPU's with the same step seed); full fine-tuning's gradients of every
+//! weight and three optimiser steps.
 //!
 //! Both sides use the SAME bf16-rounded weights (the CPU model is rounded before the engine is
 //! built from it), so what differs is only the CUDA side's bf16 activations: every stored
@@ -22,6 +23,10 @@
 //!   order are the same, else cuBLAS's summation order only: SAME_DEVICE (0.05 relative L2).
 //! - The loss is a weighted mean of per-token terms, each within its logp error times |A|
 //!   (≤ ~2): |Δloss| ≤ 0.05 · max(1, |loss|).
+//! - Full fine-tuning: every weight's gradient is built from the same bf16 activations as the
+//!   LoRA gradients (dW = dyᵀx, db = Σ dy, the norms' Σ dy·x·r, the embedding's Σ dx), so
+//!   Tol::grad and COS_MIN apply tensor by tensor; the updates after a few steps as the LoRA
+//!   ones (Tol::update), for the matrices (see cuda_full_fine_tuning_steps_track_cpu).
 //!
 //! Without a usable GPU every test prints "skipping: <reason>" and passes; `RFT_REQUIRE_GPU=1`
 //! makes that a failure.
@@ -37,11 +42,11 @@ use rft::cuda::{CudaEngine, CudaTrainer, LoraDropoutSite};
 use rft::lora::LoraWeights;
 use rft::loss::{GrpoLossConfig, KlEstimator, LossType};
 use rft::model::config::ModelConfig;
-use rft::model::weights::Proj;
+use rft::model::weights::{Proj, Weights};
 use rft::optim::{AdamW, AdamWState, LrSchedule, SchedulerType, Warmup};
 use rft::trainer::{
-    grpo_gradients, grpo_gradients_with_dropout, grpo_update, lora_params, weight_params_mut, GrpoBatch,
-    GrpoGradients, GrpoOptions, GrpoSeq, TrainState,
+    grpo_gradients, grpo_gradients_with_dropout, grpo_update, lora_params, weight_params, weight_params_mut,
+    GrpoBatch, GrpoGradients, GrpoOptions, GrpoSeq, TrainState,
 };
 
 const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
@@ -168,13 +173,30 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// Compares two adapters' tensors (gradients or weights): per-tensor relative L2 for tensors
 /// whose norm is at least 1% of the largest, and the cosine of the flat vectors.
 fn compare_tensors(what: &str, tol: Tol, gpu: &LoraWeights, cpu: &LoraWeights) {
-    let (g, c) = (lora_params(gpu), lora_params(cpu));
+    compare_slices(what, tol, &lora_params(gpu), &lora_params(cpu), 0, COS_MIN);
+}
+
+/// [`compare_tensors`] of two models' weights (full fine-tuning's gradients or updates), in
+/// `weight_params` order; tensors of fewer than `min_len` elements count in the cosine only
+/// (which must reach `cos_min`).
+fn compare_weights(what: &str, tol: Tol, gpu: &Weights, cpu: &Weights, min_len: usize, cos_min: f64) {
+    compare_slices(
+        what,
+        tol,
+        &weight_params(gpu),
+        &weight_params(cpu),
+        min_len,
+        cos_min,
+    );
+}
+
+fn compare_slices(what: &str, tol: Tol, g: &[&[f32]], c: &[&[f32]], min_len: usize, cos_min: f64) {
     assert_eq!(g.len(), c.len());
     let norm = |t: &[f32]| t.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
     let max_norm = c.iter().map(|t| norm(t)).fold(0f64, f64::max);
     let mut worst = 0f64;
-    for (i, (gt, ct)) in g.iter().zip(&c).enumerate() {
-        if norm(ct) < 0.01 * max_norm {
+    for (i, (gt, ct)) in g.iter().zip(c).enumerate() {
+        if norm(ct) < 0.01 * max_norm || ct.len() < min_len {
             continue;
         }
         let e = rel_l2(gt, ct);
@@ -187,7 +209,7 @@ fn compare_tensors(what: &str, tol: Tol, gpu: &LoraWeights, cpu: &LoraWeights) {
     }
     let cos = cosine(&g.concat(), &c.concat());
     eprintln!("  {what}: worst tensor rel L2 {worst:.2e}, cosine {cos:.6}");
-    assert!(cos >= COS_MIN, "{what}: cosine {cos} < {COS_MIN}");
+    assert!(cos >= cos_min, "{what}: cosine {cos} < {cos_min}");
 }
 
 fn compare_logp(what: &str, tol: Tol, gpu: &[Vec<f32>], cpu: &[Vec<f32>]) -> f32 {
@@ -494,14 +516,235 @@ fn cuda_trainer_rejects_what_it_does_not_support() {
         .to_string();
     assert!(e.contains("dropout") && e.contains("[0, 1)"), "{e}");
     lora.config.dropout = 0.0;
+    // A LoRA trainer does not do full fine-tuning, nor the reverse (each says what to use).
     let mut tr = CudaTrainer::new(&mut engine, &lora, &AdamWState::default()).unwrap();
+    let b = batch(&model.config);
     let mut o = opts(GrpoLossConfig::default(), 1, Recompute::Layer);
     o.full_fine_tuning = true;
     let e = tr
-        .grpo_gradients(&engine, &batch(&model.config), &o)
-        .expect_err("full fine-tuning must be refused")
+        .grpo_gradients(&engine, &b, &o)
+        .expect_err("a LoRA trainer must refuse full fine-tuning")
+        .to_string();
+    assert!(e.contains("new_full"), "{e}");
+    let mut full = CudaTrainer::new_full(&mut engine, &model.weights, &AdamWState::default()).unwrap();
+    o.full_fine_tuning = false;
+    let e = full
+        .grpo_gradients(&engine, &b, &o)
+        .expect_err("a full fine-tuning trainer must refuse LoRA options")
         .to_string();
     assert!(e.contains("full fine-tuning"), "{e}");
+    // No frozen reference model to compute a KL against.
+    o.full_fine_tuning = true;
+    o.loss.beta = 0.04;
+    let e = full
+        .grpo_gradients(&engine, &b, &o)
+        .expect_err("β > 0 must be refused")
+        .to_string();
+    assert!(e.contains("beta"), "{e}");
+    // Weights of another shape.
+    let other = rft::cpu::engine::CpuEngine::load(&fixture_model("llama"))
+        .unwrap()
+        .model;
+    let e = CudaTrainer::new_full(&mut engine, &other.weights, &AdamWState::default())
+        .err()
+        .expect("weights of another model must be refused")
+        .to_string();
+    assert!(e.contains("shape"), "{e}");
+}
+
+/// Full fine-tuning options: β = 0 (no frozen reference), `micro_batches`, `recompute`.
+fn full_opts(micro_batches: usize, recompute: Recompute) -> GrpoOptions {
+    GrpoOptions {
+        full_fine_tuning: true,
+        ..opts(GrpoLossConfig::default(), micro_batches, recompute)
+    }
+}
+
+#[test]
+fn cuda_full_fine_tuning_gradients_match_cpu_on_every_model() {
+    if !gpu_or_skip() {
+        return;
+    }
+    for name in MODELS {
+        let (model, mut engine) = models(name);
+        let b = batch(&model.config);
+        // 2 micro-batches exercise the accumulation (cuBLAS beta = 1, the norms' partial sums,
+        // the embedding's scatter into rows written by the other micro-batch).
+        let o = full_opts(2, Recompute::Layer);
+        let cpu = grpo_gradients(&model, None, &b, &o).unwrap();
+        let mut tr = CudaTrainer::new_full(&mut engine, &model.weights, &AdamWState::default()).unwrap();
+        assert!(tr.full_fine_tuning());
+        assert_eq!(
+            tr.num_params(),
+            weight_params(&model.weights)
+                .iter()
+                .map(|t| t.len())
+                .sum::<usize>()
+        );
+        let gpu = tr.grpo_gradients(&engine, &b, &o).unwrap();
+        eprintln!("cuda_train {name} full fine-tuning:");
+        let t = tol(name);
+        let dl = compare_logp("logp", t, &gpu.logp, &cpu.logp);
+        let ltol = 0.05 * cpu.loss.abs().max(1.0);
+        eprintln!(
+            "  loss gpu {} cpu {} (tol {ltol}), worst |Δlogp| {dl:.2e}",
+            gpu.loss, cpu.loss
+        );
+        assert!((gpu.loss - cpu.loss).abs() <= ltol, "{name}: loss");
+        assert!(gpu.grads.lora.is_none() && cpu.grads.lora.is_none());
+        // Every weight gradient is a product of the same bf16-rounded activations as the LoRA
+        // gradients (dW = dyᵀx where LoRA has dB = dyᵀ(xAᵀ), dA = (dyB)ᵀx; the norms' and the
+        // embedding's are sums of dy·x and of dx rows), so the LoRA tolerance of HF's own
+        // bf16 noise applies tensor by tensor (`Tol::grad`, `COS_MIN` on the flat vector).
+        compare_weights(
+            "weight gradients",
+            t,
+            gpu.grads.weights.as_ref().unwrap(),
+            cpu.grads.weights.as_ref().unwrap(),
+            0,
+            COS_MIN,
+        );
+        if name == "qwen3" {
+            // Saved activations vs recompute: the same kernels in the same order, identical bits.
+            let saved = tr
+                .grpo_gradients(&engine, &b, &full_opts(2, Recompute::None))
+                .unwrap();
+            assert_eq!(saved.logp, gpu.logp);
+            assert_eq!(
+                weight_params(saved.grads.weights.as_ref().unwrap()),
+                weight_params(gpu.grads.weights.as_ref().unwrap()),
+                "recompute changed the full fine-tuning gradients"
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_full_fine_tuning_steps_track_cpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    // qwen2: q/k/v biases (the rollout engine's stacked bias copies must follow the update);
+    // qwen3: tied embeddings (the lm_head's gradient lands in the embedding) and q/k norms.
+    for name in ["qwen2", "qwen3"] {
+        let (mut model, mut engine) = models(name);
+        let w0 = model.weights.clone();
+        let b = batch(&model.config);
+        // lr 1e-4, not the LoRA tests' 1e-2: AdamW moves every element by about lr a step, and
+        // 1e-2 on every weight of these small models changes them so much a step that the two
+        // trajectories part by chaos rather than by an error (grad norms 7% apart at step 3,
+        // each step's own gradients still agreeing; log-probs moved by ~6 nats at 1e-3).
+        let mut o = full_opts(2, Recompute::Layer);
+        o.schedule = LrSchedule::new(SchedulerType::Constant, 1e-4, 5, Warmup::Steps(0)).unwrap();
+        let (mut cpu_state, mut gpu_state) = (TrainState::new(5), TrainState::new(5));
+        let mut tr = CudaTrainer::new_full(&mut engine, &w0, &AdamWState::default()).unwrap();
+        eprintln!("cuda_train {name} full fine-tuning, three steps:");
+        for step in 0..3 {
+            let c = grpo_update(&mut model, None, &mut cpu_state, &b, &o).unwrap();
+            let g = tr.grpo_update(&mut engine, &mut gpu_state, &b, &o).unwrap();
+            let (c, g) = (&c[0], &g[0]);
+            eprintln!(
+                "  step {step}: loss gpu {:.5} cpu {:.5}, grad_norm gpu {:.4} cpu {:.4}",
+                g.loss, c.loss, g.grad_norm, c.grad_norm
+            );
+            // As in cuda_five_steps_track_cpu (top comment: the loss within its logp error).
+            assert!(
+                (g.loss - c.loss).abs() <= 0.05 * c.loss.abs().max(1.0),
+                "step {step} loss"
+            );
+            assert!(
+                (g.grad_norm - c.grad_norm).abs() <= 0.05 * c.grad_norm.max(1e-3),
+                "step {step} grad norm"
+            );
+            assert_eq!(g.skipped, c.skipped);
+        }
+        assert_eq!(gpu_state.adam.step, cpu_state.adam.step);
+        let mut gpu_w = w0.clone();
+        tr.download_weights(&engine, &mut gpu_w).unwrap();
+        // The updates (the weights are dominated by the shared start), with the tolerance of
+        // HF's own AdamW-update noise (`update_tol`: Adam moves elements whose gradient is
+        // mostly rounding noise by ±lr either way, whatever the parameter).
+        let delta = |w: &Weights| {
+            let mut d = w.clone();
+            for (x, x0) in weight_params_mut(&mut d).into_iter().zip(weight_params(&w0)) {
+                for (v, v0) in x.iter_mut().zip(x0) {
+                    *v -= v0;
+                }
+            }
+            d
+        };
+        // k_proj's bias has no gradient in exact arithmetic (a shift of every key's score by
+        // q·b, which the softmax ignores): both sides hold rounding noise there, which Adam
+        // turns into ±lr steps of random sign. Left out of the comparison.
+        let (mut dg, mut dc) = (delta(&gpu_w), delta(&model.weights));
+        for d in [&mut dg, &mut dc] {
+            for lw in &mut d.layers {
+                lw.k.b.iter_mut().flatten().for_each(|x| *x = 0.0);
+            }
+        }
+        // Per tensor only for the matrices: AdamW's first steps move each element by about ±lr,
+        // so one element whose gradient is within rounding noise of 0 (signs differ) moves an
+        // n-element tensor's relative L2 by 2/√n, 0.25 for the 64-element biases and norms of
+        // these fixtures, the whole tolerance; their gradients are checked tensor by tensor in
+        // cuda_full_fine_tuning_gradients_match_cpu_on_every_model. The flat update's cosine
+        // bound is the one of that relative L2: two vectors of equal norm at relative distance
+        // e have cosine 1 − e²/2.
+        let ut = update_tol(name);
+        let cos_min = 1.0 - ut.grad * ut.grad / 2.0;
+        compare_weights("weight update after 3 steps", ut, &dg, &dc, 1024, cos_min);
+        let mut adam = gpu_state.adam.clone();
+        tr.download_adam(&engine, &mut adam).unwrap();
+        assert_eq!(adam.m.len(), cpu_state.adam.m.len());
+        let cos = cosine(&adam.m.concat(), &cpu_state.adam.m.concat());
+        assert!(cos >= COS_MIN, "AdamW m cosine {cos}");
+        // The rollout engine reads the updated weights (its own forward: stacked q|k|v and
+        // gate|up GEMMs, stacked biases). Its scores equal those of a fresh engine made from the
+        // downloaded weights (GPU vs GPU: SAME_DEVICE), and the CPU's log-probs of those weights
+        // rounded to bf16 as the engine holds them (updates of ~lr are below bf16's resolution
+        // of most weights: the CPU's own f32 model is not what any bf16 engine runs) within
+        // the bf16 tolerance; and they moved by more than SAME_DEVICE since the start (so
+        // stale weights would fail).
+        use rft::engine::Engine;
+        let mut fresh = CudaEngine::from_weights(model.config.clone(), &gpu_w, 0).unwrap();
+        let (start, _) = models(name);
+        let before = grpo_gradients(&start, None, &b, &o).unwrap();
+        let mut trained = start;
+        trained.weights = gpu_w.clone();
+        for t in weight_params_mut(&mut trained.weights) {
+            for x in t.iter_mut() {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
+        }
+        let after = grpo_gradients(&trained, None, &b, &o).unwrap();
+        let (mut moved, mut vs_fresh, mut vs_cpu) = (0f32, 0f32, 0f32);
+        for (i, s) in b
+            .seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.completion_ids.is_empty())
+        {
+            let seq = [(s.prompt_ids.clone(), s.completion_ids.clone())];
+            let scored = engine.score(&seq, TEMP).unwrap();
+            let reference = fresh.score(&seq, TEMP).unwrap();
+            for (t, &a) in scored[0].iter().enumerate() {
+                vs_fresh = vs_fresh.max((a - reference[0][t]).abs());
+                vs_cpu = vs_cpu.max((a - after.logp[i][t]).abs());
+                moved = moved.max((a - before.logp[i][t]).abs());
+            }
+        }
+        eprintln!(
+            "  rollout scores: vs a fresh engine {vs_fresh:.2e}, vs cpu {vs_cpu:.2e}, moved {moved:.2e}"
+        );
+        assert!(
+            vs_fresh <= SAME_DEVICE.lp,
+            "{name}: rollout engine vs fresh engine {vs_fresh}"
+        );
+        assert!(vs_cpu <= tol(name).lp, "{name}: rollout engine vs cpu {vs_cpu}");
+        assert!(
+            moved > 2.0 * SAME_DEVICE.lp,
+            "{name}: the update moved the scores by {moved} only"
+        );
+    }
 }
 
 #[test]

@@ -811,3 +811,34 @@ fn adamw_kernel_skips_on_device_flag() {
     assert_eq!(dev.download(&p).unwrap(), p0);
     assert_eq!(dev.download(&m).unwrap(), vec![0.0; n]);
 }
+
+#[test]
+fn embedding_grad_matches_cpu_bit_for_bit() {
+    let Some(dev) = device_or_skip() else { return };
+    // Full fine-tuning's embedding gradient, as the CPU's last backward loop: each row of dx
+    // added into its token's row, rows in order, onto what is there. Each element is summed by
+    // one thread in the CPU's order from the same bf16-rounded inputs: identical bits. Tokens
+    // repeat (row 0 and 5, 2 and 4 and 6), one row only, and the vocabulary's first and last.
+    let (vocab, dim) = (461usize, 123usize);
+    for ids in [vec![7u32, 0, 460, 9, 460, 7, 460], vec![3]] {
+        let n = ids.len();
+        let dx = bf(&uniform_vec(n * dim, n as u64 + 60, -1.0, 1.0));
+        let e_in = uniform_vec(vocab * dim, 61, -0.1, 0.1);
+        let got = dev
+            .embedding_grad_bf16_to_f32_host(&dx, &ids, &e_in, dim)
+            .unwrap();
+        let mut want = e_in.clone();
+        for (r, &t) in ids.iter().enumerate() {
+            for c in 0..dim {
+                want[t as usize * dim + c] += dx[r * dim + c];
+            }
+        }
+        assert_eq!(got, want, "ids {ids:?}");
+    }
+    // A token outside the vocabulary is an error, not an out-of-bounds write.
+    let e = dev
+        .embedding_grad_bf16_to_f32_host(&[0.0; 4], &[vocab as u32], &vec![0.0; vocab * 4], 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}

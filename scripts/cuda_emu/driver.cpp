@@ -195,8 +195,8 @@ static CUresult alloc(CUdeviceptr* p, size_t bytes, bool device) {
 #else
     const size_t padded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
 #endif
-    void* m = aligned_alloc(256, padded);
-    if (!m) return OUT_OF_MEMORY;
+    void* m = nullptr;  // posix_memalign: any size (C11 aligned_alloc wants a multiple of 256)
+    if (posix_memalign(&m, 256, padded) != 0) return OUT_OF_MEMORY;
     memset(m, device ? 0xff : 0, padded);  // device memory: NaN until written
     allocs()[(uintptr_t)m] = Alloc{bytes, device};
     if (device) device_used += bytes;

@@ -105,7 +105,9 @@
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice};
+use cudarc::driver::{
+    CudaGraph, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice, PushKernelArg,
+};
 use half::bf16;
 use std::ffi::c_void;
 use std::path::Path;
@@ -623,6 +625,57 @@ pub(super) struct DeviceWeights {
 impl DeviceWeights {
     pub(super) fn lm_head(&self) -> &CudaSlice<bf16> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Every tensor as a view, in [`crate::trainer::weight_params`] order: the embedding; per
+    /// layer the input norm, q/k/v/o (weight then bias), the q and k norms (Qwen3), the post
+    /// norm, gate/up/down (weight then bias); the final norm; the lm_head when untied. The q/k/v
+    /// and gate/up weights are views of their rows of the stacked buffers.
+    pub(super) fn param_views(&self) -> Vec<CudaView<'_, bf16>> {
+        let mut v = vec![self.embed.slice(..)];
+        for lw in &self.layers {
+            v.push(lw.input_norm.slice(..));
+            let lin = |p: Proj| {
+                let l = &lw.proj[p as usize];
+                std::iter::once(l.w()).chain(l.b.iter().map(|b| b.slice(..)))
+            };
+            for p in [Proj::Q, Proj::K, Proj::V, Proj::O] {
+                v.extend(lin(p));
+            }
+            v.extend(lw.q_norm.iter().map(|t| t.slice(..)));
+            v.extend(lw.k_norm.iter().map(|t| t.slice(..)));
+            v.push(lw.post_norm.slice(..));
+            for p in [Proj::Gate, Proj::Up, Proj::Down] {
+                v.extend(lin(p));
+            }
+        }
+        v.push(self.final_norm.slice(..));
+        v.extend(self.lm_head.iter().map(|t| t.slice(..)));
+        v
+    }
+
+    /// Copies every layer's q/k/v and gate/up biases into their stacked copies (`qkv_b`,
+    /// `gate_up_b`), after the biases changed. Device to device on the stream.
+    fn restack_biases(&mut self, dev: &CudaDevice) -> Result<()> {
+        let st = dev.stream();
+        for lw in &mut self.layers {
+            for (stack, projs) in [
+                (&mut lw.qkv_b, &[Proj::Q, Proj::K, Proj::V][..]),
+                (&mut lw.gate_up_b, &[Proj::Gate, Proj::Up][..]),
+            ] {
+                let Some(stack) = stack.as_mut() else { continue };
+                let mut off = 0;
+                for &p in projs {
+                    let l = &lw.proj[p as usize];
+                    if let Some(b) = &l.b {
+                        st.memcpy_dtod(b, &mut stack.slice_mut(off..off + l.d_out))
+                            .map_err(cuda_err("restacking projection biases"))?;
+                    }
+                    off += l.d_out;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Builds the table from `get(hf_name, shape)`, which returns the tensor on the device.
@@ -2211,6 +2264,58 @@ impl CudaEngine {
             }
         }
         Ok(())
+    }
+
+    /// Overwrites every bf16 weight in place with `master` (f32, the tensors of
+    /// [`DeviceWeights::param_views`] order concatenated, `sizes` elements each) rounded to
+    /// bf16, then refreshes the stacked bias copies: full fine-tuning's weight refresh after an
+    /// optimiser step. The buffers keep their addresses, so captured decode graphs stay valid.
+    pub(super) fn write_weights_from_f32(&mut self, master: &CudaSlice<f32>, sizes: &[usize]) -> Result<()> {
+        let cast = self.dev.function("cast_f32_to_bf16")?;
+        {
+            let views = self.weights.param_views();
+            if views.len() != sizes.len() {
+                return Err(Error::Cuda(format!(
+                    "internal: {} trained tensors but the engine has {}",
+                    sizes.len(),
+                    views.len()
+                )));
+            }
+            let s = self.dev.stream();
+            let mut off = 0usize;
+            for (i, (view, &n)) in views.iter().zip(sizes).enumerate() {
+                if view.len() != n || off + n > master.len() {
+                    return Err(Error::Cuda(format!(
+                        "internal: trained tensor {i} has {n} elements, the engine's {} (master {} of {})",
+                        view.len(),
+                        off + n,
+                        master.len()
+                    )));
+                }
+                if n > 0 {
+                    // The view is read-only to cudarc; the weights are this engine's, held by
+                    // `&mut self`, and every read of them is ordered on this one stream.
+                    let (op, _o) = view.device_ptr(s);
+                    let src = master.slice(off..off + n);
+                    let (ip, _i) = src.device_ptr(s);
+                    let n64 = n as u64;
+                    let mut l = s.launch_builder(&cast);
+                    l.arg(&op).arg(&ip).arg(&n64);
+                    // SAFETY: (bf16* out, const float* in, size_t n): out is n bf16 of this
+                    // tensor, in n f32 of `master` (both checked above); grid-stride kernel.
+                    unsafe {
+                        l.launch(super::train_kernels::cfg(
+                            (super::train_kernels::ew_vec_grid(n), 1, 1),
+                            256,
+                            0,
+                        ))
+                    }
+                    .map_err(cuda_err("cast_f32_to_bf16 (weight refresh)"))?;
+                }
+                off += n;
+            }
+        }
+        self.weights.restack_biases(&self.dev)
     }
 
     /// Makes sure the held buffers serve `needs`; grows (re-allocates) them otherwise.

@@ -54,7 +54,7 @@ pub use rollout::{
 };
 pub use train::{CudaTrainer, PackedBatch, TrainPlan};
 pub use train_kernels::{
-    clip_report_from_stats, grad_norm_blocks, grad_norm_partials_len, grpo_loss_blocks,
+    clip_report_from_stats, embedding_grad_index, grad_norm_blocks, grad_norm_partials_len, grpo_loss_blocks,
     grpo_loss_partials_len, lora_grad_scratch_len, lora_grad_splits, rmsnorm_bwd_blocks,
     rmsnorm_bwd_partials_len, GrpoLossScalars, GrpoLossTotals, GRPO_FIELDS, RMSNORM_BWD_MAX_DIM,
     TRAIN_KERNEL_NAMES,

@@ -8,6 +8,16 @@
 //! It owns the flat f32 LoRA state (params, grads, AdamW m and v: one buffer each, tensors in
 //! [`crate::trainer::lora_params`] order, so host checkpoints line up tensor by tensor), the
 //! bf16 copy of the params the LoRA kernels read, and the training memory plan ([`TrainPlan`]).
+//!
+//! Full fine-tuning ([`CudaTrainer::new_full`], `model.full_fine_tuning`): the same step with no
+//! adapter, training every base weight. The flat f32 state holds the master weights in
+//! [`crate::trainer::weight_params`] order (16 B per parameter with grads, m, v: small models);
+//! the backward adds dW += dyᵀx (cuBLAS, bf16 in, f32 accumulated over micro-batches), db += dyᵀ·1,
+//! each RMSNorm's dweight (the kernel's fixed-order partials), dW_lm += dlogitsᵀ·hsel per
+//! vocabulary chunk (into the embedding when tied) and the embedding's rows (one thread per
+//! element over its token's rows in order: deterministic). After AdamW the engine's bf16 weights
+//! (and its stacked q|k|v / gate|up bias copies) are rewritten in place from the master, so the
+//! next forward and rollout read the new model and captured decode graphs stay valid.
 //! It owns no math of its own: every op is a launcher tested against the CPU reference
 //! (`rollout.rs`, `train_kernels.rs`, `attention_train.rs`, `lora_train.rs`),
 //! and the CPU training core (`crate::cpu::train`, `crate::trainer::step`) is the oracle of the
@@ -45,7 +55,7 @@
 //! is the CPU's `dropout_factor` of (step seed + micro-batch, layer, projection, packed row,
 //! column), a pure hash, so the backward and a recomputed forward regenerate it.
 //!
-//! Not on the GPU yet (clear errors): full fine-tuning, an entropy bonus.
+//! Not on the GPU yet (clear errors): an entropy bonus.
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
@@ -59,13 +69,14 @@ use super::engine::{check, gemm_logits, get, gib, put, CudaEngine, DeviceLinear,
 use super::train_kernels::{cfg, ew_grid, ew_vec_grid, nonempty};
 use super::{
     cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_train_compiled_rank,
-    lora_train_grad_scratch_len, CudaDevice, GrpoLossScalars, LoraDropoutSite, TrainAttnShape, GRPO_FIELDS,
+    lora_train_grad_scratch_len, rmsnorm_bwd_partials_len, CudaDevice, GrpoLossScalars, LoraDropoutSite,
+    TrainAttnShape, GRPO_FIELDS,
 };
 use crate::cpu::train::{Grads, LoraDropout, Recompute, Sequence};
 use crate::lora::LoraWeights;
 use crate::loss::sequence_weights;
 use crate::model::config::ModelConfig;
-use crate::model::weights::Proj;
+use crate::model::weights::{Linear, Proj, Weights};
 use crate::optim::{AdamWState, StepReport};
 use crate::trainer::state::TrainState;
 use crate::trainer::step::{
@@ -179,8 +190,8 @@ impl PackedBatch {
 // ---------------------------------------------------------------------------------------------
 // Memory plan (pure arithmetic; tested without a GPU)
 
-/// Sizes of the training step's device buffers (the f32 LoRA state is separate:
-/// `lora_bytes`).
+/// Sizes of the training step's device buffers (the f32 trained state is separate:
+/// `lora_bytes`, `full_bytes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct TrainPlan {
     /// Rows (tokens) of the largest micro-batch.
@@ -211,9 +222,17 @@ pub struct TrainPlan {
     pub logits_bytes: usize,
     /// params, grads, m, v (f32 each), the bf16 copy of the params, the grad-norm partials.
     pub lora_bytes: usize,
+    /// Full fine-tuning: the trained base weights (0 with an adapter).
+    pub full_params: usize,
+    /// Full fine-tuning: f32 elements of the RMSNorm weight-gradient partials (0 with an adapter).
+    pub norm_partials: usize,
+    /// Full fine-tuning: f32 master weights, grads, m, v and the grad-norm partials (the bf16
+    /// weights are the engine's).
+    pub full_bytes: usize,
 }
 
 impl TrainPlan {
+    /// The plan of a LoRA step (`lora_params` trained f32 values, rank `lora_rank`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         c: &ModelConfig,
@@ -222,6 +241,60 @@ impl TrainPlan {
         max_tokens: usize,
         lora_params: usize,
         lora_rank: usize,
+        recompute: Recompute,
+        lora_dropout: bool,
+        vocab_chunk: usize,
+    ) -> TrainPlan {
+        Self::build(
+            c,
+            max_rows,
+            max_seqs,
+            max_tokens,
+            (lora_params, lora_rank),
+            0,
+            recompute,
+            lora_dropout,
+            vocab_chunk,
+        )
+    }
+
+    /// The plan of a full fine-tuning step (`params` base weights, every one trained).
+    pub fn new_full(
+        c: &ModelConfig,
+        max_rows: usize,
+        max_seqs: usize,
+        max_tokens: usize,
+        params: usize,
+        recompute: Recompute,
+        vocab_chunk: usize,
+    ) -> TrainPlan {
+        Self::build(
+            c,
+            max_rows,
+            max_seqs,
+            max_tokens,
+            (0, 0),
+            params,
+            recompute,
+            false,
+            vocab_chunk,
+        )
+    }
+
+    /// f32 state bytes of full fine-tuning of `params` weights: master weights, gradients,
+    /// AdamW m and v (4 × 4 B each), the grad-norm partials.
+    pub fn full_state_bytes(params: usize) -> usize {
+        16 * params + grad_norm_partials_len(params.max(1)) * 8
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        c: &ModelConfig,
+        max_rows: usize,
+        max_seqs: usize,
+        max_tokens: usize,
+        (lora_params, lora_rank): (usize, usize),
+        full_params: usize,
         recompute: Recompute,
         lora_dropout: bool,
         vocab_chunk: usize,
@@ -261,7 +334,25 @@ impl TrainPlan {
             .max()
             .unwrap_or(0)
             .max(1);
-        let backward_bytes = r * per_row_bwd + lora_scratch * 4;
+        // Full fine-tuning: the RMSNorm dweight partials (the hidden norms over R rows, the q/k
+        // norms over R·heads rows of head_dim), a ones column (R bf16, the bias gradients' GEMM)
+        // and the embedding gradient's row index (3 × R i32).
+        let full = full_params > 0;
+        let norm_partials = if full {
+            let mut p = rmsnorm_bwd_partials_len(r, d);
+            if c.qk_norm {
+                p = p.max(rmsnorm_bwd_partials_len(r * h, c.head_dim));
+            }
+            p
+        } else {
+            0
+        };
+        let full_bwd = if full {
+            norm_partials * 4 + r * 2 + (3 * r + 1) * 4
+        } else {
+            0
+        };
+        let backward_bytes = r * per_row_bwd + lora_scratch * 4 + full_bwd;
         let chunk_rows = TRAIN_LOGIT_CHUNK_ROWS.min(max_tokens.max(1));
         let vc = vocab_chunk.clamp(1, v.max(1));
         // logits f32 + dlogits bf16 [C, Vc], hsel/dhsel bf16 [C, D], one vocabulary chunk's
@@ -275,8 +366,16 @@ impl TrainPlan {
             + max_tokens * (11 + v.div_ceil(vc)) * 4
             + max_seqs * 12
             + grpo_loss_partials_len(max_tokens.max(1)) * 8;
-        let lora_bytes =
-            4 * lora_params * 4 + lora_params * 2 + grad_norm_partials_len(lora_params.max(1)) * 8;
+        let lora_bytes = if full {
+            0
+        } else {
+            4 * lora_params * 4 + lora_params * 2 + grad_norm_partials_len(lora_params.max(1)) * 8
+        };
+        let full_bytes = if full {
+            Self::full_state_bytes(full_params)
+        } else {
+            0
+        };
         TrainPlan {
             max_rows,
             max_seqs,
@@ -293,6 +392,9 @@ impl TrainPlan {
             backward_bytes,
             logits_bytes,
             lora_bytes,
+            full_params,
+            norm_partials,
+            full_bytes,
         }
     }
 
@@ -331,7 +433,7 @@ impl TrainPlan {
 
     /// Bytes of the step's buffers (weights and the rollout plan not included).
     pub fn total_bytes(&self) -> usize {
-        self.activation_bytes + self.backward_bytes + self.logits_bytes + self.lora_bytes
+        self.activation_bytes + self.backward_bytes + self.logits_bytes + self.lora_bytes + self.full_bytes
     }
 
     fn covers(&self, o: &TrainPlan) -> bool {
@@ -343,6 +445,8 @@ impl TrainPlan {
             && self.kept_layers >= o.kept_layers
             && self.lora_scratch >= o.lora_scratch
             && (self.lora_dropout || !o.lora_dropout)
+            && self.full_params == o.full_params
+            && self.norm_partials >= o.norm_partials
     }
 }
 
@@ -407,6 +511,121 @@ impl FlatLora {
     fn pair(&self, l: usize, p: Proj) -> Option<&PairRanges> {
         self.pairs[l][p as usize].as_ref()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flat layout of full fine-tuning
+
+/// Where one linear's weight (out, in) and bias (out) live in the flat buffers.
+#[derive(Clone, Debug)]
+struct LinearRanges {
+    w: Range<usize>,
+    b: Option<Range<usize>>,
+}
+
+/// One layer's tensors in the flat buffers.
+#[derive(Clone, Debug)]
+struct LayerRanges {
+    input_norm: Range<usize>,
+    /// Indexed by `Proj as usize`.
+    proj: [LinearRanges; 7],
+    q_norm: Option<Range<usize>>,
+    k_norm: Option<Range<usize>>,
+    post_norm: Range<usize>,
+}
+
+/// Every base weight's range in the flat f32 buffers, in [`crate::trainer::weight_params`]
+/// order (so gradients, AdamW moments and checkpoints line up with the CPU's tensor by tensor).
+#[derive(Clone, Debug)]
+struct FlatWeights {
+    embed: Range<usize>,
+    layers: Vec<LayerRanges>,
+    final_norm: Range<usize>,
+    lm_head: Option<Range<usize>>,
+    len: usize,
+    /// Tensor sizes in order.
+    sizes: Vec<usize>,
+}
+
+/// Hands out consecutive ranges, recording their sizes.
+#[derive(Default)]
+struct Cursor {
+    off: usize,
+    sizes: Vec<usize>,
+}
+
+impl Cursor {
+    fn take(&mut self, n: usize) -> Range<usize> {
+        let r = self.off..self.off + n;
+        self.off += n;
+        self.sizes.push(n);
+        r
+    }
+
+    fn linear(&mut self, l: &Linear) -> LinearRanges {
+        LinearRanges {
+            w: self.take(l.w.len()),
+            b: l.b.as_ref().map(|b| self.take(b.len())),
+        }
+    }
+}
+
+impl FlatWeights {
+    /// The layout of `w`'s tensors, walked as `weight_params` walks them.
+    fn of(w: &Weights) -> FlatWeights {
+        let mut c = Cursor::default();
+        let embed = c.take(w.embed.len());
+        let layers = w
+            .layers
+            .iter()
+            .map(|lw| {
+                let input_norm = c.take(lw.input_norm.len());
+                let (q, k, v, o) = (c.linear(&lw.q), c.linear(&lw.k), c.linear(&lw.v), c.linear(&lw.o));
+                let q_norm = lw.q_norm.as_ref().map(|t| c.take(t.len()));
+                let k_norm = lw.k_norm.as_ref().map(|t| c.take(t.len()));
+                let post_norm = c.take(lw.post_norm.len());
+                let (gate, up, down) = (c.linear(&lw.gate), c.linear(&lw.up), c.linear(&lw.down));
+                LayerRanges {
+                    input_norm,
+                    proj: [q, k, v, o, gate, up, down],
+                    q_norm,
+                    k_norm,
+                    post_norm,
+                }
+            })
+            .collect();
+        let final_norm = c.take(w.final_norm.len());
+        let lm_head = w.lm_head.as_ref().map(|t| c.take(t.len()));
+        FlatWeights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            len: c.off,
+            sizes: c.sizes,
+        }
+    }
+
+    /// Where the lm_head's gradient goes: its own tensor, or the embedding when tied (both
+    /// uses accumulate there, as on the CPU).
+    fn lm_head_grad(&self) -> &Range<usize> {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// What a [`CudaTrainer`] trains.
+enum Trained {
+    /// A LoRA adapter: its layout, its shape and config (initial values; the live ones are on
+    /// the device), and the bf16 copy of the params the LoRA kernels read (cast from the f32
+    /// params at `new` and after every AdamW step).
+    Lora {
+        flat: FlatLora,
+        shape: LoraWeights,
+        params_bf16: CudaSlice<bf16>,
+    },
+    /// Every base weight (full fine-tuning): the bf16 weights the forward and the rollout engine
+    /// read are the engine's, rewritten from the f32 master after every AdamW step.
+    Full(FlatWeights),
 }
 
 /// Splits a flat vector into tensors of `sizes`.
@@ -523,6 +742,12 @@ struct TrainBuffers {
     dyb: CudaSlice<bf16>,        // (R, rank) LoRA dy·B
     lora_scratch: CudaSlice<f32>,
     xdrop: CudaSlice<bf16>, // (R, max(D, qd, I)) LoRA-dropout x̃ of one projection (1 without dropout)
+    // Full fine-tuning (one element each with an adapter):
+    norm_partials: CudaSlice<f32>, // (plan.norm_partials) RMSNorm dweight partials
+    ones: CudaSlice<bf16>,         // (R) all 1: db = dyᵀ·1
+    emb_tokens: CudaSlice<u32>,    // (R) the micro-batch's distinct tokens
+    emb_off: CudaSlice<i32>,       // (R+1) their first entry in emb_rows
+    emb_rows: CudaSlice<i32>,      // (R) the rows of each distinct token, ascending
 }
 
 impl TrainBuffers {
@@ -592,6 +817,15 @@ impl TrainBuffers {
             dyb: bf(r * rank)?,
             lora_scratch: f(p.lora_scratch)?,
             xdrop: bf(if p.lora_dropout { r * d.max(qd).max(i) } else { 1 })?,
+            norm_partials: f(p.norm_partials)?,
+            ones: if p.full_params > 0 {
+                dev.upload(&vec![bf16::ONE; r.max(1)])?
+            } else {
+                bf(1)?
+            },
+            emb_tokens: dev.alloc_zeros(if p.full_params > 0 { r.max(1) } else { 1 })?,
+            emb_off: dev.alloc_zeros(if p.full_params > 0 { r + 1 } else { 1 })?,
+            emb_rows: dev.alloc_zeros(if p.full_params > 0 { r.max(1) } else { 1 })?,
         })
     }
 }
@@ -693,6 +927,94 @@ fn gemm_dx_raw(
         ))
     })?;
     Ok(())
+}
+
+/// Full fine-tuning's weight gradient: row-major dW (d_out, d_in) f32 += dyᵀ (d_out, rows) ·
+/// x (rows, d_in), bf16 inputs, f32 compute, accumulating (beta = 1) across micro-batches and
+/// the lm_head's chunks. With x a column of ones (d_in = 1) it is a bias gradient, db (d_out)
+/// += Σ_rows dy. Column-major view: dWᵀ (d_in, d_out) = xᵀ · dy where row-major x is the
+/// column-major (d_in, rows) matrix with ld d_in (OP_N) and row-major dy the column-major
+/// (d_out, rows) with ld d_out, transposed (OP_T): `gemm(N, T, m = d_in, n = d_out, k = rows)`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_dw(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    dy: &impl DevicePtr<bf16>,
+    x: &impl DevicePtr<bf16>,
+    dw: &mut impl DevicePtrMut<f32>,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<()> {
+    check("gemm_dw dy", dy.len(), rows * d_out)?;
+    check("gemm_dw x", x.len(), rows * d_in)?;
+    check("gemm_dw dw", dw.len(), d_out * d_in)?;
+    let int = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::invalid(format!("gemm_dw: {what} = {v} exceeds i32")))
+    };
+    let (m, n, k) = (int(d_in, "in")?, int(d_out, "out")?, int(rows, "rows")?);
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    let s = dev.stream();
+    let (dyp, _a) = dy.device_ptr(s);
+    let (xp, _b) = x.device_ptr(s);
+    let (dwp, _c) = dw.device_ptr_mut(s);
+    let (alpha, beta) = (1.0f32, 1.0f32);
+    // SAFETY: pointers of buffers with the lengths checked above (x rows·d_in, dy rows·d_out
+    // bf16, dw d_out·d_in f32); alpha/beta host f32 for COMPUTE_32F; the handle is bound to the
+    // device stream (ordered with the kernels).
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_N,
+            cublasOperation_t::CUBLAS_OP_T,
+            m,
+            n,
+            k,
+            &alpha as *const f32 as *const c_void,
+            xp as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            m,
+            dyp as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            n,
+            &beta as *const f32 as *const c_void,
+            dwp as *mut c_void,
+            cudaDataType::CUDA_R_32F,
+            m,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| Error::Cuda(format!("cublasGemmEx dW ({d_out}×{rows} · {rows}×{d_in}): {e:?}")))?;
+    Ok(())
+}
+
+/// RMSNorm backward, dx (rows, dim) from x and dy; with `dweight` = (partials, grads, range)
+/// also grads[range] (dim) += dL/dweight (full fine-tuning, via the kernel's per-block partials
+/// summed in a fixed order).
+#[allow(clippy::too_many_arguments)]
+fn rmsnorm_bwd(
+    dev: &CudaDevice,
+    x: &impl DevicePtr<bf16>,
+    weight: &impl DevicePtr<bf16>,
+    dy: &impl DevicePtr<bf16>,
+    dx: &mut impl DevicePtrMut<bf16>,
+    dweight: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>, Range<usize>)>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    match dweight {
+        None => {
+            dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(x, weight, dy, dx, None, rows, dim, eps)
+        }
+        Some((partials, grads, range)) => {
+            let mut dw = grads.slice_mut(range);
+            dev.rmsnorm_bwd_bf16(x, weight, dy, dx, Some((partials, &mut dw)), rows, dim, eps)
+        }
+    }
 }
 
 /// The adapter's A and B of one projection as views of the bf16 copy of the flat params, with
@@ -813,14 +1135,16 @@ impl Ctx<'_> {
 
     /// Backward of [`Self::proj_fwd`]: dx (n, in) = dy·W (+ dx when `accumulate`) + s·(dy B) A;
     /// with an adapter also dB += s·dyᵀ xa and dA += s·(dy B)ᵀ x̃ into `grads`, xa being the
-    /// forward's bf16(x̃ Aᵀ) of this projection. With LoRA dropout the LoRA term of dx is masked
-    /// (s·((dy B) A) ⊙ mask) and x̃ is regenerated into `sc.xd` (the mask is a pure hash).
+    /// forward's bf16(x̃ Aᵀ) of this projection (with LoRA dropout the LoRA term of dx is masked,
+    /// s·((dy B) A) ⊙ mask, and x̃ is regenerated into `sc.xd`: the mask is a pure hash); with
+    /// `full` (full fine-tuning) dW += dyᵀ x and db += Σ_rows dy into `grads` instead.
     #[allow(clippy::too_many_arguments)]
     fn proj_bwd(
         &self,
         x: &impl DevicePtr<bf16>,
         lin: &DeviceLinear,
         lora: Option<(LoraAB<'_>, &PairRanges, &CudaSlice<bf16>)>,
+        full: Option<&LinearRanges>,
         grads: &mut CudaSlice<f32>,
         dy: &impl DevicePtr<bf16>,
         dx: &mut impl DevicePtrMut<bf16>,
@@ -839,6 +1163,15 @@ impl Ctx<'_> {
             lin.d_out,
             if accumulate { 1.0 } else { 0.0 },
         )?;
+        if let Some(fr) = full {
+            let (din, dout) = (lin.d_in, lin.d_out);
+            let mut dw = grads.slice_mut(fr.w.clone());
+            gemm_dw(self.dev, self.blas, dy, x, &mut dw, n, din, dout)?;
+            if let Some(rb) = &fr.b {
+                let mut db = grads.slice_mut(rb.clone());
+                gemm_dw(self.dev, self.blas, dy, &sc.ones.slice(..n), &mut db, n, 1, dout)?;
+            }
+        }
         if let Some((ab, ranges, xa)) = lora {
             let r = ab.rank;
             let mut dyb = sc.dyb.slice_mut(..n * r);
@@ -888,11 +1221,13 @@ impl Ctx<'_> {
 }
 
 /// Scratch of the LoRA backward: dyb (R, rank) bf16, the gradients' row-split partials and the
-/// LoRA-dropout x̃ (R, max input) bf16.
+/// LoRA-dropout x̃ (R, max input) bf16; of full fine-tuning: a column of R ones (the bias
+/// gradients' GEMM).
 struct Scratch<'a> {
     dyb: &'a mut CudaSlice<bf16>,
     lora_scratch: &'a mut CudaSlice<f32>,
     xd: &'a mut CudaSlice<bf16>,
+    ones: &'a CudaSlice<bf16>,
 }
 
 /// Row geometry of one forward.
@@ -1103,7 +1438,8 @@ fn layer_fwd(
 fn layer_bwd(
     ctx: &Ctx<'_>,
     l: usize,
-    lora: LoraRef<'_>,
+    lora: Option<LoraRef<'_>>,
+    full: Option<&LayerRanges>,
     grads: &mut CudaSlice<f32>,
     rows: &Rows<'_>,
     x_in: &CudaSlice<bf16>,
@@ -1122,14 +1458,18 @@ fn layer_bwd(
     );
     let (nh, nkv, eps) = (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps);
     let pair = |p: Proj| {
-        lora.pair(l, p)
-            .map(|ab| (ab, lora.flat.pair(l, p).expect("pair exists"), &a.xa[p as usize]))
+        lora.and_then(|lr| {
+            lr.pair(l, p)
+                .map(|ab| (ab, lr.flat.pair(l, p).expect("pair exists"), &a.xa[p as usize]))
+        })
     };
+    let fr = |p: Proj| full.map(|f| &f.proj[p as usize]);
     let lin = |p: Proj| &lw.proj[p as usize];
     let mut sc = Scratch {
         dyb: &mut *g.dyb,
         lora_scratch: &mut *g.lora_scratch,
         xd: &mut *g.xd,
+        ones: g.ones,
     };
 
     // --- MLP: x_out = x_mid + down(silu(gate(h2))·up(h2))
@@ -1137,6 +1477,7 @@ fn layer_bwd(
         &a.act.slice(..n * inter),
         lin(Proj::Down),
         pair(Proj::Down),
+        fr(Proj::Down),
         grads,
         &g.dx.slice(..n * d),
         &mut g.dact.slice_mut(..n * inter),
@@ -1157,6 +1498,7 @@ fn layer_bwd(
         &h2,
         lin(Proj::Gate),
         pair(Proj::Gate),
+        fr(Proj::Gate),
         grads,
         &g.dgate.slice(..n * inter),
         &mut g.dh.slice_mut(..n * d),
@@ -1168,6 +1510,7 @@ fn layer_bwd(
         &h2,
         lin(Proj::Up),
         pair(Proj::Up),
+        fr(Proj::Up),
         grads,
         &g.dup.slice(..n * inter),
         &mut g.dh.slice_mut(..n * d),
@@ -1175,12 +1518,13 @@ fn layer_bwd(
         &mut sc,
         n,
     )?;
-    dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+    rmsnorm_bwd(
+        dev,
         &a.x_mid.slice(..n * d),
         &lw.post_norm,
         &g.dh.slice(..n * d),
         &mut g.dtmp.slice_mut(..n * d),
-        None,
+        full.map(|f| (&mut *g.norm_partials, &mut *grads, f.post_norm.clone())),
         n,
         d,
         eps,
@@ -1192,6 +1536,7 @@ fn layer_bwd(
         &a.attn.slice(..n * qd),
         lin(Proj::O),
         pair(Proj::O),
+        fr(Proj::O),
         grads,
         &g.dx.slice(..n * d),
         &mut g.dattn.slice_mut(..n * qd),
@@ -1229,22 +1574,26 @@ fn layer_bwd(
     let h1 = a.h1.slice(..n * d);
     let qk_norm = match (&a.q_pre, &a.k_pre, &lw.q_norm, &lw.k_norm) {
         (Some(q_pre), Some(k_pre), Some(qn), Some(kn)) => {
-            dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+            rmsnorm_bwd(
+                dev,
                 &q_pre.slice(..n * qd),
                 qn,
                 &g.dq.slice(..n * qd),
                 &mut g.dq_pre.slice_mut(..n * qd),
-                None,
+                full.and_then(|f| f.q_norm.clone())
+                    .map(|r| (&mut *g.norm_partials, &mut *grads, r)),
                 n * nh,
                 hd,
                 eps,
             )?;
-            dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+            rmsnorm_bwd(
+                dev,
                 &k_pre.slice(..n * kvd),
                 kn,
                 &g.dk.slice(..n * kvd),
                 &mut g.dk_pre.slice_mut(..n * kvd),
-                None,
+                full.and_then(|f| f.k_norm.clone())
+                    .map(|r| (&mut *g.norm_partials, &mut *grads, r)),
                 n * nkv,
                 hd,
                 eps,
@@ -1264,6 +1613,7 @@ fn layer_bwd(
             &h1,
             lin(Proj::Q),
             pair(Proj::Q),
+            fr(Proj::Q),
             grads,
             &dq,
             &mut dh,
@@ -1275,6 +1625,7 @@ fn layer_bwd(
             &h1,
             lin(Proj::K),
             pair(Proj::K),
+            fr(Proj::K),
             grads,
             &dk,
             &mut dh,
@@ -1286,6 +1637,7 @@ fn layer_bwd(
             &h1,
             lin(Proj::V),
             pair(Proj::V),
+            fr(Proj::V),
             grads,
             &g.dv.slice(..n * kvd),
             &mut dh,
@@ -1294,12 +1646,13 @@ fn layer_bwd(
             n,
         )?;
     }
-    dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+    rmsnorm_bwd(
+        dev,
         &x_in.slice(..n * d),
         &lw.input_norm,
         &g.dh.slice(..n * d),
         &mut g.dtmp.slice_mut(..n * d),
-        None,
+        full.map(|f| (&mut *g.norm_partials, &mut *grads, f.input_norm.clone())),
         n,
         d,
         eps,
@@ -1326,6 +1679,8 @@ struct BwdBufs<'a> {
     dyb: &'a mut CudaSlice<bf16>,
     lora_scratch: &'a mut CudaSlice<f32>,
     xd: &'a mut CudaSlice<bf16>,
+    norm_partials: &'a mut CudaSlice<f32>,
+    ones: &'a CudaSlice<bf16>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1354,14 +1709,13 @@ struct MicroOut {
 
 /// The GRPO update on the GPU (see the module comment).
 pub struct CudaTrainer {
-    flat: FlatLora,
-    /// The adapter's shape and config (its values are the initial ones; the live values are on
-    /// the device).
-    shape: LoraWeights,
-    params: CudaSlice<f32>, // (P) the adapter, lora_params order
-    /// (P) bf16 copy of `params`, what the LoRA kernels read; cast from `params` at `new` and
-    /// after every AdamW step.
-    params_bf16: CudaSlice<bf16>,
+    trained: Trained,
+    /// Trained f32 values (P) and their tensor sizes in order.
+    len: usize,
+    sizes: Vec<usize>,
+    /// (P) the trained values: the adapter in `lora_params` order, or (full fine-tuning) the
+    /// f32 master weights in `weight_params` order.
+    params: CudaSlice<f32>,
     grads: CudaSlice<f32>, // (P)
     m: CudaSlice<f32>,     // (P) AdamW first moment
     v: CudaSlice<f32>,     // (P) AdamW second moment
@@ -1379,6 +1733,39 @@ pub struct CudaTrainer {
     /// ([`TrainPlan::keeping_last_layers`]; 0 by default).
     keep_layers: usize,
     pub last_stats: TrainStats,
+}
+
+/// AdamW moments on the device: zeros (a first step) or `adam`'s, checked against `sizes`.
+fn upload_moments(
+    dev: &CudaDevice,
+    adam: &AdamWState,
+    sizes: &[usize],
+    len: usize,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    if adam.m.is_empty() && adam.v.is_empty() {
+        return Ok((dev.alloc_zeros(len.max(1))?, dev.alloc_zeros(len.max(1))?));
+    }
+    adam.check_sizes(sizes)?;
+    let mut m = dev.alloc_zeros::<f32>(len.max(1))?;
+    let mut v = dev.alloc_zeros::<f32>(len.max(1))?;
+    let mut off = 0;
+    for (i, &n) in sizes.iter().enumerate() {
+        put_at(dev, "AdamW m", &adam.m[i], &mut m, off)?;
+        put_at(dev, "AdamW v", &adam.v[i], &mut v, off)?;
+        off += n;
+    }
+    Ok((m, v))
+}
+
+/// Copies `host` into `dst[off..off + host.len()]` (asynchronous on the stream).
+fn put_at(dev: &CudaDevice, what: &str, host: &[f32], dst: &mut CudaSlice<f32>, off: usize) -> Result<()> {
+    if host.is_empty() {
+        return Ok(());
+    }
+    check(what, dst.len(), off + host.len())?;
+    dev.stream()
+        .memcpy_htod(host, &mut dst.slice_mut(off..off + host.len()))
+        .map_err(cuda_err(format_args!("uploading {what}")))
 }
 
 impl CudaTrainer {
@@ -1420,24 +1807,96 @@ impl CudaTrainer {
             )
         };
         let cast = dev.function("cast_f32_to_bf16")?;
-        let merge = dev.function("logprob_chunk_merge_f32")?;
-        let finish = dev.function("logprob_chunk_finish_f32")?;
         let mut params_bf16 = dev.alloc_zeros(flat.len.max(1))?;
         cast_f32_to_bf16(dev, &cast, &params, &mut params_bf16)?;
+        let (len, sizes) = (flat.len, flat.sizes.clone());
+        Self::with_state(
+            engine,
+            Trained::Lora {
+                flat,
+                shape: lora.clone(),
+                params_bf16,
+            },
+            len,
+            sizes,
+            params,
+            (m, v),
+            cast,
+        )
+    }
+
+    /// A trainer of every base weight (full fine-tuning) starting from `weights` (the f32
+    /// master copy; the engine's bf16 weights are rewritten from it, so they agree), with AdamW
+    /// moments `adam` (empty: zeros). The engine's adapter is switched off. Needs 16 bytes of
+    /// device memory per parameter besides the engine's bf16 weights (a clear error otherwise).
+    pub fn new_full(engine: &mut CudaEngine, weights: &Weights, adam: &AdamWState) -> Result<CudaTrainer> {
+        let flat = FlatWeights::of(weights);
+        {
+            let views = engine.weights.param_views();
+            let shape_ok =
+                views.len() == flat.sizes.len() && views.iter().zip(&flat.sizes).all(|(v, &n)| v.len() == n);
+            if !shape_ok {
+                return Err(Error::invalid(
+                    "full fine-tuning: the weights given do not have the shape of the CUDA engine's model",
+                ));
+            }
+        }
+        let dev = &engine.dev;
+        dev.synchronize()?;
+        let (free, _) = dev
+            .context()
+            .mem_get_info()
+            .map_err(cuda_err("querying free device memory"))?;
+        let need = TrainPlan::full_state_bytes(flat.len);
+        if need > free {
+            return Err(Error::Cuda(format!(
+                "full fine-tuning of {} parameters needs {:.2} GiB of device memory for its f32 state \
+                 (weights, gradients, AdamW m and v) but only {:.2} GiB are free; train a LoRA adapter \
+                 (model.full_fine_tuning = false) or use --device cpu",
+                flat.len,
+                gib(need),
+                gib(free)
+            )));
+        }
+        let mut params = dev.alloc_zeros::<f32>(flat.len.max(1))?;
+        let mut off = 0;
+        for t in crate::trainer::weight_params(weights) {
+            put_at(dev, "weights", t, &mut params, off)?;
+            off += t.len();
+        }
+        let (m, v) = upload_moments(dev, adam, &flat.sizes, flat.len)?;
+        let cast = dev.function("cast_f32_to_bf16")?;
+        engine.set_adapter_now(None)?;
+        engine.write_weights_from_f32(&params, &flat.sizes)?;
+        let (len, sizes) = (flat.len, flat.sizes.clone());
+        Self::with_state(engine, Trained::Full(flat), len, sizes, params, (m, v), cast)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_state(
+        engine: &CudaEngine,
+        trained: Trained,
+        len: usize,
+        sizes: Vec<usize>,
+        params: CudaSlice<f32>,
+        (m, v): (CudaSlice<f32>, CudaSlice<f32>),
+        cast: CudaFunction,
+    ) -> Result<CudaTrainer> {
+        let dev = &engine.dev;
         Ok(CudaTrainer {
-            shape: lora.clone(),
-            params_bf16,
-            grads: dev.alloc_zeros(flat.len.max(1))?,
-            norm_partials: dev.alloc_zeros(grad_norm_partials_len(flat.len.max(1)))?,
+            trained,
+            grads: dev.alloc_zeros(len.max(1))?,
+            norm_partials: dev.alloc_zeros(grad_norm_partials_len(len.max(1)))?,
             norm_stats: dev.alloc_zeros(2)?,
-            flat,
+            len,
+            sizes,
             params,
             m,
             v,
             plan: None,
             cast,
-            merge,
-            finish,
+            merge: dev.function("logprob_chunk_merge_f32")?,
+            finish: dev.function("logprob_chunk_finish_f32")?,
             vocab_chunk: TRAIN_VOCAB_CHUNK,
             keep_layers: 0,
             last_stats: TrainStats::default(),
@@ -1460,7 +1919,12 @@ impl CudaTrainer {
 
     /// Trainable parameters.
     pub fn num_params(&self) -> usize {
-        self.flat.len
+        self.len
+    }
+
+    /// Whether this trainer trains every base weight (made by [`Self::new_full`]).
+    pub fn full_fine_tuning(&self) -> bool {
+        matches!(self.trained, Trained::Full(_))
     }
 
     /// The plan of the buffers held (None before the first step).
@@ -1468,21 +1932,42 @@ impl CudaTrainer {
         self.plan.as_ref().map(|(p, _)| p)
     }
 
-    /// Copies the adapter on the device into `into` (same shape as the one given to `new`).
-    pub fn download_lora(&self, engine: &CudaEngine, into: &mut LoraWeights) -> Result<()> {
-        let host = get(&engine.dev, "lora params", &self.params, self.flat.len)?;
-        let mut dst = crate::trainer::lora_params_mut(into);
-        let parts = split_sizes(&host, &self.flat.sizes);
+    /// Copies the trained values into the tensors `dst` (in order, shaped as `sizes`).
+    fn download_into(&self, engine: &CudaEngine, what: &str, mut dst: Vec<&mut [f32]>) -> Result<()> {
+        let host = get(&engine.dev, what, &self.params, self.len)?;
+        let parts = split_sizes(&host, &self.sizes);
+        let changed = || Error::invalid(format!("downloading the {what}: the shape changed"));
         if dst.len() != parts.len() {
-            return Err(Error::invalid("download_lora: the adapter's shape changed"));
+            return Err(changed());
         }
         for (d, s) in dst.iter_mut().zip(parts) {
             if d.len() != s.len() {
-                return Err(Error::invalid("download_lora: the adapter's shape changed"));
+                return Err(changed());
             }
             d.copy_from_slice(&s);
         }
         Ok(())
+    }
+
+    /// Copies the adapter on the device into `into` (same shape as the one given to `new`).
+    pub fn download_lora(&self, engine: &CudaEngine, into: &mut LoraWeights) -> Result<()> {
+        if self.full_fine_tuning() {
+            return Err(Error::invalid(
+                "download_lora: this trainer trains every weight (use download_weights)",
+            ));
+        }
+        self.download_into(engine, "adapter", crate::trainer::lora_params_mut(into))
+    }
+
+    /// Copies the trained f32 weights on the device into `into` (full fine-tuning; same shape
+    /// as the weights given to `new_full`).
+    pub fn download_weights(&self, engine: &CudaEngine, into: &mut Weights) -> Result<()> {
+        if !self.full_fine_tuning() {
+            return Err(Error::invalid(
+                "download_weights: this trainer trains a LoRA adapter (use download_lora)",
+            ));
+        }
+        self.download_into(engine, "weights", crate::trainer::weight_params_mut(into))
     }
 
     /// Copies the AdamW moments into `into` (its `step` is kept by the host and left as is).
@@ -1492,11 +1977,38 @@ impl CudaTrainer {
             into.v.clear();
             return Ok(());
         }
-        let m = get(&engine.dev, "AdamW m", &self.m, self.flat.len)?;
-        let v = get(&engine.dev, "AdamW v", &self.v, self.flat.len)?;
-        into.m = split_sizes(&m, &self.flat.sizes);
-        into.v = split_sizes(&v, &self.flat.sizes);
+        let m = get(&engine.dev, "AdamW m", &self.m, self.len)?;
+        let v = get(&engine.dev, "AdamW v", &self.v, self.len)?;
+        into.m = split_sizes(&m, &self.sizes);
+        into.v = split_sizes(&v, &self.sizes);
         Ok(())
+    }
+
+    /// The plan for micro-batches of up to `rows` rows, `seqs` sequences and `toks` tokens.
+    fn new_plan(
+        &self,
+        c: &ModelConfig,
+        rows: usize,
+        seqs: usize,
+        toks: usize,
+        recompute: Recompute,
+    ) -> TrainPlan {
+        match &self.trained {
+            Trained::Lora { flat, shape, .. } => TrainPlan::new(
+                c,
+                rows,
+                seqs,
+                toks,
+                flat.len,
+                flat.rank,
+                recompute,
+                shape.config.dropout > 0.0,
+                self.vocab_chunk,
+            ),
+            Trained::Full(flat) => {
+                TrainPlan::new_full(c, rows, seqs, toks, flat.len, recompute, self.vocab_chunk)
+            }
+        }
     }
 
     /// Makes sure the held buffers serve `want`; grows them otherwise.
@@ -1507,21 +2019,18 @@ impl CudaTrainer {
             }
         }
         let want = match &self.plan {
-            Some((have, _)) => TrainPlan::new(
-                &engine.config,
-                have.max_rows.max(want.max_rows),
-                have.max_seqs.max(want.max_seqs),
-                have.max_tokens.max(want.max_tokens),
-                self.flat.len,
-                self.flat.rank,
-                Recompute::Layer,
-                have.lora_dropout || want.lora_dropout,
-                want.vocab_chunk,
-            )
-            .keeping_last_layers(
-                engine.config.num_hidden_layers,
-                have.kept_layers.max(want.kept_layers),
-            ),
+            Some((have, _)) => self
+                .new_plan(
+                    &engine.config,
+                    have.max_rows.max(want.max_rows),
+                    have.max_seqs.max(want.max_seqs),
+                    have.max_tokens.max(want.max_tokens),
+                    Recompute::Layer,
+                )
+                .keeping_last_layers(
+                    engine.config.num_hidden_layers,
+                    have.kept_layers.max(want.kept_layers),
+                ),
             None => want,
         };
         self.plan = None;
@@ -1531,7 +2040,8 @@ impl CudaTrainer {
             .context()
             .mem_get_info()
             .map_err(cuda_err("querying free device memory"))?;
-        let need = want.total_bytes() - want.lora_bytes;
+        // The trained state (lora_bytes, full_bytes) was allocated by `new` / `new_full`.
+        let need = want.total_bytes() - want.lora_bytes - want.full_bytes;
         if need > free {
             return Err(Error::Cuda(format!(
                 "the training step needs {:.2} GiB (activations {:.2}, backward {:.2}, logits {:.2}) \
@@ -1557,18 +2067,16 @@ impl CudaTrainer {
             seqs = seqs.max(rg.len());
             toks = toks.max(rg.clone().map(|i| p.lengths[i]).sum::<usize>());
         }
-        TrainPlan::new(
-            c,
-            rows,
-            seqs,
-            toks,
-            self.flat.len,
-            self.flat.rank,
-            opts.recompute,
-            self.shape.config.dropout > 0.0,
-            self.vocab_chunk,
-        )
-        .keeping_last_layers(c.num_hidden_layers, self.keep_layers)
+        self.new_plan(c, rows, seqs, toks, opts.recompute)
+            .keeping_last_layers(c.num_hidden_layers, self.keep_layers)
+    }
+
+    /// The adapter's LoRA dropout probability (0 without, and with full fine-tuning).
+    fn dropout_p(&self) -> f32 {
+        match &self.trained {
+            Trained::Lora { shape, .. } => shape.config.dropout,
+            Trained::Full(_) => 0.0,
+        }
     }
 
     /// The LoRA dropout of micro-batch `mi` of a training pass whose step seed is `dropout_seed`
@@ -1576,8 +2084,8 @@ impl CudaTrainer {
     /// the CPU's `train_opts` (seed + micro-batch index).
     fn micro_dropout(&self, dropout_seed: Option<u64>, mi: usize) -> Option<LoraDropout> {
         match dropout_seed {
-            Some(seed) if self.shape.config.dropout > 0.0 => Some(LoraDropout {
-                p: self.shape.config.dropout,
+            Some(seed) if self.dropout_p() > 0.0 => Some(LoraDropout {
+                p: self.dropout_p(),
                 seed: seed.wrapping_add(mi as u64),
             }),
             _ => None,
@@ -1585,13 +2093,17 @@ impl CudaTrainer {
     }
 
     fn check_options(&self, opts: &GrpoOptions) -> Result<()> {
-        if opts.full_fine_tuning {
-            return Err(Error::invalid(
-                "full fine-tuning is not supported by the CUDA training step yet; train a LoRA \
-                 adapter or use --device cpu",
-            ));
+        match (self.full_fine_tuning(), opts.full_fine_tuning) {
+            (false, true) => Err(Error::invalid(
+                "full fine-tuning needs a trainer of every weight (CudaTrainer::new_full); this one \
+                 trains a LoRA adapter",
+            )),
+            (true, false) => Err(Error::invalid(
+                "this trainer trains every weight (full fine-tuning): set full_fine_tuning, or make \
+                 a LoRA trainer (CudaTrainer::new)",
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Log-probs (and the entropy sum) of the completion tokens of `seqs`, with the trainer's
@@ -1660,11 +2172,20 @@ impl CudaTrainer {
             d,
             v,
         )?;
-        let lora = adapter.then_some(LoraRef {
-            params_bf16: &self.params_bf16,
-            flat: &self.flat,
-            dropout,
-        });
+        // Full fine-tuning has no adapter: its weights are the engine's.
+        let lora = match (&self.trained, adapter) {
+            (
+                Trained::Lora {
+                    flat, params_bf16, ..
+                },
+                true,
+            ) => Some(LoraRef {
+                params_bf16,
+                flat,
+                dropout,
+            }),
+            _ => None,
+        };
         let rows = Rows {
             n,
             ns,
@@ -1827,6 +2348,19 @@ impl CudaTrainer {
             w: &engine.weights,
             inv_freq: &engine.inv_freq,
         };
+        let (lora, full) = match &self.trained {
+            Trained::Lora {
+                flat, params_bf16, ..
+            } => (
+                Some(LoraRef {
+                    params_bf16,
+                    flat,
+                    dropout,
+                }),
+                None,
+            ),
+            Trained::Full(flat) => (None, Some(flat)),
+        };
         // --- the loss over the T tokens
         put(dev, "advantages", adv, &mut b.adv)?;
         put(dev, "sequence weights", seq_w, &mut b.seq_w)?;
@@ -1914,6 +2448,20 @@ impl CudaTrainer {
                     w,
                     if k == 0 { 0.0 } else { 1.0 },
                 )?;
+                if let Some(f) = full {
+                    // dW_lm[chunk] (w, D) += dlogitsᵀ · hsel (into the embedding when tied).
+                    let r0 = f.lm_head_grad().start + v0 * d;
+                    gemm_dw(
+                        dev,
+                        ctx.blas,
+                        &b.dlogits.slice(..m * w),
+                        &b.hsel.slice(..m * d),
+                        &mut self.grads.slice_mut(r0..r0 + w * d),
+                        m,
+                        d,
+                        w,
+                    )?;
+                }
             }
             cast_f32_to_bf16(
                 dev,
@@ -1930,23 +2478,19 @@ impl CudaTrainer {
             )?;
             start += m;
         }
-        dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+        rmsnorm_bwd(
+            dev,
             &b.xs[nl].slice(..n * d),
             &engine.weights.final_norm,
             &b.dh.slice(..n * d),
             &mut b.dx.slice_mut(..n * d),
-            None,
+            full.map(|f| (&mut b.norm_partials, &mut self.grads, f.final_norm.clone())),
             n,
             d,
             c.rms_norm_eps,
         )?;
 
         // --- layers, last to first
-        let lora = LoraRef {
-            params_bf16: &self.params_bf16,
-            flat: &self.flat,
-            dropout,
-        };
         let rows = Rows {
             n,
             ns,
@@ -1971,6 +2515,8 @@ impl CudaTrainer {
             dyb: &mut b.dyb,
             lora_scratch: &mut b.lora_scratch,
             xd: &mut b.xdrop,
+            norm_partials: &mut b.norm_partials,
+            ones: &b.ones,
         };
         let scratch_holds = b.scratch_holds.take();
         for l in (0..nl).rev() {
@@ -1985,7 +2531,7 @@ impl CudaTrainer {
                 layer_fwd(
                     &ctx,
                     l,
-                    Some(lora),
+                    lora,
                     &rows,
                     &lo[l],
                     &mut hi[0],
@@ -1997,11 +2543,31 @@ impl CudaTrainer {
                 &ctx,
                 l,
                 lora,
+                full.map(|f| &f.layers[l]),
                 &mut self.grads,
                 &rows,
                 &b.xs[l],
                 &b.acts[ai],
                 &mut g,
+            )?;
+        }
+        if let Some(f) = full {
+            // dx = dL/d(embedding rows): added into each row's token of the embedding.
+            let (tokens, row_off, rows_of) = super::embedding_grad_index(&pk.ids, v)?;
+            put(dev, "embedding gradient tokens", &tokens, &mut b.emb_tokens)?;
+            put(dev, "embedding gradient offsets", &row_off, &mut b.emb_off)?;
+            put(dev, "embedding gradient rows", &rows_of, &mut b.emb_rows)?;
+            let u = tokens.len();
+            dev.embedding_grad_bf16_to_f32(
+                &b.dx.slice(..n * d),
+                &b.emb_tokens.slice(..u),
+                &b.emb_off.slice(..u + 1),
+                &b.emb_rows.slice(..n),
+                &mut self.grads.slice_mut(f.embed.clone()),
+                u,
+                n,
+                d,
+                v,
             )?;
         }
         Ok(())
@@ -2066,7 +2632,11 @@ impl CudaTrainer {
     fn prepare(&mut self, engine: &CudaEngine, batch: &GrpoBatch, opts: &GrpoOptions) -> Result<Prepared> {
         self.check_options(opts)?;
         // The packed batch sizes the plan; the reference / old log-prob passes run inside it.
-        let mut p = prepare_batch(&engine.config, Some(&self.shape), batch, opts)?;
+        let shape = match &self.trained {
+            Trained::Lora { shape, .. } => Some(shape),
+            Trained::Full(_) => None,
+        };
+        let mut p = prepare_batch(&engine.config, shape, batch, opts)?;
         let want = self.plan_for(&engine.config, &p, opts);
         self.ensure_plan(engine, want)?;
         let t0 = Instant::now();
@@ -2079,9 +2649,10 @@ impl CudaTrainer {
         Ok(p)
     }
 
-    /// Gradients of the GRPO loss on `batch` for the current adapter, without stepping and
-    /// without LoRA dropout (as the CPU's [`crate::trainer::grpo_gradients`]); the LoRA
-    /// gradients are downloaded into `grads.lora` (tests and tools).
+    /// Gradients of the GRPO loss on `batch` for the current parameters, without stepping and
+    /// without LoRA dropout (as the CPU's [`crate::trainer::grpo_gradients`]); the gradients are
+    /// downloaded into `grads.lora` (an adapter) or `grads.weights` (full fine-tuning) (tests
+    /// and tools).
     pub fn grpo_gradients(
         &mut self,
         engine: &CudaEngine,
@@ -2113,15 +2684,30 @@ impl CudaTrainer {
     ) -> Result<GrpoGradients> {
         let p = self.prepare(engine, batch, opts)?;
         let mut g = self.gradients(engine, &p, opts, dropout_seed)?;
-        let host = get(&engine.dev, "gradients", &self.grads, self.flat.len)?;
-        let mut lg = self.shape.zeros_like();
-        for (d, s) in crate::trainer::lora_params_mut(&mut lg)
-            .into_iter()
-            .zip(split_sizes(&host, &self.flat.sizes))
-        {
-            d.copy_from_slice(&s);
+        let host = get(&engine.dev, "gradients", &self.grads, self.len)?;
+        let parts = split_sizes(&host, &self.sizes);
+        match &self.trained {
+            Trained::Lora { shape, .. } => {
+                let mut lg = shape.zeros_like();
+                for (d, s) in crate::trainer::lora_params_mut(&mut lg).into_iter().zip(parts) {
+                    d.copy_from_slice(&s);
+                }
+                g.grads.lora = Some(lg);
+            }
+            Trained::Full(_) => {
+                let mut gw = Weights::zeros(&engine.config);
+                let dst = crate::trainer::weight_params_mut(&mut gw);
+                if dst.len() != parts.len() || dst.iter().zip(&parts).any(|(d, s)| d.len() != s.len()) {
+                    return Err(Error::Cuda(
+                        "internal: the trained weights do not have the model config's shape".into(),
+                    ));
+                }
+                for (d, s) in dst.into_iter().zip(parts) {
+                    d.copy_from_slice(&s);
+                }
+                g.grads.weights = Some(gw);
+            }
         }
-        g.grads.lora = Some(lg);
         Ok(g)
     }
 
@@ -2169,7 +2755,8 @@ impl CudaTrainer {
     }
 
     /// Grad norm → clip decision (host, as `optim::clip_and_step`) → AdamW on the flat
-    /// buffers → copy into the engine's live adapter. Skipped (nothing changes) on a
+    /// buffers → copy into the engine's live adapter (full fine-tuning: rewrite the engine's
+    /// bf16 weights from the f32 master). Skipped (nothing changes) on a
     /// non-finite gradient or `force_skip`.
     fn apply_update(
         &mut self,
@@ -2181,7 +2768,7 @@ impl CudaTrainer {
     ) -> Result<StepReport> {
         let dev = &engine.dev;
         dev.grad_sq_norm_f32(
-            &self.grads.slice(..self.flat.len),
+            &self.grads.slice(..self.len),
             &mut self.norm_partials,
             &mut self.norm_stats,
         )?;
@@ -2196,7 +2783,7 @@ impl CudaTrainer {
         }
         state.adam.step += 1;
         let scalars = opt.scalars(state.adam.step);
-        let len = self.flat.len;
+        let len = self.len;
         dev.adamw_step_f32(
             &mut self.params.slice_mut(..len),
             &mut self.m.slice_mut(..len),
@@ -2206,10 +2793,18 @@ impl CudaTrainer {
             clip.scale,
             &scalars,
         )?;
-        cast_f32_to_bf16(dev, &self.cast, &self.params, &mut self.params_bf16)?;
-        engine.copy_adapter_from_flat(&self.params, |l, p| {
-            self.flat.pair(l, p).map(|r| (r.a.clone(), r.b.clone()))
-        })?;
+        match &mut self.trained {
+            Trained::Lora {
+                flat, params_bf16, ..
+            } => {
+                cast_f32_to_bf16(dev, &self.cast, &self.params, params_bf16)?;
+                engine.copy_adapter_from_flat(&self.params, |l, p| {
+                    flat.pair(l, p).map(|r| (r.a.clone(), r.b.clone()))
+                })?;
+            }
+            // The bf16 weights of the forward and the rollouts, rewritten in place.
+            Trained::Full(_) => engine.write_weights_from_f32(&self.params, &self.sizes)?,
+        }
         Ok(StepReport {
             grad_norm: clip.norm,
             clip_scale: clip.scale,
@@ -2607,6 +3202,79 @@ mod tests {
             gib(layer.layer_act_bytes)
         );
         assert!(fit >= 4, "{fit}");
+    }
+
+    #[test]
+    fn flat_weights_follow_weight_params_order() {
+        // Qwen2 (q/k/v biases, tied embeddings), and with q/k norms and an lm_head of its own:
+        // every range holds the tensor weight_params puts there.
+        for (preset, qwen3_like) in [("qwen2.5-0.5b", false), ("qwen2.5-0.5b", true)] {
+            let mut c = ModelConfig::preset(preset).unwrap();
+            c.num_hidden_layers = 2;
+            c.vocab_size = 50;
+            c.qk_norm = qwen3_like;
+            c.tie_word_embeddings = !qwen3_like;
+            let w = Weights::random(&c, 3, 0.02);
+            let flat = FlatWeights::of(&w);
+            let host = crate::trainer::weight_params(&w).concat();
+            assert_eq!(flat.len, host.len());
+            let lw = &w.layers[1];
+            let lr = &flat.layers[1];
+            assert_eq!(&host[flat.embed.clone()], &w.embed[..]);
+            assert_eq!(&host[lr.input_norm.clone()], &lw.input_norm[..]);
+            assert_eq!(&host[lr.proj[Proj::K as usize].w.clone()], &lw.k.w[..]);
+            assert_eq!(&host[lr.post_norm.clone()], &lw.post_norm[..]);
+            assert_eq!(&host[lr.proj[Proj::Down as usize].w.clone()], &lw.down.w[..]);
+            assert_eq!(&host[flat.final_norm.clone()], &w.final_norm[..]);
+            match (&lr.proj[Proj::V as usize].b, &lw.v.b) {
+                (Some(r), Some(b)) => assert_eq!(&host[r.clone()], &b[..]),
+                (None, None) => {}
+                _ => panic!("{preset}: v bias layout"),
+            }
+            match (&lr.q_norm, &lw.q_norm) {
+                (Some(r), Some(q)) => assert_eq!(&host[r.clone()], &q[..]),
+                (None, None) => {}
+                _ => panic!("{preset}: q norm layout"),
+            }
+            assert_eq!(flat.lm_head.is_none(), c.tie_word_embeddings);
+            assert_eq!(flat.lm_head_grad(), flat.lm_head.as_ref().unwrap_or(&flat.embed));
+            assert_eq!(split_sizes(&host, &flat.sizes).concat(), host);
+        }
+    }
+
+    #[test]
+    fn full_fine_tuning_plan_counts_its_state() {
+        // Qwen2.5-0.5B: 494M parameters × 16 B of f32 state (weights, grads, m, v) ≈ 7.4 GiB,
+        // next to its 1 GB of bf16 weights: fits an 80 GB GPU with the step's buffers.
+        let c = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        let params = bf16_weight_bytes(&c) / 2;
+        let p = TrainPlan::new_full(
+            &c,
+            64 * 384,
+            64,
+            64 * 256,
+            params,
+            Recompute::Layer,
+            TRAIN_VOCAB_CHUNK,
+        );
+        assert_eq!(p.lora_bytes, 0);
+        assert!(p.full_bytes >= 16 * params && p.full_bytes < 16 * params + (1 << 20));
+        assert!(p.norm_partials >= rmsnorm_bwd_partials_len(64 * 384, c.hidden_size));
+        let gb = gib(p.total_bytes() + bf16_weight_bytes(&c));
+        assert!(gb < 20.0, "0.5B full fine-tuning plan {gb:.2} GiB");
+        // The LoRA plan of the same batch has none of it.
+        let l = TrainPlan::new(
+            &c,
+            64 * 384,
+            64,
+            64 * 256,
+            1000,
+            16,
+            Recompute::Layer,
+            false,
+            TRAIN_VOCAB_CHUNK,
+        );
+        assert_eq!((l.full_bytes, l.full_params, l.norm_partials), (0, 0, 0));
     }
 
     #[test]

@@ -70,6 +70,7 @@ train_kernels!(
     rope_bwd_bf16,
     grad_sq_norm_partial_f32,
     adamw_step_f32,
+    embedding_grad_bf16_to_f32,
     // kernels/attention_train.cu (launchers in attention_train.rs)
     attention_train_fwd_hd64_bf16,
     attention_train_fwd_hd128_bf16,
@@ -401,6 +402,39 @@ fn temperature_ok(kn: &str, temperature: f32) -> Result<()> {
 }
 
 /// cudarc cannot allocate or copy empty buffers: at least one element.
+/// The index [`CudaDevice::embedding_grad_bf16_to_f32`] reads, from the token of every row:
+/// (the distinct tokens ascending (U), row_off (U+1), the rows of each token ascending (N)).
+/// Errors on a token outside the vocabulary.
+pub fn embedding_grad_index(ids: &[u32], vocab: usize) -> Result<(Vec<u32>, Vec<i32>, Vec<i32>)> {
+    if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::invalid(format!(
+            "token id {t} is outside the vocabulary of {vocab} tokens"
+        )));
+    }
+    if ids.len() > i32::MAX as usize {
+        return Err(Error::invalid(format!(
+            "{} rows exceed i32 row indices",
+            ids.len()
+        )));
+    }
+    let mut order: Vec<i32> = (0..ids.len() as i32).collect();
+    order.sort_by_key(|&r| ids[r as usize]); // stable: rows ascending within a token
+    let (mut tokens, mut row_off) = (Vec::new(), vec![0i32]);
+    for (i, &r) in order.iter().enumerate() {
+        let t = ids[r as usize];
+        if tokens.last() != Some(&t) {
+            if i > 0 {
+                row_off.push(i as i32);
+            }
+            tokens.push(t);
+        }
+    }
+    if !ids.is_empty() {
+        row_off.push(ids.len() as i32);
+    }
+    Ok((tokens, row_off, order))
+}
+
 pub(super) fn nonempty<T: Clone + Default>(v: &[T]) -> Vec<T> {
     if v.is_empty() {
         vec![T::default()]
@@ -1714,6 +1748,86 @@ impl CudaDevice {
             unsafe { l.launch(cfg((blocks as u32, 1, 1), RED_THREADS, 0)) }.map_err(cuda_err(kn))?;
         }
         self.sum_partials_f64(partials, stats, blocks, 2)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Full fine-tuning
+
+    /// The embedding's gradient: dembed (vocab, dim) f32 += each row of dx (rows, dim) bf16
+    /// added into its token's row, one block per distinct token (see kernels/train.cu). `tokens`
+    /// (U) are the distinct tokens (< vocab), the rows of tokens[u] are rows[row_off[u] ..
+    /// row_off[u+1]] ascending ([`embedding_grad_index`] builds the three from the row ids).
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_grad_bf16_to_f32(
+        &self,
+        dx: &impl DevicePtr<bf16>,
+        tokens: &impl DevicePtr<u32>,
+        row_off: &impl DevicePtr<i32>,
+        rows_of: &impl DevicePtr<i32>,
+        dembed: &mut impl DevicePtrMut<f32>,
+        num_tokens: usize,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let kn = "embedding_grad_bf16_to_f32";
+        check_len("dx", kn, dx.len(), rows * dim, "rows*dim")?;
+        check_len("tokens", kn, tokens.len(), num_tokens, "num_tokens")?;
+        check_len("row_off", kn, row_off.len(), num_tokens + 1, "num_tokens+1")?;
+        check_len("rows", kn, rows_of.len(), rows, "rows")?;
+        check_len("dembed", kn, dembed.len(), vocab * dim, "vocab*dim")?;
+        let (u_i, d_i) = (as_i32(kn, "num_tokens", num_tokens)?, as_i32(kn, "dim", dim)?);
+        as_i32(kn, "rows", rows)?;
+        if num_tokens == 0 || dim == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let (ep, _e) = dembed.device_ptr_mut(s);
+        let (xp, _x) = dx.device_ptr(s);
+        let (tp, _t) = tokens.device_ptr(s);
+        let (op, _o) = row_off.device_ptr(s);
+        let (rp, _r) = rows_of.device_ptr(s);
+        let mut l = s.launch_builder(&self.tk().embedding_grad_bf16_to_f32);
+        l.arg(&ep).arg(&xp).arg(&tp).arg(&op).arg(&rp).arg(&u_i).arg(&d_i);
+        // SAFETY: (float* dembed, const bf16* dx, const uint32_t* tokens, const int* row_off,
+        // const int* rows, int num_tokens, int dim); lengths checked; the tokens (< vocab) and
+        // the row lists (a permutation of 0..rows) come from embedding_grad_index.
+        unsafe { l.launch(cfg((num_tokens.min(EW_MAX_BLOCKS) as u32, 1, 1), EW_THREADS, 0)) }
+            .map_err(cuda_err(kn))?;
+        Ok(())
+    }
+
+    /// Test convenience: dembed (vocab·dim, from `dembed_in`) after
+    /// [`Self::embedding_grad_bf16_to_f32`] of dx (rounded to bf16) for the row tokens `ids`.
+    pub fn embedding_grad_bf16_to_f32_host(
+        &self,
+        dx: &[f32],
+        ids: &[u32],
+        dembed_in: &[f32],
+        dim: usize,
+    ) -> Result<Vec<f32>> {
+        let vocab = dembed_in.len() / dim.max(1);
+        let (tokens, row_off, rows) = embedding_grad_index(ids, vocab)?;
+        let xd = self.upload_bf16(&nonempty(dx))?;
+        let (td, od, rd) = (
+            self.upload(&nonempty(&tokens))?,
+            self.upload(&row_off)?,
+            self.upload(&nonempty(&rows))?,
+        );
+        let mut e = self.upload(dembed_in)?;
+        let n = ids.len();
+        self.embedding_grad_bf16_to_f32(
+            &xd.slice(..n * dim),
+            &td.slice(..tokens.len()),
+            &od,
+            &rd.slice(..n),
+            &mut e,
+            tokens.len(),
+            n,
+            dim,
+            vocab,
+        )?;
+        self.download(&e)
     }
 
     /// One AdamW step over flat f32 buffers (n = params.len()): gradients scaled by `clip_scale`

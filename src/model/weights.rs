@@ -421,6 +421,11 @@ impl Weights {
         })
     }
 
+    /// Zeros of a config's shape (e.g. the layout of full fine-tuning gradients).
+    pub fn zeros(c: &ModelConfig) -> Weights {
+        crate::cpu::train::zeros_like_weights(&Weights::random(c, 0, 0.0))
+    }
+
     /// Deterministic random weights of a config's shape (std `std`, norms around 1), for
     /// tests and benches. Uses a small xorshift generator: no statistical claims.
     pub fn random(c: &ModelConfig, seed: u64, std: f32) -> Weights {

@@ -412,9 +412,9 @@ impl TrainConfig {
 
     /// Why this config cannot train on the GPU yet (None: it can).
     pub fn cuda_unsupported(&self) -> Option<String> {
-        if self.model.as_ref().is_some_and(|m| m.full_fine_tuning) {
-            return Some("full fine-tuning runs on the CPU only for now (use a LoRA adapter)".into());
-        }
+        // Every option of the training step runs on the GPU (LoRA dropout and full fine-tuning
+        // included); kept as the one place to refuse a future CPU-only option.
+        let _ = self;
         None
     }
 
@@ -610,24 +610,35 @@ impl Trainer {
 
     /// Moves rollouts and updates to CUDA device `ordinal`: a [`CudaEngine`] made from the host
     /// model's weights (bf16) with the current adapter live on it, and a [`CudaTrainer`] with
-    /// the current AdamW state. The host copies (`engine()`) are refreshed from the device
-    /// before every save.
+    /// the current AdamW state (of the adapter, or with full fine-tuning of every weight). The
+    /// host copies (`engine()`) are refreshed from the device before every save.
     pub fn enable_cuda(&mut self, ordinal: usize) -> Result<()> {
         if let Some(why) = self.config.cuda_unsupported() {
             return Err(Error::invalid(format!("CUDA training: {why}")));
         }
-        let lora = self
-            .engine
-            .adapter
-            .as_ref()
-            .ok_or_else(|| Error::invalid("CUDA training needs a LoRA adapter"))?;
         let mut engine =
             CudaEngine::from_weights(self.engine.config().clone(), &self.engine.model.weights, ordinal)?;
         engine.set_max_batch_seqs(self.config.rollout_batch_size);
-        let mut trainer = CudaTrainer::new(&mut engine, lora, &self.state.adam)?;
-        trainer.set_keep_layers(self.config.gradient_checkpointing_keep_layers);
+        let trainer = self.cuda_trainer(&mut engine)?;
         self.cuda = Some(CudaBackend { engine, trainer });
         Ok(())
+    }
+
+    /// A [`CudaTrainer`] of the host's trained parameters (the adapter, or every weight with
+    /// full fine-tuning) and AdamW state, on `engine`.
+    fn cuda_trainer(&self, engine: &mut CudaEngine) -> Result<CudaTrainer> {
+        let mut trainer = if self.opts.full_fine_tuning {
+            CudaTrainer::new_full(engine, &self.engine.model.weights, &self.state.adam)?
+        } else {
+            let lora = self
+                .engine
+                .adapter
+                .as_ref()
+                .ok_or_else(|| Error::invalid("CUDA training needs a LoRA adapter"))?;
+            CudaTrainer::new(engine, lora, &self.state.adam)?
+        };
+        trainer.set_keep_layers(self.config.gradient_checkpointing_keep_layers);
+        Ok(trainer)
     }
 
     /// "cpu" or "cuda": where rollouts and updates run.
@@ -639,11 +650,14 @@ impl Trainer {
         }
     }
 
-    /// Copies the adapter and the AdamW moments from the GPU into the host copies (no-op on
-    /// the CPU).
+    /// Copies the adapter (full fine-tuning: the weights) and the AdamW moments from the GPU
+    /// into the host copies (no-op on the CPU).
     fn sync_host(&mut self) -> Result<()> {
         if let Some(c) = &self.cuda {
-            if let Some(l) = self.engine.adapter.as_mut() {
+            if c.trainer.full_fine_tuning() {
+                c.trainer
+                    .download_weights(&c.engine, &mut self.engine.model.weights)?;
+            } else if let Some(l) = self.engine.adapter.as_mut() {
                 c.trainer.download_lora(&c.engine, l)?;
             }
             c.trainer.download_adam(&c.engine, &mut self.state.adam)?;
@@ -1049,15 +1063,16 @@ impl Trainer {
         self.best_val = ck.config["best_val"].as_f64();
         self.rollout_tokens = ck.config["rollout_tokens"].as_u64().unwrap_or(0);
         self.train_tokens = ck.config["train_tokens"].as_u64().unwrap_or(0);
-        if let Some(c) = self.cuda.as_mut() {
-            let lora = self
-                .engine
-                .adapter
-                .as_ref()
-                .ok_or_else(|| Error::invalid("CUDA training needs a LoRA adapter"))?;
-            c.trainer = CudaTrainer::new(&mut c.engine, lora, &self.state.adam)?;
-            c.trainer
-                .set_keep_layers(self.config.gradient_checkpointing_keep_layers);
+        if let Some(mut c) = self.cuda.take() {
+            // Full fine-tuning: new_full also rewrites the engine's weights from the checkpoint's.
+            let trainer = self.cuda_trainer(&mut c.engine);
+            self.cuda = Some(match trainer {
+                Ok(t) => CudaBackend { trainer: t, ..c },
+                Err(e) => {
+                    self.cuda = Some(c);
+                    return Err(e);
+                }
+            });
         }
         Ok(())
     }
