@@ -46,7 +46,7 @@ use rft::model::weights::{Proj, Weights};
 use rft::optim::{AdamW, AdamWState, LrSchedule, SchedulerType, Warmup};
 use rft::trainer::{
     grpo_gradients, grpo_gradients_with_dropout, grpo_update, lora_params, weight_params, weight_params_mut,
-    GrpoBatch, GrpoGradients, GrpoOptions, GrpoSeq, TrainState,
+    GrpoBatch, GrpoGradients, GrpoOptions, GrpoSeq, StepMetrics, TrainState,
 };
 
 const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
@@ -149,6 +149,23 @@ fn opts(loss: GrpoLossConfig, micro_batches: usize, recompute: Recompute) -> Grp
         schedule: LrSchedule::new(SchedulerType::Constant, 1e-2, 5, Warmup::Steps(0)).unwrap(),
         ..GrpoOptions::default()
     }
+}
+
+/// One optimiser step of the GPU against the CPU's: loss within the loss tolerance of the
+/// module comment, grad norm within 5%.
+fn assert_step_tracks(step: usize, g: &StepMetrics, c: &StepMetrics) {
+    eprintln!(
+        "  step {step}: loss gpu {:.5} cpu {:.5}, grad_norm gpu {:.4} cpu {:.4}",
+        g.loss, c.loss, g.grad_norm, c.grad_norm
+    );
+    assert!(
+        (g.loss - c.loss).abs() <= 0.05 * c.loss.abs().max(1.0),
+        "step {step} loss"
+    );
+    assert!(
+        (g.grad_norm - c.grad_norm).abs() <= 0.05 * c.grad_norm.max(1e-3),
+        "step {step} grad norm"
+    );
 }
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -440,18 +457,7 @@ fn cuda_five_steps_track_cpu() {
             let c = grpo_update(&mut model, Some(&mut cpu_lora), &mut cpu_state, &b, &o).unwrap();
             let g = tr.grpo_update(&mut engine, &mut gpu_state, &b, &o).unwrap();
             let (c, g) = (&c[0], &g[0]);
-            eprintln!(
-                "  step {step}: loss gpu {:.5} cpu {:.5}, grad_norm gpu {:.4} cpu {:.4}",
-                g.loss, c.loss, g.grad_norm, c.grad_norm
-            );
-            assert!(
-                (g.loss - c.loss).abs() <= 0.05 * c.loss.abs().max(1.0),
-                "step {step} loss"
-            );
-            assert!(
-                (g.grad_norm - c.grad_norm).abs() <= 0.05 * c.grad_norm.max(1e-3),
-                "step {step} grad norm"
-            );
+            assert_step_tracks(step, g, c);
             assert_eq!(g.skipped, c.skipped);
         }
         assert_eq!(gpu_state.step, cpu_state.step);
@@ -938,17 +944,6 @@ fn cuda_dropout_recompute_is_bit_identical_and_steps_track_cpu() {
         let c = grpo_update(&mut model, Some(&mut cpu_lora), &mut cpu_state, &b, &o).unwrap();
         let g = tr.grpo_update(&mut engine, &mut gpu_state, &b, &o).unwrap();
         let (c, g) = (&c[0], &g[0]);
-        eprintln!(
-            "  step {step}: loss gpu {:.5} cpu {:.5}, grad_norm gpu {:.4} cpu {:.4}",
-            g.loss, c.loss, g.grad_norm, c.grad_norm
-        );
-        assert!(
-            (g.loss - c.loss).abs() <= 0.05 * c.loss.abs().max(1.0),
-            "step {step} loss"
-        );
-        assert!(
-            (g.grad_norm - c.grad_norm).abs() <= 0.05 * c.grad_norm.max(1e-3),
-            "step {step} grad norm"
-        );
+        assert_step_tracks(step, g, c);
     }
 }
