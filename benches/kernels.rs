@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use rft::cuda::{
     availability, decode_partitions, grad_norm_partials_len, grpo_loss_partials_len, AttnShape, CudaDevice,
-    GemmChoice, GrpoLossScalars, SamplingParamsDev, TrainAttnShape,
+    GemmChoice, GrpoLossScalars, LoraOut, SamplingParamsDev, TrainAttnShape,
 };
 use rft::loss::GrpoLossConfig;
 use rft::optim::AdamW;
@@ -367,10 +367,34 @@ fn kernels(c: &mut Criterion) {
         "lora_train fwd+bwd (tensor cores) 24576 rows 896->4864 r16",
         |b| {
             b.iter(|| {
-                dev.lora_train_fwd_bf16(&xt, &a16, &b16, &mut yt, Some(&mut xa16), 2.0, ROWS, D, I, 16)
-                    .unwrap();
-                dev.lora_train_bwd_dx_bf16(&dyt, &a16, &b16, &mut dxt, &mut dyb16, 2.0, ROWS, D, I, 16)
-                    .unwrap();
+                dev.lora_train_fwd_bf16(
+                    &xt,
+                    &a16,
+                    &b16,
+                    &mut yt,
+                    LoraOut::Add,
+                    Some(&mut xa16),
+                    2.0,
+                    ROWS,
+                    D,
+                    I,
+                    16,
+                )
+                .unwrap();
+                dev.lora_train_bwd_dx_bf16(
+                    &dyt,
+                    &a16,
+                    &b16,
+                    &mut dxt,
+                    LoraOut::Add,
+                    &mut dyb16,
+                    2.0,
+                    ROWS,
+                    D,
+                    I,
+                    16,
+                )
+                .unwrap();
                 dev.lora_train_grad_b_bf16(&dyt, &xa16, &mut db, &mut scratch_tc, 2.0, ROWS, I, 16)
                     .unwrap();
                 dev.lora_train_grad_a_bf16(&dyb16, &xt, &mut da, &mut scratch_tc, 2.0, ROWS, D, 16)

@@ -34,6 +34,9 @@
 //            stores: y / dx are read once and written once.
 //   forward:  act = x (K = in),  W1(k, j) = A[j, k],  W2(j, o) = B[o, j],  out = y (N = out)
 //   backward: act = dy (K = out), W1(k, j) = B[k, j], W2(j, i) = A[j, i],  out = dx (N = in)
+// `accumulate` = 0 (store mode) writes out = bf16(s · low · W2) without reading out: the trainer
+// then adds the base GEMM onto it (cuBLAS beta = 1, whose read of C hides under its math), which
+// saves this memory-bound kernel the read of y / dx.
 // A second grid dimension splits the output chunks over blocks when the row tiles alone would
 // leave the GPU idle (small n); each such block recomputes phase 1 (identical values), only
 // blockIdx.y == 0 stores low_out. Every output element is written by exactly one block.
@@ -248,7 +251,7 @@ struct LtCfg {
 template <int RP, bool FWD, bool DROP = false>
 static __device__ void lt_fused(bf16* out, bf16* __restrict__ low_out, const bf16* __restrict__ act,
                                 const bf16* __restrict__ w1, const bf16* __restrict__ w2, float scale, int n, int dk,
-                                int dn, int rank, LtDrop drop = LtDrop{0.0f, 1.0f, 0ull, 0ull}) {
+                                int dn, int rank, int accumulate, LtDrop drop = LtDrop{0.0f, 1.0f, 0ull, 0ull}) {
     using Cfg = LtCfg<RP>;
     constexpr int LDR = Cfg::LDR, NT = RP / 8;
     extern __shared__ __align__(16) unsigned char lt_smem[];
@@ -338,9 +341,11 @@ static __device__ void lt_fused(bf16* out, bf16* __restrict__ low_out, const bf1
     const int c_end = min(nc, c_begin + per);
     LtTile<LT_BM, LT_BK> out_t;
     LtTile<FWD ? LT_BK : RP, FWD ? RP : LT_BK> w_t;  // B[o][j] (FWD) or A[j][i]
+    // accumulate == 0 (store): the tile is not read; the epilogue writes scale·o alone.
+    const bool add = accumulate != 0;
     auto fetch = [&](int c) {
         const int o0 = c * LT_BK;
-        out_t.fetch(out, dn, m0, n, o0, dn);
+        if (add) out_t.fetch(out, dn, m0, n, o0, dn);
         if (FWD)
             w_t.fetch(w2, rank, o0, dn, 0, rank);
         else
@@ -348,7 +353,7 @@ static __device__ void lt_fused(bf16* out, bf16* __restrict__ low_out, const bf1
     };
     if (c_begin < c_end) {
         fetch(c_begin);
-        out_t.stash(smem);
+        if (add) out_t.stash(smem);
         w_t.stash(smem + LT_BM * LT_LDK);
     }
     __syncthreads();
@@ -374,21 +379,23 @@ static __device__ void lt_fused(bf16* out, bf16* __restrict__ low_out, const bf1
                 }
             }
             // This warp's 16 rows of the staged tile: out = bf16(out + scale·o), with dropout
-            // out = bf16(out + (scale·o)·mask) (the CPU's order: s·(dyb A) first, then the mask).
+            // out = bf16(out + (scale·o)·mask) (the CPU's order: s·(dyb A) first, then the mask);
+            // in store mode the tile holds no out values and out = bf16(scale·o) (· mask).
 #pragma unroll
             for (int j = 0; j < LT_BK / 8; ++j) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     bf16* p = o_s + (r0 + g + 8 * h) * LT_LDK + j * 8 + 2 * t;
+                    const float y0 = add ? bf16_to_f32(p[0]) : 0.0f, y1 = add ? bf16_to_f32(p[1]) : 0.0f;
                     float v0, v1;
                     if (DROP) {
                         const int row = m0 + r0 + g + 8 * h, col = c * LT_BK + j * 8 + 2 * t;
                         const float t0 = scale * o[j][2 * h], t1 = scale * o[j][2 * h + 1];
-                        v0 = bf16_to_f32(p[0]) + t0 * lt_dropout_factor(drop, row, col);
-                        v1 = bf16_to_f32(p[1]) + t1 * lt_dropout_factor(drop, row, col + 1);
+                        v0 = y0 + t0 * lt_dropout_factor(drop, row, col);
+                        v1 = y1 + t1 * lt_dropout_factor(drop, row, col + 1);
                     } else {
-                        v0 = bf16_to_f32(p[0]) + scale * o[j][2 * h];
-                        v1 = bf16_to_f32(p[1]) + scale * o[j][2 * h + 1];
+                        v0 = y0 + scale * o[j][2 * h];
+                        v1 = y1 + scale * o[j][2 * h + 1];
                     }
                     *reinterpret_cast<uint32_t*>(p) = lt_pack_f32(v0, v1);
                 }
@@ -398,7 +405,7 @@ static __device__ void lt_fused(bf16* out, bf16* __restrict__ low_out, const bf1
         LtTile<LT_BM, LT_BK>::put(out, dn, m0, n, c * LT_BK, dn, o_s);
         if (c + 1 < c_end) {
             bf16* nx = o_s == smem ? smem + Cfg::STAGE : smem;
-            out_t.stash(nx);
+            if (add) out_t.stash(nx);
             w_t.stash(nx + LT_BM * LT_LDK);
         }
         __syncthreads();  // the next tile is staged; this one is written back before it is reused
@@ -500,24 +507,25 @@ static __device__ void lt_grad(float* out, float* __restrict__ partials, const b
 // ----------------------------------------------------------------------------
 // Kernels, compiled for RP = 16, 32, 64, 128 (the launcher picks the smallest RP ≥ rank).
 
-// y (n, out) bf16 += scale · bf16(x Aᵀ) Bᵀ; xa (n, rank) bf16 = bf16(x Aᵀ) (NULL: not stored).
+// y (n, out) bf16 += scale · bf16(x Aᵀ) Bᵀ (accumulate = 0: y = ..., y not read); xa (n, rank) bf16 =
+// bf16(x Aᵀ) (NULL: not stored).
 // x (n, in), a (rank, in), b (out, rank) bf16. grid = (ceil(n / 64), column splits), block = 128,
 // dynamic shared memory LtCfg<RP>::SMEM_BYTES.
 #define LT_FWD_KERNEL(RP)                                                                                         \
     extern "C" __global__ void __launch_bounds__(LT_THREADS) lora_train_fwd_r##RP##_bf16(                         \
         bf16* y, bf16* __restrict__ xa, const bf16* __restrict__ x, const bf16* __restrict__ a,                 \
-        const bf16* __restrict__ b, float scale, int n, int in_dim, int out_dim, int rank) {                    \
-        lt_fused<RP, true>(y, xa, x, a, b, scale, n, in_dim, out_dim, rank);                                    \
+        const bf16* __restrict__ b, float scale, int n, int in_dim, int out_dim, int rank, int accumulate) {    \
+        lt_fused<RP, true>(y, xa, x, a, b, scale, n, in_dim, out_dim, rank, accumulate);                        \
     }
 
-// dx (n, in) bf16 += scale · bf16(dy B) A; dyb (n, rank) bf16 = bf16(dy B). dy (n, out), a (rank,
+// dx (n, in) bf16 += scale · bf16(dy B) A (accumulate = 0: dx = ...); dyb (n, rank) bf16 = bf16(dy B). dy (n, out), a (rank,
 // in), b (out, rank) bf16. grid = (ceil(n / 64), column splits), block = 128, dynamic shared memory
 // LtCfg<RP>::SMEM_BYTES.
 #define LT_BWD_DX_KERNEL(RP)                                                                                      \
     extern "C" __global__ void __launch_bounds__(LT_THREADS) lora_train_bwd_dx_r##RP##_bf16(                      \
         bf16* dx, bf16* __restrict__ dyb, const bf16* __restrict__ dy, const bf16* __restrict__ a,              \
-        const bf16* __restrict__ b, float scale, int n, int in_dim, int out_dim, int rank) {                    \
-        lt_fused<RP, false>(dx, dyb, dy, b, a, scale, n, out_dim, in_dim, rank);                                \
+        const bf16* __restrict__ b, float scale, int n, int in_dim, int out_dim, int rank, int accumulate) {    \
+        lt_fused<RP, false>(dx, dyb, dy, b, a, scale, n, out_dim, in_dim, rank, accumulate);                    \
     }
 
 // lora_train_bwd_dx_r*_bf16 with LoRA dropout: dx (n, in) bf16 += scale · (bf16(dy B) A) ⊙ m,
@@ -526,9 +534,9 @@ static __device__ void lt_grad(float* out, float* __restrict__ partials, const b
 #define LT_BWD_DX_DROP_KERNEL(RP)                                                                                 \
     extern "C" __global__ void __launch_bounds__(LT_THREADS) lora_train_bwd_dx_drop_r##RP##_bf16(                 \
         bf16* dx, bf16* __restrict__ dyb, const bf16* __restrict__ dy, const bf16* __restrict__ a,              \
-        const bf16* __restrict__ b, float scale, int n, int in_dim, int out_dim, int rank, float p,             \
-        float keep_scale, unsigned long long seed, unsigned long long site) {                                  \
-        lt_fused<RP, false, true>(dx, dyb, dy, b, a, scale, n, out_dim, in_dim, rank,                           \
+        const bf16* __restrict__ b, float scale, int n, int in_dim, int out_dim, int rank, int accumulate,      \
+        float p, float keep_scale, unsigned long long seed, unsigned long long site) {                         \
+        lt_fused<RP, false, true>(dx, dyb, dy, b, a, scale, n, out_dim, in_dim, rank, accumulate,               \
                                   LtDrop{p, keep_scale, seed, site});                                           \
     }
 

@@ -81,6 +81,7 @@ if [ "$what" != tests ]; then
   step 60 roll-05b-64-lora16 $R bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --lora-rank 16 --json
   step 90 train-05b $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 90 train-05b-keep6 $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --keep-layers 6 --json
+  step 90 train-05b-splitvocab env RFT_TRAIN_VOCAB_CHUNK=32768 $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 90 roll-05b-1024 $R bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
   step 90 roll-15b-64 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
   step 60 roll-15b-64-cublas env RFT_SKINNY_GEMM=0 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json

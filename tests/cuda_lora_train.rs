@@ -24,7 +24,10 @@ mod common;
 use common::{bf, device_or_skip, uniform_vec};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
-use rft::cuda::{lora_train_grad_scratch_len, lora_train_grad_split, CudaDevice};
+use rft::cuda::{
+    lora_train_col_splits, lora_train_grad_scratch_len, lora_train_grad_split, CudaDevice, LoraDropoutSite,
+    LoraOut,
+};
 
 /// Reference outputs (f64) and their magnitudes Σ|terms|.
 struct Reference {
@@ -240,9 +243,102 @@ fn fwd(
 ) -> (Vec<f32>, Vec<f32>) {
     let mut y = dev.upload_bf16(&c.y_in).unwrap();
     let mut xa = dev.alloc_zeros::<bf16>(c.n * c.r).unwrap();
-    dev.lora_train_fwd_bf16(x, a, b, &mut y, Some(&mut xa), c.s, c.n, c.d_in, c.d_out, c.r)
-        .unwrap();
+    dev.lora_train_fwd_bf16(
+        x,
+        a,
+        b,
+        &mut y,
+        LoraOut::Add,
+        Some(&mut xa),
+        c.s,
+        c.n,
+        c.d_in,
+        c.d_out,
+        c.r,
+    )
+    .unwrap();
     (dev.download_bf16(&y).unwrap(), dev.download_bf16(&xa).unwrap())
+}
+
+#[test]
+fn store_mode_writes_without_reading() {
+    let Some(dev) = device_or_skip() else { return };
+    // LoraOut::Store (the trainer's forward and first input gradient, before cuBLAS adds the base
+    // GEMM onto the output with beta = 1) must write every output element without reading it:
+    // the outputs start as NaN, and must equal LoraOut::Add onto zeros bit for bit
+    // (bf16(0 + s·t) = bf16(s·t)). Shapes: column-split grids (few rows), a partial row tile,
+    // element-wise edges, the 0.5B gate/up shape; with and without LoRA dropout on dx.
+    let nan = |len: usize| dev.upload_bf16(&vec![f32::NAN; len]).unwrap();
+    let zeros = |len: usize| dev.alloc_zeros::<bf16>(len).unwrap();
+    for &(n, d_in, d_out, r) in &[
+        (17usize, 136usize, 72usize, 8usize),
+        (70, 123, 45, 4),
+        (129, 896, 4864, 16),
+    ] {
+        let c = Case::new(n, d_in, d_out, r);
+        let what = format!("n {n} {d_in}→{d_out} r {r}");
+        let (x, dy) = (dev.upload_bf16(&c.x).unwrap(), dev.upload_bf16(&c.dy).unwrap());
+        let (a, b) = (dev.upload_bf16(&c.a).unwrap(), dev.upload_bf16(&c.b).unwrap());
+        assert!(
+            n > 64 || lora_train_col_splits(n, d_out) > 1,
+            "{what}: no column split"
+        );
+        let (mut y_store, mut y_add) = (nan(n * d_out), zeros(n * d_out));
+        let (mut xa1, mut xa2) = (zeros(n * r), zeros(n * r));
+        for (y, mode, xa) in [
+            (&mut y_store, LoraOut::Store, &mut xa1),
+            (&mut y_add, LoraOut::Add, &mut xa2),
+        ] {
+            dev.lora_train_fwd_bf16(&x, &a, &b, y, mode, Some(xa), c.s, n, d_in, d_out, r)
+                .unwrap();
+        }
+        let (ys, ya) = (
+            dev.download_bf16(&y_store).unwrap(),
+            dev.download_bf16(&y_add).unwrap(),
+        );
+        assert!(
+            ys.iter().all(|v| v.is_finite()),
+            "{what}: y store mode left or read NaN"
+        );
+        assert!(
+            ys.iter().zip(&ya).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{what}: y"
+        );
+        let drop = LoraDropoutSite {
+            p: 0.25,
+            keep_scale: 1.0 / 0.75,
+            seed: 7,
+            site: 3 << 48,
+        };
+        for dropout in [None, Some(drop)] {
+            let (mut dx_store, mut dx_add) = (nan(n * d_in), zeros(n * d_in));
+            let (mut dyb1, mut dyb2) = (zeros(n * r), zeros(n * r));
+            for (dx, mode, dyb) in [
+                (&mut dx_store, LoraOut::Store, &mut dyb1),
+                (&mut dx_add, LoraOut::Add, &mut dyb2),
+            ] {
+                match dropout {
+                    None => dev.lora_train_bwd_dx_bf16(&dy, &a, &b, dx, mode, dyb, c.s, n, d_in, d_out, r),
+                    Some(d) => dev.lora_train_bwd_dx_dropout_bf16(
+                        &dy, &a, &b, dx, mode, dyb, c.s, n, d_in, d_out, r, d,
+                    ),
+                }
+                .unwrap();
+            }
+            let (ds, da) = (
+                dev.download_bf16(&dx_store).unwrap(),
+                dev.download_bf16(&dx_add).unwrap(),
+            );
+            assert!(
+                ds.iter().all(|v| v.is_finite()),
+                "{what} {dropout:?}: dx store mode left or read NaN"
+            );
+            assert!(
+                ds.iter().zip(&da).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{what} {dropout:?}: dx"
+            );
+        }
+    }
 }
 
 #[test]
@@ -288,6 +384,7 @@ fn lora_train_rejects_bad_shapes() {
             &a,
             &b,
             &mut y,
+            LoraOut::Add,
             None::<&mut CudaSlice<bf16>>,
             1.0,
             n,
@@ -305,7 +402,19 @@ fn lora_train_rejects_bad_shapes() {
     let mut dx = dev.alloc_zeros::<bf16>(n * d_in).unwrap();
     let mut dyb = dev.alloc_zeros::<bf16>(n * r).unwrap();
     let e = dev
-        .lora_train_bwd_dx_bf16(&dy, &a, &b, &mut dx, &mut dyb, 1.0, n, d_in, d_out, r)
+        .lora_train_bwd_dx_bf16(
+            &dy,
+            &a,
+            &b,
+            &mut dx,
+            LoraOut::Add,
+            &mut dyb,
+            1.0,
+            n,
+            d_in,
+            d_out,
+            r,
+        )
         .unwrap_err()
         .to_string();
     assert!(

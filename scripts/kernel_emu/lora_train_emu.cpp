@@ -1,6 +1,6 @@
 // Drives the emulated kernels of kernels/lora_train.cu (see run.sh; `run.sh lora_train [all]`):
 // the fused forward (y += s·bf16(x Aᵀ) Bᵀ, xa stored), the fused backward (dyb = bf16(dy B),
-// dx += s·dyb A) and the A / B gradients (split over rows into partials, then summed in split order
+// dx += s·dyb A), both also in store mode (y = ..., dx = ...) and the A / B gradients (split over rows into partials, then summed in split order
 // as sum_partials_add_f32 does), with the grids, splits and shared-memory sizes of
 // src/cuda/lora_train.rs (mirrored below), compared with an f64 reference under the tolerance of
 // tests/cuda_lora_train.rs: |ref − got| ≤ mag/128 + 0.079·|ref|, mag = Σ|terms| of the output's sum
@@ -48,12 +48,15 @@ static int check_lt(const char* what, const std::vector<double>& ref, const std:
 }
 
 // One projection (n rows, in → out, rank r), scale s; `force` > 0 forces that many column / row
-// splits (exercising the split paths at small sizes) instead of the launcher's choice.
-static int run(int n, int din, int dout, int r, int force) {
+// splits (exercising the split paths at small sizes) instead of the launcher's choice. `acc` = 0
+// runs the fused kernels in store mode: y and dx start as NaN (a read of them would show) and the
+// reference's y0 = dx0 = 0.
+static int run(int n, int din, int dout, int r, int force, int acc = 1) {
     const float s = 2.0f;
     int bad = 0;
     auto x = gen((size_t)n * din, 2.0f), dy = gen((size_t)n * dout, 1.0f), a = gen((size_t)r * din, 0.1f), b = gen((size_t)dout * r, 0.1f);
     auto y0 = gen((size_t)n * dout, 0.5f), dx0 = gen((size_t)n * din, 0.5f), da0 = gen((size_t)r * din, 0.01f), db0 = gen((size_t)dout * r, 0.01f);
+    if (!acc) { std::fill(y0.begin(), y0.end(), 0.0f); std::fill(dx0.begin(), dx0.end(), 0.0f); }
     // The A / B copies start at an odd element offset when r·in is odd (as in the trainer's flat
     // bf16 shadow): the element-wise load path.
     const size_t aoff = (r * din) % 2 ? 1 : 0;
@@ -65,10 +68,11 @@ static int run(int n, int din, int dout, int r, int force) {
     const bf16* B = A + ab.size();
     auto xb = to_bf(x), dyb_in = to_bf(dy);
     auto y = to_bf(y0), dx = to_bf(dx0);
+    if (!acc) { std::fill(y.begin(), y.end(), __float2bfloat16_rn(NAN)); std::fill(dx.begin(), dx.end(), __float2bfloat16_rn(NAN)); }
     std::vector<bf16> xa((size_t)n * r, __float2bfloat16_rn(NAN)), dyb((size_t)n * r, __float2bfloat16_rn(NAN));
     std::vector<float> da = da0, db = db0;
     const int rp = rp_of(r);
-    printf("n %d in %d out %d r %d (RP %d)%s\n", n, din, dout, r, rp, force ? " forced splits" : "");
+    printf("n %d in %d out %d r %d (RP %d)%s%s\n", n, din, dout, r, rp, force ? " forced splits" : "", acc ? "" : " store mode");
     if (fused_smem(r) != (size_t)(rp == 16 ? LtCfg<16>::SMEM_BYTES : rp == 32 ? LtCfg<32>::SMEM_BYTES : rp == 64 ? LtCfg<64>::SMEM_BYTES : LtCfg<128>::SMEM_BYTES) ||
         grad_smem(r) != (size_t)(rp == 16 ? LtGradCfg<16>::SMEM_BYTES : rp == 32 ? LtGradCfg<32>::SMEM_BYTES : rp == 64 ? LtGradCfg<64>::SMEM_BYTES : LtGradCfg<128>::SMEM_BYTES)) {
         printf("  shared-memory size mirror disagrees with the kernel's LtCfg\n");
@@ -79,20 +83,20 @@ static int run(int n, int din, int dout, int r, int force) {
     {
         int cs = force ? std::min(force, std::max(1, (dout + 63) / 64)) : col_splits(n, dout);
         emu_launch(emu_dim3{row_tiles, (unsigned)cs, 1}, 128, fused_smem(r), [&] {
-            if (rp == 16) lora_train_fwd_r16_bf16(y.data(), xa.data(), xb.data(), A, B, s, n, din, dout, r);
-            if (rp == 32) lora_train_fwd_r32_bf16(y.data(), xa.data(), xb.data(), A, B, s, n, din, dout, r);
-            if (rp == 64) lora_train_fwd_r64_bf16(y.data(), xa.data(), xb.data(), A, B, s, n, din, dout, r);
-            if (rp == 128) lora_train_fwd_r128_bf16(y.data(), xa.data(), xb.data(), A, B, s, n, din, dout, r);
+            if (rp == 16) lora_train_fwd_r16_bf16(y.data(), xa.data(), xb.data(), A, B, s, n, din, dout, r, acc);
+            if (rp == 32) lora_train_fwd_r32_bf16(y.data(), xa.data(), xb.data(), A, B, s, n, din, dout, r, acc);
+            if (rp == 64) lora_train_fwd_r64_bf16(y.data(), xa.data(), xb.data(), A, B, s, n, din, dout, r, acc);
+            if (rp == 128) lora_train_fwd_r128_bf16(y.data(), xa.data(), xb.data(), A, B, s, n, din, dout, r, acc);
         }, kOptIn);
     }
     // backward: dx and dyb
     {
         int cs = force ? std::min(force, std::max(1, (din + 63) / 64)) : col_splits(n, din);
         emu_launch(emu_dim3{row_tiles, (unsigned)cs, 1}, 128, fused_smem(r), [&] {
-            if (rp == 16) lora_train_bwd_dx_r16_bf16(dx.data(), dyb.data(), dyb_in.data(), A, B, s, n, din, dout, r);
-            if (rp == 32) lora_train_bwd_dx_r32_bf16(dx.data(), dyb.data(), dyb_in.data(), A, B, s, n, din, dout, r);
-            if (rp == 64) lora_train_bwd_dx_r64_bf16(dx.data(), dyb.data(), dyb_in.data(), A, B, s, n, din, dout, r);
-            if (rp == 128) lora_train_bwd_dx_r128_bf16(dx.data(), dyb.data(), dyb_in.data(), A, B, s, n, din, dout, r);
+            if (rp == 16) lora_train_bwd_dx_r16_bf16(dx.data(), dyb.data(), dyb_in.data(), A, B, s, n, din, dout, r, acc);
+            if (rp == 32) lora_train_bwd_dx_r32_bf16(dx.data(), dyb.data(), dyb_in.data(), A, B, s, n, din, dout, r, acc);
+            if (rp == 64) lora_train_bwd_dx_r64_bf16(dx.data(), dyb.data(), dyb_in.data(), A, B, s, n, din, dout, r, acc);
+            if (rp == 128) lora_train_bwd_dx_r128_bf16(dx.data(), dyb.data(), dyb_in.data(), A, B, s, n, din, dout, r, acc);
         }, kOptIn);
     }
     // gradients: dB (out, r) from dy and xa; dA (r, in) from x and dyb, stored transposed.
@@ -162,6 +166,8 @@ int main(int argc, char** argv) {
     bad += run(70, 72, 136, 16, 2);
     bad += run(5, 123, 45, 4, 0);
     bad += run(33, 136, 200, 64, 0);
+    bad += run(70, 72, 136, 16, 2, 0);
+    bad += run(5, 123, 45, 4, 0, 0);
     if (g_full) {
         bad += run(1, 896, 128, 16, 0);
         bad += run(1000, 896, 136, 16, 0);
@@ -170,6 +176,7 @@ int main(int argc, char** argv) {
         bad += run(65, 896, 4864, 64, 0);
         bad += run(40, 72, 136, 128, 0);
         bad += run(100, 130, 70, 48, 2);
+        bad += run(129, 896, 4864, 16, 0, 0);
         bad += run(1030, 72, 72, 8, 0);
     }
     g_bad += bad;

@@ -1182,8 +1182,9 @@ fn read_sampled(dev: &CudaDevice, b: &mut Buffers, rows: usize) -> Result<(Vec<u
 /// - B = x: row-major (rows, in) is column-major (in, rows) = xᵀ, ld = in; op(B) = B: OP_N.
 /// - m = out, n = rows, k = in; C = y with ldc = out.
 ///
-/// `cublasGemmEx(h, OP_T, OP_N, out, rows, in, &1, W, BF16, in, x, BF16, in, &0, y, Y, out,
-/// COMPUTE_32F, DEFAULT)`.
+/// `cublasGemmEx(h, OP_T, OP_N, out, rows, in, &1, W, BF16, in, x, BF16, in, &beta, y, Y, out,
+/// COMPUTE_32F, DEFAULT)`: beta = 0 overwrites y, beta = 1 adds onto it (y = x·Wᵀ + y, in f32
+/// before the one rounding to `y_type`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_raw(
     dev: &CudaDevice,
@@ -1195,8 +1196,9 @@ pub(super) fn gemm_raw(
     rows: usize,
     d_in: usize,
     d_out: usize,
+    beta: f32,
 ) -> Result<()> {
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let alpha = 1.0f32;
     let int = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::invalid(format!("gemm: {what} = {v} exceeds i32")))
     };

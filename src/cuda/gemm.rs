@@ -515,7 +515,7 @@ fn run_choice(
                 Some(b) => b,
                 None => dev.blas()?,
             };
-            super::engine::gemm_raw(dev, blas, x, w, y, y_type, rows, d_in, d_out)
+            super::engine::gemm_raw(dev, blas, x, w, y, y_type, rows, d_in, d_out, 0.0)
         }
         GemmChoice::Skinny { splits } => dev.skinny_gemm_raw(x, w, y, f32_out, rows, d_in, d_out, splits),
     }

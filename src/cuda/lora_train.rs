@@ -151,6 +151,16 @@ impl LoraDropoutSite {
     }
 }
 
+/// How a fused LoRA kernel writes its output (y or dx).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraOut {
+    /// out = bf16(out + s·…): read and written once.
+    Add,
+    /// out = bf16(s·…): out is not read (the trainer adds the base GEMM onto it afterwards with
+    /// cuBLAS beta = 1, which reads it under its math, saving this kernel the read).
+    Store,
+}
+
 /// Which fused kernel: the forward or the input gradient (with or without dropout).
 #[derive(Clone, Copy)]
 enum Fused {
@@ -184,8 +194,9 @@ impl CudaDevice {
 
     /// The shared launch of the two fused kernels (argument order identical:
     /// `(bf16* out, bf16* low, const bf16* act, const bf16* a, const bf16* b, float scale,
-    /// int n, int in, int out, int rank)`, then with dropout `float p, float keep_scale,
-    /// unsigned long long seed, unsigned long long site`). `low` = None passes NULL (forward only).
+    /// int n, int in, int out, int rank, int accumulate)`, then with dropout `float p, float
+    /// keep_scale, unsigned long long seed, unsigned long long site`). `low` = None passes NULL
+    /// (forward only).
     #[allow(clippy::too_many_arguments)]
     fn lora_train_fused(
         &self,
@@ -195,6 +206,7 @@ impl CudaDevice {
         a: &impl DevicePtr<bf16>,
         b: &impl DevicePtr<bf16>,
         out: &mut impl DevicePtrMut<bf16>,
+        mode: LoraOut,
         low: Option<&mut impl DevicePtrMut<bf16>>,
         scale: f32,
         n: usize,
@@ -236,6 +248,7 @@ impl CudaDevice {
         if n == 0 {
             return Ok(());
         }
+        let accumulate = (mode == LoraOut::Add) as i32;
         let func = self.lora_train_kernel(Some(which), rp);
         let smem = lora_train_fused_smem_bytes(rp);
         allow_smem(func, kn, smem)?;
@@ -261,12 +274,13 @@ impl CudaDevice {
             .arg(&n_i)
             .arg(&in_i)
             .arg(&out_i)
-            .arg(&r_i);
+            .arg(&r_i)
+            .arg(&accumulate);
         if let Some(d) = &drop {
             l.arg(&d.p).arg(&d.keep_scale).arg(&d.seed).arg(&d.site);
         }
         // SAFETY: lora_train_fwd_r{RP}_bf16(bf16* y, bf16* xa, const bf16* x, const bf16* a,
-        // const bf16* b, float scale, int n, int in, int out, int rank),
+        // const bf16* b, float scale, int n, int in, int out, int rank, int accumulate),
         // lora_train_bwd_dx_r{RP}_bf16(bf16* dx, bf16* dyb, const bf16* dy, ...same) and
         // lora_train_bwd_dx_drop_r{RP}_bf16(...same, float p, float keep_scale, unsigned long
         // long seed, unsigned long long site: pushed exactly when `which` is BwdDxDrop); every
@@ -277,9 +291,10 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Fused LoRA forward of one projection: y (n, out) bf16 += scale · bf16(x Aᵀ) Bᵀ, with
-    /// x (n, in), A (r, in), B (out, r) bf16; `xa_out` (n, r) bf16, when given, receives
-    /// bf16(x Aᵀ) (the backward's u). y is read and written once; 1 ≤ r ≤ 128.
+    /// Fused LoRA forward of one projection: y (n, out) bf16 += scale · bf16(x Aᵀ) Bᵀ
+    /// ([`LoraOut::Store`]: y = …), with x (n, in), A (r, in), B (out, r) bf16; `xa_out` (n, r)
+    /// bf16, when given, receives bf16(x Aᵀ) (the backward's u). y is read (when added to) and
+    /// written once; 1 ≤ r ≤ 128.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_train_fwd_bf16(
         &self,
@@ -287,6 +302,7 @@ impl CudaDevice {
         a: &impl DevicePtr<bf16>,
         b: &impl DevicePtr<bf16>,
         y: &mut impl DevicePtrMut<bf16>,
+        mode: LoraOut,
         xa_out: Option<&mut impl DevicePtrMut<bf16>>,
         scale: f32,
         n: usize,
@@ -301,6 +317,7 @@ impl CudaDevice {
             a,
             b,
             y,
+            mode,
             xa_out,
             scale,
             n,
@@ -312,8 +329,9 @@ impl CudaDevice {
     }
 
     /// Fused LoRA input gradient of one projection: dyb (n, r) bf16 = bf16(dy B) and dx (n, in)
-    /// bf16 += scale · dyb A, with dy (n, out), A (r, in), B (out, r) bf16. dx is read and
-    /// written once; dyb feeds [`Self::lora_train_grad_a_bf16`]; 1 ≤ r ≤ 128.
+    /// bf16 += scale · dyb A ([`LoraOut::Store`]: dx = …), with dy (n, out), A (r, in), B (out, r)
+    /// bf16. dx is read (when added to) and written once; dyb feeds
+    /// [`Self::lora_train_grad_a_bf16`]; 1 ≤ r ≤ 128.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_train_bwd_dx_bf16(
         &self,
@@ -321,6 +339,7 @@ impl CudaDevice {
         a: &impl DevicePtr<bf16>,
         b: &impl DevicePtr<bf16>,
         dx: &mut impl DevicePtrMut<bf16>,
+        mode: LoraOut,
         dyb_out: &mut impl DevicePtrMut<bf16>,
         scale: f32,
         n: usize,
@@ -335,6 +354,7 @@ impl CudaDevice {
             a,
             b,
             dx,
+            mode,
             Some(dyb_out),
             scale,
             n,
@@ -355,6 +375,7 @@ impl CudaDevice {
         a: &impl DevicePtr<bf16>,
         b: &impl DevicePtr<bf16>,
         dx: &mut impl DevicePtrMut<bf16>,
+        mode: LoraOut,
         dyb_out: &mut impl DevicePtrMut<bf16>,
         scale: f32,
         n: usize,
@@ -370,6 +391,7 @@ impl CudaDevice {
             a,
             b,
             dx,
+            mode,
             Some(dyb_out),
             scale,
             n,
@@ -471,11 +493,32 @@ impl CudaDevice {
         let (mut dxv, mut dybv) = (dx.slice_mut(..n * d_in), dyb.slice_mut(..n * rank));
         match drop {
             Some(d) => self.lora_train_bwd_dx_dropout_bf16(
-                &dyv, &av, &bv, &mut dxv, &mut dybv, scale, n, d_in, d_out, rank, d,
+                &dyv,
+                &av,
+                &bv,
+                &mut dxv,
+                LoraOut::Add,
+                &mut dybv,
+                scale,
+                n,
+                d_in,
+                d_out,
+                rank,
+                d,
             )?,
-            None => {
-                self.lora_train_bwd_dx_bf16(&dyv, &av, &bv, &mut dxv, &mut dybv, scale, n, d_in, d_out, rank)?
-            }
+            None => self.lora_train_bwd_dx_bf16(
+                &dyv,
+                &av,
+                &bv,
+                &mut dxv,
+                LoraOut::Add,
+                &mut dybv,
+                scale,
+                n,
+                d_in,
+                d_out,
+                rank,
+            )?,
         }
         let (mut dyb, mut dx) = (self.download_bf16(&dyb)?, self.download_bf16(&dx)?);
         dyb.truncate(n * rank);
@@ -646,6 +689,7 @@ impl CudaDevice {
             &av,
             &bv,
             &mut y.slice_mut(..n * d_out),
+            LoraOut::Add,
             Some(&mut xa.slice_mut(..nr)),
             scale,
             n,
@@ -658,6 +702,7 @@ impl CudaDevice {
             &av,
             &bv,
             &mut dx.slice_mut(..n * d_in),
+            LoraOut::Add,
             &mut dyb.slice_mut(..nr),
             scale,
             n,

@@ -45,7 +45,7 @@ pub use gemm::{
 };
 pub use lora_train::{
     lora_train_col_splits, lora_train_compiled_rank, lora_train_fused_smem_bytes,
-    lora_train_grad_scratch_len, lora_train_grad_smem_bytes, lora_train_grad_split, LoraDropoutSite,
+    lora_train_grad_scratch_len, lora_train_grad_smem_bytes, lora_train_grad_split, LoraDropoutSite, LoraOut,
     LORA_TRAIN_COMPILED_RANKS, LORA_TRAIN_MAX_RANK,
 };
 pub use rollout::{

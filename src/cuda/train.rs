@@ -28,8 +28,9 @@
 //!   ids ─► embed ─► xs[0] ─► layer 0 ─► xs[1] ─► … ─► xs[L] ─► final norm hf [N,D]
 //!   per chunk of ≤ C scored rows: hsel = hf[rows]; per vocabulary chunk of ≤ Vc columns:
 //!     logits f32 [C,Vc] ─► row statistics ─► online-softmax merge ─► logp, entropy, lse, E[s]
-//!   GRPO loss kernel over the T tokens ─► dL/dlogp
-//!   per chunk: per vocabulary chunk: logits again ─► dlogits (bf16, one pass from f32)
+//!   GRPO loss kernel over the chunk's tokens ─► dL/dlogp
+//!   per vocabulary chunk: dlogits (bf16, one pass from the f32 logits, which are recomputed
+//!     unless the vocabulary is one chunk: then all of this runs in the forward's chunk loop)
 //!     ─► dhsel (f32) += dlogits·W_lm[chunk];  dh[rows] = dhsel
 //!   final norm bwd ─► dx ─► layer L-1 bwd … layer 0 bwd   (dx: dL/d residual stream)
 //!   layer bwd (recompute: rerun the layer's forward from xs[l] first):
@@ -45,8 +46,11 @@
 //! Memory: with `Recompute::Layer` (the default of the CUDA path) only the L+1 layer inputs
 //! [N,D] bf16 are kept and one layer's activations exist at a time; `Recompute::None` keeps
 //! every layer's activations (faster, L times the activation memory). The lm_head never holds
-//! more than [C,Vc] f32 logits and [C,Vc] bf16 dlogits ([`TRAIN_LOGIT_CHUNK_ROWS`],
-//! [`TRAIN_VOCAB_CHUNK`]: 0.2 GB at a 152k vocabulary). LoRA dropout adds one x̃ buffer of
+//! more than [C,Vc] f32 logits and [C,Vc] bf16 dlogits: by default Vc = V and C = 256 rows at
+//! a 152k vocabulary (0.23 GB; [`train_logit_chunk_rows`]), and a training forward runs the
+//! loss and the lm_head backward of each chunk while its logits are there
+//! ([`TrainPlan::head_in_forward`]); with a split vocabulary ([`TRAIN_VOCAB_CHUNK`]) the chunks
+//! merge by an online softmax and the backward recomputes the logits. LoRA dropout adds one x̃ buffer of
 //! [N, max(D, qd, I)] bf16 ([`TrainPlan::lora_dropout`]).
 //!
 //! LoRA dropout (training passes only; eval, reference and old-logp passes have none, as on the
@@ -70,7 +74,7 @@ use super::train_kernels::{cfg, ew_grid, ew_vec_grid, nonempty};
 use super::{
     cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_train_compiled_rank,
     lora_train_grad_scratch_len, rmsnorm_bwd_partials_len, CudaDevice, GrpoLossScalars, LoraDropoutSite,
-    TrainAttnShape, GRPO_FIELDS,
+    LoraOut, TrainAttnShape, GRPO_FIELDS,
 };
 use crate::cpu::train::{Grads, LoraDropout, Recompute, Sequence};
 use crate::lora::LoraWeights;
@@ -84,11 +88,49 @@ use crate::trainer::step::{
 };
 use crate::{Error, Result};
 
-/// Scored rows of one lm_head chunk.
+/// Scored rows of one lm_head chunk, at most (and exactly, when the vocabulary is split).
 pub const TRAIN_LOGIT_CHUNK_ROWS: usize = 1024;
-/// Vocabulary columns of one lm_head chunk: [C, Vc] f32 logits and [C, Vc] bf16 dlogits exist
-/// at a time (1024 × 32,768: 134 MB + 67 MB), merged across chunks by an online softmax.
-pub const TRAIN_VOCAB_CHUNK: usize = 32_768;
+/// Vocabulary columns of one lm_head chunk: by default the whole vocabulary (`usize::MAX`,
+/// clamped to V), so that a training forward's logits are still there for the lm_head backward
+/// (no second lm_head GEMM; see [`TrainPlan::head_in_forward`]). Smaller values (tests, the
+/// `RFT_TRAIN_VOCAB_CHUNK` environment variable) split it: [C, Vc] f32 logits and bf16
+/// dlogits at a time, merged across chunks by an online softmax, the backward recomputing them.
+pub const TRAIN_VOCAB_CHUNK: usize = usize::MAX;
+/// f32 logits one whole-vocabulary chunk aims at: 2^25 (134 MB), i.e. 221 rows at a 152k
+/// vocabulary, rounded to 256 (a multiple of 128 rows keeps the lm_head GEMM's tiles full).
+pub const TRAIN_LOGIT_CHUNK_ELEMS: usize = 1 << 25;
+
+/// The default vocabulary chunk: [`TRAIN_VOCAB_CHUNK`], or `RFT_TRAIN_VOCAB_CHUNK` (a column
+/// count ≥ 1; one below the vocabulary size splits it, e.g. for an A/B of the two lm_head paths).
+pub fn vocab_chunk_from_env() -> Result<usize> {
+    match std::env::var("RFT_TRAIN_VOCAB_CHUNK") {
+        Err(_) => Ok(TRAIN_VOCAB_CHUNK),
+        Ok(v) => match v.trim() {
+            "" | "all" => Ok(TRAIN_VOCAB_CHUNK),
+            t => t.parse::<usize>().ok().filter(|&c| c >= 1).ok_or_else(|| {
+                Error::invalid(format!(
+                    "RFT_TRAIN_VOCAB_CHUNK={t:?}: expected a number of vocabulary columns ≥ 1, or \
+                     `all` (the default: the whole vocabulary in one chunk)"
+                ))
+            }),
+        },
+    }
+}
+
+/// Scored rows of one lm_head chunk for a vocabulary of `vocab` split into chunks of
+/// `vocab_chunk` columns and micro-batches of up to `max_tokens` tokens: [`TRAIN_LOGIT_CHUNK_ROWS`]
+/// with a split vocabulary; with a whole one [`TRAIN_LOGIT_CHUNK_ELEMS`] / V rounded to a
+/// multiple of 128 in [128, 1024]; never more than the tokens.
+pub fn train_logit_chunk_rows(vocab: usize, vocab_chunk: usize, max_tokens: usize) -> usize {
+    let v = vocab.max(1);
+    let rows = if vocab_chunk >= v {
+        let r = TRAIN_LOGIT_CHUNK_ELEMS / v;
+        ((r + 64) / 128 * 128).clamp(128, TRAIN_LOGIT_CHUNK_ROWS)
+    } else {
+        TRAIN_LOGIT_CHUNK_ROWS
+    };
+    rows.min(max_tokens.max(1))
+}
 
 // ---------------------------------------------------------------------------------------------
 // Packed micro-batch (pure; tested without a GPU)
@@ -203,6 +245,10 @@ pub struct TrainPlan {
     pub chunk_rows: usize,
     /// Vocabulary columns of one lm_head chunk.
     pub vocab_chunk: usize,
+    /// The vocabulary is one chunk: a training forward runs the loss and the lm_head backward
+    /// of each chunk of rows right after its logits (which are then still there), instead of
+    /// the backward recomputing them (one lm_head GEMM and one f32 logits write saved).
+    pub head_in_forward: bool,
     /// Trailing layers whose activations are kept from the forward to the backward (L without
     /// recompute; with layer recompute 0, or K from [`TrainPlan::keeping_last_layers`]): the
     /// backward recomputes only layers 0 .. L − kept.
@@ -353,8 +399,8 @@ impl TrainPlan {
             0
         };
         let backward_bytes = r * per_row_bwd + lora_scratch * 4 + full_bwd;
-        let chunk_rows = TRAIN_LOGIT_CHUNK_ROWS.min(max_tokens.max(1));
         let vc = vocab_chunk.clamp(1, v.max(1));
+        let chunk_rows = train_logit_chunk_rows(v, vc, max_tokens);
         // logits f32 + dlogits bf16 [C, Vc], hsel/dhsel bf16 [C, D], one vocabulary chunk's
         // statistics (4 × C f32); per token: scored row, target, seq, s_t, logp, entropy, lse,
         // mean_s, grad, old, ref (4 B) and one target per vocabulary chunk; per sequence:
@@ -382,6 +428,7 @@ impl TrainPlan {
             max_tokens,
             chunk_rows,
             vocab_chunk: vc,
+            head_in_forward: vc >= v,
             kept_layers,
             saved_layers,
             layer_act_bytes: r * layer_row,
@@ -1071,6 +1118,10 @@ impl Ctx<'_> {
     /// y (n, out) = x Wᵀ + b + s·bf16(x̃ Aᵀ) Bᵀ, bf16, with the adapter read from the bf16 copy
     /// of the flat params; `xa` (≥ n·rank) receives bf16(x̃ Aᵀ) for the backward. x̃ = x, or with
     /// LoRA dropout x ⊙ mask written into `xd` (≥ n·in) first (the base GEMM reads x).
+    /// With an adapter the LoRA kernel runs first and stores t = bf16(s·xa·Bᵀ) into y
+    /// ([`LoraOut::Store`]: y is not read), then cuBLAS adds the base product onto it (beta = 1:
+    /// y = bf16(x Wᵀ + t), the read of y hidden under the GEMM's math), then the bias: one
+    /// memory-bound read of y less than adding the LoRA term onto the GEMM's output.
     #[allow(clippy::too_many_arguments)]
     fn proj_fwd(
         &self,
@@ -1084,6 +1135,33 @@ impl Ctx<'_> {
     ) -> Result<()> {
         check("proj x", x.len(), n * lin.d_in)?;
         check("proj y", y.len(), n * lin.d_out)?;
+        if let Some(ab) = &lora {
+            let xa = Some(&mut xa.slice_mut(..n * ab.rank));
+            let out = LoraOut::Store;
+            match ab.drop {
+                None => self.dev.lora_train_fwd_bf16(
+                    x, &ab.a, &ab.b, y, out, xa, ab.scale, n, lin.d_in, lin.d_out, ab.rank,
+                )?,
+                Some(site) => {
+                    let ni = n * lin.d_in;
+                    self.dev
+                        .lora_dropout_bf16(x, &mut xd.slice_mut(..ni), site, n, lin.d_in)?;
+                    self.dev.lora_train_fwd_bf16(
+                        &xd.slice(..ni),
+                        &ab.a,
+                        &ab.b,
+                        y,
+                        out,
+                        xa,
+                        ab.scale,
+                        n,
+                        lin.d_in,
+                        lin.d_out,
+                        ab.rank,
+                    )?;
+                }
+            }
+        }
         {
             let s = self.dev.stream();
             let (xp, _x) = x.device_ptr(s);
@@ -1100,35 +1178,11 @@ impl Ctx<'_> {
                 n,
                 lin.d_in,
                 lin.d_out,
+                if lora.is_some() { 1.0 } else { 0.0 },
             )?;
         }
         if let Some(b) = &lin.b {
             self.dev.add_bias_bf16(y, b, n, lin.d_out)?;
-        }
-        if let Some(ab) = lora {
-            let xa = Some(&mut xa.slice_mut(..n * ab.rank));
-            match ab.drop {
-                None => self
-                    .dev
-                    .lora_train_fwd_bf16(x, &ab.a, &ab.b, y, xa, ab.scale, n, lin.d_in, lin.d_out, ab.rank)?,
-                Some(site) => {
-                    let ni = n * lin.d_in;
-                    self.dev
-                        .lora_dropout_bf16(x, &mut xd.slice_mut(..ni), site, n, lin.d_in)?;
-                    self.dev.lora_train_fwd_bf16(
-                        &xd.slice(..ni),
-                        &ab.a,
-                        &ab.b,
-                        y,
-                        xa,
-                        ab.scale,
-                        n,
-                        lin.d_in,
-                        lin.d_out,
-                        ab.rank,
-                    )?;
-                }
-            }
         }
         Ok(())
     }
@@ -1152,6 +1206,13 @@ impl Ctx<'_> {
         sc: &mut Scratch<'_>,
         n: usize,
     ) -> Result<()> {
+        // Without `accumulate` and with an adapter, the LoRA kernel stores its term into dx
+        // first (LoraOut::Store, dx not read) and the base GEMM adds onto it (beta = 1); else the
+        // GEMM runs first and the LoRA kernel adds its term.
+        let lora_first = lora.is_some() && !accumulate;
+        if let Some((ab, ..)) = lora.as_ref().filter(|_| lora_first) {
+            self.proj_bwd_lora_dx(ab, dy, dx, LoraOut::Store, sc, n, lin)?;
+        }
         gemm_dx(
             self.dev,
             self.blas,
@@ -1161,8 +1222,11 @@ impl Ctx<'_> {
             n,
             lin.d_in,
             lin.d_out,
-            if accumulate { 1.0 } else { 0.0 },
+            if accumulate || lora_first { 1.0 } else { 0.0 },
         )?;
+        if let Some((ab, ..)) = lora.as_ref().filter(|_| !lora_first) {
+            self.proj_bwd_lora_dx(ab, dy, dx, LoraOut::Add, sc, n, lin)?;
+        }
         if let Some(fr) = full {
             let (din, dout) = (lin.d_in, lin.d_out);
             let mut dw = grads.slice_mut(fr.w.clone());
@@ -1174,15 +1238,7 @@ impl Ctx<'_> {
         }
         if let Some((ab, ranges, xa)) = lora {
             let r = ab.rank;
-            let mut dyb = sc.dyb.slice_mut(..n * r);
-            match ab.drop {
-                None => self.dev.lora_train_bwd_dx_bf16(
-                    dy, &ab.a, &ab.b, dx, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r,
-                )?,
-                Some(site) => self.dev.lora_train_bwd_dx_dropout_bf16(
-                    dy, &ab.a, &ab.b, dx, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r, site,
-                )?,
-            }
+            let dyb = sc.dyb.slice(..n * r);
             self.dev.lora_train_grad_b_bf16(
                 dy,
                 &xa.slice(..n * r),
@@ -1217,6 +1273,31 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The LoRA term of a projection's input gradient: dyb (n, r) = bf16(dy B) into `sc.dyb`
+    /// and dx += (or, `LoraOut::Store`, =) s·dyb·A, masked with the projection's LoRA dropout.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_bwd_lora_dx(
+        &self,
+        ab: &LoraAB<'_>,
+        dy: &impl DevicePtr<bf16>,
+        dx: &mut impl DevicePtrMut<bf16>,
+        out: LoraOut,
+        sc: &mut Scratch<'_>,
+        n: usize,
+        lin: &DeviceLinear,
+    ) -> Result<()> {
+        let r = ab.rank;
+        let mut dyb = sc.dyb.slice_mut(..n * r);
+        match ab.drop {
+            None => self.dev.lora_train_bwd_dx_bf16(
+                dy, &ab.a, &ab.b, dx, out, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r,
+            ),
+            Some(site) => self.dev.lora_train_bwd_dx_dropout_bf16(
+                dy, &ab.a, &ab.b, dx, out, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r, site,
+            ),
+        }
     }
 }
 
@@ -1705,6 +1786,31 @@ pub struct TrainStats {
 struct MicroOut {
     logp: Vec<f32>,
     entropy_sum: f64,
+    /// The loss and the lm_head backward ran in the forward (dh holds dL/d final-norm output).
+    head_done: bool,
+}
+
+/// The loss inputs of one training micro-batch (T tokens, S sequences).
+struct HeadLoss<'a> {
+    adv: &'a [f32],   // (S)
+    seq_w: &'a [f64], // (S)
+    old: Option<&'a [f32]>,
+    refl: Option<&'a [f32]>,
+    opts: &'a GrpoOptions,
+}
+
+impl HeadLoss<'_> {
+    fn upload(&self, dev: &CudaDevice, b: &mut TrainBuffers) -> Result<()> {
+        put(dev, "advantages", self.adv, &mut b.adv)?;
+        put(dev, "sequence weights", self.seq_w, &mut b.seq_w)?;
+        if let Some(o) = self.old {
+            put(dev, "old log-probs", o, &mut b.old)?;
+        }
+        if let Some(r) = self.refl {
+            put(dev, "reference log-probs", r, &mut b.refl)?;
+        }
+        Ok(())
+    }
 }
 
 /// The GRPO update on the GPU (see the module comment).
@@ -1897,13 +2003,12 @@ impl CudaTrainer {
             cast,
             merge: dev.function("logprob_chunk_merge_f32")?,
             finish: dev.function("logprob_chunk_finish_f32")?,
-            vocab_chunk: TRAIN_VOCAB_CHUNK,
+            vocab_chunk: vocab_chunk_from_env()?,
             keep_layers: 0,
             last_stats: TrainStats::default(),
         })
     }
 
-    /// Sets the vocabulary columns of one lm_head chunk (≥ 1; takes effect at the next step).
     /// With layer recompute (`gradient_checkpointing`), also keep the activations of the last
     /// `layers` layers from the forward to the backward, so that their backward skips the
     /// recompute: faster by about one layer's forward each, for one layer's activations each
@@ -1913,6 +2018,9 @@ impl CudaTrainer {
         self.keep_layers = layers;
     }
 
+    /// Sets the vocabulary columns of one lm_head chunk (≥ 1; takes effect at the next plan):
+    /// fewer than the vocabulary splits it (online-softmax merge, the backward recomputing the
+    /// logits; tests use it to cover that path on small vocabularies).
     pub fn set_vocab_chunk(&mut self, columns: usize) {
         self.vocab_chunk = columns.max(1);
     }
@@ -2116,12 +2224,15 @@ impl CudaTrainer {
         temperature: f32,
     ) -> Result<MicroOut> {
         let pk = PackedBatch::new(seqs)?;
-        self.forward(engine, &pk, adapter, None, temperature, false)
+        self.forward(engine, &pk, adapter, None, temperature, false, None)
     }
 
     /// Uploads the packed rows, runs the forward (saving activations when `train`; with the
     /// adapter's LoRA `dropout` when given), and the chunked lm_head gather; leaves
-    /// logp/entropy/lse/mean_s of the T tokens on the device.
+    /// logp/entropy/lse/mean_s of the T tokens on the device. A training forward given the loss
+    /// inputs `head` also runs the loss and the lm_head backward when the plan has
+    /// `head_in_forward` (`MicroOut::head_done`).
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
         engine: &CudaEngine,
@@ -2130,6 +2241,7 @@ impl CudaTrainer {
         dropout: Option<LoraDropout>,
         temperature: f32,
         train: bool,
+        head: Option<&HeadLoss<'_>>,
     ) -> Result<MicroOut> {
         let (plan, b) = self
             .plan
@@ -2231,6 +2343,22 @@ impl CudaTrainer {
             &pk.vocab_chunk_targets(v, vc_max),
             &mut b.targets_vc,
         )?;
+        // A training forward given the loss inputs, with the vocabulary in one chunk: each row
+        // chunk's loss and lm_head backward run right after its logits, which are still there.
+        let fused = match head {
+            Some(h) if train && plan.head_in_forward => {
+                h.upload(dev, b)?;
+                dev.stream()
+                    .memset_zeros(&mut b.dh.slice_mut(..n * d))
+                    .map_err(cuda_err("zeroing dh"))?;
+                Some(h)
+            }
+            _ => None,
+        };
+        let full = match &self.trained {
+            Trained::Full(f) => Some(f),
+            Trained::Lora { .. } => None,
+        };
         let ch = plan.chunk_rows;
         let mut start = 0;
         while start < t {
@@ -2289,49 +2417,71 @@ impl CudaTrainer {
                     &[m as i32, (k == 0) as i32],
                 )?;
             }
+            {
+                let st = dev.stream();
+                let (mut logp, mut mean_s) = (
+                    b.logp.slice_mut(start..start + m),
+                    b.mean_s.slice_mut(start..start + m),
+                );
+                let (p0, _g0) = logp.device_ptr_mut(st);
+                let (p1, _g1) = mean_s.device_ptr_mut(st);
+                let (lse, ent, s_t) = (
+                    b.lse_t.slice(start..start + m),
+                    b.entropy.slice(start..start + m),
+                    b.s_t.slice(start..start + m),
+                );
+                let (p2, _g2) = lse.device_ptr(st);
+                let (p3, _g3) = ent.device_ptr(st);
+                let (p4, _g4) = s_t.device_ptr(st);
+                // (float* logp, float* mean_s, const float* lse, const float* entropy, const
+                // float* s_t, int rows): m rows each.
+                launch_rows(
+                    dev,
+                    &self.finish,
+                    "logprob_chunk_finish_f32",
+                    m,
+                    &[p0, p1, p2, p3, p4],
+                    &[m as i32],
+                )?;
+            }
+            if let Some(h) = fused {
+                loss_tokens(dev, b, start..start + m, ns, h)?;
+                head_bwd_chunk(
+                    &ctx,
+                    plan,
+                    b,
+                    &self.cast,
+                    full.map(|f| (f, &mut self.grads)),
+                    start,
+                    m,
+                    t,
+                    n,
+                    h.opts.temperature,
+                    true,
+                )?;
+            }
             start += m;
-        }
-        if t > 0 {
-            let st = dev.stream();
-            let (p0, _g0) = b.logp.device_ptr_mut(st);
-            let (p1, _g1) = b.mean_s.device_ptr_mut(st);
-            let (p2, _g2) = b.lse_t.device_ptr(st);
-            let (p3, _g3) = b.entropy.device_ptr(st);
-            let (p4, _g4) = b.s_t.device_ptr(st);
-            // (float* logp, float* mean_s, const float* lse, const float* entropy, const float*
-            // s_t, int rows): t rows each.
-            launch_rows(
-                dev,
-                &self.finish,
-                "logprob_chunk_finish_f32",
-                t,
-                &[p0, p1, p2, p3, p4],
-                &[t as i32],
-            )?;
         }
         let logp = get(dev, "log-probs", &b.logp, t)?;
         let entropy = get(dev, "entropies", &b.entropy, t)?;
         Ok(MicroOut {
             logp,
             entropy_sum: entropy.iter().map(|&e| e as f64).sum(),
+            head_done: fused.is_some(),
         })
     }
 
     /// Loss and backward of the micro-batch whose forward (train = true, LoRA dropout
-    /// `dropout`) just ran: GRPO loss over its T tokens with the batch's weights, then the
-    /// lm_head and every layer backward (with the forward's dropout masks), accumulating the
-    /// LoRA gradients.
-    #[allow(clippy::too_many_arguments)]
+    /// `dropout`, loss inputs `head`) just ran: unless that forward already did (`head_done`),
+    /// the GRPO loss over its T tokens with the batch's weights and the lm_head backward; then
+    /// every layer backward (with the forward's dropout masks), accumulating the gradients.
     fn loss_backward(
         &mut self,
         engine: &CudaEngine,
         pk: &PackedBatch,
         dropout: Option<LoraDropout>,
-        adv: &[f32],
-        seq_w: &[f64],
-        old: Option<&[f32]>,
-        refl: Option<&[f32]>,
-        opts: &GrpoOptions,
+        head: &HeadLoss<'_>,
+        head_done: bool,
     ) -> Result<()> {
         let (plan, b) = self
             .plan
@@ -2361,122 +2511,41 @@ impl CudaTrainer {
             ),
             Trained::Full(flat) => (None, Some(flat)),
         };
-        // --- the loss over the T tokens
-        put(dev, "advantages", adv, &mut b.adv)?;
-        put(dev, "sequence weights", seq_w, &mut b.seq_w)?;
-        if let Some(o) = old {
-            put(dev, "old log-probs", o, &mut b.old)?;
-        }
-        if let Some(r) = refl {
-            put(dev, "reference log-probs", r, &mut b.refl)?;
-        }
-        // The loss value and metrics are reported from the host (`Prepared::pass_result`); the
-        // kernel's totals stay on the device (no synchronization here).
-        if t > 0 {
-            let old_v = old.map(|_| b.old.slice(..t));
-            let ref_v = refl.map(|_| b.refl.slice(..t));
-            dev.grpo_loss_fwd_bwd_f32(
-                &b.logp.slice(..t),
-                old_v.as_ref(),
-                ref_v.as_ref(),
-                &b.token_seq.slice(..t),
-                &b.adv.slice(..ns),
-                &b.seq_w.slice(..ns),
-                &mut b.grad_logp.slice_mut(..t),
-                None::<&mut CudaSlice<f32>>,
-                &mut b.loss_partials,
-                &mut b.loss_totals,
-                t,
-                ns,
-                GrpoLossScalars::from_config(&opts.loss),
-            )?;
-        }
-
-        // --- lm_head backward into dh (rows that are not scored get no gradient)
-        let st = dev.stream();
-        st.memset_zeros(&mut b.dh.slice_mut(..n * d))
-            .map_err(cuda_err("zeroing dh"))?;
-        let ch = plan.chunk_rows;
-        let vc_max = plan.vocab_chunk;
-        let mut start = 0;
-        while start < t {
-            let m = ch.min(t - start);
-            dev.embedding_fwd_bf16(
-                &b.hf.slice(..n * d),
-                &b.scored.slice(start..start + m),
-                &mut b.hsel.slice_mut(..m * d),
-                m,
-                d,
-                n,
-            )?;
-            // Per vocabulary chunk: the same logits again, dlogits (with the merged lse and
-            // E[s]) rounded to bf16 in one pass (the f32 logits only read; bit for bit the
-            // in-place f32 backward then a cast), and dhsel (f32) += dlogits · W_lm[chunk].
-            for (k, v0) in (0..v).step_by(vc_max).enumerate() {
-                let w = vc_max.min(v - v0);
-                let w_lm = engine.weights.lm_head().slice(v0 * d..(v0 + w) * d);
-                gemm_logits(
-                    dev,
-                    ctx.blas,
-                    &b.hsel.slice(..m * d),
-                    &w_lm,
-                    &mut b.logits.slice_mut(..m * w),
+        if !head_done {
+            // --- the loss over the T tokens, then the lm_head backward into dh chunk by chunk
+            // (rows that are not scored get no gradient), recomputing the logits.
+            head.upload(dev, b)?;
+            loss_tokens(dev, b, 0..t, ns, head)?;
+            dev.stream()
+                .memset_zeros(&mut b.dh.slice_mut(..n * d))
+                .map_err(cuda_err("zeroing dh"))?;
+            let ch = plan.chunk_rows;
+            let mut start = 0;
+            while start < t {
+                let m = ch.min(t - start);
+                dev.embedding_fwd_bf16(
+                    &b.hf.slice(..n * d),
+                    &b.scored.slice(start..start + m),
+                    &mut b.hsel.slice_mut(..m * d),
                     m,
                     d,
-                    w,
+                    n,
                 )?;
-                dev.logprob_gather_bwd_f32_to_bf16(
-                    &b.logits.slice(..m * w),
-                    &mut b.dlogits.slice_mut(..m * w),
-                    &b.targets_vc.slice(k * t + start..k * t + start + m),
-                    &b.grad_logp.slice(start..start + m),
-                    None::<&CudaSlice<f32>>,
-                    &b.lse_t.slice(start..start + m),
-                    &b.mean_s.slice(start..start + m),
+                head_bwd_chunk(
+                    &ctx,
+                    plan,
+                    b,
+                    &self.cast,
+                    full.map(|f| (f, &mut self.grads)),
+                    start,
                     m,
-                    w,
-                    opts.temperature,
+                    t,
+                    n,
+                    head.opts.temperature,
+                    false,
                 )?;
-                gemm_dx(
-                    dev,
-                    ctx.blas,
-                    &b.dlogits.slice(..m * w),
-                    &w_lm,
-                    &mut b.dhsel_f.slice_mut(..m * d),
-                    m,
-                    d,
-                    w,
-                    if k == 0 { 0.0 } else { 1.0 },
-                )?;
-                if let Some(f) = full {
-                    // dW_lm[chunk] (w, D) += dlogitsᵀ · hsel (into the embedding when tied).
-                    let r0 = f.lm_head_grad().start + v0 * d;
-                    gemm_dw(
-                        dev,
-                        ctx.blas,
-                        &b.dlogits.slice(..m * w),
-                        &b.hsel.slice(..m * d),
-                        &mut self.grads.slice_mut(r0..r0 + w * d),
-                        m,
-                        d,
-                        w,
-                    )?;
-                }
+                start += m;
             }
-            cast_f32_to_bf16(
-                dev,
-                &self.cast,
-                &b.dhsel_f.slice(..m * d),
-                &mut b.dhsel.slice_mut(..m * d),
-            )?;
-            dev.scatter_rows_bf16(
-                &b.dhsel.slice(..m * d),
-                &b.scored.slice(start..start + m),
-                &mut b.dh.slice_mut(..n * d),
-                m,
-                d,
-            )?;
-            start += m;
         }
         rmsnorm_bwd(
             dev,
@@ -2600,18 +2669,16 @@ impl CudaTrainer {
             let seqs = p.seqs(rg.clone());
             let pk = PackedBatch::new(&seqs)?;
             let dropout = self.micro_dropout(dropout_seed, mi);
-            let out = self.forward(engine, &pk, true, dropout, opts.temperature, true)?;
             let toks = tok_off[rg.start]..tok_off[rg.end];
-            self.loss_backward(
-                engine,
-                &pk,
-                dropout,
-                &p.adv[rg.clone()],
-                &weights[rg.clone()],
-                p.old.as_ref().map(|o| &o[toks.clone()]),
-                p.reference.as_ref().map(|r| &r[toks.clone()]),
+            let head = HeadLoss {
+                adv: &p.adv[rg.clone()],
+                seq_w: &weights[rg.clone()],
+                old: p.old.as_ref().map(|o| &o[toks.clone()]),
+                refl: p.reference.as_ref().map(|r| &r[toks.clone()]),
                 opts,
-            )?;
+            };
+            let out = self.forward(engine, &pk, true, dropout, opts.temperature, true, Some(&head))?;
+            self.loss_backward(engine, &pk, dropout, &head, out.head_done)?;
             entropy_sum += out.entropy_sum;
             logp_all.extend_from_slice(&out.logp);
             self.last_stats.micro_batches += 1;
@@ -2848,6 +2915,136 @@ pub fn all_linear(r: usize) -> crate::lora::LoraConfig {
     }
 }
 
+/// The GRPO loss forward and backward over the tokens `tok` of the micro-batch (their log-probs
+/// on the device, `head` uploaded): dL/dlogp into `grad_logp[tok]`. Each token's gradient
+/// depends on its own log-probs and its sequence's advantage and weight only, so a range of
+/// them is the same as the whole; the kernel's totals (never read: the host reports the loss)
+/// cover the last range.
+fn loss_tokens(
+    dev: &CudaDevice,
+    b: &mut TrainBuffers,
+    tok: Range<usize>,
+    ns: usize,
+    head: &HeadLoss<'_>,
+) -> Result<()> {
+    let m = tok.len();
+    if m == 0 {
+        return Ok(());
+    }
+    let old_v = head.old.map(|_| b.old.slice(tok.clone()));
+    let ref_v = head.refl.map(|_| b.refl.slice(tok.clone()));
+    dev.grpo_loss_fwd_bwd_f32(
+        &b.logp.slice(tok.clone()),
+        old_v.as_ref(),
+        ref_v.as_ref(),
+        &b.token_seq.slice(tok.clone()),
+        &b.adv.slice(..ns),
+        &b.seq_w.slice(..ns),
+        &mut b.grad_logp.slice_mut(tok),
+        None::<&mut CudaSlice<f32>>,
+        &mut b.loss_partials,
+        &mut b.loss_totals,
+        m,
+        ns,
+        GrpoLossScalars::from_config(&head.opts.loss),
+    )
+}
+
+/// The lm_head backward of the chunk of `m` scored rows at token `start` (of `t`; `n` rows),
+/// whose hsel is gathered and whose dL/dlogp, lse and E[s] are on the device: per vocabulary
+/// chunk the logits (recomputed unless `logits_ready`: the forward's, the vocabulary being one
+/// chunk), dlogits rounded to bf16 in one pass from them, dhsel (f32) += dlogits · W_lm[chunk]
+/// and, with full fine-tuning, dW_lm[chunk] (w, D) += dlogitsᵀ · hsel (into the embedding when
+/// tied); then dhsel is scattered into dh's rows.
+#[allow(clippy::too_many_arguments)]
+fn head_bwd_chunk(
+    ctx: &Ctx<'_>,
+    plan: &TrainPlan,
+    b: &mut TrainBuffers,
+    cast: &CudaFunction,
+    mut full: Option<(&FlatWeights, &mut CudaSlice<f32>)>,
+    start: usize,
+    m: usize,
+    t: usize,
+    n: usize,
+    temperature: f32,
+    logits_ready: bool,
+) -> Result<()> {
+    let dev = ctx.dev;
+    let (d, v) = (ctx.c.hidden_size, ctx.c.vocab_size);
+    let vc_max = plan.vocab_chunk;
+    if logits_ready && vc_max < v {
+        return Err(Error::Cuda(
+            "internal: the lm_head backward reuses the logits of a split vocabulary".into(),
+        ));
+    }
+    for (k, v0) in (0..v).step_by(vc_max).enumerate() {
+        let w = vc_max.min(v - v0);
+        let w_lm = ctx.w.lm_head().slice(v0 * d..(v0 + w) * d);
+        if !logits_ready {
+            gemm_logits(
+                dev,
+                ctx.blas,
+                &b.hsel.slice(..m * d),
+                &w_lm,
+                &mut b.logits.slice_mut(..m * w),
+                m,
+                d,
+                w,
+            )?;
+        }
+        dev.logprob_gather_bwd_f32_to_bf16(
+            &b.logits.slice(..m * w),
+            &mut b.dlogits.slice_mut(..m * w),
+            &b.targets_vc.slice(k * t + start..k * t + start + m),
+            &b.grad_logp.slice(start..start + m),
+            None::<&CudaSlice<f32>>,
+            &b.lse_t.slice(start..start + m),
+            &b.mean_s.slice(start..start + m),
+            m,
+            w,
+            temperature,
+        )?;
+        gemm_dx(
+            dev,
+            ctx.blas,
+            &b.dlogits.slice(..m * w),
+            &w_lm,
+            &mut b.dhsel_f.slice_mut(..m * d),
+            m,
+            d,
+            w,
+            if k == 0 { 0.0 } else { 1.0 },
+        )?;
+        if let Some((f, grads)) = full.as_mut() {
+            let r0 = f.lm_head_grad().start + v0 * d;
+            gemm_dw(
+                dev,
+                ctx.blas,
+                &b.dlogits.slice(..m * w),
+                &b.hsel.slice(..m * d),
+                &mut grads.slice_mut(r0..r0 + w * d),
+                m,
+                d,
+                w,
+            )?;
+        }
+    }
+    cast_f32_to_bf16(
+        dev,
+        cast,
+        &b.dhsel_f.slice(..m * d),
+        &mut b.dhsel.slice_mut(..m * d),
+    )?;
+    dev.scatter_rows_bf16(
+        &b.dhsel.slice(..m * d),
+        &b.scored.slice(start..start + m),
+        &mut b.dh.slice_mut(..n * d),
+        m,
+        d,
+    )
+}
+
 /// Launches a grid-stride per-row kernel (kernels/lm_head_train.cu) with its pointer arguments
 /// then its int arguments, in the kernel's order. The callers hold the pointers' buffers.
 fn launch_rows(
@@ -2890,6 +3087,10 @@ pub struct TrainBench {
     pub recompute: String,
     /// Trailing layers whose activations were kept (no recompute in their backward).
     pub kept_layers: usize,
+    /// Scored rows × vocabulary columns of one lm_head chunk, and whether the training forward
+    /// ran the loss and the lm_head backward (the vocabulary in one chunk).
+    pub lm_head_chunk: (usize, usize),
+    pub head_in_forward: bool,
     pub trainable_params: usize,
     /// Median over the timed steps.
     pub step_ms: f64,
@@ -3003,6 +3204,8 @@ pub fn bench_train(
         lora_rank,
         recompute: format!("{recompute:?}").to_lowercase(),
         kept_layers: trainer.plan().map_or(0, |p| p.kept_layers),
+        lm_head_chunk: trainer.plan().map_or((0, 0), |p| (p.chunk_rows, p.vocab_chunk)),
+        head_in_forward: trainer.plan().is_some_and(|p| p.head_in_forward),
         trainable_params: trainer.num_params(),
         step_ms,
         step_ms_all: times,
@@ -3083,6 +3286,19 @@ mod tests {
     }
 
     #[test]
+    fn logit_chunk_rows_follow_the_vocabulary() {
+        // A whole vocabulary: 2^25 logits rounded to a multiple of 128 rows in [128, 1024].
+        assert_eq!(train_logit_chunk_rows(151_936, usize::MAX, 1 << 20), 256);
+        assert_eq!(train_logit_chunk_rows(128_256, 128_256, 1 << 20), 256);
+        assert_eq!(train_logit_chunk_rows(32_000, usize::MAX, 1 << 20), 1024);
+        assert_eq!(train_logit_chunk_rows(1_000_000, usize::MAX, 1 << 20), 128);
+        // A split one keeps 1024 rows; never more rows than tokens.
+        assert_eq!(train_logit_chunk_rows(151_936, 32_768, 1 << 20), 1024);
+        assert_eq!(train_logit_chunk_rows(151_936, usize::MAX, 100), 100);
+        assert_eq!(train_logit_chunk_rows(512, 512, 0), 1);
+    }
+
+    #[test]
     fn train_plan_fits_the_issue_targets() {
         // Qwen2.5-0.5B, 64 × 384 tokens, r = 16 on every projection, layer recompute: the
         // step's buffers plus the bf16 weights must leave room under the 10 GiB target.
@@ -3132,6 +3348,15 @@ mod tests {
             TRAIN_VOCAB_CHUNK,
         );
         assert!(all.activation_bytes > 10 * p.activation_bytes);
+        // The lm_head chunk: the whole 151,936-token vocabulary × 256 rows (the loss and the
+        // lm_head backward then run in the forward), no larger than the split default it
+        // replaced (1024 rows × 32,768 columns: 201 MB of logits and dlogits).
+        assert!(p.head_in_forward);
+        assert_eq!((p.chunk_rows, p.vocab_chunk), (256, c.vocab_size));
+        assert!(p.chunk_rows * p.vocab_chunk * 6 < 240_000_000);
+        let split = TrainPlan::new(&c, 64 * 384, 64, 64 * 256, n, 16, Recompute::Layer, false, 32_768);
+        assert!(!split.head_in_forward);
+        assert_eq!((split.chunk_rows, split.vocab_chunk), (1024, 32_768));
         // Qwen2.5-1.5B under 16 GiB.
         let c = ModelConfig::preset("qwen2.5-1.5b").unwrap();
         let n = LoraWeights::init(all_linear(16), &c, 0).num_params();
