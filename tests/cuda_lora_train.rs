@@ -317,12 +317,9 @@ fn store_mode_writes_without_reading() {
                 (&mut dx_store, LoraOut::Store, &mut dyb1),
                 (&mut dx_add, LoraOut::Add, &mut dyb2),
             ] {
-                match dropout {
-                    None => dev.lora_train_bwd_dx_bf16(&dy, &a, &b, dx, mode, dyb, c.s, n, d_in, d_out, r),
-                    Some(d) => dev.lora_train_bwd_dx_dropout_bf16(
-                        &dy, &a, &b, dx, mode, dyb, c.s, n, d_in, d_out, r, d,
-                    ),
-                }
+                dev.lora_train_bwd_dx_dropout_bf16(
+                    &dy, &a, &b, dx, mode, dyb, c.s, n, d_in, d_out, r, dropout,
+                )
                 .unwrap();
             }
             let (ds, da) = (

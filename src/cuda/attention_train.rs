@@ -13,12 +13,11 @@
 //! at each launcher: cu_rows (num_seqs + 1) i32 non-decreasing from 0 to `rows`, and `max_rows` ≥
 //! the longest sequence ([`packed_max_rows`] checks a host copy and returns it).
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::bf16;
 
 use super::train_kernels::{as_i32, cfg, check_len, row_block};
-use super::{cuda_err, CudaDevice};
+use super::{allow_smem, cuda_err, CudaDevice};
 use crate::{Error, Result};
 
 /// Threads per attention block: 4 warps (kernels/attention_train.cu `AT_THREADS`).
@@ -41,8 +40,6 @@ fn delta_group(hd: usize) -> usize {
         32
     }
 }
-/// Dynamic shared memory a kernel gets without opting in.
-const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
 /// Largest grid.y / grid.z.
 const GRID_YZ_MAX: usize = 65_535;
 /// The head dims the kernels are compiled for; a shape runs on the smallest one ≥ its head_dim.
@@ -219,21 +216,6 @@ impl CudaDevice {
         }
     }
 
-    /// Lets `func` use `smem` bytes of dynamic shared memory (opt-in above 48 KiB; at most 99 KiB
-    /// here, which every sm_80+ GPU allows).
-    fn allow_smem(func: &CudaFunction, kn: &str, smem: usize) -> Result<()> {
-        if smem > SMEM_DEFAULT_BYTES {
-            func.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(cuda_err(format_args!(
-                "{kn}: allowing {smem} bytes of dynamic shared memory per block"
-            )))?;
-        }
-        Ok(())
-    }
-
     /// Checks shared by the forward and backward launchers; returns the grid's x extent.
     fn attn_train_check_rows(
         kn: &str,
@@ -291,7 +273,7 @@ impl CudaDevice {
         }
         let [func, _, _] = self.attn_train_kernels(shape);
         let smem = shape.fwd_smem_bytes();
-        Self::allow_smem(func, kn, smem)?;
+        allow_smem(func, kn, smem)?;
         let s = self.stream();
         let (op, _o) = out.device_ptr_mut(s);
         let (lp, _l) = lse.device_ptr_mut(s);
@@ -376,8 +358,8 @@ impl CudaDevice {
         }
         let [_, dkdv_fn, dq_fn] = self.attn_train_kernels(shape);
         let (dkdv_smem, dq_smem) = (shape.dkdv_smem_bytes(), shape.dq_smem_bytes());
-        Self::allow_smem(dkdv_fn, kn, dkdv_smem)?;
-        Self::allow_smem(dq_fn, kn, dq_smem)?;
+        allow_smem(dkdv_fn, kn, dkdv_smem)?;
+        allow_smem(dq_fn, kn, dq_smem)?;
         let s = self.stream();
         let (qp, _q) = q.device_ptr(s);
         let (kp, _k) = k.device_ptr(s);

@@ -152,9 +152,7 @@ impl CudaDevice {
 
     /// A kernel of the embedded fatbin by its `extern "C"` name.
     pub fn function(&self, name: &str) -> Result<CudaFunction> {
-        self.module
-            .load_function(name)
-            .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
+        super::load_kernel(&self.module, name)
     }
 
     /// The cuBLAS handle bound to [`Self::stream`], created on first call with a workspace of

@@ -1172,6 +1172,59 @@ fn read_sampled(dev: &CudaDevice, b: &mut Buffers, rows: usize) -> Result<(Vec<u
 // ---------------------------------------------------------------------------------------------
 // GEMM
 
+/// One cuBLAS GEMM in cuBLAS's column-major terms: C (m, n) = alpha · op_a(A) · op_b(B) +
+/// beta · C, A (ld `lda`) and B (ld `ldb`) bf16, C (ld `ldc`) of `c_type`, f32 compute:
+/// `cublasGemmEx(h, op_a, op_b, m, n, k, &alpha, A, BF16, lda, B, BF16, ldb, &beta, C, c_type,
+/// ldc, COMPUTE_32F, DEFAULT)`. Every cuBLAS GEMM of the engine and the trainer goes through
+/// here ([`gemm_raw`], train.rs's `gemm_dx`/`gemm_dw`); each caller maps the error to its own
+/// message.
+///
+/// # Safety
+/// a, b, c are device pointers of buffers that hold the matrices the operations, dimensions and
+/// leading dimensions describe, of the stated types; c does not alias a or b.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_ex(
+    blas: &CudaBlas,
+    (op_a, op_b): (cublasOperation_t, cublasOperation_t),
+    (m, n, k): (i32, i32, i32),
+    (a, lda): (u64, i32),
+    (b, ldb): (u64, i32),
+    (c, ldc, c_type): (u64, i32, cudaDataType),
+    (alpha, beta): (f32, f32),
+) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+    // SAFETY: the caller's contract covers a, b, c; alpha/beta are host f32 as COMPUTE_32F
+    // requires (pointer mode host, cuBLAS's default) and live across the call; the handle is
+    // bound to the device's stream, so the GEMM is ordered with the kernels.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            op_a,
+            op_b,
+            m,
+            n,
+            k,
+            &alpha as *const f32 as *const c_void,
+            a as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            lda,
+            b as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            ldb,
+            &beta as *const f32 as *const c_void,
+            c as *mut c_void,
+            c_type,
+            ldc,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+}
+
+/// `v` as cuBLAS's int, or an error naming the GEMM (`what`) and the dimension (`name`).
+pub(super) fn gemm_int(what: &str, name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("{what}: {name} = {v} exceeds i32")))
+}
+
 /// Row-major y (rows, d_out) = x (rows, d_in) · W (d_out, d_in)ᵀ, bf16 inputs, f32 compute,
 /// y in `y_type` (bf16 or f32).
 ///
@@ -1183,8 +1236,8 @@ fn read_sampled(dev: &CudaDevice, b: &mut Buffers, rows: usize) -> Result<(Vec<u
 /// - m = out, n = rows, k = in; C = y with ldc = out.
 ///
 /// `cublasGemmEx(h, OP_T, OP_N, out, rows, in, &1, W, BF16, in, x, BF16, in, &beta, y, Y, out,
-/// COMPUTE_32F, DEFAULT)`: beta = 0 overwrites y, beta = 1 adds onto it (y = x·Wᵀ + y, in f32
-/// before the one rounding to `y_type`).
+/// COMPUTE_32F, DEFAULT)` ([`gemm_ex`]): beta = 0 overwrites y, beta = 1 adds onto it
+/// (y = x·Wᵀ + y, in f32 before the one rounding to `y_type`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_raw(
     dev: &CudaDevice,
@@ -1198,39 +1251,13 @@ pub(super) fn gemm_raw(
     d_out: usize,
     beta: f32,
 ) -> Result<()> {
-    let alpha = 1.0f32;
-    let int = |v: usize, what: &str| {
-        i32::try_from(v).map_err(|_| Error::invalid(format!("gemm: {what} = {v} exceeds i32")))
-    };
+    let int = |v, name| gemm_int("gemm", name, v);
     let (m, n, k) = (int(d_out, "out")?, int(rows, "rows")?, int(d_in, "in")?);
+    let ops = (cublasOperation_t::CUBLAS_OP_T, cublasOperation_t::CUBLAS_OP_N);
     // SAFETY: x, w, y are device pointers of buffers holding at least rows·d_in, d_out·d_in and
-    // rows·d_out elements of the stated types (checked by the callers, linear and gemm_logits);
-    // alpha/beta are host f32 as COMPUTE_32F requires (pointer mode host, cuBLAS's default);
-    // the handle is bound to the device's stream, so the GEMM is ordered with the kernels.
-    unsafe {
-        cudarc::cublas::result::gemm_ex(
-            *blas.handle(),
-            cublasOperation_t::CUBLAS_OP_T,
-            cublasOperation_t::CUBLAS_OP_N,
-            m,
-            n,
-            k,
-            &alpha as *const f32 as *const c_void,
-            w as *const c_void,
-            cudaDataType::CUDA_R_16BF,
-            k,
-            x as *const c_void,
-            cudaDataType::CUDA_R_16BF,
-            k,
-            &beta as *const f32 as *const c_void,
-            y as *mut c_void,
-            y_type,
-            m,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(|e| Error::Cuda(format!("cublasGemmEx ({rows}×{d_in} · ({d_out}×{d_in})ᵀ): {e:?}")))?;
+    // rows·d_out elements of the stated types (checked by the callers, linear and gemm_logits).
+    unsafe { gemm_ex(blas, ops, (m, n, k), (w, k), (x, k), (y, m, y_type), (1.0, beta)) }
+        .map_err(|e| Error::Cuda(format!("cublasGemmEx ({rows}×{d_in} · ({d_out}×{d_in})ᵀ): {e:?}")))?;
     let _ = dev;
     Ok(())
 }
@@ -1572,36 +1599,22 @@ fn forward_device(
         let (kc, vc) = &mut b.kv[l];
         let bt = b.block_table.slice(..ns * plan.max_pages_per_seq);
         if c.qk_norm {
-            linear(
-                dev,
-                blas,
-                &h,
-                &lw.proj[Proj::Q as usize],
-                lora_of(l, Proj::Q),
-                &mut b.xa,
-                &mut b.q_pre.slice_mut(..n * qd),
-                n,
-            )?;
-            linear(
-                dev,
-                blas,
-                &h,
-                &lw.proj[Proj::K as usize],
-                lora_of(l, Proj::K),
-                &mut b.xa,
-                &mut b.k_pre.slice_mut(..n * kvd),
-                n,
-            )?;
-            linear(
-                dev,
-                blas,
-                &h,
-                &lw.proj[Proj::V as usize],
-                lora_of(l, Proj::V),
-                &mut b.xa,
-                &mut b.v.slice_mut(..n * kvd),
-                n,
-            )?;
+            for (p, mut y) in [
+                (Proj::Q, b.q_pre.slice_mut(..n * qd)),
+                (Proj::K, b.k_pre.slice_mut(..n * kvd)),
+                (Proj::V, b.v.slice_mut(..n * kvd)),
+            ] {
+                linear(
+                    dev,
+                    blas,
+                    &h,
+                    &lw.proj[p as usize],
+                    lora_of(l, p),
+                    &mut b.xa,
+                    &mut y,
+                    n,
+                )?;
+            }
             let (qn, kn) = match (&lw.q_norm, &lw.k_norm) {
                 (Some(q), Some(k)) => (q, k),
                 _ => return Err(Error::Cuda("internal: qk_norm without q/k norm weights".into())),
@@ -2320,6 +2333,30 @@ impl CudaEngine {
         self.weights.restack_biases(&self.dev)
     }
 
+    /// The model a forward reads, the plan and its buffers, and the graph-error slot, borrowed
+    /// apart (the callers run [`Self::ensure_plan`] first).
+    fn planned(&mut self) -> (Model<'_>, &mut MemoryPlan, &mut Buffers, &mut Option<String>) {
+        let CudaEngine {
+            dev,
+            config: c,
+            weights,
+            inv_freq,
+            lora,
+            plan,
+            graph_error,
+            ..
+        } = self;
+        let (plan, b) = plan.as_mut().expect("ensure_plan set it");
+        let md = Model {
+            dev,
+            c,
+            w: weights,
+            lora: lora.as_ref(),
+            inv_freq,
+        };
+        (md, plan, b, graph_error)
+    }
+
     /// Makes sure the held buffers serve `needs`; grows (re-allocates) them otherwise.
     fn ensure_plan(&mut self, needs: PlanNeeds) -> Result<()> {
         let rank = self.lora.as_ref().map_or(0, |l| l.rank);
@@ -2501,25 +2538,9 @@ impl Engine for CudaEngine {
         self.ensure_plan(needs)?;
         let mut stats = GenerateStats::default();
         let use_graphs = self.cuda_graphs && !debug_enabled();
-        let CudaEngine {
-            dev,
-            config: c,
-            weights,
-            inv_freq,
-            lora,
-            plan,
-            graph_error,
-            ..
-        } = self;
-        let (plan, b) = plan.as_mut().expect("ensure_plan set it");
+        let (md, plan, b, graph_error) = self.planned();
+        let (dev, c) = (md.dev, md.c);
         stats.plan_bytes = plan.total_bytes();
-        let md = Model {
-            dev,
-            c,
-            w: weights,
-            lora: lora.as_ref(),
-            inv_freq,
-        };
         // Graphs froze the adapter's buffer addresses and scale: another adapter, recapture.
         let key = adapter_key(dev, md.lora);
         if b.graphs.adapter_key != key {
@@ -2735,23 +2756,8 @@ impl Engine for CudaEngine {
             .map(|g| g.iter().map(|&k| lens[k]).collect())
             .collect();
         self.ensure_plan(MemoryPlan::for_score(&group_lens))?;
-        let CudaEngine {
-            dev,
-            config: c,
-            weights,
-            inv_freq,
-            lora,
-            plan,
-            ..
-        } = self;
-        let (plan, b) = plan.as_mut().expect("ensure_plan set it");
-        let md = Model {
-            dev,
-            c,
-            w: weights,
-            lora: lora.as_ref(),
-            inv_freq,
-        };
+        let (md, plan, b, _) = self.planned();
+        let (dev, c) = (md.dev, md.c);
         let mp = plan.max_pages_per_seq;
         let scratch = plan.scratch_page() as i32;
         for group in &groups {
@@ -2883,23 +2889,8 @@ impl CudaEngine {
         self.sync_adapter()?;
         let needs = MemoryPlan::for_generate(&self.config, 1, 1, tokens.len(), 1);
         self.ensure_plan(needs)?;
-        let CudaEngine {
-            dev,
-            config: c,
-            weights,
-            inv_freq,
-            lora,
-            plan,
-            ..
-        } = self;
-        let (plan, b) = plan.as_mut().expect("ensure_plan set it");
-        let md = Model {
-            dev,
-            c,
-            w: weights,
-            lora: lora.as_ref(),
-            inv_freq,
-        };
+        let (md, plan, b, _) = self.planned();
+        let (dev, c) = (md.dev, md.c);
         let mp = plan.max_pages_per_seq;
         let pages = tokens.len().div_ceil(PAGE_SIZE);
         let mut block_table = vec![plan.scratch_page() as i32; mp];

@@ -58,11 +58,7 @@ pub struct LoraMember<'a> {
 
 impl FusedKernels {
     pub(super) fn load(module: &Arc<CudaModule>) -> Result<FusedKernels> {
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
-        };
+        let f = |name: &str| super::load_kernel(module, name);
         Ok(FusedKernels {
             qkv_rope_append_bf16: f("qkv_rope_append_bf16")?,
             residual_rmsnorm_fwd_bf16: f("residual_rmsnorm_fwd_bf16")?,

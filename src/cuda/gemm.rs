@@ -157,18 +157,8 @@ pub(super) struct GemmKernels {
 impl GemmKernels {
     pub(super) fn load(module: &Arc<CudaModule>) -> Result<GemmKernels> {
         let f = |name: String, smem: usize| -> Result<CudaFunction> {
-            let func = module
-                .load_function(&name)
-                .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))?;
-            if smem > 48 * 1024 {
-                func.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(cuda_err(format_args!(
-                    "allowing {name} {smem} bytes of dynamic shared memory per block"
-                )))?;
-            }
+            let func = super::load_kernel(module, &name)?;
+            super::allow_smem(&func, &name, smem)?;
             Ok(func)
         };
         // name(rows) → the four row-tile variants (16, 32, 48, 64 rows), smem(mt) each.

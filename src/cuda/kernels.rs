@@ -10,6 +10,7 @@ use cudarc::driver::{CudaFunction, CudaModule, DevicePtr, DevicePtrMut, LaunchCo
 use half::bf16;
 use std::sync::Arc;
 
+use super::train_kernels::{as_i32, check_len};
 use super::{cuda_err, CudaDevice};
 use crate::{Error, Result};
 
@@ -21,11 +22,7 @@ pub(super) struct Kernels {
 
 impl Kernels {
     pub(super) fn load(module: &Arc<CudaModule>) -> Result<Kernels> {
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
-        };
+        let f = |name: &str| super::load_kernel(module, name);
         Ok(Kernels {
             rmsnorm_fwd_bf16: f("rmsnorm_fwd_bf16")?,
             rmsnorm_fwd_f32: f("rmsnorm_fwd_f32")?,
@@ -35,20 +32,6 @@ impl Kernels {
 
 /// Rows (one warp each) per block of rmsnorm_fwd_* (kernels/rmsnorm.cu `RMS_FWD_WARPS`).
 const RMS_FWD_WARPS: usize = 4;
-
-fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
-    if found != expected {
-        return Err(Error::invalid(format!(
-            "{kernel}: {what} has {found} elements, expected {expected} = {shape}"
-        )));
-    }
-    Ok(())
-}
-
-/// rows and dim as the kernels' `int` arguments; rows also bounds the grid's x dimension.
-fn as_i32(kernel: &str, what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(format!("{kernel}: {what} = {v} exceeds i32::MAX")))
-}
 
 impl CudaDevice {
     /// RMSNorm forward (HF LlamaRMSNorm): out = x · rsqrt(mean(x²) + eps) · weight, row-wise.

@@ -22,7 +22,7 @@ use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::bf16;
 
 use super::train_kernels::{as_i32, cfg, check_len, ew_grid};
-use super::{cuda_err, CudaDevice};
+use super::{allow_smem, cuda_err, CudaDevice};
 use crate::cpu::train::LoraDropout;
 use crate::model::weights::Proj;
 use crate::{Error, Result};
@@ -52,8 +52,6 @@ const GRAD_TARGET_BLOCKS: usize = 528;
 /// Each row split of a gradient reduces at least this many rows, and at most this many splits.
 const GRAD_MIN_ROWS_PER_SPLIT: usize = 256;
 const GRAD_MAX_SPLITS: usize = 128;
-/// Dynamic shared memory a kernel gets without opting in.
-const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
 
 /// The compiled rank a LoRA rank runs with (16, 32, 64, 128), or an error naming the limit.
 pub fn lora_train_compiled_rank(rank: usize) -> Result<usize> {
@@ -347,27 +345,13 @@ impl CudaDevice {
         d_out: usize,
         rank: usize,
     ) -> Result<()> {
-        self.lora_train_fused(
-            Fused::BwdDx,
-            "lora_train_bwd_dx_bf16",
-            dy,
-            a,
-            b,
-            dx,
-            mode,
-            Some(dyb_out),
-            scale,
-            n,
-            d_in,
-            d_out,
-            rank,
-            None,
-        )
+        self.lora_train_bwd_dx_dropout_bf16(dy, a, b, dx, mode, dyb_out, scale, n, d_in, d_out, rank, None)
     }
 
-    /// [`Self::lora_train_bwd_dx_bf16`] with LoRA dropout: dyb (n, r) = bf16(dy B) and dx (n, in)
-    /// bf16 += scale · (dyb A) ⊙ mask, the mask of `drop` at (row, column of dx): the input
-    /// gradient of y = s·(x̃ Aᵀ) Bᵀ with x̃ = x ⊙ mask.
+    /// [`Self::lora_train_bwd_dx_bf16`] with LoRA dropout when `drop` is given: dyb (n, r) =
+    /// bf16(dy B) and dx (n, in) bf16 += scale · (dyb A) ⊙ mask, the mask of `drop` at (row,
+    /// column of dx): the input gradient of y = s·(x̃ Aᵀ) Bᵀ with x̃ = x ⊙ mask. Without `drop`
+    /// it is [`Self::lora_train_bwd_dx_bf16`] (the plain kernel, under that name in errors).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_train_bwd_dx_dropout_bf16(
         &self,
@@ -382,11 +366,15 @@ impl CudaDevice {
         d_in: usize,
         d_out: usize,
         rank: usize,
-        drop: LoraDropoutSite,
+        drop: Option<LoraDropoutSite>,
     ) -> Result<()> {
+        let (which, kn) = match drop {
+            None => (Fused::BwdDx, "lora_train_bwd_dx_bf16"),
+            Some(_) => (Fused::BwdDxDrop, "lora_train_bwd_dx_dropout_bf16"),
+        };
         self.lora_train_fused(
-            Fused::BwdDxDrop,
-            "lora_train_bwd_dx_dropout_bf16",
+            which,
+            kn,
             dy,
             a,
             b,
@@ -398,7 +386,7 @@ impl CudaDevice {
             d_in,
             d_out,
             rank,
-            Some(drop),
+            drop,
         )
     }
 
@@ -491,35 +479,20 @@ impl CudaDevice {
             bd.slice(..d_out * rank),
         );
         let (mut dxv, mut dybv) = (dx.slice_mut(..n * d_in), dyb.slice_mut(..n * rank));
-        match drop {
-            Some(d) => self.lora_train_bwd_dx_dropout_bf16(
-                &dyv,
-                &av,
-                &bv,
-                &mut dxv,
-                LoraOut::Add,
-                &mut dybv,
-                scale,
-                n,
-                d_in,
-                d_out,
-                rank,
-                d,
-            )?,
-            None => self.lora_train_bwd_dx_bf16(
-                &dyv,
-                &av,
-                &bv,
-                &mut dxv,
-                LoraOut::Add,
-                &mut dybv,
-                scale,
-                n,
-                d_in,
-                d_out,
-                rank,
-            )?,
-        }
+        self.lora_train_bwd_dx_dropout_bf16(
+            &dyv,
+            &av,
+            &bv,
+            &mut dxv,
+            LoraOut::Add,
+            &mut dybv,
+            scale,
+            n,
+            d_in,
+            d_out,
+            rank,
+            drop,
+        )?;
         let (mut dyb, mut dx) = (self.download_bf16(&dyb)?, self.download_bf16(&dx)?);
         dyb.truncate(n * rank);
         dx.truncate(n * d_in);
@@ -744,21 +717,6 @@ impl CudaDevice {
         db.truncate(d_out * rank);
         Ok([xa, y, dyb, dx, da, db])
     }
-}
-
-/// Lets `func` use `smem` bytes of dynamic shared memory (opt-in above 48 KiB; at most 54 KiB
-/// here, which every sm_80+ GPU allows).
-fn allow_smem(func: &CudaFunction, kn: &str, smem: usize) -> Result<()> {
-    if smem > SMEM_DEFAULT_BYTES {
-        func.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(cuda_err(format_args!(
-            "{kn}: allowing {smem} bytes of dynamic shared memory per block"
-        )))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

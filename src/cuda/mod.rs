@@ -21,6 +21,8 @@
 //! over packed sequences: forward saving the log-sum-exp, deterministic backward, row scatter),
 //! `lora_train.rs` (the training step's tensor-core LoRA: fused forward, fused input gradient,
 //! deterministic A / B gradients), `train.rs` (the GRPO training step on the GPU: `CudaTrainer`, its memory plan, `bench_train`).
+//! This file also holds what every kernel table shares: the lookup of a kernel by name
+//! (`load_kernel`) and the opt-in to more than 48 KiB of dynamic shared memory (`allow_smem`).
 
 mod attention_train;
 mod device;
@@ -100,6 +102,36 @@ fn driver_availability() -> Result<usize, String> {
         Ok(_) => Err("the NVIDIA driver is installed but reports no CUDA devices".to_string()),
         Err(e) => Err(format!("the NVIDIA driver failed to initialize (cuInit): {e}")),
     }
+}
+
+/// A kernel of the embedded fatbin by its `extern "C"` name (every kernel table loads its
+/// kernels through here when the device is opened).
+fn load_kernel(
+    module: &std::sync::Arc<cudarc::driver::CudaModule>,
+    name: &str,
+) -> crate::Result<cudarc::driver::CudaFunction> {
+    module
+        .load_function(name)
+        .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
+}
+
+/// Shared memory (static + dynamic) a block may use without opting in.
+const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
+
+/// Lets `func` use `smem` bytes of dynamic shared memory: the opt-in CUDA requires above
+/// [`SMEM_DEFAULT_BYTES`] (every sm_80+ GPU allows up to 99 KiB), nothing below. Set once it
+/// holds for every later launch and graph capture. `kn` names the kernel in the error.
+fn allow_smem(func: &cudarc::driver::CudaFunction, kn: &str, smem: usize) -> crate::Result<()> {
+    if smem > SMEM_DEFAULT_BYTES {
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(cuda_err(format_args!(
+            "{kn}: allowing {smem} bytes of dynamic shared memory per block"
+        )))?;
+    }
+    Ok(())
 }
 
 /// Maps a cudarc driver error to [`crate::Error::Cuda`], saying what was being done.

@@ -4,6 +4,7 @@
 //! Each launcher checks buffer lengths against the shapes, picks grid/block/shared memory and
 //! pushes the arguments in the kernel's order; each has a `*_host` convenience (host slices in,
 //! host vectors out) for tests. The CPU oracles are named in each kernel file's top comment.
+//! The RoPE launch is shared with the training step's inverse rotation (train_kernels.rs).
 //!
 //! It owns no memory plan: scratch buffers (decode partials, the LoRA `xa`, the sampler's
 //! per-chunk sums) are passed in.
@@ -14,6 +15,7 @@ use cudarc::driver::{
 use half::bf16;
 use std::sync::Arc;
 
+use super::train_kernels::{as_i32, cfg, check_len, ew_vec_grid, row_block, EW_THREADS};
 use super::{cuda_err, CudaDevice};
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
@@ -34,8 +36,6 @@ const fn decode_mma_smem(hd_max: usize) -> usize {
     ATTN_WARPS * slots * 2 * DEC_PW * (hd_max + 8) * 2
 }
 
-/// Shared memory a block may use without the opt-in.
-const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
 const PREFILL_BK: usize = 32;
 /// Threads per sampling block (kernels/sampling.cu `SAMPLE_THREADS`).
 const SAMPLE_THREADS: u32 = 512;
@@ -67,14 +67,9 @@ struct SampleCall<'a> {
     vocab: usize,
     single_block: bool,
 }
-/// Threads per block of the grid-stride elementwise kernels, and their grid cap.
-const EW_THREADS: u32 = 256;
-const EW_MAX_BLOCKS: usize = 65_535;
-/// Elements per thread per step of the vectorised grid-stride kernels (one 16-byte bf16 vector).
-const EW_VEC: usize = 8;
 /// RoPE: rows per block and threads per block (kernels/common.cuh `ROPE_ROWS`, `ROPE_THREADS`).
-pub(super) const ROPE_ROWS: usize = 4;
-pub(super) const ROPE_THREADS: u32 = 128;
+const ROPE_ROWS: usize = 4;
+const ROPE_THREADS: u32 = 128;
 /// LoRA (kernels/common.cuh): rows per warp of the xa kernels (`LORA_XA_ROWS`); columns (threads)
 /// and rows per block of the expand kernels (`LORA_EXPAND_THREADS`, `LORA_EXPAND_ROWS`); the
 /// largest rank whose xa tile the expand kernels stage in shared memory (`LORA_REG_RANK`).
@@ -184,28 +179,15 @@ pub const ROLLOUT_KERNEL_NAMES: &[&str] = &[
     "logprob_gather_bf16",
 ];
 
-/// Lets `func` use `smem` bytes of dynamic shared memory (the opt-in above 48 KiB; every sm_80+
-/// GPU allows up to 99 KiB), set once when the kernels are loaded: it holds for every later
-/// launch and graph capture.
-fn allow_smem(func: CudaFunction, smem: usize) -> Result<CudaFunction> {
-    if smem > SMEM_DEFAULT_BYTES {
-        func.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(cuda_err(format_args!(
-            "allowing {smem} bytes of dynamic shared memory per block"
-        )))?;
-    }
-    Ok(func)
-}
-
 impl RolloutKernels {
     pub(super) fn load(module: &Arc<CudaModule>) -> Result<RolloutKernels> {
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
+        let f = |name: &str| super::load_kernel(module, name);
+        // The tensor-core decode kernels above 48 KiB opt in once, here: the opt-in holds for
+        // every later launch and graph capture.
+        let big = |name: &str, smem: usize| {
+            let func = f(name)?;
+            super::allow_smem(&func, name, smem)?;
+            Ok::<_, crate::Error>(func)
         };
         Ok(RolloutKernels {
             embedding_fwd_bf16: f("embedding_fwd_bf16")?,
@@ -217,8 +199,8 @@ impl RolloutKernels {
             kv_cache_append_bf16: f("kv_cache_append_bf16")?,
             attention_decode_simt_bf16: f("attention_decode_simt_bf16")?,
             attention_decode_hd64_bf16: f("attention_decode_hd64_bf16")?,
-            attention_decode_hd128_bf16: allow_smem(f("attention_decode_hd128_bf16")?, decode_mma_smem(128))?,
-            attention_decode_hd256_bf16: allow_smem(f("attention_decode_hd256_bf16")?, decode_mma_smem(256))?,
+            attention_decode_hd128_bf16: big("attention_decode_hd128_bf16", decode_mma_smem(128))?,
+            attention_decode_hd256_bf16: big("attention_decode_hd256_bf16", decode_mma_smem(256))?,
             attention_prefill_bf16: f("attention_prefill_bf16")?,
             lora_xa_bf16: f("lora_xa_bf16")?,
             lora_expand_add_bf16: f("lora_expand_add_bf16")?,
@@ -288,6 +270,38 @@ impl AttnShape {
         v_len: usize,
         table_len: usize,
     ) -> Result<()> {
+        self.check_kv_len(kernel, k_len, v_len)?;
+        if !table_len.is_multiple_of(self.max_pages) {
+            return Err(Error::invalid(format!(
+                "{kernel}: block_table has {table_len} elements, not a multiple of max_pages {}",
+                self.max_pages
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_cache`] for a launch over `num_seqs` sequences: the block table holds
+    /// exactly num_seqs rows of max_pages.
+    pub(super) fn check_seq_cache(
+        &self,
+        kernel: &str,
+        k_len: usize,
+        v_len: usize,
+        table_len: usize,
+        num_seqs: usize,
+    ) -> Result<()> {
+        self.check_kv_len(kernel, k_len, v_len)?;
+        check_len(
+            "block_table",
+            kernel,
+            table_len,
+            num_seqs * self.max_pages,
+            "num_seqs*max_pages",
+        )
+    }
+
+    /// k_cache and v_cache hold [`Self::cache_len`] elements each.
+    fn check_kv_len(&self, kernel: &str, k_len: usize, v_len: usize) -> Result<()> {
         check_len(
             "k_cache",
             kernel,
@@ -301,14 +315,7 @@ impl AttnShape {
             v_len,
             self.cache_len(),
             "num_pages*page_size*KV*hd",
-        )?;
-        if !table_len.is_multiple_of(self.max_pages) {
-            return Err(Error::invalid(format!(
-                "{kernel}: block_table has {table_len} elements, not a multiple of max_pages {}",
-                self.max_pages
-            )));
-        }
-        Ok(())
+        )
     }
 
     /// Elements of one of k_cache / v_cache.
@@ -474,47 +481,13 @@ impl SamplingParamsDev {
     }
 }
 
-fn check_len(what: &str, kernel: &str, found: usize, expected: usize, shape: &str) -> Result<()> {
-    if found != expected {
-        return Err(Error::invalid(format!(
-            "{kernel}: {what} has {found} elements, expected {expected} = {shape}"
-        )));
-    }
-    Ok(())
-}
-
-fn as_i32(kernel: &str, what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(format!("{kernel}: {what} = {v} exceeds i32::MAX")))
-}
-
-fn row_block(dim: usize) -> u32 {
-    dim.next_multiple_of(32).clamp(32, 512) as u32
-}
-
-fn ew_grid(n: usize) -> u32 {
-    n.div_ceil(EW_THREADS as usize).clamp(1, EW_MAX_BLOCKS) as u32
-}
-
-/// Grid of a vectorised grid-stride kernel over n elements: one thread per EW_VEC elements.
-fn ew_vec_grid(n: usize) -> u32 {
-    ew_grid(n.div_ceil(EW_VEC))
-}
-
 /// (grid, dynamic shared memory bytes) of rope_fwd_bf16 / rope_bwd_bf16: ROPE_ROWS rows per
 /// block, sin and cos of each (row, pair index) in shared memory.
-pub(super) fn rope_launch(rows: usize, head_dim: usize) -> (u32, u32) {
+fn rope_launch(rows: usize, head_dim: usize) -> (u32, u32) {
     (
         rows.div_ceil(ROPE_ROWS) as u32,
         (2 * ROPE_ROWS * (head_dim / 2) * 4) as u32,
     )
-}
-
-fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: grid,
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: smem,
-    }
 }
 
 impl CudaDevice {
@@ -574,15 +547,48 @@ impl CudaDevice {
         n_kv_heads: usize,
         head_dim: usize,
     ) -> Result<()> {
-        let kn = "rope_fwd_bf16";
+        let (func, kn) = (&self.rk().rope_fwd_bf16, "rope_fwd_bf16");
+        self.rope_in_place(
+            func,
+            kn,
+            ["q", "k"],
+            q,
+            k,
+            pos,
+            inv_freq,
+            rows,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        )
+    }
+
+    /// The shared launch of the in-place RoPE kernels, rope_fwd_bf16 (the rotation, above) and
+    /// train_kernels.rs's rope_bwd_bf16 (the inverse rotation): `func` is one of them, `kn` its
+    /// name, `names` the names of its q and k buffers (in errors).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rope_in_place(
+        &self,
+        func: &CudaFunction,
+        kn: &str,
+        [q_name, k_name]: [&str; 2],
+        q: &mut impl DevicePtrMut<bf16>,
+        k: &mut impl DevicePtrMut<bf16>,
+        pos: &impl DevicePtr<i32>,
+        inv_freq: &impl DevicePtr<f32>,
+        rows: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::invalid(format!(
                 "{kn}: head_dim {head_dim} must be even and > 0"
             )));
         }
-        check_len("q", kn, q.len(), rows * n_heads * head_dim, "rows*n_heads*hd")?;
+        check_len(q_name, kn, q.len(), rows * n_heads * head_dim, "rows*n_heads*hd")?;
         check_len(
-            "k",
+            k_name,
             kn,
             k.len(),
             rows * n_kv_heads * head_dim,
@@ -604,7 +610,7 @@ impl CudaDevice {
         let (kp, _k) = k.device_ptr_mut(s);
         let (pp, _p) = pos.device_ptr(s);
         let (fp, _f) = inv_freq.device_ptr(s);
-        let mut l = s.launch_builder(&self.rk().rope_fwd_bf16);
+        let mut l = s.launch_builder(func);
         l.arg(&qp)
             .arg(&kp)
             .arg(&pp)
@@ -614,9 +620,10 @@ impl CudaDevice {
             .arg(&kv)
             .arg(&hd);
         let (grid, smem) = rope_launch(rows, head_dim);
-        // SAFETY: (bf16* q, bf16* k, const int* pos, const float* inv_freq, int rows, int n_heads,
-        // int n_kv_heads, int hd); lengths checked above; smem holds sin and cos of ROPE_ROWS
-        // rows × hd/2 pair indices.
+        // SAFETY: rope_fwd_bf16 and rope_bwd_bf16 alike: (bf16* q, bf16* k, const int* pos,
+        // const float* inv_freq, int rows, int n_heads, int n_kv_heads, int hd) (q, k = dq, dk
+        // for the backward); lengths checked above; smem holds sin and cos of ROPE_ROWS rows ×
+        // hd/2 pair indices.
         unsafe { l.launch(cfg((grid, 1, 1), ROPE_THREADS, smem)) }.map_err(cuda_err(kn))?;
         Ok(())
     }
@@ -807,27 +814,7 @@ impl CudaDevice {
         let (h, hd) = (shape.n_heads, shape.head_dim);
         check_len("q", kn, q.len(), num_seqs * h * hd, "num_seqs*n_heads*hd")?;
         check_len("out", kn, out.len(), num_seqs * h * hd, "num_seqs*n_heads*hd")?;
-        check_len(
-            "k_cache",
-            kn,
-            k_cache.len(),
-            shape.cache_len(),
-            "num_pages*page_size*KV*hd",
-        )?;
-        check_len(
-            "v_cache",
-            kn,
-            v_cache.len(),
-            shape.cache_len(),
-            "num_pages*page_size*KV*hd",
-        )?;
-        check_len(
-            "block_table",
-            kn,
-            block_table.len(),
-            num_seqs * shape.max_pages,
-            "num_seqs*max_pages",
-        )?;
+        shape.check_seq_cache(kn, k_cache.len(), v_cache.len(), block_table.len(), num_seqs)?;
         check_len("seq_lens", kn, seq_lens.len(), num_seqs, "num_seqs")?;
         let cap = shape.page_size * shape.max_pages;
         let parts = decode_partitions(max_len.min(cap), shape.window);
@@ -959,27 +946,7 @@ impl CudaDevice {
         let (h, hd) = (shape.n_heads, shape.head_dim);
         check_len("q", kn, q.len(), rows * h * hd, "rows*n_heads*hd")?;
         check_len("out", kn, out.len(), rows * h * hd, "rows*n_heads*hd")?;
-        check_len(
-            "k_cache",
-            kn,
-            k_cache.len(),
-            shape.cache_len(),
-            "num_pages*page_size*KV*hd",
-        )?;
-        check_len(
-            "v_cache",
-            kn,
-            v_cache.len(),
-            shape.cache_len(),
-            "num_pages*page_size*KV*hd",
-        )?;
-        check_len(
-            "block_table",
-            kn,
-            block_table.len(),
-            num_seqs * shape.max_pages,
-            "num_seqs*max_pages",
-        )?;
+        shape.check_seq_cache(kn, k_cache.len(), v_cache.len(), block_table.len(), num_seqs)?;
         check_len("cu_rows", kn, cu_rows.len(), num_seqs + 1, "num_seqs+1")?;
         check_len("pos0", kn, pos0.len(), num_seqs, "num_seqs")?;
         as_i32(kn, "rows", rows)?;

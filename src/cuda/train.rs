@@ -61,15 +61,16 @@
 //!
 //! Not on the GPU yet (clear errors): an entropy bonus.
 
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::sys::{cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 use half::bf16;
-use std::ffi::c_void;
 use std::ops::Range;
 use std::time::Instant;
 
-use super::engine::{check, gemm_logits, get, gib, put, CudaEngine, DeviceLinear, DeviceWeights};
+use super::engine::{
+    check, gemm_ex, gemm_int, gemm_logits, get, gib, put, CudaEngine, DeviceLinear, DeviceWeights,
+};
 use super::train_kernels::{cfg, ew_grid, ew_vec_grid, nonempty};
 use super::{
     cuda_err, grad_norm_partials_len, grpo_loss_partials_len, lora_train_compiled_rank,
@@ -931,9 +932,7 @@ fn gemm_dx_raw(
 ) -> Result<()> {
     check("gemm_dx dy", dy.len(), rows * d_out)?;
     check("gemm_dx w", w.len(), d_out * d_in)?;
-    let int = |v: usize, what: &str| {
-        i32::try_from(v).map_err(|_| Error::invalid(format!("gemm_dx: {what} = {v} exceeds i32")))
-    };
+    let int = |v, name| gemm_int("gemm_dx", name, v);
     let (m, n, k) = (int(d_in, "in")?, int(rows, "rows")?, int(d_out, "out")?);
     if m == 0 || n == 0 {
         return Ok(());
@@ -941,31 +940,18 @@ fn gemm_dx_raw(
     let s = dev.stream();
     let (dyp, _a) = dy.device_ptr(s);
     let (wp, _b) = w.device_ptr(s);
-    let alpha = 1.0f32;
+    let ops = (cublasOperation_t::CUBLAS_OP_N, cublasOperation_t::CUBLAS_OP_N);
     // SAFETY: pointers of buffers with the lengths checked here and by the callers (dx holds
-    // rows·d_in of `dx_type`); alpha/beta host f32 for COMPUTE_32F; the handle is bound to the
-    // device stream (ordered with the kernels).
+    // rows·d_in of `dx_type`; dy rows·d_out, w d_out·d_in bf16).
     unsafe {
-        cudarc::cublas::result::gemm_ex(
-            *blas.handle(),
-            cublasOperation_t::CUBLAS_OP_N,
-            cublasOperation_t::CUBLAS_OP_N,
-            m,
-            n,
-            k,
-            &alpha as *const f32 as *const c_void,
-            wp as *const c_void,
-            cudaDataType::CUDA_R_16BF,
-            m,
-            dyp as *const c_void,
-            cudaDataType::CUDA_R_16BF,
-            k,
-            &beta as *const f32 as *const c_void,
-            dxp as *mut c_void,
-            dx_type,
-            m,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        gemm_ex(
+            blas,
+            ops,
+            (m, n, k),
+            (wp, m),
+            (dyp, k),
+            (dxp, m, dx_type),
+            (1.0, beta),
         )
     }
     .map_err(|e| {
@@ -996,9 +982,7 @@ fn gemm_dw(
     check("gemm_dw dy", dy.len(), rows * d_out)?;
     check("gemm_dw x", x.len(), rows * d_in)?;
     check("gemm_dw dw", dw.len(), d_out * d_in)?;
-    let int = |v: usize, what: &str| {
-        i32::try_from(v).map_err(|_| Error::invalid(format!("gemm_dw: {what} = {v} exceeds i32")))
-    };
+    let int = |v, name| gemm_int("gemm_dw", name, v);
     let (m, n, k) = (int(d_in, "in")?, int(d_out, "out")?, int(rows, "rows")?);
     if m == 0 || n == 0 || k == 0 {
         return Ok(());
@@ -1007,31 +991,19 @@ fn gemm_dw(
     let (dyp, _a) = dy.device_ptr(s);
     let (xp, _b) = x.device_ptr(s);
     let (dwp, _c) = dw.device_ptr_mut(s);
-    let (alpha, beta) = (1.0f32, 1.0f32);
+    let ops = (cublasOperation_t::CUBLAS_OP_N, cublasOperation_t::CUBLAS_OP_T);
+    let f32_out = cudaDataType::CUDA_R_32F;
     // SAFETY: pointers of buffers with the lengths checked above (x rows·d_in, dy rows·d_out
-    // bf16, dw d_out·d_in f32); alpha/beta host f32 for COMPUTE_32F; the handle is bound to the
-    // device stream (ordered with the kernels).
+    // bf16, dw d_out·d_in f32).
     unsafe {
-        cudarc::cublas::result::gemm_ex(
-            *blas.handle(),
-            cublasOperation_t::CUBLAS_OP_N,
-            cublasOperation_t::CUBLAS_OP_T,
-            m,
-            n,
-            k,
-            &alpha as *const f32 as *const c_void,
-            xp as *const c_void,
-            cudaDataType::CUDA_R_16BF,
-            m,
-            dyp as *const c_void,
-            cudaDataType::CUDA_R_16BF,
-            n,
-            &beta as *const f32 as *const c_void,
-            dwp as *mut c_void,
-            cudaDataType::CUDA_R_32F,
-            m,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        gemm_ex(
+            blas,
+            ops,
+            (m, n, k),
+            (xp, m),
+            (dyp, n),
+            (dwp, m, f32_out),
+            (1.0, 1.0),
         )
     }
     .map_err(|e| Error::Cuda(format!("cublasGemmEx dW ({d_out}×{rows} · {rows}×{d_in}): {e:?}")))?;
@@ -1290,14 +1262,9 @@ impl Ctx<'_> {
     ) -> Result<()> {
         let r = ab.rank;
         let mut dyb = sc.dyb.slice_mut(..n * r);
-        match ab.drop {
-            None => self.dev.lora_train_bwd_dx_bf16(
-                dy, &ab.a, &ab.b, dx, out, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r,
-            ),
-            Some(site) => self.dev.lora_train_bwd_dx_dropout_bf16(
-                dy, &ab.a, &ab.b, dx, out, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r, site,
-            ),
-        }
+        self.dev.lora_train_bwd_dx_dropout_bf16(
+            dy, &ab.a, &ab.b, dx, out, &mut dyb, ab.scale, n, lin.d_in, lin.d_out, r, ab.drop,
+        )
     }
 }
 
@@ -1552,6 +1519,20 @@ fn layer_bwd(
         xd: &mut *g.xd,
         ones: g.ones,
     };
+    // dh (n, D) = Σ_p dy_p·W_p (+ the LoRA terms) over the projections `projs` of one input x
+    // (gate and up of h2; q, k and v of h1): the first writes dh, the others accumulate.
+    let input_grad = |x: &CudaView<bf16>,
+                      projs: &[(Proj, &CudaView<bf16>)],
+                      dh: &mut CudaSlice<bf16>,
+                      grads: &mut CudaSlice<f32>,
+                      sc: &mut Scratch|
+     -> Result<()> {
+        let mut dh = dh.slice_mut(..n * d);
+        for (i, &(p, dy)) in projs.iter().enumerate() {
+            ctx.proj_bwd(x, lin(p), pair(p), fr(p), grads, dy, &mut dh, i > 0, sc, n)?;
+        }
+        Ok(())
+    };
 
     // --- MLP: x_out = x_mid + down(silu(gate(h2))·up(h2))
     ctx.proj_bwd(
@@ -1574,31 +1555,9 @@ fn layer_bwd(
         &mut g.dup.slice_mut(..n * inter),
         n * inter,
     )?;
-    let h2 = a.h2.slice(..n * d);
-    ctx.proj_bwd(
-        &h2,
-        lin(Proj::Gate),
-        pair(Proj::Gate),
-        fr(Proj::Gate),
-        grads,
-        &g.dgate.slice(..n * inter),
-        &mut g.dh.slice_mut(..n * d),
-        false,
-        &mut sc,
-        n,
-    )?;
-    ctx.proj_bwd(
-        &h2,
-        lin(Proj::Up),
-        pair(Proj::Up),
-        fr(Proj::Up),
-        grads,
-        &g.dup.slice(..n * inter),
-        &mut g.dh.slice_mut(..n * d),
-        true,
-        &mut sc,
-        n,
-    )?;
+    let (dgate, dup) = (g.dgate.slice(..n * inter), g.dup.slice(..n * inter));
+    let gate_up = [(Proj::Gate, &dgate), (Proj::Up, &dup)];
+    input_grad(&a.h2.slice(..n * d), &gate_up, &mut *g.dh, &mut *grads, &mut sc)?;
     rmsnorm_bwd(
         dev,
         &a.x_mid.slice(..n * d),
@@ -1688,45 +1647,9 @@ fn layer_bwd(
     } else {
         (g.dq.slice(..n * qd), g.dk.slice(..n * kvd))
     };
-    {
-        let mut dh = g.dh.slice_mut(..n * d);
-        ctx.proj_bwd(
-            &h1,
-            lin(Proj::Q),
-            pair(Proj::Q),
-            fr(Proj::Q),
-            grads,
-            &dq,
-            &mut dh,
-            false,
-            &mut sc,
-            n,
-        )?;
-        ctx.proj_bwd(
-            &h1,
-            lin(Proj::K),
-            pair(Proj::K),
-            fr(Proj::K),
-            grads,
-            &dk,
-            &mut dh,
-            true,
-            &mut sc,
-            n,
-        )?;
-        ctx.proj_bwd(
-            &h1,
-            lin(Proj::V),
-            pair(Proj::V),
-            fr(Proj::V),
-            grads,
-            &g.dv.slice(..n * kvd),
-            &mut dh,
-            true,
-            &mut sc,
-            n,
-        )?;
-    }
+    let dv = g.dv.slice(..n * kvd);
+    let qkv = [(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)];
+    input_grad(&h1, &qkv, &mut *g.dh, &mut *grads, &mut sc)?;
     rmsnorm_bwd(
         dev,
         &x_in.slice(..n * d),

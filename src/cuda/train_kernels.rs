@@ -4,7 +4,8 @@
 //! global gradient norm with its non-finite flag, and AdamW. Each launcher checks buffer lengths
 //! against the shapes, picks grid / block / shared memory and pushes the arguments in the
 //! kernel's order; `*_host` conveniences (host slices in, host vectors out) exist for tests. The
-//! CPU oracles are named in kernels/train.cu's top comment.
+//! CPU oracles are named in kernels/train.cu's top comment. Its small launch helpers
+//! (`check_len`, `as_i32`, `cfg`, the elementwise grids) serve the other launcher modules too.
 //!
 //! It owns no memory plan: scratch buffers (reduction partials, split-K partials) are passed
 //! in, sized by the pure functions here ([`grpo_loss_partials_len`], [`grad_norm_partials_len`],
@@ -18,7 +19,7 @@ use cudarc::driver::{
 use half::bf16;
 use std::sync::Arc;
 
-use super::{cuda_err, CudaDevice};
+use super::{cuda_err, CudaDevice, SMEM_DEFAULT_BYTES};
 use crate::loss::{
     sequence_weights, GrpoInputs, GrpoLossConfig, GrpoLossOutput, GrpoMetrics, KlEstimator, OldLogp,
 };
@@ -39,11 +40,7 @@ macro_rules! train_kernels {
 
         impl TrainKernels {
             pub(super) fn load(module: &Arc<CudaModule>) -> Result<TrainKernels> {
-                let f = |name: &str| {
-                    module
-                        .load_function(name)
-                        .map_err(cuda_err(format_args!("kernel {name} in the embedded fatbin")))
-                };
+                let f = |name: &str| super::load_kernel(module, name);
                 Ok(TrainKernels { $($name: f(stringify!($name))?,)* })
             }
         }
@@ -122,14 +119,11 @@ const LORA_MIN_ROWS_PER_SPLIT: usize = 256;
 const LORA_MAX_SPLITS: usize = 64;
 /// Rows per block of rmsnorm_bwd_bf16 (kernels/train.cu `RMS_BWD_ROWS`).
 const RMS_BWD_ROWS: usize = 16;
-/// Threads and grid cap of the grid-stride elementwise kernels.
-const EW_THREADS: u32 = 256;
+/// Threads and grid cap of the grid-stride elementwise kernels (also rollout.rs's).
+pub(super) const EW_THREADS: u32 = 256;
 const EW_MAX_BLOCKS: usize = 65_535;
 /// Elements per thread per step of the vectorised grid-stride kernels (one 16-byte bf16 vector).
 const EW_VEC: usize = 8;
-/// Default shared memory limit (static + dynamic) without opting in (rmsnorm_bwd's dweight
-/// accumulator).
-const SMEM_DEFAULT_BYTES: usize = 48 * 1024;
 /// rmsnorm_bwd_bf16's static shared memory (tr_block_sum2's 2 × 32 f32 partials,
 /// kernels/train.cu), which counts against the same limit as its dynamic dweight accumulator.
 const RMS_BWD_STATIC_SMEM_BYTES: usize = 2 * 32 * 4;
@@ -1229,46 +1223,20 @@ impl CudaDevice {
         check_len("dy", kn, dy.len(), n * d_out, "n*out")?;
         check_len("u", kn, u.len(), n * rank, "n*r")?;
         check_len("db", kn, db.len(), d_out * rank, "out*r")?;
-        let splits = lora_grad_splits(n, d_out, rank);
-        check_min_len(
-            "scratch",
+        let func = &self.tk().lora_grad_b_bf16;
+        self.lora_grad(
+            func,
             kn,
-            scratch.len(),
-            lora_grad_scratch_len(n, d_out, rank),
-            "lora_grad_scratch_len",
-        )?;
-        let (n_i, out_i, r_i) = (
-            as_i32(kn, "n", n)?,
-            as_i32(kn, "out", d_out)?,
-            as_i32(kn, "r", rank)?,
-        );
-        if n * d_out * rank == 0 {
-            return Ok(());
-        }
-        let grid = tile_grid(kn, d_out, rank, splits)?;
-        {
-            let s = self.stream();
-            let (op, _o) = db.device_ptr_mut(s);
-            let (sp, _s) = scratch.device_ptr_mut(s);
-            let (dp, _d) = dy.device_ptr(s);
-            let (upp, _u) = u.device_ptr(s);
-            let mut l = s.launch_builder(&self.tk().lora_grad_b_bf16);
-            l.arg(&op)
-                .arg(&sp)
-                .arg(&dp)
-                .arg(&upp)
-                .arg(&scale)
-                .arg(&n_i)
-                .arg(&out_i)
-                .arg(&r_i);
-            // SAFETY: (float* db, float* partials, const bf16* dy, const float* u, float scale,
-            // int n, int out, int rank); lengths checked; scratch holds splits·out·r when split.
-            unsafe { l.launch(cfg(grid, LT_THREADS, 0)) }.map_err(cuda_err(kn))?;
-        }
-        if splits > 1 {
-            self.sum_partials_add_f32(scratch, db, splits, scale)?;
-        }
-        Ok(())
+            dy,
+            u,
+            db,
+            scratch,
+            scale,
+            n,
+            (d_out, rank),
+            ("out", d_out),
+            rank,
+        )
     }
 
     /// dA (r, in) f32 += scale · dyb (n, r)ᵀ f32 · x (n, in) bf16. `scratch` needs at least
@@ -1289,44 +1257,83 @@ impl CudaDevice {
         check_len("dyb", kn, dyb.len(), n * rank, "n*r")?;
         check_len("x", kn, x.len(), n * d_in, "n*in")?;
         check_len("da", kn, da.len(), rank * d_in, "r*in")?;
-        let splits = lora_grad_splits(n, rank, d_in);
+        let func = &self.tk().lora_grad_a_bf16;
+        self.lora_grad(
+            func,
+            kn,
+            dyb,
+            x,
+            da,
+            scratch,
+            scale,
+            n,
+            (rank, d_in),
+            ("in", d_in),
+            rank,
+        )
+    }
+
+    /// The shared launch of the LoRA gradient tile kernels: out (p, q) f32 += scale · lhsᵀ rhs
+    /// summed over n rows in `lora_grad_splits(n, p, q)` k-splits (then the partials in split
+    /// order), `dim` the kernel's projection-side dimension (out for dB, in for dA). The callers
+    /// checked the lengths of lhs, rhs and out.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_grad<L, R>(
+        &self,
+        func: &CudaFunction,
+        kn: &str,
+        lhs: &impl DevicePtr<L>,
+        rhs: &impl DevicePtr<R>,
+        out: &mut impl DevicePtrMut<f32>,
+        scratch: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
+        scale: f32,
+        n: usize,
+        (p, q): (usize, usize),
+        (dim_name, dim): (&str, usize),
+        rank: usize,
+    ) -> Result<()> {
+        let splits = lora_grad_splits(n, p, q);
         check_min_len(
             "scratch",
             kn,
             scratch.len(),
-            lora_grad_scratch_len(n, rank, d_in),
+            lora_grad_scratch_len(n, p, q),
             "lora_grad_scratch_len",
         )?;
-        let (n_i, in_i, r_i) = (
+        let (n_i, dim_i, r_i) = (
             as_i32(kn, "n", n)?,
-            as_i32(kn, "in", d_in)?,
+            as_i32(kn, dim_name, dim)?,
             as_i32(kn, "r", rank)?,
         );
-        if n * d_in * rank == 0 {
+        if n * dim * rank == 0 {
             return Ok(());
         }
-        let grid = tile_grid(kn, rank, d_in, splits)?;
+        let grid = tile_grid(kn, p, q, splits)?;
         {
             let s = self.stream();
-            let (op, _o) = da.device_ptr_mut(s);
+            let (op, _o) = out.device_ptr_mut(s);
             let (sp, _s) = scratch.device_ptr_mut(s);
-            let (dp, _d) = dyb.device_ptr(s);
-            let (xp, _x) = x.device_ptr(s);
-            let mut l = s.launch_builder(&self.tk().lora_grad_a_bf16);
+            let (lp, _l) = lhs.device_ptr(s);
+            let (rp, _r) = rhs.device_ptr(s);
+            let mut l = s.launch_builder(func);
             l.arg(&op)
                 .arg(&sp)
-                .arg(&dp)
-                .arg(&xp)
+                .arg(&lp)
+                .arg(&rp)
                 .arg(&scale)
                 .arg(&n_i)
-                .arg(&in_i)
+                .arg(&dim_i)
                 .arg(&r_i);
-            // SAFETY: (float* da, float* partials, const float* dyb, const bf16* x, float scale,
-            // int n, int in, int rank); lengths checked; scratch holds splits·r·in when split.
+            // SAFETY: lora_grad_b_bf16(float* db, float* partials, const bf16* dy, const float* u,
+            // float scale, int n, int out, int rank) with (p, q) = (out, r), and
+            // lora_grad_a_bf16(float* da, float* partials, const float* dyb, const bf16* x,
+            // float scale, int n, int in, int rank) with (p, q) = (r, in); lengths checked by the
+            // callers, scratch here (splits·p·q when split); grid covers (p, q) in 32×32 tiles
+            // and `splits` k-splits.
             unsafe { l.launch(cfg(grid, LT_THREADS, 0)) }.map_err(cuda_err(kn))?;
         }
         if splits > 1 {
-            self.sum_partials_add_f32(scratch, da, splits, scale)?;
+            self.sum_partials_add_f32(scratch, out, splits, scale)?;
         }
         Ok(())
     }
@@ -1646,51 +1653,20 @@ impl CudaDevice {
         n_kv_heads: usize,
         head_dim: usize,
     ) -> Result<()> {
-        let kn = "rope_bwd_bf16";
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(Error::invalid(format!(
-                "{kn}: head_dim {head_dim} must be even and > 0"
-            )));
-        }
-        check_len("dq", kn, dq.len(), rows * n_heads * head_dim, "rows*n_heads*hd")?;
-        check_len(
-            "dk",
+        let (func, kn) = (&self.tk().rope_bwd_bf16, "rope_bwd_bf16");
+        self.rope_in_place(
+            func,
             kn,
-            dk.len(),
-            rows * n_kv_heads * head_dim,
-            "rows*n_kv_heads*hd",
-        )?;
-        check_len("pos", kn, pos.len(), rows, "rows")?;
-        check_len("inv_freq", kn, inv_freq.len(), head_dim / 2, "hd/2")?;
-        let rows_i = as_i32(kn, "rows", rows)?;
-        let (h, kv, hd) = (
-            as_i32(kn, "n_heads", n_heads)?,
-            as_i32(kn, "n_kv_heads", n_kv_heads)?,
-            as_i32(kn, "hd", head_dim)?,
-        );
-        if rows == 0 {
-            return Ok(());
-        }
-        let s = self.stream();
-        let (qp, _q) = dq.device_ptr_mut(s);
-        let (kp, _k) = dk.device_ptr_mut(s);
-        let (pp, _p) = pos.device_ptr(s);
-        let (fp, _f) = inv_freq.device_ptr(s);
-        let mut l = s.launch_builder(&self.tk().rope_bwd_bf16);
-        l.arg(&qp)
-            .arg(&kp)
-            .arg(&pp)
-            .arg(&fp)
-            .arg(&rows_i)
-            .arg(&h)
-            .arg(&kv)
-            .arg(&hd);
-        let (grid, smem) = super::rollout::rope_launch(rows, head_dim);
-        // SAFETY: (bf16* dq, bf16* dk, const int* pos, const float* inv_freq, int rows,
-        // int n_heads, int n_kv_heads, int hd); lengths checked; smem holds sin and cos of
-        // ROPE_ROWS rows × hd/2 pair indices.
-        unsafe { l.launch(cfg((grid, 1, 1), super::rollout::ROPE_THREADS, smem)) }.map_err(cuda_err(kn))?;
-        Ok(())
+            ["dq", "dk"],
+            dq,
+            dk,
+            pos,
+            inv_freq,
+            rows,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        )
     }
 
     /// Test convenience: (dq, dk) after [`Self::rope_bwd_bf16`] on host data rounded to bf16.
