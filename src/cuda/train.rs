@@ -359,11 +359,11 @@ impl TrainPlan {
             Recompute::Layer => (0, 1),
         };
         let qk = if c.qk_norm { qd + kvd } else { 0 };
-        // One layer's activations per row, bf16: h1, x_mid, h2, proj (D); q, attn (qd); k, v
-        // (kvd); q_pre, k_pre (Qwen3); gate, up, act (I); each projection's LoRA xa (rank);
-        // plus lse (H f32).
+        // One layer's activations per row, bf16: h1, x_mid, h2 (D); q, attn (qd); k, v (kvd);
+        // q_pre, k_pre (Qwen3); gate, up, act (I); each projection's LoRA xa (rank); plus lse
+        // (H f32).
         let layer_row =
-            (4 * d + 2 * qd + 2 * kvd + qk + 3 * i + Proj::ALL.len() * lora_rank.max(1)) * 2 + h * 4;
+            (3 * d + 2 * qd + 2 * kvd + qk + 3 * i + Proj::ALL.len() * lora_rank.max(1)) * 2 + h * 4;
         // xs: L+1 layer inputs; hf (final norm); per row ids, pos (4 B each); with LoRA dropout
         // one x̃ of the widest projection input (D, qd or I), regenerated per projection.
         let xdrop = if lora_dropout { r * d.max(qd).max(i) * 2 } else { 0 };
@@ -707,7 +707,6 @@ struct LayerActs {
     gate: CudaSlice<bf16>,          // (R, I)
     up: CudaSlice<bf16>,            // (R, I)
     act: CudaSlice<bf16>,           // (R, I) silu(gate)·up (down_proj input)
-    proj: CudaSlice<bf16>,          // (R, D) o / down output
     xa: Vec<CudaSlice<bf16>>,       // 7 × (R, rank) each projection's x·Aᵀ (Proj order)
 }
 
@@ -729,7 +728,6 @@ impl LayerActs {
             gate: bf(r * i)?,
             up: bf(r * i)?,
             act: bf(r * i)?,
-            proj: bf(r * d)?,
             xa: Proj::ALL
                 .iter()
                 .map(|_| bf(r * rank.max(1)))
@@ -1094,6 +1092,9 @@ impl Ctx<'_> {
     /// ([`LoraOut::Store`]: y is not read), then cuBLAS adds the base product onto it (beta = 1:
     /// y = bf16(x Wᵀ + t), the read of y hidden under the GEMM's math), then the bias: one
     /// memory-bound read of y less than adding the LoRA term onto the GEMM's output.
+    /// `accumulate`: y holds a value the projection is added onto (the residual stream: o and
+    /// down write x + proj in place of a separate residual add): the LoRA kernel then adds
+    /// ([`LoraOut::Add`]) and the GEMM adds too, y = bf16(bf16(y + t) + x Wᵀ) (+ b).
     #[allow(clippy::too_many_arguments)]
     fn proj_fwd(
         &self,
@@ -1103,13 +1104,14 @@ impl Ctx<'_> {
         xa: &mut CudaSlice<bf16>,
         xd: &mut CudaSlice<bf16>,
         y: &mut impl DevicePtrMut<bf16>,
+        accumulate: bool,
         n: usize,
     ) -> Result<()> {
         check("proj x", x.len(), n * lin.d_in)?;
         check("proj y", y.len(), n * lin.d_out)?;
         if let Some(ab) = &lora {
             let xa = Some(&mut xa.slice_mut(..n * ab.rank));
-            let out = LoraOut::Store;
+            let out = if accumulate { LoraOut::Add } else { LoraOut::Store };
             match ab.drop {
                 None => self.dev.lora_train_fwd_bf16(
                     x, &ab.a, &ab.b, y, out, xa, ab.scale, n, lin.d_in, lin.d_out, ab.rank,
@@ -1150,7 +1152,7 @@ impl Ctx<'_> {
                 n,
                 lin.d_in,
                 lin.d_out,
-                if lora.is_some() { 1.0 } else { 0.0 },
+                if lora.is_some() || accumulate { 1.0 } else { 0.0 },
             )?;
         }
         if let Some(b) = &lin.b {
@@ -1333,6 +1335,7 @@ fn layer_fwd(
                 &mut a.xa[Proj::Q as usize],
                 xd,
                 &mut q_pre.slice_mut(..n * qd),
+                false,
                 n,
             )?;
             ctx.proj_fwd(
@@ -1342,6 +1345,7 @@ fn layer_fwd(
                 &mut a.xa[Proj::K as usize],
                 xd,
                 &mut k_pre.slice_mut(..n * kvd),
+                false,
                 n,
             )?;
             dev.rmsnorm_fwd_bf16(
@@ -1369,6 +1373,7 @@ fn layer_fwd(
                 &mut a.xa[Proj::Q as usize],
                 xd,
                 &mut a.q.slice_mut(..n * qd),
+                false,
                 n,
             )?;
             ctx.proj_fwd(
@@ -1378,6 +1383,7 @@ fn layer_fwd(
                 &mut a.xa[Proj::K as usize],
                 xd,
                 &mut a.k.slice_mut(..n * kvd),
+                false,
                 n,
             )?;
         }
@@ -1394,6 +1400,7 @@ fn layer_fwd(
         &mut a.xa[Proj::V as usize],
         xd,
         &mut a.v.slice_mut(..n * kvd),
+        false,
         n,
     )?;
     dev.rope_fwd_bf16(
@@ -1418,20 +1425,20 @@ fn layer_fwd(
         n,
         rows.max_rows,
     )?;
+    // x_mid = x_in + o: the residual copied in, the projection added onto it.
+    let st = dev.stream();
+    st.memcpy_dtod(&x_in.slice(..n * d), &mut a.x_mid.slice_mut(..n * d))
+        .map_err(cuda_err("copying the residual stream"))?;
     ctx.proj_fwd(
         &a.attn.slice(..n * qd),
         lin(Proj::O),
         pair(Proj::O),
         &mut a.xa[Proj::O as usize],
         xd,
-        &mut a.proj.slice_mut(..n * d),
+        &mut a.x_mid.slice_mut(..n * d),
+        true,
         n,
     )?;
-    // x_mid = x_in + o
-    let st = dev.stream();
-    st.memcpy_dtod(&x_in.slice(..n * d), &mut a.x_mid.slice_mut(..n * d))
-        .map_err(cuda_err("copying the residual stream"))?;
-    dev.residual_add_bf16(&mut a.x_mid.slice_mut(..n * d), &a.proj.slice(..n * d), n * d)?;
     dev.rmsnorm_fwd_bf16(
         &a.x_mid.slice(..n * d),
         &lw.post_norm,
@@ -1448,6 +1455,7 @@ fn layer_fwd(
         &mut a.xa[Proj::Gate as usize],
         xd,
         &mut a.gate.slice_mut(..n * inter),
+        false,
         n,
     )?;
     ctx.proj_fwd(
@@ -1457,6 +1465,7 @@ fn layer_fwd(
         &mut a.xa[Proj::Up as usize],
         xd,
         &mut a.up.slice_mut(..n * inter),
+        false,
         n,
     )?;
     dev.swiglu_fwd_bf16(
@@ -1465,18 +1474,19 @@ fn layer_fwd(
         &mut a.act.slice_mut(..n * inter),
         n * inter,
     )?;
+    // x_out = x_mid + down(act), likewise.
+    st.memcpy_dtod(&a.x_mid.slice(..n * d), &mut x_out.slice_mut(..n * d))
+        .map_err(cuda_err("copying the residual stream"))?;
     ctx.proj_fwd(
         &a.act.slice(..n * inter),
         lin(Proj::Down),
         pair(Proj::Down),
         &mut a.xa[Proj::Down as usize],
         xd,
-        &mut a.proj.slice_mut(..n * d),
+        &mut x_out.slice_mut(..n * d),
+        true,
         n,
     )?;
-    st.memcpy_dtod(&a.x_mid.slice(..n * d), &mut x_out.slice_mut(..n * d))
-        .map_err(cuda_err("copying the residual stream"))?;
-    dev.residual_add_bf16(&mut x_out.slice_mut(..n * d), &a.proj.slice(..n * d), n * d)?;
     Ok(())
 }
 
