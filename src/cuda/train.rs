@@ -1733,7 +1733,11 @@ struct HeadLoss<'a> {
 }
 
 impl HeadLoss<'_> {
-    fn upload(&self, dev: &CudaDevice, b: &mut TrainBuffers) -> Result<()> {
+    /// Uploads the loss inputs and zeroes dh (n·d), which the lm_head backward scatters into.
+    fn prepare(&self, dev: &CudaDevice, b: &mut TrainBuffers, nd: usize) -> Result<()> {
+        dev.stream()
+            .memset_zeros(&mut b.dh.slice_mut(..nd))
+            .map_err(cuda_err("zeroing dh"))?;
         put(dev, "advantages", self.adv, &mut b.adv)?;
         put(dev, "sequence weights", self.seq_w, &mut b.seq_w)?;
         if let Some(o) = self.old {
@@ -2280,10 +2284,7 @@ impl CudaTrainer {
         // chunk's loss and lm_head backward run right after its logits, which are still there.
         let fused = match head {
             Some(h) if train && plan.head_in_forward => {
-                h.upload(dev, b)?;
-                dev.stream()
-                    .memset_zeros(&mut b.dh.slice_mut(..n * d))
-                    .map_err(cuda_err("zeroing dh"))?;
+                h.prepare(dev, b, n * d)?;
                 Some(h)
             }
             _ => None,
@@ -2296,14 +2297,7 @@ impl CudaTrainer {
         let mut start = 0;
         while start < t {
             let m = ch.min(t - start);
-            dev.embedding_fwd_bf16(
-                &b.hf.slice(..n * d),
-                &b.scored.slice(start..start + m),
-                &mut b.hsel.slice_mut(..m * d),
-                m,
-                d,
-                n,
-            )?;
+            gather_scored_rows(dev, b, start, m, n, d)?;
             for (k, v0) in (0..v).step_by(vc_max).enumerate() {
                 let w = vc_max.min(v - v0);
                 gemm_logits(
@@ -2447,23 +2441,13 @@ impl CudaTrainer {
         if !head_done {
             // --- the loss over the T tokens, then the lm_head backward into dh chunk by chunk
             // (rows that are not scored get no gradient), recomputing the logits.
-            head.upload(dev, b)?;
+            head.prepare(dev, b, n * d)?;
             loss_tokens(dev, b, 0..t, ns, head)?;
-            dev.stream()
-                .memset_zeros(&mut b.dh.slice_mut(..n * d))
-                .map_err(cuda_err("zeroing dh"))?;
             let ch = plan.chunk_rows;
             let mut start = 0;
             while start < t {
                 let m = ch.min(t - start);
-                dev.embedding_fwd_bf16(
-                    &b.hf.slice(..n * d),
-                    &b.scored.slice(start..start + m),
-                    &mut b.hsel.slice_mut(..m * d),
-                    m,
-                    d,
-                    n,
-                )?;
+                gather_scored_rows(dev, b, start, m, n, d)?;
                 head_bwd_chunk(
                     &ctx,
                     plan,
@@ -2846,6 +2830,26 @@ pub fn all_linear(r: usize) -> crate::lora::LoraConfig {
         use_rslora: false,
         target_modules: Proj::ALL.to_vec(),
     }
+}
+
+/// hsel (m, D) = hf[scored rows start .. start + m] of the micro-batch's n rows: the lm_head
+/// input of one chunk.
+fn gather_scored_rows(
+    dev: &CudaDevice,
+    b: &mut TrainBuffers,
+    start: usize,
+    m: usize,
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    dev.embedding_fwd_bf16(
+        &b.hf.slice(..n * d),
+        &b.scored.slice(start..start + m),
+        &mut b.hsel.slice_mut(..m * d),
+        m,
+        d,
+        n,
+    )
 }
 
 /// The GRPO loss forward and backward over the tokens `tok` of the micro-batch (their log-probs
