@@ -82,14 +82,15 @@ if [ "$what" != tests ]; then
   step 90 train-05b $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 90 train-05b-keep6 $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --keep-layers 6 --json
   step 90 train-05b-splitvocab env RFT_TRAIN_VOCAB_CHUNK=32768 $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
-  # No recompute within the memory target by micro-batching (activations 1/4 or 1/8 of the batch's).
-  step 90 train-05b-mb16-norecompute $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 16 --recompute none --json
+  # No recompute within the memory target by micro-batching (activations 1/4 or 1/8 of the batch's):
+  # the memory budget picks the largest micro-batch that fits (16 by the plan: 6.2 GiB + weights).
+  step 90 train-05b-budget $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --max-train-memory-gib 8.5 --json
   step 90 train-05b-mb8-norecompute $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 8 --recompute none --json
   step 90 roll-05b-1024 $R bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
   step 90 roll-15b-64 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
   step 60 roll-15b-64-cublas env RFT_SKINNY_GEMM=0 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
   step 90 train-15b $R bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
-  step 90 train-15b-mb8-norecompute $R bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 8 --recompute none --json
+  step 90 train-15b-budget $R bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --max-train-memory-gib 12 --json
   step 150 default-train $R train --device cuda --max-steps 200 --output-dir /tmp/rft-default-cuda
   tail -n 2 /tmp/rft-default-cuda/metrics.jsonl 2>/dev/null | cut -c1-400 | tee -a "$S"
   step 60 default-train-800 $R train --device cuda --output-dir /tmp/rft-default-cuda-800

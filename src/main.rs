@@ -205,6 +205,12 @@ enum BenchCmd {
         /// Sequences per forward/backward (0: the whole batch at once).
         #[arg(long, default_value_t = 0)]
         micro_batch_size: usize,
+        /// Cap the training step's device memory (activations, backward scratch, lm_head chunk,
+        /// LoRA state; not the weights) at this many GiB: a layout that does not fit falls back
+        /// to smaller micro-batches, then layer recompute (the JSON says which ran). 0: no cap
+        /// beyond the free device memory.
+        #[arg(long, default_value_t = 0.0)]
+        max_train_memory_gib: f64,
         /// Timed steps (after one warm-up step); the median is reported.
         #[arg(long, default_value_t = 3)]
         steps: usize,
@@ -519,11 +525,14 @@ fn run(cli: Cli) -> Result<()> {
                     recompute,
                     keep_layers,
                     micro_batch_size,
+                    max_train_memory_gib,
                     steps,
                     device,
                     json,
                 },
         } => {
+            let budget = rft::trainer::run::memory_budget_bytes(max_train_memory_gib)
+                .context("--max-train-memory-gib")?;
             let r = rft::cuda::train::bench_train(
                 &shape,
                 sequences,
@@ -536,6 +545,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 keep_layers,
                 micro_batch_size,
+                budget,
                 steps,
                 device,
             )
@@ -545,8 +555,9 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
                 println!(
-                    "{} on {}: {} × {} tokens (prompt {}), LoRA r{} ({} params), recompute {} \
-                     (last {} layers kept): {:.1} ms/step, {:.0} tok/s, weights {:.2} GiB, plan {:.2} GiB, measured {:.2} GiB",
+                    "{} on {}: {} × {} tokens (prompt {}), LoRA r{} ({} params), {} micro-batch(es) of \
+                     ≤ {} sequences, recompute {} (last {} layers kept): {:.1} ms/step, {:.0} tok/s, \
+                     weights {:.2} GiB, plan {:.2} GiB, measured {:.2} GiB",
                     r.shape,
                     r.device,
                     r.sequences,
@@ -554,6 +565,8 @@ fn run(cli: Cli) -> Result<()> {
                     r.prompt_len,
                     r.lora_rank,
                     r.trainable_params,
+                    r.micro_batches,
+                    r.micro_batch_size,
                     r.recompute,
                     r.kept_layers,
                     r.step_ms,

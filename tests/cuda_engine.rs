@@ -338,6 +338,47 @@ fn cuda_engine_sampling_is_batch_independent() {
     }
 }
 
+/// A memory budget under the plan of `max_batch_seqs`: generate decodes fewer prompts at a time
+/// (each with all its samples) instead of failing, with exactly the rollouts of that smaller
+/// batch run uncapped; under even one prompt's plan, an error naming the budget.
+#[test]
+fn cuda_engine_memory_budget_decodes_fewer_prompts_at_a_time() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let dir = model_dir("qwen2");
+    let mut gpu = CudaEngine::load(&dir, 0).unwrap();
+    let ps = prompts(gpu.config().vocab_size);
+    let params = SamplingParams {
+        temperature: 0.9,
+        seed: 99,
+        ..Default::default()
+    };
+    let stop = no_eos(8);
+    // One prompt (3 samples) at a time, uncapped: the reference and its plan's size.
+    gpu.max_batch_seqs = 3;
+    let one = gpu.generate(&ps, 3, &params, &stop, None).unwrap();
+    let (one_bytes, one_chunk) = (gpu.last_stats.plan_bytes, gpu.last_stats.prompts_per_chunk);
+    assert_eq!(one_chunk, 1);
+    gpu.max_batch_seqs = 64;
+    gpu.generate(&ps, 3, &params, &stop, None).unwrap();
+    assert_eq!(gpu.last_stats.prompts_per_chunk, ps.len());
+    assert!(gpu.last_stats.plan_bytes > one_bytes);
+    // Capped at one prompt's plan: the same chunks as the uncapped one-prompt run.
+    gpu.set_memory_budget(Some(one_bytes));
+    let capped = gpu.generate(&ps, 3, &params, &stop, None).unwrap();
+    assert_eq!(gpu.last_stats.prompts_per_chunk, 1);
+    assert!(gpu.last_stats.plan_bytes <= one_bytes);
+    assert_same_rollouts("budget of one prompt's plan", &one, &capped);
+    // Nothing fits: the error says so and names the budget.
+    gpu.set_memory_budget(Some(one_bytes - 1));
+    let e = gpu
+        .generate(&ps, 3, &params, &stop, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("memory plan needs") && e.contains("budget"), "{e}");
+}
+
 /// Asserts two generate results are identical: tokens, logprob bits, finish reasons.
 fn assert_same_rollouts(what: &str, a: &[Rollout], b: &[Rollout]) {
     assert_eq!(a.len(), b.len(), "{what}: rollout count");

@@ -1,7 +1,7 @@
 //! The CUDA training step (src/cuda/train.rs) against the CPU training core
 //! (`rft::trainer::step`), on every fixture model: token log-probs, loss and LoRA gradients of
-//! one pass (every loss option), recompute on/off, micro-batching, the lm_head's vocabulary
-//! chunks, five optimiser steps, LoRA dropout (the masks bit for bit, and the pass with
+//! one pass (every loss option), recompute on/off, micro-batching, the memory budget's
+//! fallback layouts, the lm_head's vocabulary chunks, five optimiser steps, LoRA dropout (the masks bit for bit, and the pass with
 //! dropout against the CPU's with the same step seed); full fine-tuning's gradients of every
 //! weight and three optimiser steps.
 //!
@@ -396,6 +396,86 @@ fn cuda_recompute_is_bit_identical_and_micro_batches_add_up() {
         whole.grads.lora.as_ref().unwrap(),
         saved.grads.lora.as_ref().unwrap(),
     );
+}
+
+#[test]
+fn cuda_memory_budget_falls_back_to_layouts_that_fit() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let (model, mut engine) = models("qwen2");
+    let nl = model.config.num_hidden_layers;
+    let lora = adapter(&model.config);
+    let b = batch(&model.config);
+    let loss = GrpoLossConfig::default();
+    let fresh = |engine: &mut CudaEngine| CudaTrainer::new(engine, &lora, &AdamWState::default()).unwrap();
+    // The requested layout when nothing caps it: one micro-batch of 9, nothing recomputed.
+    let mut tr = fresh(&mut engine);
+    let whole = tr
+        .grpo_gradients(&engine, &b, &opts(loss, 1, Recompute::None))
+        .unwrap();
+    let full_bytes = tr.plan().unwrap().total_bytes();
+    assert_eq!(tr.last_stats.layout.micro_batch_seqs, 9);
+    assert_eq!(tr.last_stats.layout.recompute, Recompute::None);
+    // A byte under it: the fixture's 9 short sequences are far under MIN_MICRO_BATCH_ROWS, so
+    // the fallback is layer recompute at the same micro-batch, keeping as many layers as fit
+    // (L − 1 kept is as large as none recomputed: L − 2). Same kernels, same order: same bits.
+    let mut tr = fresh(&mut engine);
+    tr.set_memory_budget(Some(full_bytes - 1));
+    let kept = tr
+        .grpo_gradients(&engine, &b, &opts(loss, 1, Recompute::None))
+        .unwrap();
+    let l = tr.last_stats.layout;
+    assert_eq!(
+        (l.micro_batch_seqs, l.recompute, l.keep_layers),
+        (9, Recompute::Layer, nl.saturating_sub(2))
+    );
+    assert!(tr.plan().unwrap().total_bytes() < full_bytes);
+    assert_eq!(whole.logp, kept.logp);
+    assert_eq!(
+        lora_params(whole.grads.lora.as_ref().unwrap()),
+        lora_params(kept.grads.lora.as_ref().unwrap()),
+        "the recompute fallback changed the gradients"
+    );
+    // Under every layout of 9 sequences: smaller micro-batches (other GEMM row counts, so
+    // cuBLAS's summation order may differ: SAME_DEVICE).
+    let mut probe = fresh(&mut engine);
+    probe
+        .grpo_gradients(&engine, &b, &opts(loss, 1, Recompute::Layer))
+        .unwrap();
+    let least_of_9 = probe.plan().unwrap().total_bytes();
+    let mut tr = fresh(&mut engine);
+    tr.set_memory_budget(Some(least_of_9 - 1));
+    let cut = tr
+        .grpo_gradients(&engine, &b, &opts(loss, 1, Recompute::None))
+        .unwrap();
+    let l = tr.last_stats.layout;
+    eprintln!("cuda_train budget {} B: {l:?}", least_of_9 - 1);
+    assert!(l.micro_batch_seqs < 9 && l.recompute == Recompute::Layer, "{l:?}");
+    assert!(tr.plan().unwrap().total_bytes() < least_of_9);
+    assert!(tr.last_stats.micro_batches >= 2);
+    compare_tensors(
+        "gradients",
+        SAME_DEVICE,
+        cut.grads.lora.as_ref().unwrap(),
+        whole.grads.lora.as_ref().unwrap(),
+    );
+    // Nothing fits: a clear error naming the budget; the trainer still works after raising it.
+    let mut tr = fresh(&mut engine);
+    tr.set_memory_budget(Some(1 << 10));
+    let e = tr
+        .grpo_gradients(&engine, &b, &opts(loss, 1, Recompute::None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not fit") && e.contains("max_train_memory_gib"),
+        "{e}"
+    );
+    tr.set_memory_budget(None);
+    let again = tr
+        .grpo_gradients(&engine, &b, &opts(loss, 1, Recompute::None))
+        .unwrap();
+    assert_eq!(again.logp, whole.logp);
 }
 
 #[test]

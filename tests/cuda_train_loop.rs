@@ -68,6 +68,8 @@ fn cuda_train_loop_runs_with_every_metric() {
         assert_eq!(r.reward_per_grader.len(), 1, "{r:?}");
         assert!(r.completion_len_mean > 0.0 && r.completion_len_max <= 4, "{r:?}");
         assert!(r.rollout_tok_s > 0.0 && r.train_tok_s > 0.0, "{r:?}");
+        // The config's layout fits (no memory fallback): one micro-batch, no recompute.
+        assert_eq!((r.micro_batches, r.gradient_checkpointing), (1, false), "{r:?}");
         assert!(r.rollout_seconds > 0.0 && r.train_seconds > 0.0, "{r:?}");
     }
     let val = t.validation().unwrap().expect("validation prompts");

@@ -159,6 +159,8 @@ fn check_train_record(r: &Value, beta: f64) {
     assert!(f(r, "entropy") >= 0.0);
     assert!(f(r, "grad_norm") >= 0.0);
     assert!(f(r, "rollout_tok_s") > 0.0 && f(r, "train_tok_s") > 0.0 && f(r, "step_seconds") > 0.0);
+    assert!(r["micro_batches"].as_u64().is_some_and(|m| m >= 1), "{r}");
+    assert!(r["gradient_checkpointing"].is_boolean(), "{r}");
     let len_max = r["completion_len_max"].as_u64().expect("completion_len_max");
     assert!((1..=4).contains(&len_max), "{r}");
     assert!(f(r, "completion_len_mean") <= len_max as f64 && f(r, "completion_len_mean") > 0.0);
@@ -244,6 +246,11 @@ fn train_writes_every_output() {
     for (i, r) in train.iter().enumerate() {
         assert_eq!(r["step"].as_u64(), Some(i as u64 + 1));
         check_train_record(r, 0.0);
+        // The default layout: one micro-batch, nothing recomputed.
+        assert_eq!(
+            (r["micro_batches"].as_u64(), r["gradient_checkpointing"].as_bool()),
+            (Some(1), Some(false))
+        );
         // linear decay to 0 over max_steps, no warmup: step k uses lr·(1 − (k−1)/max_steps)
         let want = 3e-3 * (1.0 - i as f64 / steps as f64);
         assert!(
@@ -358,7 +365,11 @@ fn kl_is_logged_when_beta_is_positive() {
     let cfg = write(
         dir,
         "kl.toml",
-        &config("max_steps = 3\neval_steps = 0\nbeta = 0.04").replace("3e-3", "1e-2"),
+        &config(
+            "max_steps = 3\neval_steps = 0\nbeta = 0.04\ngradient_accumulation_steps = 2\n\
+             gradient_checkpointing = true",
+        )
+        .replace("3e-3", "1e-2"),
     );
     ok_in(
         dir,
@@ -369,6 +380,12 @@ fn kl_is_logged_when_beta_is_positive() {
     assert_eq!(train.len(), 3);
     for r in &train {
         check_train_record(r, 0.04);
+        // 64 sequences in 2 micro-batches, layers recomputed, as configured (the CPU never
+        // changes the layout).
+        assert_eq!(
+            (r["micro_batches"].as_u64(), r["gradient_checkpointing"].as_bool()),
+            (Some(2), Some(true))
+        );
     }
     // The policy starts equal to the reference: KL 0 at step 1, then it moves away.
     assert!(f(train[0], "kl").abs() < 1e-9, "{}", train[0]);
@@ -681,6 +698,11 @@ fn config_errors_name_the_key() {
     fail_with(dir, &format!("temperature = 0\n{good}"), &["`temperature`"]);
     fail_with(dir, &good.replace("r = 8", "r = 0"), &["`lora.r`"]);
     fail_with(dir, &format!("epsilon = 2\n{good}"), &["`epsilon`"]);
+    fail_with(
+        dir,
+        &format!("max_train_memory_gib = -1.0\n{good}"),
+        &["`max_train_memory_gib`", "≥ 0"],
+    );
     fail_with(
         dir,
         &format!("learning_rate = -1.0\n{model}"),

@@ -2103,6 +2103,9 @@ pub struct GenerateStats {
     /// Why graphs are off for this engine after a failed capture (None: they are not, or were
     /// never tried).
     pub graph_error: Option<String>,
+    /// Prompts (with all their samples) decoded together: `max_batch_seqs / G`, or fewer when
+    /// that batch's memory plan did not fit ([`CudaEngine::set_memory_budget`]).
+    pub prompts_per_chunk: usize,
 }
 
 pub struct CudaEngine {
@@ -2122,6 +2125,8 @@ pub struct CudaEngine {
     pub cuda_graphs: bool,
     /// Set when a capture failed: graphs stay off for this engine, the reason in the stats.
     pub(super) graph_error: Option<String>,
+    /// Bytes the memory plan may take ([`MemoryPlan::total_bytes`]); None: what is free.
+    pub(super) memory_budget: Option<usize>,
     pub last_stats: GenerateStats,
 }
 
@@ -2191,6 +2196,7 @@ impl CudaEngine {
             max_batch_seqs: 64,
             cuda_graphs: graphs_enabled_by_env(),
             graph_error: None,
+            memory_budget: None,
             last_stats: GenerateStats::default(),
         })
     }
@@ -2357,21 +2363,52 @@ impl CudaEngine {
         (md, plan, b, graph_error)
     }
 
-    /// Makes sure the held buffers serve `needs`; grows (re-allocates) them otherwise.
+    /// Makes sure the held buffers serve `needs`; grows (re-allocates) them otherwise. An error
+    /// names the sizes when they do not fit the free device memory (or the budget).
     fn ensure_plan(&mut self, needs: PlanNeeds) -> Result<()> {
+        if self.fit_plan(needs)? {
+            return Ok(());
+        }
+        let rank = self.lora.as_ref().map_or(0, |l| l.rank);
+        let plan = MemoryPlan::new(&self.config, needs, rank);
+        let (free, _total) = self
+            .dev
+            .context()
+            .mem_get_info()
+            .map_err(cuda_err("querying free device memory"))?;
+        Err(Error::Cuda(format!(
+            "the memory plan needs {:.2} GiB (KV cache {:.2}, activations {:.2}, logits {:.2}, \
+             scratch {:.2}) but only {:.2} GiB are free{}; lower --batch-size \
+             (max_batch_seqs), the prompt length or max_new_tokens",
+            gib(plan.total_bytes()),
+            gib(plan.kv_cache_bytes),
+            gib(plan.activation_bytes),
+            gib(plan.logits_bytes),
+            gib(plan.scratch_bytes),
+            gib(free),
+            self.memory_budget.map_or(String::new(), |b| format!(
+                " (the engine's budget: {:.2} GiB)",
+                gib(b)
+            ))
+        )))
+    }
+
+    /// [`Self::ensure_plan`] without the error: false when neither the union of the held plan's
+    /// needs and `needs` nor `needs` alone fits the free memory and the budget (the held
+    /// buffers are released then).
+    fn fit_plan(&mut self, needs: PlanNeeds) -> Result<bool> {
         let rank = self.lora.as_ref().map_or(0, |l| l.rank);
         let want = MemoryPlan::new(&self.config, needs, rank);
         if let Some((have, _)) = &self.plan {
             if have.covers(&want) {
-                return Ok(());
+                return Ok(true);
             }
         }
-        // Grow: serve both what was held and what is needed.
-        let needs = match &self.plan {
-            Some((have, _)) => have.needs.max(needs),
-            None => needs,
-        };
-        let plan = MemoryPlan::new(&self.config, needs, rank);
+        // Grow: serve both what was held and what is needed, or what is needed alone.
+        let union = self
+            .plan
+            .as_ref()
+            .map(|(have, _)| MemoryPlan::new(&self.config, have.needs.max(needs), rank));
         // Free the old buffers (and the decode graphs captured against them) first; cudarc
         // frees on the stream.
         self.plan = None;
@@ -2381,22 +2418,26 @@ impl CudaEngine {
             .context()
             .mem_get_info()
             .map_err(cuda_err("querying free device memory"))?;
-        if plan.total_bytes() > free {
-            return Err(Error::Cuda(format!(
-                "the memory plan needs {:.2} GiB (KV cache {:.2}, activations {:.2}, logits {:.2}, \
-                 scratch {:.2}) but only {:.2} GiB are free; lower --batch-size \
-                 (max_batch_seqs), the prompt length or max_new_tokens",
-                gib(plan.total_bytes()),
-                gib(plan.kv_cache_bytes),
-                gib(plan.activation_bytes),
-                gib(plan.logits_bytes),
-                gib(plan.scratch_bytes),
-                gib(free)
-            )));
-        }
+        let budget = self.memory_budget;
+        let fits = |p: &MemoryPlan| p.total_bytes() <= free && budget.is_none_or(|b| p.total_bytes() <= b);
+        let plan = match union {
+            Some(u) if fits(&u) => u,
+            _ if fits(&want) => want,
+            _ => return Ok(false),
+        };
         let bufs = Buffers::alloc(&self.dev, &self.config, &plan)?;
         self.plan = Some((plan, bufs));
-        Ok(())
+        Ok(true)
+    }
+
+    /// Caps the memory plan (KV cache, activations, logits, scratch; not the weights) at
+    /// `bytes`; None (the default): what the device has free. A generate call whose batch of
+    /// `max_batch_seqs` does not fit decodes fewer prompts (with all their samples) at a time
+    /// instead ([`GenerateStats::prompts_per_chunk`]; the samples do not depend on it). Takes
+    /// effect at the next call (the held buffers are released).
+    pub fn set_memory_budget(&mut self, bytes: Option<usize>) {
+        self.memory_budget = bytes;
+        self.plan = None;
     }
 }
 
@@ -2526,17 +2567,22 @@ impl Engine for CudaEngine {
         self.sync_adapter()?;
         let g = num_samples;
         let ctx = self.config.max_position_embeddings;
-        let prompts_per_chunk = (self.max_batch_seqs / g).max(1).min(prompts.len());
+        let mut prompts_per_chunk = (self.max_batch_seqs / g).max(1).min(prompts.len());
         let max_prompt_len = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
-        let needs = MemoryPlan::for_generate(
-            &self.config,
+        let config = self.config.clone();
+        let needs = |prompts_per_chunk| {
+            MemoryPlan::for_generate(&config, prompts_per_chunk, g, max_prompt_len, stop.max_new_tokens)
+        };
+        // Fewer prompts at a time when a batch of max_batch_seqs does not fit; one prompt's G
+        // samples always decode together (they share its prefilled KV).
+        while prompts_per_chunk > 1 && !self.fit_plan(needs(prompts_per_chunk))? {
+            prompts_per_chunk = prompts_per_chunk.div_ceil(2);
+        }
+        self.ensure_plan(needs(prompts_per_chunk))?;
+        let mut stats = GenerateStats {
             prompts_per_chunk,
-            g,
-            max_prompt_len,
-            stop.max_new_tokens,
-        );
-        self.ensure_plan(needs)?;
-        let mut stats = GenerateStats::default();
+            ..GenerateStats::default()
+        };
         let use_graphs = self.cuda_graphs && !debug_enabled();
         let (md, plan, b, graph_error) = self.planned();
         let (dev, c) = (md.dev, md.c);

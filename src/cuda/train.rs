@@ -484,6 +484,12 @@ impl TrainPlan {
         self.activation_bytes + self.backward_bytes + self.logits_bytes + self.lora_bytes + self.full_bytes
     }
 
+    /// The bytes of the step's buffers: [`Self::total_bytes`] less the trained state, which the
+    /// trainer holds from its construction.
+    pub fn buffer_bytes(&self) -> usize {
+        self.total_bytes() - self.lora_bytes - self.full_bytes
+    }
+
     fn covers(&self, o: &TrainPlan) -> bool {
         self.max_rows >= o.max_rows
             && self.max_seqs >= o.max_seqs
@@ -496,6 +502,105 @@ impl TrainPlan {
             && self.full_params == o.full_params
             && self.norm_partials >= o.norm_partials
     }
+}
+
+/// How a step cuts its batch and what its backward recomputes: the options' micro-batching and
+/// `recompute` with the trainer's kept layers, or the fallback [`fit_layout`] chose to fit the
+/// device memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepLayout {
+    /// Sequences of the largest micro-batch.
+    pub micro_batch_seqs: usize,
+    pub recompute: Recompute,
+    /// With layer recompute: the trailing layers whose activations are kept anyway.
+    pub keep_layers: usize,
+}
+
+impl Default for StepLayout {
+    fn default() -> Self {
+        StepLayout {
+            micro_batch_seqs: 0,
+            recompute: Recompute::None,
+            keep_layers: 0,
+        }
+    }
+}
+
+/// Rows under which a micro-batch is not cut further to avoid recomputing layers. A layer
+/// recompute adds a layer forward to the layer's forward + backward (≈ 1/3 more of its FLOPs);
+/// halving the rows keeps the FLOPs and costs only GEMM efficiency, which stays high down to
+/// about 2048 rows (0.5B: 2048 × 896 outputs are ~1 wave of 128 × 128 tiles on 132 SMs for the
+/// narrowest projections, the MLP's several; wider models more).
+pub const MIN_MICRO_BATCH_ROWS: usize = 2048;
+
+/// The first layout, in this order, whose plan (`plan_of`) `fits`:
+/// 1. `requested` itself;
+/// 2. without layer recompute requested: smaller micro-batches (halved, ⌈s/2⌉) without
+///    recompute, while a micro-batch keeps ≥ [`MIN_MICRO_BATCH_ROWS`] rows — no extra FLOPs,
+///    only more, smaller GEMMs;
+/// 3. layer recompute at the requested micro-batch with as many kept layers as fit (fewer than
+///    requested when it was requested; up to L − 1 otherwise) — each recomputed layer is one more
+///    layer forward;
+/// 4. halved micro-batches with layer recompute and as many kept layers as fit, down to one
+///    sequence.
+///
+/// Results do not depend on the layout (micro-batches add their gradients under the whole
+/// batch's loss weights; a recompute reruns the same kernels), except that LoRA dropout draws
+/// its masks per micro-batch. `Err` carries the smallest plan (one sequence, every layer
+/// recomputed) when nothing fits.
+pub fn fit_layout(
+    requested: StepLayout,
+    num_layers: usize,
+    plan_of: impl Fn(StepLayout) -> TrainPlan,
+    fits: impl Fn(&TrainPlan) -> bool,
+) -> std::result::Result<(StepLayout, TrainPlan), Box<TrainPlan>> {
+    let mb0 = requested.micro_batch_seqs.max(1);
+    let halvings = move || std::iter::successors(Some(mb0), |&s| (s > 1).then(|| s.div_ceil(2))).skip(1);
+    let layout = |micro_batch_seqs, recompute, keep_layers| StepLayout {
+        micro_batch_seqs,
+        recompute,
+        keep_layers,
+    };
+    let try_one = |l: StepLayout| {
+        let p = plan_of(l);
+        fits(&p).then_some((l, p))
+    };
+    if let Some(hit) = try_one(requested) {
+        return Ok(hit);
+    }
+    let max_keep = match requested.recompute {
+        Recompute::None => {
+            for s in halvings() {
+                let l = layout(s, Recompute::None, 0);
+                if plan_of(l).max_rows < MIN_MICRO_BATCH_ROWS {
+                    break;
+                }
+                if let Some(hit) = try_one(l) {
+                    return Ok(hit);
+                }
+            }
+            num_layers.saturating_sub(1)
+        }
+        Recompute::Layer => requested.keep_layers.min(num_layers).saturating_sub(1),
+    };
+    let with_recompute = |s: usize, max_keep: usize| {
+        (0..=max_keep)
+            .rev()
+            .find_map(|k| try_one(layout(s, Recompute::Layer, k)))
+    };
+    if let Some(hit) = with_recompute(mb0, max_keep) {
+        return Ok(hit);
+    }
+    let max_keep = match requested.recompute {
+        Recompute::None => max_keep,
+        Recompute::Layer => requested.keep_layers.min(num_layers),
+    };
+    for s in halvings() {
+        if let Some(hit) = with_recompute(s, max_keep) {
+            return Ok(hit);
+        }
+    }
+    Err(Box::new(plan_of(layout(1, Recompute::Layer, 0))))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1713,6 +1818,9 @@ pub struct TrainStats {
     /// Rows (prompt + completion tokens) forwarded and backpropagated.
     pub rows: usize,
     pub plan_bytes: usize,
+    /// The layout the step ran with (the requested one, or the memory fallback).
+    #[serde(skip)]
+    pub layout: StepLayout,
 }
 
 /// What a forward of one micro-batch leaves on the host.
@@ -1775,6 +1883,8 @@ pub struct CudaTrainer {
     /// With layer recompute, the trailing layers whose activations are kept
     /// ([`TrainPlan::keeping_last_layers`]; 0 by default).
     keep_layers: usize,
+    /// Bytes the training plan may take ([`TrainPlan::total_bytes`]); None: what is free.
+    memory_budget: Option<usize>,
     pub last_stats: TrainStats,
 }
 
@@ -1942,6 +2052,7 @@ impl CudaTrainer {
             finish: dev.function("logprob_chunk_finish_f32")?,
             vocab_chunk: vocab_chunk_from_env()?,
             keep_layers: 0,
+            memory_budget: None,
             last_stats: TrainStats::default(),
         })
     }
@@ -1953,6 +2064,18 @@ impl CudaTrainer {
     /// the next plan (a larger plan is kept).
     pub fn set_keep_layers(&mut self, layers: usize) {
         self.keep_layers = layers;
+    }
+
+    /// Caps the training step's device memory ([`TrainPlan::total_bytes`]: activations, backward
+    /// scratch, the lm_head chunk and the trained f32 state; not the model's bf16 weights nor the
+    /// rollout engine's buffers) at `bytes`; None (the default): what the device has free. A
+    /// step whose requested layout (the options' micro-batches and recompute, the kept layers)
+    /// does not fit runs with the first fallback of [`fit_layout`] that does (smaller
+    /// micro-batches, layer recompute); `last_stats.layout` says which. Takes effect at the next
+    /// step (the held buffers are released).
+    pub fn set_memory_budget(&mut self, bytes: Option<usize>) {
+        self.memory_budget = bytes;
+        self.plan = None;
     }
 
     /// Sets the vocabulary columns of one lm_head chunk (≥ 1; takes effect at the next plan):
@@ -2056,28 +2179,27 @@ impl CudaTrainer {
         }
     }
 
-    /// Makes sure the held buffers serve `want`; grows them otherwise.
+    /// Makes sure the held buffers serve `want`; grows them otherwise (to serve both the held
+    /// plan's batches and `want`'s, or `want`'s alone when that union does not fit).
     fn ensure_plan(&mut self, engine: &CudaEngine, want: TrainPlan) -> Result<()> {
         if let Some((have, _)) = &self.plan {
             if have.covers(&want) {
                 return Ok(());
             }
         }
-        let want = match &self.plan {
-            Some((have, _)) => self
-                .new_plan(
-                    &engine.config,
-                    have.max_rows.max(want.max_rows),
-                    have.max_seqs.max(want.max_seqs),
-                    have.max_tokens.max(want.max_tokens),
-                    Recompute::Layer,
-                )
-                .keeping_last_layers(
-                    engine.config.num_hidden_layers,
-                    have.kept_layers.max(want.kept_layers),
-                ),
-            None => want,
-        };
+        let union = self.plan.as_ref().map(|(have, _)| {
+            self.new_plan(
+                &engine.config,
+                have.max_rows.max(want.max_rows),
+                have.max_seqs.max(want.max_seqs),
+                have.max_tokens.max(want.max_tokens),
+                Recompute::Layer,
+            )
+            .keeping_last_layers(
+                engine.config.num_hidden_layers,
+                have.kept_layers.max(want.kept_layers),
+            )
+        });
         self.plan = None;
         engine.dev.synchronize()?;
         let (free, _) = engine
@@ -2085,26 +2207,37 @@ impl CudaTrainer {
             .context()
             .mem_get_info()
             .map_err(cuda_err("querying free device memory"))?;
+        let budget = self.memory_budget;
         // The trained state (lora_bytes, full_bytes) was allocated by `new` / `new_full`.
-        let need = want.total_bytes() - want.lora_bytes - want.full_bytes;
-        if need > free {
+        let fits = |p: &TrainPlan| p.buffer_bytes() <= free && budget.is_none_or(|b| p.total_bytes() <= b);
+        let pick = match union {
+            Some(u) if fits(&u) => u,
+            _ => want,
+        };
+        if !fits(&pick) {
             return Err(Error::Cuda(format!(
                 "the training step needs {:.2} GiB (activations {:.2}, backward {:.2}, logits {:.2}) \
-                 but only {:.2} GiB are free; use more micro-batches (gradient_accumulation_steps), \
-                 shorter completions, or recompute = \"layer\"",
-                gib(need),
-                gib(want.activation_bytes),
-                gib(want.backward_bytes),
-                gib(want.logits_bytes),
-                gib(free)
+                 but only {:.2} GiB are free{}; use smaller micro-batches (micro_batch_size, \
+                 gradient_accumulation_steps), shorter completions, or gradient_checkpointing = true",
+                gib(pick.buffer_bytes()),
+                gib(pick.activation_bytes),
+                gib(pick.backward_bytes),
+                gib(pick.logits_bytes),
+                gib(free),
+                budget.map_or(String::new(), |b| format!(
+                    " (budget max_train_memory_gib = {:.2} GiB for {:.2} GiB with the trained state)",
+                    gib(b),
+                    gib(pick.total_bytes())
+                ))
             )));
         }
-        let bufs = TrainBuffers::alloc(&engine.dev, &engine.config, &want)?;
-        self.plan = Some((want, bufs));
+        let bufs = TrainBuffers::alloc(&engine.dev, &engine.config, &pick)?;
+        self.plan = Some((pick, bufs));
         Ok(())
     }
 
-    fn plan_for(&self, c: &ModelConfig, p: &Prepared, opts: &GrpoOptions) -> TrainPlan {
+    /// The plan of `p` cut into micro-batches as `opts` says, with `keep` kept layers.
+    fn plan_for(&self, c: &ModelConfig, p: &Prepared, opts: &GrpoOptions, keep: usize) -> TrainPlan {
         let ranges = p.micro_batches(opts);
         let (mut rows, mut seqs, mut toks) = (1, 1, 1);
         for rg in &ranges {
@@ -2113,7 +2246,59 @@ impl CudaTrainer {
             toks = toks.max(rg.clone().map(|i| p.lengths[i]).sum::<usize>());
         }
         self.new_plan(c, rows, seqs, toks, opts.recompute)
-            .keeping_last_layers(c.num_hidden_layers, self.keep_layers)
+            .keeping_last_layers(c.num_hidden_layers, keep)
+    }
+
+    /// Allocates the plan of `p` in the requested layout (`opts`' micro-batches and recompute,
+    /// the kept layers) when it fits the device memory (and the budget), else in the first
+    /// fallback of [`fit_layout`] that does; returns the options with that layout's
+    /// micro-batching and recompute.
+    fn fit_memory(&mut self, engine: &CudaEngine, p: &Prepared, opts: &GrpoOptions) -> Result<GrpoOptions> {
+        let c = &engine.config;
+        let requested = StepLayout {
+            micro_batch_seqs: p.micro_batches(opts).first().map_or(1, |r| r.len()),
+            recompute: opts.recompute,
+            keep_layers: self.keep_layers,
+        };
+        let with = |l: StepLayout| GrpoOptions {
+            micro_batch_size: l.micro_batch_seqs,
+            recompute: l.recompute,
+            ..opts.clone()
+        };
+        let (free, _) = engine
+            .dev
+            .context()
+            .mem_get_info()
+            .map_err(cuda_err("querying free device memory"))?;
+        // A new plan replaces the held one: its buffers count as free.
+        let avail = free + self.plan.as_ref().map_or(0, |(h, _)| h.buffer_bytes());
+        let budget = self.memory_budget;
+        let fits =
+            |pl: &TrainPlan| pl.buffer_bytes() <= avail && budget.is_none_or(|b| pl.total_bytes() <= b);
+        let plan_of = |l: StepLayout| self.plan_for(c, p, &with(l), l.keep_layers);
+        match fit_layout(requested, c.num_hidden_layers, plan_of, fits) {
+            Ok((layout, plan)) => {
+                self.ensure_plan(engine, plan)?;
+                self.last_stats.layout = layout;
+                Ok(with(layout))
+            }
+            Err(smallest) => Err(Error::Cuda(format!(
+                "the training step does not fit the device memory: even one sequence per \
+                 micro-batch with every layer recomputed needs {:.2} GiB (activations {:.2}, \
+                 backward {:.2}, logits {:.2}, trained state {:.2}); {:.2} GiB are free{}. Use \
+                 shorter sequences, a smaller LoRA rank or model, or free device memory",
+                gib(smallest.total_bytes()),
+                gib(smallest.activation_bytes),
+                gib(smallest.backward_bytes),
+                gib(smallest.logits_bytes),
+                gib(smallest.lora_bytes + smallest.full_bytes),
+                gib(avail),
+                budget.map_or(String::new(), |b| format!(
+                    " and the budget (max_train_memory_gib) is {:.2} GiB",
+                    gib(b)
+                ))
+            ))),
+        }
     }
 
     /// The adapter's LoRA dropout probability (0 without, and with full fine-tuning).
@@ -2613,7 +2798,14 @@ impl CudaTrainer {
     }
 
     /// Advantages, filtering, and the reference / old log-probs on the GPU.
-    fn prepare(&mut self, engine: &CudaEngine, batch: &GrpoBatch, opts: &GrpoOptions) -> Result<Prepared> {
+    /// Also fits the step into the device memory: the options returned carry the micro-batching
+    /// and recompute the step runs with ([`Self::fit_memory`]).
+    fn prepare(
+        &mut self,
+        engine: &CudaEngine,
+        batch: &GrpoBatch,
+        opts: &GrpoOptions,
+    ) -> Result<(Prepared, GrpoOptions)> {
         self.check_options(opts)?;
         // The packed batch sizes the plan; the reference / old log-prob passes run inside it.
         let shape = match &self.trained {
@@ -2621,16 +2813,15 @@ impl CudaTrainer {
             Trained::Full(_) => None,
         };
         let mut p = prepare_batch(&engine.config, shape, batch, opts)?;
-        let want = self.plan_for(&engine.config, &p, opts);
-        self.ensure_plan(engine, want)?;
+        let opts = self.fit_memory(engine, &p, opts)?;
         let t0 = Instant::now();
         let temperature = opts.temperature;
-        p.fill_logps(batch, opts, &mut |seqs, adapter| {
+        p.fill_logps(batch, &opts, &mut |seqs, adapter| {
             self.logprobs_planned(engine, seqs, adapter, temperature)
                 .map(|o| o.logp)
         })?;
         self.last_stats.prepare_ms = t0.elapsed().as_secs_f64() * 1e3;
-        Ok(p)
+        Ok((p, opts))
     }
 
     /// Gradients of the GRPO loss on `batch` for the current parameters, without stepping and
@@ -2666,8 +2857,8 @@ impl CudaTrainer {
         opts: &GrpoOptions,
         dropout_seed: Option<u64>,
     ) -> Result<GrpoGradients> {
-        let p = self.prepare(engine, batch, opts)?;
-        let mut g = self.gradients(engine, &p, opts, dropout_seed)?;
+        let (p, opts) = self.prepare(engine, batch, opts)?;
+        let mut g = self.gradients(engine, &p, &opts, dropout_seed)?;
         let host = get(&engine.dev, "gradients", &self.grads, self.len)?;
         let parts = split_sizes(&host, &self.sizes);
         match &self.trained {
@@ -2708,7 +2899,8 @@ impl CudaTrainer {
         opts: &GrpoOptions,
     ) -> Result<Vec<StepMetrics>> {
         self.last_stats = TrainStats::default();
-        let p = self.prepare(engine, batch, opts)?;
+        let (p, opts) = self.prepare(engine, batch, opts)?;
+        let opts = &opts;
         let mut out = Vec::with_capacity(opts.num_iterations);
         for iteration in 0..opts.num_iterations {
             let t0 = Instant::now();
@@ -3021,9 +3213,16 @@ pub struct TrainBench {
     pub seq_len: usize,
     pub prompt_len: usize,
     pub lora_rank: usize,
+    /// The recompute the step ran with (`none` or `layer`): the requested one, or the memory
+    /// fallback's ([`fit_layout`]).
     pub recompute: String,
     /// Trailing layers whose activations were kept (no recompute in their backward).
     pub kept_layers: usize,
+    /// Sequences of the largest micro-batch the step ran with, and the micro-batches.
+    pub micro_batch_size: usize,
+    pub micro_batches: usize,
+    /// The cap of [`CudaTrainer::set_memory_budget`], when given.
+    pub memory_budget_bytes: Option<usize>,
     /// Scored rows × vocabulary columns of one lm_head chunk, and whether the training forward
     /// ran the loss and the lm_head backward (the vocabulary in one chunk).
     pub lm_head_chunk: (usize, usize),
@@ -3056,6 +3255,7 @@ pub fn bench_train(
     recompute: Recompute,
     keep_layers: usize,
     micro_batch_size: usize,
+    memory_budget: Option<usize>,
     steps: usize,
     ordinal: usize,
 ) -> Result<TrainBench> {
@@ -3076,6 +3276,7 @@ pub fn bench_train(
     let lora = LoraWeights::new_random(all_linear(lora_rank), &config, 3, 0.02, 1e-3);
     let mut trainer = CudaTrainer::new(&mut engine, &lora, &AdamWState::default())?;
     trainer.set_keep_layers(keep_layers);
+    trainer.set_memory_budget(memory_budget);
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
     let mut rnd = || {
         s ^= s << 13;
@@ -3139,8 +3340,11 @@ pub fn bench_train(
         seq_len,
         prompt_len,
         lora_rank,
-        recompute: format!("{recompute:?}").to_lowercase(),
+        recompute: format!("{:?}", trainer.last_stats.layout.recompute).to_lowercase(),
         kept_layers: trainer.plan().map_or(0, |p| p.kept_layers),
+        micro_batch_size: trainer.last_stats.layout.micro_batch_seqs,
+        micro_batches: trainer.last_stats.micro_batches,
+        memory_budget_bytes: memory_budget,
         lm_head_chunk: trainer.plan().map_or((0, 0), |p| (p.chunk_rows, p.vocab_chunk)),
         head_in_forward: trainer.plan().is_some_and(|p| p.head_in_forward),
         trainable_params: trainer.num_params(),
@@ -3310,6 +3514,100 @@ mod tests {
         );
         let total = p.total_bytes() + bf16_weight_bytes(&c);
         assert!(total < 14 << 30, "1.5B plan {:.2} GiB", gib(total));
+    }
+
+    #[test]
+    fn fit_layout_prefers_micro_batches_then_recompute() {
+        let c = ModelConfig::preset("qwen2.5-0.5b").unwrap();
+        let nl = c.num_hidden_layers;
+        let n = LoraWeights::init(all_linear(16), &c, 0).num_params();
+        // 64 sequences of `len` tokens (the last 2/3 scored), cut as the layout says.
+        let c = &c;
+        let plan_of = |len: usize| {
+            move |l: StepLayout| {
+                TrainPlan::new(
+                    c,
+                    l.micro_batch_seqs * len,
+                    l.micro_batch_seqs,
+                    l.micro_batch_seqs * len * 2 / 3,
+                    n,
+                    16,
+                    l.recompute,
+                    false,
+                    TRAIN_VOCAB_CHUNK,
+                )
+                .keeping_last_layers(nl, l.keep_layers)
+            }
+        };
+        let layout = |micro_batch_seqs, recompute, keep_layers| StepLayout {
+            micro_batch_seqs,
+            recompute,
+            keep_layers,
+        };
+        let under = |b: usize| move |p: &TrainPlan| p.total_bytes() <= b;
+        let none64 = layout(64, Recompute::None, 0);
+        // No cap: the requested layout.
+        let (l, _) = fit_layout(none64, nl, plan_of(384), |_| true).unwrap();
+        assert_eq!(l, none64);
+        // The issue's 0.5B step in 10 GiB with the weights: no recompute in micro-batches of 16
+        // (32 need 10.7 GiB of activations alone).
+        let budget = (10usize << 30) - bf16_weight_bytes(c);
+        let (l, p) = fit_layout(none64, nl, plan_of(384), under(budget)).unwrap();
+        eprintln!(
+            "0.5B × 64 × 384 in 10 GiB: {l:?}, plan {:.2} GiB",
+            gib(p.total_bytes())
+        );
+        assert_eq!(l, layout(16, Recompute::None, 0));
+        assert!(p.total_bytes() <= budget && p.max_rows == 16 * 384);
+        assert!(plan_of(384)(layout(32, Recompute::None, 0)).total_bytes() > budget);
+        // Short sequences: halving 64 × 32 rows would go under MIN_MICRO_BATCH_ROWS, so the
+        // fallback recomputes layers at the whole batch, keeping as many as fit.
+        let short = plan_of(32);
+        let all = short(none64).total_bytes();
+        let (l, p) = fit_layout(none64, nl, short, under(all - 1)).unwrap();
+        assert_eq!(l, layout(64, Recompute::Layer, nl - 2));
+        assert!(p.total_bytes() < all);
+        // Layer recompute keeping 6 requested, a byte short: 5 kept, not smaller micro-batches.
+        let keep6 = layout(64, Recompute::Layer, 6);
+        let b6 = plan_of(384)(keep6).total_bytes();
+        let (l, _) = fit_layout(keep6, nl, plan_of(384), under(b6 - 1)).unwrap();
+        assert_eq!(l, layout(64, Recompute::Layer, 5));
+        // Under every whole-batch layout: halved micro-batches, layer recompute.
+        let least64 = plan_of(384)(layout(64, Recompute::Layer, 0)).total_bytes();
+        let (l, p) = fit_layout(keep6, nl, plan_of(384), under(least64 - 1)).unwrap();
+        assert_eq!((l.micro_batch_seqs, l.recompute), (32, Recompute::Layer));
+        assert!(l.keep_layers <= 6 && p.total_bytes() < least64);
+        // Nothing fits: the smallest plan (one sequence, every layer recomputed) comes back.
+        let smallest = fit_layout(none64, nl, plan_of(384), under(1 << 20)).unwrap_err();
+        assert_eq!((smallest.max_seqs, smallest.kept_layers), (1, 0));
+        // Qwen2.5-1.5B in 16 GiB with its weights: still no recompute, in micro-batches of 16
+        // (12.7 GiB: tight, with the CUDA context and cuBLAS's workspace to add; a 12 GiB cap
+        // gives micro-batches of 8).
+        let c = &ModelConfig::preset("qwen2.5-1.5b").unwrap();
+        let n = LoraWeights::init(all_linear(16), c, 0).num_params();
+        let plan15 = |l: StepLayout| {
+            TrainPlan::new(
+                c,
+                l.micro_batch_seqs * 384,
+                l.micro_batch_seqs,
+                l.micro_batch_seqs * 256,
+                n,
+                16,
+                l.recompute,
+                false,
+                TRAIN_VOCAB_CHUNK,
+            )
+            .keeping_last_layers(c.num_hidden_layers, l.keep_layers)
+        };
+        let budget = (16usize << 30) - bf16_weight_bytes(c);
+        let (l, p) = fit_layout(none64, c.num_hidden_layers, plan15, under(budget)).unwrap();
+        eprintln!(
+            "1.5B × 64 × 384 in 16 GiB: {l:?}, plan {:.2} GiB",
+            gib(p.total_bytes())
+        );
+        assert_eq!(l, layout(16, Recompute::None, 0));
+        let (l, _) = fit_layout(none64, c.num_hidden_layers, plan15, under(12 << 30)).unwrap();
+        assert_eq!(l, layout(8, Recompute::None, 0));
     }
 
     #[test]

@@ -40,6 +40,11 @@ pub struct TrainRecord {
     pub grade_seconds: f64,
     pub train_seconds: f64,
     pub step_seconds: f64,
+    /// Forward/backward passes per update, and whether layers were recomputed in the backward:
+    /// the config's micro-batching and gradient_checkpointing, or (GPU) the layout that fitted
+    /// the device memory (`max_train_memory_gib`).
+    pub micro_batches: usize,
+    pub gradient_checkpointing: bool,
 }
 
 /// One validation pass (greedy decoding on held-out prompts).

@@ -100,7 +100,7 @@ use crate::optim::{AdamW, LrSchedule, SchedulerType, Warmup};
 use crate::sampling::{FinishReason, SamplingParams, StopCriteria};
 use crate::trainer::metrics::{EvalRecord, MetricsLog, Record, Summary, TrainRecord};
 use crate::trainer::state::{load_checkpoint, save_checkpoint, TrainState, Trainable};
-use crate::trainer::step::{grpo_update, GrpoBatch, GrpoOptions, GrpoSeq};
+use crate::trainer::step::{grpo_update, micro_ranges, GrpoBatch, GrpoOptions, GrpoSeq};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -205,6 +205,13 @@ pub struct TrainConfig {
     /// With gradient_checkpointing on the GPU: keep the last K layers' activations anyway (their
     /// backward skips the recompute; K layers' activations more memory). Same results.
     pub gradient_checkpointing_keep_layers: usize,
+    /// GPU: cap the training step's device memory (activations, backward scratch, lm_head chunk,
+    /// trained f32 state; not the bf16 weights nor the rollout KV cache) at this many GiB. A step
+    /// whose micro-batching / gradient_checkpointing does not fit (the cap, or the free device
+    /// memory) runs with smaller micro-batches, then with layer recompute (see
+    /// `cuda::train::fit_layout`; results are the same up to float summation order, except LoRA
+    /// dropout masks, drawn per micro-batch). 0: no cap beyond the free memory.
+    pub max_train_memory_gib: f64,
     /// DAPO's dynamic sampling: drop groups whose rewards are all equal and draw more prompts.
     pub dynamic_sampling: bool,
     /// At most this many extra draws per step when dynamic sampling refills the batch.
@@ -225,6 +232,17 @@ pub struct TrainConfig {
     pub rollout_batch_size: usize,
     pub output_dir: Option<PathBuf>,
     pub device: Device,
+}
+
+/// A GiB budget (`max_train_memory_gib`, `--max-train-memory-gib`) in bytes: None for 0 (no
+/// cap); an error for a negative or non-finite value.
+pub fn memory_budget_bytes(gib: f64) -> Result<Option<usize>> {
+    if !(gib >= 0.0 && gib.is_finite()) {
+        return Err(Error::invalid(format!(
+            "a memory budget must be a number of GiB ≥ 0 (0: no cap), got {gib}"
+        )));
+    }
+    Ok((gib > 0.0).then_some((gib * (1u64 << 30) as f64) as usize))
 }
 
 impl Default for TrainConfig {
@@ -263,6 +281,7 @@ impl Default for TrainConfig {
             micro_batch_size: 0,
             gradient_checkpointing: false,
             gradient_checkpointing_keep_layers: 0,
+            max_train_memory_gib: 0.0,
             dynamic_sampling: false,
             max_resample_rounds: 4,
             max_steps: 100,
@@ -368,6 +387,8 @@ impl TrainConfig {
                 format!("must be in [0, 1), got {}", self.lora.dropout),
             );
         }
+        memory_budget_bytes(self.max_train_memory_gib)
+            .map_err(|m| Error::config(origin, format!("`max_train_memory_gib`: {m}")))?;
         if self.rollout_batch_size == 0 {
             return bad("rollout_batch_size", "must be ≥ 1".into());
         }
@@ -638,6 +659,7 @@ impl Trainer {
             CudaTrainer::new(engine, lora, &self.state.adam)?
         };
         trainer.set_keep_layers(self.config.gradient_checkpointing_keep_layers);
+        trainer.set_memory_budget(memory_budget_bytes(self.config.max_train_memory_gib)?);
         Ok(trainer)
     }
 
@@ -931,12 +953,26 @@ impl Trainer {
         };
         let t_train = Instant::now();
         let metrics = match self.cuda.as_mut() {
-            Some(c) => c
-                .trainer
-                .grpo_update(&mut c.engine, &mut self.state, &batch, &self.opts)?,
+            Some(c) => {
+                let m = c
+                    .trainer
+                    .grpo_update(&mut c.engine, &mut self.state, &batch, &self.opts)?;
+                let st = &c.trainer.last_stats;
+                rec.micro_batches = st.micro_batches / self.config.num_iterations.max(1);
+                rec.gradient_checkpointing = st.layout.recompute == Recompute::Layer;
+                m
+            }
             None => {
                 let lora = self.engine.adapter.as_mut();
-                grpo_update(&mut self.engine.model, lora, &mut self.state, &batch, &self.opts)?
+                let m = grpo_update(&mut self.engine.model, lora, &mut self.state, &batch, &self.opts)?;
+                rec.micro_batches = micro_ranges(
+                    batch.seqs.len(),
+                    self.opts.micro_batch_size,
+                    self.opts.gradient_accumulation_steps,
+                )
+                .len();
+                rec.gradient_checkpointing = self.opts.recompute == Recompute::Layer;
+                m
             }
         };
         rec.train_seconds = t_train.elapsed().as_secs_f64();
