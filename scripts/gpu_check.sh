@@ -86,6 +86,7 @@ if [ "$what" != tests ]; then
   # the memory budget picks the largest micro-batch that fits (16 by the plan: 6.2 GiB + weights).
   step 90 train-05b-budget $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --max-train-memory-gib 8.5 --json
   step 90 train-05b-mb8-norecompute $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 8 --recompute none --json
+  step 90 train-05b-full $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --full-fine-tuning --json
   step 90 roll-05b-1024 $R bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json
   step 90 roll-15b-64 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
   step 60 roll-15b-64-cublas env RFT_SKINNY_GEMM=0 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json

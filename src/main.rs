@@ -211,6 +211,10 @@ enum BenchCmd {
         /// beyond the free device memory.
         #[arg(long, default_value_t = 0.0)]
         max_train_memory_gib: f64,
+        /// Train every weight (f32 master weights, grads, AdamW moments: 16 bytes a parameter)
+        /// instead of a LoRA adapter; --lora-rank is then unused.
+        #[arg(long)]
+        full_fine_tuning: bool,
         /// Timed steps (after one warm-up step); the median is reported.
         #[arg(long, default_value_t = 3)]
         steps: usize,
@@ -526,6 +530,7 @@ fn run(cli: Cli) -> Result<()> {
                     keep_layers,
                     micro_batch_size,
                     max_train_memory_gib,
+                    full_fine_tuning,
                     steps,
                     device,
                     json,
@@ -546,6 +551,7 @@ fn run(cli: Cli) -> Result<()> {
                 keep_layers,
                 micro_batch_size,
                 budget,
+                full_fine_tuning,
                 steps,
                 device,
             )
@@ -555,7 +561,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
                 println!(
-                    "{} on {}: {} × {} tokens (prompt {}), LoRA r{} ({} params), {} micro-batch(es) of \
+                    "{} on {}: {} × {} tokens (prompt {}), {} ({} params), {} micro-batch(es) of \
                      ≤ {} sequences, recompute {} (last {} layers kept): {:.1} ms/step, {:.0} tok/s, \
                      weights {:.2} GiB, plan {:.2} GiB, measured {:.2} GiB",
                     r.shape,
@@ -563,7 +569,11 @@ fn run(cli: Cli) -> Result<()> {
                     r.sequences,
                     r.seq_len,
                     r.prompt_len,
-                    r.lora_rank,
+                    if r.full_fine_tuning {
+                        "full fine-tuning".to_string()
+                    } else {
+                        format!("LoRA r{}", r.lora_rank)
+                    },
                     r.trainable_params,
                     r.micro_batches,
                     r.micro_batch_size,

@@ -3213,6 +3213,9 @@ pub struct TrainBench {
     pub seq_len: usize,
     pub prompt_len: usize,
     pub lora_rank: usize,
+    /// Every weight trained (f32 master weights, grads and AdamW moments) instead of a LoRA
+    /// adapter (`lora_rank` is then unused).
+    pub full_fine_tuning: bool,
     /// The recompute the step ran with (`none` or `layer`): the requested one, or the memory
     /// fallback's ([`fit_layout`]).
     pub recompute: String,
@@ -3256,6 +3259,7 @@ pub fn bench_train(
     keep_layers: usize,
     micro_batch_size: usize,
     memory_budget: Option<usize>,
+    full_fine_tuning: bool,
     steps: usize,
     ordinal: usize,
 ) -> Result<TrainBench> {
@@ -3271,10 +3275,19 @@ pub fn bench_train(
     let dev0 = CudaDevice::new(ordinal)?;
     let (free0, _) = dev0.context().mem_get_info().map_err(cuda_err("mem_get_info"))?;
     drop(dev0);
-    let mut engine = CudaEngine::random(config.clone(), 1, ordinal)?;
-    // PEFT init leaves B = 0; a non-zero B exercises every term of the backward.
-    let lora = LoraWeights::new_random(all_linear(lora_rank), &config, 3, 0.02, 1e-3);
-    let mut trainer = CudaTrainer::new(&mut engine, &lora, &AdamWState::default())?;
+    let (mut engine, mut trainer) = if full_fine_tuning {
+        // The f32 master weights come from the host (16 B a parameter on the device in all).
+        let w = Weights::random(&config, 1, 0.02);
+        let mut engine = CudaEngine::from_weights(config.clone(), &w, ordinal)?;
+        let trainer = CudaTrainer::new_full(&mut engine, &w, &AdamWState::default())?;
+        (engine, trainer)
+    } else {
+        let mut engine = CudaEngine::random(config.clone(), 1, ordinal)?;
+        // PEFT init leaves B = 0; a non-zero B exercises every term of the backward.
+        let lora = LoraWeights::new_random(all_linear(lora_rank), &config, 3, 0.02, 1e-3);
+        let trainer = CudaTrainer::new(&mut engine, &lora, &AdamWState::default())?;
+        (engine, trainer)
+    };
     trainer.set_keep_layers(keep_layers);
     trainer.set_memory_budget(memory_budget);
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
@@ -3305,6 +3318,7 @@ pub fn bench_train(
     let opts = GrpoOptions {
         recompute,
         micro_batch_size,
+        full_fine_tuning,
         optimizer: crate::optim::AdamW {
             lr: 1e-5,
             weight_decay: 0.0,
@@ -3340,6 +3354,7 @@ pub fn bench_train(
         seq_len,
         prompt_len,
         lora_rank,
+        full_fine_tuning,
         recompute: format!("{:?}", trainer.last_stats.layout.recompute).to_lowercase(),
         kept_layers: trainer.plan().map_or(0, |p| p.kept_layers),
         micro_batch_size: trainer.last_stats.layout.micro_batch_seqs,
