@@ -417,6 +417,7 @@ fn cuda_memory_budget_falls_back_to_layouts_that_fit() {
     let full_bytes = tr.plan().unwrap().total_bytes();
     assert_eq!(tr.last_stats.layout.micro_batch_seqs, 9);
     assert_eq!(tr.last_stats.layout.recompute, Recompute::None);
+    assert_eq!(tr.last_stats.fitted_layout(), None);
     // A byte under it: the fixture's 9 short sequences are far under MIN_MICRO_BATCH_ROWS, so
     // the fallback is layer recompute at the same micro-batch, keeping as many layers as fit
     // (L − 1 kept is as large as none recomputed: L − 2). Same kernels, same order: same bits.
@@ -430,6 +431,7 @@ fn cuda_memory_budget_falls_back_to_layouts_that_fit() {
         (l.micro_batch_seqs, l.recompute, l.keep_layers),
         (9, Recompute::Layer, nl.saturating_sub(2))
     );
+    assert_eq!(tr.last_stats.fitted_layout(), Some(l));
     assert!(tr.plan().unwrap().total_bytes() < full_bytes);
     assert_eq!(whole.logp, kept.logp);
     assert_eq!(

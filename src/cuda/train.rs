@@ -1818,9 +1818,19 @@ pub struct TrainStats {
     /// Rows (prompt + completion tokens) forwarded and backpropagated.
     pub rows: usize,
     pub plan_bytes: usize,
-    /// The layout the step ran with (the requested one, or the memory fallback).
+    /// The layout the step ran with (the requested one, or the memory fallback), and the one
+    /// requested (the options' micro-batching and recompute, the kept layers).
     #[serde(skip)]
     pub layout: StepLayout,
+    #[serde(skip)]
+    pub requested: StepLayout,
+}
+
+impl TrainStats {
+    /// The layout the last step ran with when it is not the requested one (it did not fit).
+    pub fn fitted_layout(&self) -> Option<StepLayout> {
+        (self.layout != self.requested).then_some(self.layout)
+    }
 }
 
 /// What a forward of one micro-batch leaves on the host.
@@ -2280,6 +2290,7 @@ impl CudaTrainer {
             Ok((layout, plan)) => {
                 self.ensure_plan(engine, plan)?;
                 self.last_stats.layout = layout;
+                self.last_stats.requested = requested;
                 Ok(with(layout))
             }
             Err(smallest) => Err(Error::Cuda(format!(

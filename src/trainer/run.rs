@@ -1139,6 +1139,7 @@ impl Trainer {
         }
         let mut interrupted = false;
         let start = self.step_count();
+        let mut noted = None;
         while self.step_count() < total {
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
@@ -1146,6 +1147,28 @@ impl Trainer {
             }
             let r = self.step()?;
             let step = self.step_count();
+            // A GPU update that had to change its layout to fit the memory says so (once per
+            // change).
+            let fitted = self
+                .cuda
+                .as_ref()
+                .and_then(|c| c.trainer.last_stats.fitted_layout());
+            if let Some(l) = fitted.filter(|_| fitted != noted) {
+                bar.suspend(|| {
+                    eprintln!(
+                        "note: step {step}: the update ran in micro-batches of {} sequences {} to \
+                         fit the GPU memory (free, or max_train_memory_gib); set micro_batch_size / \
+                         gradient_checkpointing to choose",
+                        l.micro_batch_seqs,
+                        match l.recompute {
+                            Recompute::None => "without recompute".to_string(),
+                            Recompute::Layer =>
+                                format!("with layer recompute ({} layers kept)", l.keep_layers),
+                        }
+                    )
+                });
+                noted = fitted;
+            }
             bar.set_position(step as u64);
             let val = last_eval
                 .as_ref()
