@@ -31,8 +31,8 @@ use common::{bf16_noise, fixture_model as model_dir, gpu_or_skip};
 use rft::cpu::engine::CpuEngine;
 use rft::cpu::model::{KvCache, LogitsFor};
 use rft::cuda::engine::{
-    decode_bucket, score_groups, stage_decode_rows, DecodeRow, DecodeStaging, MemoryPlan, PlanNeeds,
-    PAGE_SIZE, PREFILL_ROW_BUDGET,
+    decode_bucket, generate_chunks, score_groups, stage_decode_rows, ChunkUnit, DecodeRow, DecodeStaging,
+    MemoryPlan, PlanNeeds, PAGE_SIZE, PREFILL_ROW_BUDGET,
 };
 use rft::cuda::{CudaEngine, GemmChoice, GemmPolicy};
 use rft::engine::{Engine, Rollout};
@@ -268,7 +268,8 @@ fn cuda_engine_context_limit() {
 }
 
 /// Seeded sampling: the same samples whatever `max_batch_seqs` (how many sequences decode
-/// together, so the bucket every step is padded to and the prefill groups).
+/// together, so the bucket every step is padded to and the prefill groups; at 1, fewer than a
+/// prompt's G = 3 samples, each sample is a chunk of its own with the prompt prefilled again).
 ///
 /// What is guaranteed, and what is measured here. Every kernel of the forward is per row or
 /// per sequence and sums in an order fixed by that row alone (decode attention: fixed
@@ -338,11 +339,11 @@ fn cuda_engine_sampling_is_batch_independent() {
     }
 }
 
-/// A memory budget under the plan of `max_batch_seqs`: generate decodes fewer prompts at a time
-/// (each with all its samples) instead of failing, with exactly the rollouts of that smaller
-/// batch run uncapped; under even one prompt's plan, an error naming the budget.
+/// A memory budget under the plan of `max_batch_seqs`: generate decodes fewer prompts at a time,
+/// then fewer samples of a prompt at a time, instead of failing, with exactly the rollouts of
+/// that smaller batch run uncapped; under even one sample's plan, an error naming the budget.
 #[test]
-fn cuda_engine_memory_budget_decodes_fewer_prompts_at_a_time() {
+fn cuda_engine_memory_budget_decodes_fewer_sequences_at_a_time() {
     if !gpu_or_skip() {
         return;
     }
@@ -355,23 +356,39 @@ fn cuda_engine_memory_budget_decodes_fewer_prompts_at_a_time() {
         ..Default::default()
     };
     let stop = no_eos(8);
-    // One prompt (3 samples) at a time, uncapped: the reference and its plan's size.
-    gpu.max_batch_seqs = 3;
-    let one = gpu.generate(&ps, 3, &params, &stop, None).unwrap();
-    let (one_bytes, one_chunk) = (gpu.last_stats.plan_bytes, gpu.last_stats.prompts_per_chunk);
-    assert_eq!(one_chunk, 1);
-    gpu.max_batch_seqs = 64;
-    gpu.generate(&ps, 3, &params, &stop, None).unwrap();
-    assert_eq!(gpu.last_stats.prompts_per_chunk, ps.len());
-    assert!(gpu.last_stats.plan_bytes > one_bytes);
+    // One prompt (3 samples) at a time, and one sample at a time, uncapped: the references and
+    // their plans' sizes.
+    let run = |gpu: &mut CudaEngine, max_batch_seqs| {
+        gpu.max_batch_seqs = max_batch_seqs;
+        let r = gpu.generate(&ps, 3, &params, &stop, None).unwrap();
+        let st = &gpu.last_stats;
+        (r, st.plan_bytes, (st.prompts_per_chunk, st.samples_per_chunk))
+    };
+    let (one_prompt, prompt_bytes, chunking) = run(&mut gpu, 3);
+    assert_eq!(chunking, (1, 3));
+    let (one_sample, sample_bytes, chunking) = run(&mut CudaEngine::load(&dir, 0).unwrap(), 1);
+    assert_eq!(chunking, (1, 1));
+    assert!(sample_bytes < prompt_bytes);
+    let (_, all_bytes, chunking) = run(&mut gpu, 64);
+    assert_eq!(chunking, (ps.len(), 3));
+    assert!(all_bytes > prompt_bytes);
     // Capped at one prompt's plan: the same chunks as the uncapped one-prompt run.
-    gpu.set_memory_budget(Some(one_bytes));
+    gpu.set_memory_budget(Some(prompt_bytes));
     let capped = gpu.generate(&ps, 3, &params, &stop, None).unwrap();
-    assert_eq!(gpu.last_stats.prompts_per_chunk, 1);
-    assert!(gpu.last_stats.plan_bytes <= one_bytes);
-    assert_same_rollouts("budget of one prompt's plan", &one, &capped);
+    let st = &gpu.last_stats;
+    assert_eq!((st.prompts_per_chunk, st.samples_per_chunk), (1, 3));
+    assert!(st.plan_bytes <= prompt_bytes);
+    assert_same_rollouts("budget of one prompt's plan", &one_prompt, &capped);
+    // Capped under it: one sample at a time, as the uncapped one-sample run.
+    gpu.set_memory_budget(Some(prompt_bytes - 1));
+    let capped = gpu.generate(&ps, 3, &params, &stop, None).unwrap();
+    let st = &gpu.last_stats;
+    assert!(st.prompts_per_chunk == 1 && st.samples_per_chunk < 3, "{st:?}");
+    if st.samples_per_chunk == 1 {
+        assert_same_rollouts("budget under one prompt's plan", &one_sample, &capped);
+    }
     // Nothing fits: the error says so and names the budget.
-    gpu.set_memory_budget(Some(one_bytes - 1));
+    gpu.set_memory_budget(Some(sample_bytes - 1));
     let e = gpu
         .generate(&ps, 3, &params, &stop, None)
         .unwrap_err()
@@ -797,6 +814,44 @@ fn score_groups_and_plan() {
     assert_eq!(n.num_pages, 20_002usize.div_ceil(16));
     assert_eq!(n.max_pages_per_seq, 20_002usize.div_ceil(16));
     assert!(!n.decode);
+}
+
+#[test]
+fn generate_chunks_cover_every_sample_once_in_order() {
+    let unit = |prompt, samples| ChunkUnit { prompt, samples };
+    // Whole prompts, 2 a chunk (the last one short).
+    assert_eq!(
+        generate_chunks(3, 4, 2, 4),
+        vec![vec![unit(0, 0..4), unit(1, 0..4)], vec![unit(2, 0..4)]]
+    );
+    // Slices of 3 of a prompt's 8 samples: 3, 3, 2 per prompt.
+    assert_eq!(
+        generate_chunks(2, 8, 1, 3),
+        vec![
+            vec![unit(0, 0..3)],
+            vec![unit(0, 3..6)],
+            vec![unit(0, 6..8)],
+            vec![unit(1, 0..3)],
+            vec![unit(1, 3..6)],
+            vec![unit(1, 6..8)],
+        ]
+    );
+    // Every (prompt, sample) exactly once, in order, for any chunking.
+    for (n, g, ppc, spc) in [
+        (5, 3, 2, 3),
+        (5, 3, 1, 1),
+        (1, 64, 1, 16),
+        (7, 1, 4, 1),
+        (4, 6, 9, 9),
+    ] {
+        let flat: Vec<(usize, usize)> = generate_chunks(n, g, ppc, spc)
+            .into_iter()
+            .flatten()
+            .flat_map(|u| u.samples.map(move |s| (u.prompt, s)))
+            .collect();
+        let want: Vec<(usize, usize)> = (0..n).flat_map(|p| (0..g).map(move |s| (p, s))).collect();
+        assert_eq!(flat, want, "{n} prompts × {g}, {ppc} / {spc} a chunk");
+    }
 }
 
 #[test]

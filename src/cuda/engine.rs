@@ -8,7 +8,10 @@
 //!
 //! Semantics match the CPU engine exactly: prompts are processed in chunks of
 //! `max_batch_seqs / G` prompts; each prompt is prefilled once and its G samples share its KV
-//! pages; sample g of prompt i draws from stream i·G + g at step = tokens generated so far;
+//! pages (when G > max_batch_seqs, or a chunk does not fit the free memory or the budget, fewer
+//! prompts and then slices of one prompt's samples, the prompt prefilled per slice:
+//! [`generate_chunks`]); sample g of prompt i draws from stream i·G + g at step = tokens
+//! generated so far, so the chunking changes no sample;
 //! stop checks (EOS, stop strings, max_new_tokens, context) run on the host after every token,
 //! and a sequence that stopped leaves the batch (it costs no more compute).
 //!
@@ -110,6 +113,7 @@ use cudarc::driver::{
 };
 use half::bf16;
 use std::ffi::c_void;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -2103,9 +2107,12 @@ pub struct GenerateStats {
     /// Why graphs are off for this engine after a failed capture (None: they are not, or were
     /// never tried).
     pub graph_error: Option<String>,
-    /// Prompts (with all their samples) decoded together: `max_batch_seqs / G`, or fewer when
-    /// that batch's memory plan did not fit ([`CudaEngine::set_memory_budget`]).
+    /// Prompts decoded together: `max_batch_seqs / G` (at least 1), or fewer when that
+    /// batch's memory plan did not fit ([`CudaEngine::set_memory_budget`]).
     pub prompts_per_chunk: usize,
+    /// Samples of a prompt decoded together: G, or with one prompt a chunk, fewer when G is
+    /// more than `max_batch_seqs` or did not fit (the prompt is then prefilled per slice).
+    pub samples_per_chunk: usize,
 }
 
 pub struct CudaEngine {
@@ -2441,6 +2448,49 @@ impl CudaEngine {
     }
 }
 
+/// One prompt's samples decoded in one chunk of a generate call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkUnit {
+    pub prompt: usize,
+    pub samples: Range<usize>,
+}
+
+/// The chunks of a generate call over `num_prompts` prompts × `g` samples, in (prompt, sample)
+/// order: `prompts_per_chunk` whole prompts each, or (with one prompt a chunk) slices of
+/// `samples_per_chunk` of a prompt's samples.
+pub fn generate_chunks(
+    num_prompts: usize,
+    g: usize,
+    prompts_per_chunk: usize,
+    samples_per_chunk: usize,
+) -> Vec<Vec<ChunkUnit>> {
+    let (ppc, spc) = (prompts_per_chunk.max(1), samples_per_chunk.clamp(1, g.max(1)));
+    if spc < g {
+        (0..num_prompts)
+            .flat_map(|p| {
+                (0..g).step_by(spc).map(move |s| {
+                    vec![ChunkUnit {
+                        prompt: p,
+                        samples: s..(s + spc).min(g),
+                    }]
+                })
+            })
+            .collect()
+    } else {
+        (0..num_prompts)
+            .step_by(ppc)
+            .map(|p0| {
+                (p0..(p0 + ppc).min(num_prompts))
+                    .map(|p| ChunkUnit {
+                        prompt: p,
+                        samples: 0..g,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 /// `RFT_CUDA_GRAPHS=0` turns decode graphs off; anything else (or unset) leaves them on.
 fn graphs_enabled_by_env() -> bool {
     std::env::var("RFT_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
@@ -2567,20 +2617,38 @@ impl Engine for CudaEngine {
         self.sync_adapter()?;
         let g = num_samples;
         let ctx = self.config.max_position_embeddings;
+        // A chunk decodes whole prompts (each prefilled once, its G samples sharing that KV), or,
+        // when one prompt's G samples are more than max_batch_seqs or do not fit the memory, a
+        // slice of one prompt's samples (the prompt is prefilled again for each slice). Samples
+        // are drawn from (seed, prompt·G + sample, step) streams, so the chunking changes no
+        // sample.
         let mut prompts_per_chunk = (self.max_batch_seqs / g).max(1).min(prompts.len());
+        let mut samples_per_chunk = g.min(self.max_batch_seqs);
         let max_prompt_len = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
         let config = self.config.clone();
-        let needs = |prompts_per_chunk| {
-            MemoryPlan::for_generate(&config, prompts_per_chunk, g, max_prompt_len, stop.max_new_tokens)
+        let needs = |prompts_per_chunk, samples| {
+            MemoryPlan::for_generate(
+                &config,
+                prompts_per_chunk,
+                samples,
+                max_prompt_len,
+                stop.max_new_tokens,
+            )
         };
-        // Fewer prompts at a time when a batch of max_batch_seqs does not fit; one prompt's G
-        // samples always decode together (they share its prefilled KV).
-        while prompts_per_chunk > 1 && !self.fit_plan(needs(prompts_per_chunk))? {
+        // Fewer prompts, then fewer samples, at a time when a chunk does not fit.
+        while prompts_per_chunk > 1 && !self.fit_plan(needs(prompts_per_chunk, g))? {
             prompts_per_chunk = prompts_per_chunk.div_ceil(2);
         }
-        self.ensure_plan(needs(prompts_per_chunk))?;
+        if prompts_per_chunk == 1 {
+            while samples_per_chunk > 1 && !self.fit_plan(needs(1, samples_per_chunk))? {
+                samples_per_chunk = samples_per_chunk.div_ceil(2);
+            }
+        }
+        self.ensure_plan(needs(prompts_per_chunk, samples_per_chunk))?;
+        let chunks = generate_chunks(prompts.len(), g, prompts_per_chunk, samples_per_chunk);
         let mut stats = GenerateStats {
             prompts_per_chunk,
+            samples_per_chunk,
             ..GenerateStats::default()
         };
         let use_graphs = self.cuda_graphs && !debug_enabled();
@@ -2600,24 +2668,29 @@ impl Engine for CudaEngine {
         b.sampling.fill_params(dev, params)?;
         let mut out = Vec::with_capacity(prompts.len() * g);
 
-        for (chunk_i, chunk) in prompts.chunks(prompts_per_chunk).enumerate() {
-            let first_prompt = chunk_i * prompts_per_chunk;
+        for units in &chunks {
+            let chunk: Vec<&Vec<u32>> = units.iter().map(|u| &prompts[u.prompt]).collect();
+            // First sequence of each unit in `seqs` (units.len() + 1 offsets).
+            let mut seq_off = vec![0usize];
+            for u in units {
+                seq_off.push(seq_off.last().unwrap() + u.samples.len());
+            }
             // --- Pages: every prompt's pages first, then each sample's own pages.
             let mut next_page = 0usize;
             let mut prompt_pages: Vec<Vec<i32>> = Vec::with_capacity(chunk.len());
-            for p in chunk {
+            for p in &chunk {
                 let n = p.len().div_ceil(PAGE_SIZE);
                 prompt_pages.push((next_page..next_page + n).map(|x| x as i32).collect());
                 next_page += n;
             }
-            let mut seqs: Vec<Seq> = Vec::with_capacity(chunk.len() * g);
+            let mut seqs: Vec<Seq> = Vec::with_capacity(seq_off[units.len()]);
             // (prompt's partial page, the sample's copy) per sequence that needs one.
             let mut partial_copies: Vec<(usize, usize, usize)> = Vec::new(); // (prompt j, src, dst)
-            for (j, p) in chunk.iter().enumerate() {
+            for (j, (p, u)) in chunk.iter().zip(units).enumerate() {
                 let plen = p.len();
                 let full = plen / PAGE_SIZE;
                 let total = (plen + stop.max_new_tokens).min(ctx).div_ceil(PAGE_SIZE);
-                for s in 0..g {
+                for s in u.samples.clone() {
                     // Entries past the sequence's pages point at the scratch page.
                     let mut table = vec![scratch; mp];
                     table[..full].copy_from_slice(&prompt_pages[j][..full]);
@@ -2629,7 +2702,7 @@ impl Engine for CudaEngine {
                         partial_copies.push((j, prompt_pages[j][full] as usize, table[full] as usize));
                     }
                     seqs.push(Seq {
-                        prompt_index: first_prompt + j,
+                        prompt_index: u.prompt,
                         sample_index: s,
                         prompt_len: plen,
                         table,
@@ -2667,7 +2740,7 @@ impl Engine for CudaEngine {
                     cu_rows: Vec::with_capacity(group.len() + 1),
                     pos0: vec![0; group.len()],
                     max_rows: group.iter().map(|p| p.len()).max().unwrap_or(0),
-                    logit_rows: Some(Vec::with_capacity(group.len() * g)),
+                    logit_rows: Some(Vec::with_capacity(seq_off[j1] - seq_off[j0])),
                 };
                 step.cu_rows.push(0);
                 for (gi, p) in group.iter().enumerate() {
@@ -2680,9 +2753,12 @@ impl Engine for CudaEngine {
                     }
                     let end = step.ids.len();
                     step.cu_rows.push(end as i32);
-                    // The prompt's last row gives the first-token logits of each of its G samples.
+                    // The prompt's last row gives the first-token logits of each of its samples.
                     if let Some(lr) = step.logit_rows.as_mut() {
-                        lr.extend(std::iter::repeat_n((end - 1) as u32, g));
+                        lr.extend(std::iter::repeat_n(
+                            (end - 1) as u32,
+                            units[j0 + gi].samples.len(),
+                        ));
                     }
                 }
                 let m = forward(md, plan, b, &step)?;
@@ -2691,7 +2767,7 @@ impl Engine for CudaEngine {
                         copy_partial_pages(dev, c, b, src, dst)?;
                     }
                 }
-                let seq_range = j0 * g..j1 * g;
+                let seq_range = seq_off[j0]..seq_off[j1];
                 debug_assert_eq!(m, seq_range.len());
                 let streams: Vec<u64> = seq_range
                     .clone()
