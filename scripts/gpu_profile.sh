@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Per-kernel GPU time of the rollout and training benches under Nsight Compute (ncu), on the GPU
-# machine after scripts/gpu_pack.sh:  bash scripts/gpu_profile.sh [roll64 roll64lora roll1024 roll15b train05]
+# machine after scripts/gpu_pack.sh:  bash scripts/gpu_profile.sh [roll64 roll64lora roll1024 roll15b train05 train05fit]
 # Writes $OUT/prof-<name>.csv (one row per kernel launch: name, duration in ns); aggregate with
 #     python3 scripts/prof_summary.py prof-*.csv
 # Decode steps run eagerly here (RFT_CUDA_GRAPHS=0) so that every kernel is its own launch.
@@ -26,5 +26,7 @@ for w in $what; do
     roll1024) prof roll1024 ${T2:-50} $R bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 6 --json ;;
     roll15b) prof roll15b ${T1:-50} $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 6 --json ;;
     train05) prof train05 ${T3:-120} $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --steps 1 --json ;;
+    # The layout the 10 GiB budget picks (micro-batches of 16, no recompute).
+    train05fit) prof train05fit ${T3:-120} $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --max-train-memory-gib 8.5 --steps 1 --json ;;
   esac
 done
