@@ -526,6 +526,10 @@ impl Default for StepLayout {
     }
 }
 
+/// Device bytes the memory fitting of the training step leaves free ([`fit_layout`] against the
+/// free memory; an explicit budget is taken as given).
+pub const FIT_MARGIN: usize = 256 << 20;
+
 /// Rows under which a micro-batch is not cut further to avoid recomputing layers. A layer
 /// recompute adds a layer forward to the layer's forward + backward (≈ 1/3 more of its FLOPs);
 /// halving the rows keeps the FLOPs and costs only GEMM efficiency, which stays high down to
@@ -2280,8 +2284,10 @@ impl CudaTrainer {
             .context()
             .mem_get_info()
             .map_err(cuda_err("querying free device memory"))?;
-        // A new plan replaces the held one: its buffers count as free.
-        let avail = free + self.plan.as_ref().map_or(0, |(h, _)| h.buffer_bytes());
+        // A new plan replaces the held one: its buffers count as free. FIT_MARGIN stays free for
+        // what the step allocates besides the plan (per-step uploads, cuBLAS's workspace).
+        let avail =
+            (free + self.plan.as_ref().map_or(0, |(h, _)| h.buffer_bytes())).saturating_sub(FIT_MARGIN);
         let budget = self.memory_budget;
         let fits =
             |pl: &TrainPlan| pl.buffer_bytes() <= avail && budget.is_none_or(|b| pl.total_bytes() <= b);
