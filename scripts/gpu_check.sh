@@ -100,5 +100,7 @@ if [ "$what" != tests ]; then
   step 120 train-7b $R bench train --shape qwen2.5-7b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 16 --steps 1 --json
   step 60 roll-05b-64-eager env RFT_CUDA_GRAPHS=0 $R bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
   step 60 train-05b-norecompute $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --json
+  python3 scripts/bench_table.py "$B" | tee -a "$S" "$O/bench-table.md" || true
+  pack
 fi
 echo "done in $(( $(date +%s) - t0 )) s" | tee -a "$S"
