@@ -51,7 +51,10 @@
 //! loss and the lm_head backward of each chunk while its logits are there
 //! ([`TrainPlan::head_in_forward`]); with a split vocabulary ([`TRAIN_VOCAB_CHUNK`]) the chunks
 //! merge by an online softmax and the backward recomputes the logits. LoRA dropout adds one x̃ buffer of
-//! [N, max(D, qd, I)] bf16 ([`TrainPlan::lora_dropout`]).
+//! [N, max(D, qd, I)] bf16 ([`TrainPlan::lora_dropout`]). A step whose requested layout
+//! (micro-batches, recompute, kept layers) does not fit the free memory or
+//! [`CudaTrainer::set_memory_budget`] runs the first of [`fit_layout`]'s fallbacks that does
+//! (smaller micro-batches without recompute, then layer recompute); `last_stats` says which.
 //!
 //! LoRA dropout (training passes only; eval, reference and old-logp passes have none, as on the
 //! CPU): the LoRA kernels read x̃ = x ⊙ mask, written per projection into one scratch (the base
