@@ -45,7 +45,7 @@ pub trait Engine {
         decode: Option<Decode<'_>>,
     ) -> Result<Vec<Rollout>>;
 
-    /// log p(completion[j] | prompt, completion[..j]) at `temperature` (logits / T), per item.
+    /// log p(completion\[j\] | prompt, completion[..j]) at `temperature` (logits / T), per item.
     fn score(&mut self, items: &[(Vec<u32>, Vec<u32>)], temperature: f32) -> Result<Vec<Vec<f32>>>;
 }
 

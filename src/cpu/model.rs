@@ -227,7 +227,7 @@ impl CpuModel {
 }
 
 /// Softmax attention of one query head over positions [start, pos] of a cache.
-/// q: [hd]; k_cache, v_cache: [T, KV·hd]; out: [hd]. Scores are q·k / √hd in f32.
+/// q: \[hd\]; k_cache, v_cache: [T, KV·hd]; out: \[hd\]. Scores are q·k / √hd in f32.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &[f32],

@@ -159,7 +159,7 @@ pub fn matmul_tn_acc(
 }
 
 /// RMSNorm forward, HF style: y = x / sqrt(mean(x²) + eps) · weight, row by row.
-/// x: [rows, dim], weight: [dim] → y: [rows, dim].
+/// x: [rows, dim], weight: \[dim\] → y: [rows, dim].
 pub fn rmsnorm_fwd(x: &[f32], weight: &[f32], eps: f32, dim: usize) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
     for (xr, yr) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
@@ -177,7 +177,7 @@ pub fn rms_inv(x: &[f32], eps: f32) -> f32 {
     1.0 / (ms + eps).sqrt()
 }
 
-/// RMSNorm backward. x, dy: [rows, dim]. Returns dx and accumulates dweight[dim] (if given).
+/// RMSNorm backward. x, dy: [rows, dim]. Returns dx and accumulates dweight\[dim\] (if given).
 /// With r = rsqrt(mean(x²)+eps), y_i = w_i x_i r:
 ///   dx_i = r (w_i dy_i) − r³/dim · x_i · Σ_j (w_j dy_j x_j);   dw_i += dy_i x_i r.
 pub fn rmsnorm_bwd(
@@ -209,7 +209,7 @@ pub fn rmsnorm_bwd(
     dx
 }
 
-/// SiLU(g) · u, elementwise (SwiGLU). gate, up: [n] → [n].
+/// SiLU(g) · u, elementwise (SwiGLU). gate, up: \[n\] → \[n\].
 pub fn swiglu_fwd(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect()
 }
@@ -259,7 +259,7 @@ pub fn softmax_inplace(x: &mut [f32]) {
 }
 
 /// RoPE (HF "rotate_half" layout) applied in place to `n_heads` heads of one token.
-/// x: [n_heads, hd]; angle_i = pos · inv_freq[i] (f32, as transformers computes it);
+/// x: [n_heads, hd]; angle_i = pos · inv_freq\[i\] (f32, as transformers computes it);
 /// (x_i, x_{i+hd/2}) ← (x_i cos − x_{i+hd/2} sin, x_{i+hd/2} cos + x_i sin).
 /// `inverse` rotates by −angle: the backward of RoPE (a rotation's transpose).
 pub fn rope_inplace(x: &mut [f32], pos: usize, inv_freq: &[f32], hd: usize, inverse: bool) {
@@ -277,7 +277,7 @@ pub fn rope_inplace(x: &mut [f32], pos: usize, inv_freq: &[f32], hd: usize, inve
     }
 }
 
-/// Adds a bias [d] to every row of y [n, d].
+/// Adds a bias \[d\] to every row of y [n, d].
 pub fn add_bias(y: &mut [f32], b: &[f32]) {
     for row in y.chunks_exact_mut(b.len()) {
         for (v, &bb) in row.iter_mut().zip(b) {

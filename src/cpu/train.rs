@@ -21,9 +21,9 @@
 //! Position t of a sequence predicts token t+1; the scored tokens are t+1 ∈ [prompt_len, len).
 //! Outputs are concatenated in sequence order (`token_offsets`).
 //!
-//! Every linear is live LoRA: y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ with A [r,in], B [out,r],
-//! s = alpha/r and x̃ = x (or x ⊙ mask/(1−p) with LoRA dropout). With u = x̃ Aᵀ [n,r] and the
-//! upstream gradient dy [n,out], the chain rule (Unsloth's fast_lora derivation) gives
+//! Every linear is live LoRA: y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ with A \[r,in\], B \[out,r\],
+//! s = alpha/r and x̃ = x (or x ⊙ mask/(1−p) with LoRA dropout). With u = x̃ Aᵀ \[n,r\] and the
+//! upstream gradient dy \[n,out\], the chain rule (Unsloth's fast_lora derivation) gives
 //!
 //! ```text
 //!   dB [out,r] += s · dyᵀ u                      (u = x̃ Aᵀ, recomputed)
@@ -179,11 +179,11 @@ enum Saved {
 /// The result of a training forward: per completion token logp and entropy, plus what the
 /// backward needs. Borrows the model and adapter it was computed with.
 pub struct TrainForward<'a> {
-    /// [T] log-probability of each scored token (T = Σ completion lengths).
+    /// \[T\] log-probability of each scored token (T = Σ completion lengths).
     pub logp: Vec<f32>,
-    /// [T] entropy of each scored token's softmax (at the same temperature).
+    /// \[T\] entropy of each scored token's softmax (at the same temperature).
     pub entropy: Vec<f32>,
-    /// [B+1] sequence b's tokens are logp[token_offsets[b]..token_offsets[b+1]].
+    /// [B+1] sequence b's tokens are logp[token_offsets\[b\]..token_offsets[b+1]].
     pub token_offsets: Vec<usize>,
     model: &'a CpuModel,
     lora: Option<&'a LoraWeights>,
@@ -674,7 +674,7 @@ pub fn forward<'a>(
     }
 }
 
-/// Forward without keeping activations (no backward): (logp [T], entropy [T]).
+/// Forward without keeping activations (no backward): (logp \[T\], entropy \[T\]).
 pub fn logprobs(
     model: &CpuModel,
     lora: Option<&LoraWeights>,
@@ -733,7 +733,7 @@ pub fn zeros_like_weights(w: &Weights) -> Weights {
 }
 
 impl<'a> TrainForward<'a> {
-    /// Backward from dL/dlogp [T] (and dL/dentropy [T] when the loss uses entropy).
+    /// Backward from dL/dlogp \[T\] (and dL/dentropy \[T\] when the loss uses entropy).
     /// Returns LoRA gradients (when the forward had an adapter) and, with `full_grads`, the
     /// gradients of every base weight.
     pub fn backward(&self, dlogp: &[f32], dentropy: Option<&[f32]>) -> Grads {

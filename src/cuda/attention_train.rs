@@ -242,7 +242,7 @@ impl CudaDevice {
     /// Training attention forward: q (rows, n_heads, hd), k, v (rows, n_kv_heads, hd) bf16 →
     /// out (rows, n_heads, hd) bf16 and lse (rows, n_heads) f32 (natural log of Σ_j e^{s_ij},
     /// s = q·k·scale), causal within each sequence, optional sliding window. The rows of
-    /// sequence s are [cu_rows[s], cu_rows[s+1]) at positions 0, 1, ...; cu_rows (num_seqs+1)
+    /// sequence s are [cu_rows\[s\], cu_rows[s+1]) at positions 0, 1, ...; cu_rows (num_seqs+1)
     /// i32 must be non-decreasing from 0 to `rows` and `max_rows` ≥ the longest sequence (the
     /// kernel trusts both: rows outside are not written). Buffers start 8-byte aligned.
     #[allow(clippy::too_many_arguments)]
@@ -450,7 +450,7 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// dst[rows_idx[i], :] = src[i, :] for i < m: src (m, dim), dst (n, dim) bf16 with n =
+    /// dst[rows_idx\[i\], :] = src[i, :] for i < m: src (m, dim), dst (n, dim) bf16 with n =
     /// dst.len() / dim, rows_idx (m) u32, distinct and < n (a row ≥ n is skipped on the device;
     /// the kernel cannot report it). Other rows of dst are left as they are.
     pub fn scatter_rows_bf16(

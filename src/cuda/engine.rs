@@ -20,12 +20,12 @@
 //! A decode step is ~700 launches (24 layers × norms, 7 GEMMs, biases, RoPE, KV append,
 //! attention, LoRA, residuals, SwiGLU), which alone would cost milliseconds; so the whole
 //! step — unstaging its inputs, the forward from the embedding to the logits, and the sampler —
-//! is captured once into a CUDA graph and replayed ([`run_decode_step`]):
+//! is captured once into a CUDA graph and replayed (`run_decode_step`):
 //! - Buckets: the active sequences are padded to [`decode_bucket`] rows (1, 2, 4, 8, 16, 32,
 //!   48, …), one graph per bucket, captured lazily: a bucket's first step runs eagerly (it
 //!   loads every kernel and lets cuBLAS choose its kernels outside a capture), its second is
-//!   captured and replayed, later ones replay. Graphs live in the plan's [`Buffers`] (dropped
-//!   when those are re-allocated) and are cleared when [`adapter_key`] changes (the adapter's
+//!   captured and replayed, later ones replay. Graphs live in the plan's `Buffers` (dropped
+//!   when those are re-allocated) and are cleared when `adapter_key` changes (the adapter's
 //!   buffers, rank or scale; its values are read from the buffers at replay).
 //! - Padded rows: token 0 at position −1 with length 0, every block-table entry the scratch
 //!   page ([`stage_decode_rows`]): the KV append skips them, attention reads nothing, their
@@ -70,12 +70,12 @@
 //!    staged, a buffer re-allocated under a cached graph, cuBLAS refusing capture — the stderr
 //!    line and `graph_error` in the bench JSON say so); if it still fails, it is a kernel or the
 //!    paging, go on below. `cuda_engine_graphs_match_eager` compares the two directly.
-//! 4. If tokens differ from step 0 on every model: the GEMM operand order ([`gemm_raw`]) is the
+//! 4. If tokens differ from step 0 on every model: the GEMM operand order (`gemm_raw`) is the
 //!    first suspect; `RFT_CUDA_DEBUG=1` (eager) prints, per forward, the max |x| of the residual
 //!    stream after every layer and of the logits (NaN/inf → the first layer that shows it is the
 //!    bug). `cuda_engine_score_matches_cpu` isolates the forward from sampling and paging.
 //! 5. If generate fails but score passes: paging (block tables, the partial-page copy in
-//!    [`copy_partial_pages`]) or the decode kernel (tests/cuda_rollout_kernels.rs
+//!    `copy_partial_pages`) or the decode kernel (tests/cuda_rollout_kernels.rs
 //!    `attention_decode_bf16_matches_cpu`, also alone-vs-batch bit equality). Run with
 //!    `--batch-size 1` (one sequence, no sharing) vs larger to tell them apart.
 //! 6. A kernel fault shows up at the next synchronizing call (the per-step readback); rerun with
@@ -103,7 +103,7 @@
 //! sample's own pages for positions from floor(P/16)·16 on; the last page is the scratch page.
 //! A sample's block table points at its prompt's full pages (shared), then at its own pages,
 //! then at the scratch page; the prompt's last partial page is copied into the sample's first
-//! own page after prefill ([`copy_partial_pages`]).
+//! own page after prefill (`copy_partial_pages`).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;

@@ -77,7 +77,7 @@ fn residual_norm_block(dim: usize) -> u32 {
 impl CudaDevice {
     /// qkv (rows, qd + 2·kvd) bf16, the stacked projections without bias; bias (qd + 2·kvd) or
     /// None. Writes q_out (rows, qd) = RoPE(q + b_q) and, for rows whose pos is inside the
-    /// cache, k_cache/v_cache at (row_seq[r], pos[r]) = RoPE(k + b_k), v + b_v (shapes of
+    /// cache, k_cache/v_cache at (row_seq\[r\], pos\[r\]) = RoPE(k + b_k), v + b_v (shapes of
     /// [`AttnShape`]). pos, row_seq (rows) i32; inv_freq (hd/2) f32.
     #[allow(clippy::too_many_arguments)]
     pub fn qkv_rope_append_bf16(

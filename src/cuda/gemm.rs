@@ -215,7 +215,7 @@ fn skinny_takes(rows: usize, d_in: usize, d_out: usize, ptrs: &[u64]) -> bool {
 
 /// The k-split count for (d_in, d_out) on a GPU with `sms` multiprocessors: enough blocks for
 /// about two per multiprocessor, at least 2 k-chunks of 64 per split, at most
-/// [`SKINNY_MAX_SPLITS`], and the partials of 64 rows within [`SKINNY_PARTIAL_LEN`]; then
+/// `SKINNY_MAX_SPLITS`, and the partials of 64 rows within [`SKINNY_PARTIAL_LEN`]; then
 /// trimmed so that no split is empty. Depends on neither the row count nor the data.
 pub fn skinny_splits(d_in: usize, d_out: usize, sms: usize) -> usize {
     let tiles = d_out.div_ceil(SK_NB);

@@ -81,7 +81,7 @@ pub fn lora_train_grad_smem_bytes(rp: usize) -> usize {
 }
 
 /// Blocks along grid.y of a fused launch with n rows and `d_cols` output columns: 1 when the
-/// row tiles give [`FUSED_TARGET_BLOCKS`], else enough column splits to get there (≤ 8, ≤ the
+/// row tiles give `FUSED_TARGET_BLOCKS`, else enough column splits to get there (≤ 8, ≤ the
 /// 64-column chunks; none left empty).
 pub fn lora_train_col_splits(n: usize, d_cols: usize) -> usize {
     let tiles = n.div_ceil(LT_BM).max(1);
@@ -95,7 +95,7 @@ pub fn lora_train_col_splits(n: usize, d_cols: usize) -> usize {
 }
 
 /// The row split of a LoRA gradient G (p, r) reduced over n rows: (splits, rows per split).
-/// 1 split when the p tiles already give [`GRAD_TARGET_BLOCKS`] blocks, else enough to get
+/// 1 split when the p tiles already give `GRAD_TARGET_BLOCKS` blocks, else enough to get
 /// there, each ≥ 256 rows, ≤ 128 splits; rows per split a multiple of 64; no split empty.
 pub fn lora_train_grad_split(n: usize, p: usize) -> (usize, usize) {
     let tiles = p.div_ceil(LT_BK).max(1);

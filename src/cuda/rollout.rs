@@ -222,7 +222,7 @@ impl RolloutKernels {
 /// Shape of one layer's paged KV cache and its attention: k_cache, v_cache
 /// (num_pages, page_size, n_kv_heads, head_dim) bf16; block_table (num_seqs, max_pages) i32.
 /// A contiguous per-sequence cache (num_seqs, T_max, KV, hd) is `page_size = T_max`,
-/// `max_pages = 1`, block_table[s] = s.
+/// `max_pages = 1`, block_table\[s\] = s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
     pub n_heads: usize,
@@ -498,7 +498,7 @@ impl CudaDevice {
     // ---------------------------------------------------------------------------------------
     // Elementwise
 
-    /// out (rows, dim) = table[ids[r], :]; table (vocab, dim) bf16, ids (rows) u32. An id ≥ vocab
+    /// out (rows, dim) = table[ids\[r\], :]; table (vocab, dim) bf16, ids (rows) u32. An id ≥ vocab
     /// gives a zero row (the kernel cannot report it; check ids on the host where they come from).
     pub fn embedding_fwd_bf16(
         &self,
@@ -732,7 +732,7 @@ impl CudaDevice {
     // ---------------------------------------------------------------------------------------
     // KV cache and attention
 
-    /// Writes k_new, v_new (rows, n_kv_heads, hd) into the paged cache at (row_seq[r], row_pos[r]).
+    /// Writes k_new, v_new (rows, n_kv_heads, hd) into the paged cache at (row_seq\[r\], row_pos\[r\]).
     #[allow(clippy::too_many_arguments)]
     pub fn kv_cache_append_bf16(
         &self,
@@ -782,10 +782,10 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Decode attention: q (num_seqs, n_heads, hd) at positions seq_lens[s] - 1 over each
+    /// Decode attention: q (num_seqs, n_heads, hd) at positions seq_lens\[s\] - 1 over each
     /// sequence's cache; out (num_seqs, n_heads, hd). Flash-decoding over fixed partitions of
     /// [`DECODE_PARTITION_SIZE`] positions: the grid covers `parts` = [`decode_partitions`]`
-    /// (max_len, window)` partitions, so `max_len` must be at least every seq_lens[s] (a
+    /// (max_len, window)` partitions, so `max_len` must be at least every seq_lens\[s\] (a
     /// sequence the grid does not cover gets NaN, never a silently wrong output); a larger
     /// `max_len` only adds blocks that exit at once, the output bits do not change. When
     /// parts > 1, `part_o` (num_seqs·n_heads·parts·hd) and `part_ml` (num_seqs·n_heads·parts·2)
@@ -922,8 +922,8 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Prefill attention: the rows of sequence s are q rows [cu_rows[s], cu_rows[s+1]) at
-    /// positions pos0[s], pos0[s]+1, ...; their k, v are already in the cache. q, out
+    /// Prefill attention: the rows of sequence s are q rows [cu_rows\[s\], cu_rows[s+1]) at
+    /// positions pos0\[s\], pos0\[s\]+1, ...; their k, v are already in the cache. q, out
     /// (rows, n_heads, hd); cu_rows (num_seqs+1) i32; pos0 (num_seqs) i32; `max_rows` = the
     /// largest row count of one sequence (sizes the grid).
     #[allow(clippy::too_many_arguments)]
@@ -1351,7 +1351,7 @@ impl CudaDevice {
         Ok((self.download(&t)?, self.download(&lp)?))
     }
 
-    /// logprobs[r] = log_softmax(logits[r] / T)[targets[r]] and entropy[r] of softmax(logits[r] / T);
+    /// logprobs\[r\] = log_softmax(logits\[r\] / T)[targets\[r\]] and entropy\[r\] of softmax(logits\[r\] / T);
     /// logits (rows, vocab) f32, targets (rows) u32 (out of range → NaN).
     #[allow(clippy::too_many_arguments)]
     pub fn logprob_gather_f32(

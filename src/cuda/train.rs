@@ -44,9 +44,9 @@
 //! ```
 //!
 //! Memory: with `Recompute::Layer` (the default of the CUDA path) only the L+1 layer inputs
-//! [N,D] bf16 are kept and one layer's activations exist at a time; `Recompute::None` keeps
+//! \[N,D\] bf16 are kept and one layer's activations exist at a time; `Recompute::None` keeps
 //! every layer's activations (faster, L times the activation memory). The lm_head never holds
-//! more than [C,Vc] f32 logits and [C,Vc] bf16 dlogits: by default Vc = V and C = 256 rows at
+//! more than \[C,Vc\] f32 logits and \[C,Vc\] bf16 dlogits: by default Vc = V and C = 256 rows at
 //! a 152k vocabulary (0.23 GB; [`train_logit_chunk_rows`]), and a training forward runs the
 //! loss and the lm_head backward of each chunk while its logits are there
 //! ([`TrainPlan::head_in_forward`]); with a split vocabulary ([`TRAIN_VOCAB_CHUNK`]) the chunks
@@ -142,21 +142,21 @@ pub fn train_logit_chunk_rows(vocab: usize, vocab_chunk: usize, max_tokens: usiz
 /// Sequences packed into rows without padding, as the CPU training core stacks them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedBatch {
-    /// [N] token of each row.
+    /// \[N\] token of each row.
     pub ids: Vec<u32>,
-    /// [N] position of each row within its sequence.
+    /// \[N\] position of each row within its sequence.
     pub pos: Vec<i32>,
-    /// [S+1] rows of sequence s are cu_rows[s]..cu_rows[s+1].
+    /// [S+1] rows of sequence s are cu_rows\[s\]..cu_rows[s+1].
     pub cu_rows: Vec<i32>,
     /// Longest sequence (rows).
     pub max_rows: usize,
-    /// [T] rows whose next token is scored (t + 1 ∈ [prompt_len, len)), in output order.
+    /// \[T\] rows whose next token is scored (t + 1 ∈ [prompt_len, len)), in output order.
     pub scored: Vec<u32>,
-    /// [T] the token each scored row predicts.
+    /// \[T\] the token each scored row predicts.
     pub targets: Vec<u32>,
-    /// [T] sequence (within the batch) of each scored token.
+    /// \[T\] sequence (within the batch) of each scored token.
     pub token_seq: Vec<i32>,
-    /// [S+1] sequence s's tokens are outputs token_off[s]..token_off[s+1].
+    /// [S+1] sequence s's tokens are outputs token_off\[s\]..token_off[s+1].
     pub token_off: Vec<usize>,
 }
 

@@ -155,7 +155,7 @@ pub fn grad_norm_partials_len(n: usize) -> usize {
 }
 
 /// k-splits of a LoRA gradient C [p, q] reduced over `rows`: 1 when the 32×32 tiles already
-/// give [`LORA_TARGET_BLOCKS`] blocks, else enough to get there, each split ≥ 256 rows, ≤ 64.
+/// give `LORA_TARGET_BLOCKS` blocks, else enough to get there, each split ≥ 256 rows, ≤ 64.
 pub fn lora_grad_splits(rows: usize, p: usize, q: usize) -> usize {
     let tiles = (p.div_ceil(LT_TILE) * q.div_ceil(LT_TILE)).max(1);
     let want = LORA_TARGET_BLOCKS.div_ceil(tiles);
@@ -445,7 +445,7 @@ impl CudaDevice {
     // ---------------------------------------------------------------------------------------
     // Second passes of the deterministic reductions
 
-    /// out[f] = Σ_b partials[b·fields + f] (f64, fixed order, one block). out: `fields` f64.
+    /// out\[f\] = Σ_b partials[b·fields + f] (f64, fixed order, one block). out: `fields` f64.
     pub fn sum_partials_f64(
         &self,
         partials: &impl DevicePtr<f64>,
@@ -477,7 +477,7 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// out[i] += scale · Σ_{z < splits} partials[z·len + i], i < len = out.len().
+    /// out\[i\] += scale · Σ_{z < splits} partials[z·len + i], i < len = out.len().
     pub fn sum_partials_add_f32(
         &self,
         partials: &impl DevicePtr<f32>,
@@ -626,7 +626,7 @@ impl CudaDevice {
     }
 
     /// Backward over a chunk of f32 logits (rows, vocab), IN PLACE: `logits` becomes dlogits =
-    /// (dlogp·(onehot − p) − dentropy·p·(s − E[s])) / T, from dlogp (rows), dentropy (rows, or
+    /// (dlogp·(onehot − p) − dentropy·p·(s − E\[s\])) / T, from dlogp (rows), dentropy (rows, or
     /// None), and the forward's lse, mean_s (rows). Pass `None::<&CudaSlice<f32>>` for no entropy
     /// gradient.
     #[allow(clippy::too_many_arguments)]
@@ -1731,7 +1731,7 @@ impl CudaDevice {
 
     /// The embedding's gradient: dembed (vocab, dim) f32 += each row of dx (rows, dim) bf16
     /// added into its token's row, one block per distinct token (see kernels/train.cu). `tokens`
-    /// (U) are the distinct tokens (< vocab), the rows of tokens[u] are rows[row_off[u] ..
+    /// (U) are the distinct tokens (< vocab), the rows of tokens\[u\] are rows[row_off\[u\] ..
     /// row_off[u+1]] ascending ([`embedding_grad_index`] builds the three from the row ids).
     #[allow(clippy::too_many_arguments)]
     pub fn embedding_grad_bf16_to_f32(

@@ -1,4 +1,4 @@
-//! `program`: runs model-written code against test cases in the [`sandbox`](super::sandbox).
+//! `program`: runs model-written code against test cases in the [`sandbox`].
 //!
 //! The code is the last ```` ``` ```` fenced block of the completion, else the last
 //! `<answer>…</answer>`, else the whole completion (`extract = "auto"`; or `fence` / `whole`).

@@ -58,7 +58,7 @@ impl Arch {
 /// RoPE frequency scaling.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
-    /// Plain RoPE: inv_freq[i] = theta^(-2i/d).
+    /// Plain RoPE: inv_freq\[i\] = theta^(-2i/d).
     Default,
     /// Llama 3.x: long wavelengths divided by `factor`, a smooth blend in between.
     Llama3 {

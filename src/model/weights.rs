@@ -300,7 +300,7 @@ impl Proj {
     }
 }
 
-/// A frozen `nn.Linear`: w [out, in] row-major, optional bias [out].
+/// A frozen `nn.Linear`: w [out, in] row-major, optional bias \[out\].
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub w: Vec<f32>,
