@@ -575,39 +575,32 @@ pub fn fit_layout(
     if let Some(hit) = try_one(requested) {
         return Ok(hit);
     }
-    let max_keep = match requested.recompute {
-        Recompute::None => {
-            for s in halvings() {
-                let l = layout(s, Recompute::None, 0);
-                if plan_of(l).max_rows < MIN_MICRO_BATCH_ROWS {
-                    break;
-                }
-                if let Some(hit) = try_one(l) {
-                    return Ok(hit);
-                }
+    if requested.recompute == Recompute::None {
+        for s in halvings() {
+            let l = layout(s, Recompute::None, 0);
+            let p = plan_of(l);
+            if p.max_rows < MIN_MICRO_BATCH_ROWS {
+                break;
             }
-            num_layers.saturating_sub(1)
+            if fits(&p) {
+                return Ok((l, p));
+            }
         }
-        Recompute::Layer => requested.keep_layers.min(num_layers).saturating_sub(1),
-    };
-    let with_recompute = |s: usize, max_keep: usize| {
-        (0..=max_keep)
-            .rev()
-            .find_map(|k| try_one(layout(s, Recompute::Layer, k)))
-    };
-    if let Some(hit) = with_recompute(mb0, max_keep) {
-        return Ok(hit);
     }
+    // Kept layers under recompute: at most the requested count, or L − 1 when none was asked
+    // for (L kept is no recompute). The requested layout itself was tried first.
     let max_keep = match requested.recompute {
-        Recompute::None => max_keep,
+        Recompute::None => num_layers.saturating_sub(1),
         Recompute::Layer => requested.keep_layers.min(num_layers),
     };
-    for s in halvings() {
-        if let Some(hit) = with_recompute(s, max_keep) {
-            return Ok(hit);
-        }
-    }
-    Err(Box::new(plan_of(layout(1, Recompute::Layer, 0))))
+    std::iter::once(mb0)
+        .chain(halvings())
+        .find_map(|s| {
+            (0..=max_keep)
+                .rev()
+                .find_map(|k| try_one(layout(s, Recompute::Layer, k)))
+        })
+        .ok_or_else(|| Box::new(plan_of(layout(1, Recompute::Layer, 0))))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2196,8 +2189,9 @@ impl CudaTrainer {
         }
     }
 
-    /// Makes sure the held buffers serve `want`; grows them otherwise (to serve both the held
-    /// plan's batches and `want`'s, or `want`'s alone when that union does not fit).
+    /// Makes sure the held buffers serve `want`, a plan [`Self::fit_memory`] found to fit: grows
+    /// them to serve both the held plan's batches and `want`'s when that union fits the free
+    /// memory and the budget, else to `want`'s alone.
     fn ensure_plan(&mut self, engine: &CudaEngine, want: TrainPlan) -> Result<()> {
         if let Some((have, _)) = &self.plan {
             if have.covers(&want) {
@@ -2226,28 +2220,10 @@ impl CudaTrainer {
             .map_err(cuda_err("querying free device memory"))?;
         let budget = self.memory_budget;
         // The trained state (lora_bytes, full_bytes) was allocated by `new` / `new_full`.
-        let fits = |p: &TrainPlan| p.buffer_bytes() <= free && budget.is_none_or(|b| p.total_bytes() <= b);
         let pick = match union {
-            Some(u) if fits(&u) => u,
+            Some(u) if u.buffer_bytes() <= free && budget.is_none_or(|b| u.total_bytes() <= b) => u,
             _ => want,
         };
-        if !fits(&pick) {
-            return Err(Error::Cuda(format!(
-                "the training step needs {:.2} GiB (activations {:.2}, backward {:.2}, logits {:.2}) \
-                 but only {:.2} GiB are free{}; use smaller micro-batches (micro_batch_size, \
-                 gradient_accumulation_steps), shorter completions, or gradient_checkpointing = true",
-                gib(pick.buffer_bytes()),
-                gib(pick.activation_bytes),
-                gib(pick.backward_bytes),
-                gib(pick.logits_bytes),
-                gib(free),
-                budget.map_or(String::new(), |b| format!(
-                    " (budget max_train_memory_gib = {:.2} GiB for {:.2} GiB with the trained state)",
-                    gib(b),
-                    gib(pick.total_bytes())
-                ))
-            )));
-        }
         let bufs = TrainBuffers::alloc(&engine.dev, &engine.config, &pick)?;
         self.plan = Some((pick, bufs));
         Ok(())
@@ -2282,6 +2258,14 @@ impl CudaTrainer {
             recompute: l.recompute,
             ..opts.clone()
         };
+        self.last_stats.requested = requested;
+        // The held buffers already serve the requested layout (every step after the first,
+        // usually): nothing to fit. They were planned within the budget, which a change drops.
+        let want = self.plan_for(c, p, &with(requested), requested.keep_layers);
+        if self.plan.as_ref().is_some_and(|(have, _)| have.covers(&want)) {
+            self.last_stats.layout = requested;
+            return Ok(with(requested));
+        }
         let (free, _) = engine
             .dev
             .context()
@@ -2299,7 +2283,6 @@ impl CudaTrainer {
             Ok((layout, plan)) => {
                 self.ensure_plan(engine, plan)?;
                 self.last_stats.layout = layout;
-                self.last_stats.requested = requested;
                 Ok(with(layout))
             }
             Err(smallest) => Err(Error::Cuda(format!(
