@@ -19,6 +19,13 @@ Writes tests/fixtures/models/<name>/bf16_noise.json (overwritten):
                         completion 1..12 random tokens; loss = Σ adv · logp(completion)/T=0.9
                         averaged over completion tokens)
   lora_grad_cosine      cosine of the flat bf16 and f32 gradients
+  full_grad_rel_l2      the same distance for the gradients of every weight of the model (no
+                        adapter: full fine-tuning, tests/cuda_train.rs's full-fine-tuning tests),
+                        on the same loss and batch; tensors with a norm under 1% of the largest
+                        are left out as above (k_proj's bias has no gradient in exact
+                        arithmetic: a shift of every key's score by q·b, which the softmax
+                        ignores, so both sides hold only rounding noise there)
+  full_grad_cosine      cosine of the flat bf16 and f32 full gradients
   adam5_update_rel_l2   the same distance for the adapter's change after 5 AdamW steps (lr 1e-2,
                         weight decay 0.01, torch defaults otherwise) on that loss and batch, as
                         tests/cuda_train.rs's five-step test takes them: Adam divides each
@@ -102,6 +109,12 @@ def lora_grads(d, dtype, seqs, adv):
     return {n: p.grad.detach().double().flatten() for n, p in pm.named_parameters() if "lora_" in n}
 
 
+def full_grads(d, dtype, seqs, adv):
+    m = load(d, dtype)
+    grpo_like_loss(m, seqs, adv).backward()
+    return {n: p.grad.detach().double().flatten() for n, p in m.named_parameters() if p.grad is not None}
+
+
 def adam5_updates(d, dtype, seqs, adv):
     pm = peft_model(d, dtype)
     params = {n: p for n, p in pm.named_parameters() if "lora_" in n}
@@ -118,6 +131,12 @@ def rel_l2_max(a, b):
     """max over tensors of a (norm ≥ 1% of the largest) of |b - a| / |a|."""
     max_norm = max(float(v.norm()) for v in a.values())
     return max(float((b[k] - a[k]).norm() / a[k].norm()) for k in a if float(a[k].norm()) >= 0.01 * max_norm)
+
+
+def cosine(a, b):
+    """cosine of the flat vectors of a and b (in a's tensor order)."""
+    fa, fb = torch.cat(list(a.values())), torch.cat([b[k] for k in a])
+    return float(fa @ fb / (fa.norm() * fb.norm()))
 
 
 def main():
@@ -140,8 +159,8 @@ def main():
         rel = rel_l2_max(ga, gb)
         ua, ub = adam5_updates(d, torch.float32, seqs, adv), adam5_updates(d, torch.bfloat16, seqs, adv)
         rel_adam = rel_l2_max(ua, ub)
-        fa, fb = torch.cat(list(ga.values())), torch.cat([gb[k] for k in ga])
-        cos = float(fa @ fb / (fa.norm() * fb.norm()))
+        cos = cosine(ga, gb)
+        wa, wb = full_grads(d, torch.float32, seqs, adv), full_grads(d, torch.bfloat16, seqs, adv)
         out = {
             "what": "HF bf16 model vs HF f32 model on the same fixture weights (scripts/make_bf16_noise.py)",
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
@@ -151,6 +170,8 @@ def main():
             "lora_grad_rel_l2": rel,
             "lora_grad_cosine": cos,
             "adam5_update_rel_l2": rel_adam,
+            "full_grad_rel_l2": rel_l2_max(wa, wb),
+            "full_grad_cosine": cosine(wa, wb),
         }
         with open(os.path.join(d, "bf16_noise.json"), "w") as f:
             json.dump(out, f, indent=1)

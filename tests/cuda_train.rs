@@ -23,10 +23,10 @@
 //!   order are the same, else cuBLAS's summation order only: SAME_DEVICE (0.05 relative L2).
 //! - The loss is a weighted mean of per-token terms, each within its logp error times |A|
 //!   (≤ ~2): |Δloss| ≤ 0.05 · max(1, |loss|).
-//! - Full fine-tuning: every weight's gradient is built from the same bf16 activations as the
-//!   LoRA gradients (dW = dyᵀx, db = Σ dy, the norms' Σ dy·x·r, the embedding's Σ dx), so
-//!   Tol::grad and COS_MIN apply tensor by tensor; the updates after a few steps as the LoRA
-//!   ones (Tol::update), for the matrices (see cuda_full_fine_tuning_steps_track_cpu).
+//! - Full fine-tuning: every weight's gradient per tensor within max(0.05, 2 · HF's own
+//!   full-gradient distance, 0.045–0.059 here: `full_tol`), the flat cosine ≥ COS_MIN (HF's
+//!   own: ≥ 0.9990); the updates after a few steps as the LoRA ones (`update_tol`), for the
+//!   matrices (see cuda_full_fine_tuning_steps_track_cpu).
 //!
 //! Without a usable GPU every test prints "skipping: <reason>" and passes; `RFT_REQUIRE_GPU=1`
 //! makes that a failure.
@@ -69,6 +69,14 @@ fn tol(name: &str) -> Tol {
     Tol {
         lp: 2.0 * n.logprob / TEMP,
         grad: (2.0 * n.lora_grad_rel_l2).max(0.05),
+    }
+}
+
+/// The tolerance of full fine-tuning's gradients of every weight (top comment).
+fn full_tol(name: &str) -> Tol {
+    Tol {
+        grad: (2.0 * bf16_noise(name).full_grad_rel_l2).max(0.05),
+        ..tol(name)
     }
 }
 
@@ -680,13 +688,11 @@ fn cuda_full_fine_tuning_gradients_match_cpu_on_every_model() {
         );
         assert!((gpu.loss - cpu.loss).abs() <= ltol, "{name}: loss");
         assert!(gpu.grads.lora.is_none() && cpu.grads.lora.is_none());
-        // Every weight gradient is a product of the same bf16-rounded activations as the LoRA
-        // gradients (dW = dyᵀx where LoRA has dB = dyᵀ(xAᵀ), dA = (dyB)ᵀx; the norms' and the
-        // embedding's are sums of dy·x and of dx rows), so the LoRA tolerance of HF's own
-        // bf16 noise applies tensor by tensor (`Tol::grad`, `COS_MIN` on the flat vector).
+        // Every weight's gradient within twice HF's own bf16 distance for the same (full)
+        // gradients (`full_tol`), tensor by tensor; `COS_MIN` on the flat vector.
         compare_weights(
             "weight gradients",
-            t,
+            full_tol(name),
             gpu.grads.weights.as_ref().unwrap(),
             cpu.grads.weights.as_ref().unwrap(),
             0,

@@ -97,6 +97,11 @@ pub struct Bf16Noise {
     pub lora_grad_cosine: f64,
     /// max per-tensor relative L2 distance of the adapter's change after 5 AdamW steps.
     pub adam5_update_rel_l2: f64,
+    /// max per-tensor relative L2 distance of every weight's gradient (full fine-tuning, no
+    /// adapter) of the same loss.
+    pub full_grad_rel_l2: f64,
+    /// cosine of the flat full-fine-tuning gradients.
+    pub full_grad_cosine: f64,
 }
 
 pub fn bf16_noise(name: &str) -> Bf16Noise {
@@ -120,5 +125,7 @@ pub fn bf16_noise(name: &str) -> Bf16Noise {
         lora_grad_rel_l2: num("lora_grad_rel_l2"),
         lora_grad_cosine: num("lora_grad_cosine"),
         adam5_update_rel_l2: num("adam5_update_rel_l2"),
+        full_grad_rel_l2: num("full_grad_rel_l2"),
+        full_grad_cosine: num("full_grad_cosine"),
     }
 }
