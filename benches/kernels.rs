@@ -322,8 +322,10 @@ fn kernels(c: &mut Criterion) {
     let mut dx = bf(&dev, ROWS * D, 0);
     g.bench_function("rmsnorm_bwd_bf16 24576x896", |b| {
         b.iter(|| {
-            dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(&x, &w, &dy, &mut dx, None, ROWS, D, 1e-6)
-                .unwrap();
+            dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+                &x, &w, &dy, &mut dx, None, ROWS, D, 1e-6, false,
+            )
+            .unwrap();
             sync(&dev)
         })
     });

@@ -508,7 +508,10 @@ extern "C" __global__ void lora_bwd_dx_bf16(bf16* dx, const float* __restrict__ 
 // ----------------------------------------------------------------------------
 // RMSNorm backward (src/cpu/ops.rs::rmsnorm_bwd). Per row, r = 1/sqrt(mean(x²) + eps):
 //   dx_i = r·w_i·dy_i − (r³/dim)·x_i·Σ_j w_j dy_j x_j,      dw_i += dy_i·x_i·r
-// x, dy, dx bf16 (rows, dim) (dx may alias dy); weight bf16 (dim). Block b handles rows
+// x, dy, dx bf16 (rows, dim) (dx may alias dy); weight bf16 (dim). With `accumulate` != 0 the
+// result is added onto dx instead, dx = bf16(dx + bf16(dx_i)) — exactly residual_add_bf16 of the
+// stored result, one pass less (the backward's residual stream; dx must not alias x or dy then).
+// Block b handles rows
 // [b·RMS_BWD_ROWS, (b+1)·RMS_BWD_ROWS); with dweight_partial non-NULL it writes its rows' dw sum to
 // dweight_partial[b, :] (f32), which sum_partials_add_f32 adds into dweight.
 // Vector path (dim % 8 == 0, dim ≤ 8·blockDim.x, x, weight, dy, dx 16-byte aligned): thread t owns
@@ -543,7 +546,7 @@ static __device__ __forceinline__ void tr_block_sum2(float& a, float& b) {
 
 extern "C" __global__ void rmsnorm_bwd_bf16(bf16* dx, float* __restrict__ dweight_partial, const bf16* __restrict__ x,
                                             const bf16* __restrict__ weight, const bf16* dy, float eps, int rows,
-                                            int dim) {
+                                            int dim, int accumulate) {
     extern __shared__ float tr_rms_dw[];
     const bool want_dw = dweight_partial != nullptr;
     const int row_begin = (int)blockIdx.x * RMS_BWD_ROWS;
@@ -584,6 +587,12 @@ extern "C" __global__ void rmsnorm_bwd_bf16(bf16* dx, float* __restrict__ dweigh
                     load8_bf16(x + (size_t)(row + 1) * dim + c0, xv);
                     load8_bf16(dy + (size_t)(row + 1) * dim + c0, g);
                 }
+                if (accumulate) {
+                    float acc[8];
+                    load8_bf16(dx + (size_t)row * dim + c0, acc);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) o[k] = acc[k] + bf16_to_f32(f32_to_bf16(o[k]));
+                }
                 store8_bf16(dx + (size_t)row * dim + c0, o);
             }
         }
@@ -612,7 +621,8 @@ extern "C" __global__ void rmsnorm_bwd_bf16(bf16* dx, float* __restrict__ dweigh
             const float xv = bf16_to_f32(xr[i]);
             const float g = bf16_to_f32(gr[i]);
             if (want_dw) tr_rms_dw[i] += g * xv * r;
-            dr[i] = f32_to_bf16(r * bf16_to_f32(weight[i]) * g - c * xv);
+            const float o = r * bf16_to_f32(weight[i]) * g - c * xv;
+            dr[i] = accumulate ? f32_to_bf16(bf16_to_f32(dr[i]) + bf16_to_f32(f32_to_bf16(o))) : f32_to_bf16(o);
         }
     }
     if (want_dw) {

@@ -537,7 +537,9 @@ fn rmsnorm_bwd_bf16_matches_cpu() {
             let w = bf(&uniform_vec(dim, dim as u64 + 1, 0.5, 1.5));
             let dy = bf(&uniform_vec(rows * dim, (rows * dim) as u64 + 2, -1.0, 1.0));
             let dw_in = uniform_vec(dim, 3, -0.1, 0.1);
-            let (dx, dw) = dev.rmsnorm_bwd_bf16_host(&x, &w, &dy, &dw_in, dim, eps).unwrap();
+            let (dx, dw) = dev
+                .rmsnorm_bwd_bf16_host(&x, &w, &dy, &dw_in, None, dim, eps)
+                .unwrap();
             let mut want_dw = dw_in.clone();
             let want_dx = ops::rmsnorm_bwd(&x, &w, &dy, eps, dim, Some(&mut want_dw));
             // Magnitudes: dx_i = r·w_i·dy_i − c·x_i, c = r³/dim·Σ x·dy·w (a dim-term f32 sum).
@@ -563,6 +565,15 @@ fn rmsnorm_bwd_bf16_matches_cpu() {
             // dweight: f32 sums over rows (≤ 33 terms) in per-block then partial order.
             let atol_dw: Vec<f32> = abs_dw.iter().map(|m| 1e-5 * m).collect();
             assert_close_each(&format!("{what}: dweight"), &want_dw, &dw, &atol_dw, 0.0);
+            // Accumulating onto dx (the backward's residual stream): bit for bit the stored
+            // result added by a bf16 residual add, bf16(dx_in + dx).
+            let dx_in = bf(&uniform_vec(rows * dim, 5, -1.0, 1.0));
+            let (acc, dw2) = dev
+                .rmsnorm_bwd_bf16_host(&x, &w, &dy, &dw_in, Some(&dx_in), dim, eps)
+                .unwrap();
+            let want_acc = bf(&dx_in.iter().zip(&dx).map(|(a, b)| a + b).collect::<Vec<_>>());
+            assert_eq!(acc, want_acc, "{what}: accumulate");
+            assert_eq!(dw2, dw, "{what}: dweight with accumulate");
         }
     }
 }
@@ -580,7 +591,9 @@ fn rmsnorm_bwd_dweight_shared_memory_limit() {
     let w = bf(&uniform_vec(dim, 62, 0.5, 1.5));
     let dy = bf(&uniform_vec(rows * dim, 63, -1.0, 1.0));
     let dw_in = vec![0.0f32; dim];
-    let (dx, dw) = dev.rmsnorm_bwd_bf16_host(&x, &w, &dy, &dw_in, dim, eps).unwrap();
+    let (dx, dw) = dev
+        .rmsnorm_bwd_bf16_host(&x, &w, &dy, &dw_in, None, dim, eps)
+        .unwrap();
     let mut want_dw = dw_in.clone();
     let want_dx = ops::rmsnorm_bwd(&x, &w, &dy, eps, dim, Some(&mut want_dw));
     // Sums of ~12k terms of size ≲ 2 in another order: 1e-4 absolute, then the bf16 store.
@@ -588,7 +601,15 @@ fn rmsnorm_bwd_dweight_shared_memory_limit() {
     assert_close("rmsnorm_bwd max dim: dweight", &want_dw, &dw, 1e-5, 1e-5);
     let (x, dy) = (vec![1.0f32; dim + 1], vec![1.0f32; dim + 1]);
     let err = dev
-        .rmsnorm_bwd_bf16_host(&x, &vec![1.0; dim + 1], &dy, &vec![0.0; dim + 1], dim + 1, eps)
+        .rmsnorm_bwd_bf16_host(
+            &x,
+            &vec![1.0; dim + 1],
+            &dy,
+            &vec![0.0; dim + 1],
+            None,
+            dim + 1,
+            eps,
+        )
         .unwrap_err();
     assert!(matches!(err, rft::Error::Invalid(_)), "{err}");
 }

@@ -312,7 +312,7 @@ static void rmsnorm_bwd_case(size_t rows, size_t dim, bool with_dw, bool alias, 
     const int rows_i = (int)rows, dim_i = (int)dim;
     if (rows > 0) {
         emu_launch(grid1(blocks), rmsnorm_bwd_block(dim), with_dw ? dim * 4 : 0, [&] {
-            rmsnorm_bwd_bf16(dx, with_dw ? partials.data() : nullptr, xb.data() + off, wb.data(), dyb.data() + off, eps, rows_i, dim_i);
+            rmsnorm_bwd_bf16(dx, with_dw ? partials.data() : nullptr, xb.data() + off, wb.data(), dyb.data() + off, eps, rows_i, dim_i, 0);
         });
         if (with_dw) sum_partials_add_l(partials, dw, (int)blocks, 1.0f);
     }
@@ -336,6 +336,22 @@ static void rmsnorm_bwd_case(size_t rows, size_t dim, bool with_dw, bool alias, 
     const std::vector<bf16>& dxv = alias ? dyb : dxb;
     check(std::string(what) + " dx", want_dx, from_bf(std::vector<bf16>(dxv.begin() + off, dxv.end())), atol_dx, BF16_STORE_RTOL);
     if (with_dw) { for (auto& a : abs_dw) a *= 1e-5; check(std::string(what) + " dweight", want_dw, dw, abs_dw, 0); }
+    if (!alias && rows > 0) {
+        // accumulate = 1 (the backward's residual stream): bit for bit residual_add_bf16 of the
+        // stored result, bf16(dx_in + dx); dweight as without it.
+        const std::vector<float> acc_in = bfr(rng.vec(rows * dim, -1, 1));
+        std::vector<bf16> accb = shift(to_bf(acc_in));
+        std::vector<float> partials2(blocks * dim, NAN), dw2 = dw_in;
+        emu_launch(grid1(blocks), rmsnorm_bwd_block(dim), with_dw ? dim * 4 : 0, [&] {
+            rmsnorm_bwd_bf16(accb.data() + off, with_dw ? partials2.data() : nullptr, xb.data() + off, wb.data(), dyb.data() + off, eps, rows_i, dim_i, 1);
+        });
+        if (with_dw) sum_partials_add_l(partials2, dw2, (int)blocks, 1.0f);
+        const std::vector<float> stored = from_bf(std::vector<bf16>(dxb.begin() + off, dxb.end()));
+        std::vector<double> want_acc(rows * dim);
+        for (size_t i = 0; i < rows * dim; ++i) want_acc[i] = bfr(acc_in[i] + stored[i]);
+        check(std::string(what) + " accumulate", want_acc, from_bf(std::vector<bf16>(accb.begin() + off, accb.end())), 0, 0);
+        if (with_dw) check(std::string(what) + " accumulate dweight", std::vector<double>(dw.begin(), dw.end()), dw2, 0, 0);
+    }
 }
 
 // ---- SwiGLU backward ----

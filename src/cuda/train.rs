@@ -371,9 +371,9 @@ impl TrainPlan {
         // one x̃ of the widest projection input (D, qd or I), regenerated per projection.
         let xdrop = if lora_dropout { r * d.max(qd).max(i) * 2 } else { 0 };
         let activation_bytes = (l + 1) * r * d * 2 + saved_layers * r * layer_row + r * d * 2 + r * 8 + xdrop;
-        // dx, dtmp, dh (D); dattn, dq (qd); dk, dv (kvd); dq_pre, dk_pre (Qwen3); dgate, dup,
-        // dact (I), LoRA dyb (rank), bf16; delta (H f32).
-        let per_row_bwd = (3 * d + 2 * qd + 2 * kvd + qk + 3 * i + lora_rank.max(1)) * 2 + h * 4;
+        // dx, dh (D); dattn, dq (qd); dk, dv (kvd); dq_pre, dk_pre (Qwen3); dgate, dup, dact
+        // (I), LoRA dyb (rank), bf16; delta (H f32).
+        let per_row_bwd = (2 * d + 2 * qd + 2 * kvd + qk + 3 * i + lora_rank.max(1)) * 2 + h * 4;
         let lora_scratch = Proj::ALL
             .iter()
             .map(|p| {
@@ -878,7 +878,6 @@ struct TrainBuffers {
     loss_partials: CudaSlice<f64>,
     loss_totals: CudaSlice<f64>, // (GRPO_FIELDS)
     dx: CudaSlice<bf16>,         // (R, D) dL/d residual stream
-    dtmp: CudaSlice<bf16>,       // (R, D)
     dh: CudaSlice<bf16>,         // (R, D) dL/d normed input of a block
     dattn: CudaSlice<bf16>,      // (R, qd)
     dq: CudaSlice<bf16>,         // (R, qd)
@@ -953,7 +952,6 @@ impl TrainBuffers {
             loss_partials: dev.alloc_zeros(grpo_loss_partials_len(t))?,
             loss_totals: dev.alloc_zeros(GRPO_FIELDS)?,
             dx: bf(r * d)?,
-            dtmp: bf(r * d)?,
             dh: bf(r * d)?,
             dattn: bf(r * qd)?,
             dq: bf(r * qd)?,
@@ -1113,9 +1111,10 @@ fn gemm_dw(
     Ok(())
 }
 
-/// RMSNorm backward, dx (rows, dim) from x and dy; with `dweight` = (partials, grads, range)
-/// also grads[range] (dim) += dL/dweight (full fine-tuning, via the kernel's per-block partials
-/// summed in a fixed order).
+/// RMSNorm backward, dx (rows, dim) from x and dy (`accumulate`: added onto dx, the residual
+/// stream's gradient, rounded as a store then a residual add); with `dweight` = (partials,
+/// grads, range) also grads[range] (dim) += dL/dweight (full fine-tuning, via the kernel's
+/// per-block partials summed in a fixed order).
 #[allow(clippy::too_many_arguments)]
 fn rmsnorm_bwd(
     dev: &CudaDevice,
@@ -1127,14 +1126,25 @@ fn rmsnorm_bwd(
     rows: usize,
     dim: usize,
     eps: f32,
+    accumulate: bool,
 ) -> Result<()> {
     match dweight {
-        None => {
-            dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(x, weight, dy, dx, None, rows, dim, eps)
-        }
+        None => dev.rmsnorm_bwd_bf16::<CudaSlice<f32>, CudaSlice<f32>>(
+            x, weight, dy, dx, None, rows, dim, eps, accumulate,
+        ),
         Some((partials, grads, range)) => {
             let mut dw = grads.slice_mut(range);
-            dev.rmsnorm_bwd_bf16(x, weight, dy, dx, Some((partials, &mut dw)), rows, dim, eps)
+            dev.rmsnorm_bwd_bf16(
+                x,
+                weight,
+                dy,
+                dx,
+                Some((partials, &mut dw)),
+                rows,
+                dim,
+                eps,
+                accumulate,
+            )
         }
     }
 }
@@ -1678,13 +1688,13 @@ fn layer_bwd(
         &a.x_mid.slice(..n * d),
         &lw.post_norm,
         &g.dh.slice(..n * d),
-        &mut g.dtmp.slice_mut(..n * d),
+        &mut g.dx.slice_mut(..n * d),
         full.map(|f| (&mut *g.norm_partials, &mut *grads, f.post_norm.clone())),
         n,
         d,
         eps,
+        true,
     )?;
-    dev.residual_add_bf16(&mut g.dx.slice_mut(..n * d), &g.dtmp.slice(..n * d), n * d)?;
 
     // --- attention: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1)))
     ctx.proj_bwd(
@@ -1740,6 +1750,7 @@ fn layer_bwd(
                 n * nh,
                 hd,
                 eps,
+                false,
             )?;
             rmsnorm_bwd(
                 dev,
@@ -1752,6 +1763,7 @@ fn layer_bwd(
                 n * nkv,
                 hd,
                 eps,
+                false,
             )?;
             true
         }
@@ -1770,20 +1782,19 @@ fn layer_bwd(
         &x_in.slice(..n * d),
         &lw.input_norm,
         &g.dh.slice(..n * d),
-        &mut g.dtmp.slice_mut(..n * d),
+        &mut g.dx.slice_mut(..n * d),
         full.map(|f| (&mut *g.norm_partials, &mut *grads, f.input_norm.clone())),
         n,
         d,
         eps,
+        true,
     )?;
-    dev.residual_add_bf16(&mut g.dx.slice_mut(..n * d), &g.dtmp.slice(..n * d), n * d)?;
     Ok(())
 }
 
 /// The backward's buffers, borrowed from [`TrainBuffers`].
 struct BwdBufs<'a> {
     dx: &'a mut CudaSlice<bf16>,
-    dtmp: &'a mut CudaSlice<bf16>,
     dh: &'a mut CudaSlice<bf16>,
     dattn: &'a mut CudaSlice<bf16>,
     dq: &'a mut CudaSlice<bf16>,
@@ -2662,6 +2673,7 @@ impl CudaTrainer {
             n,
             d,
             c.rms_norm_eps,
+            false,
         )?;
 
         // --- layers, last to first
@@ -2674,7 +2686,6 @@ impl CudaTrainer {
         };
         let mut g = BwdBufs {
             dx: &mut b.dx,
-            dtmp: &mut b.dtmp,
             dh: &mut b.dh,
             dattn: &mut b.dattn,
             dq: &mut b.dq,

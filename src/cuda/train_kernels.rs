@@ -1434,6 +1434,8 @@ impl CudaDevice {
     /// RMSNorm backward: dx (rows, dim) bf16 from x, dy (rows, dim) bf16 and weight (dim) bf16.
     /// With `dweight = Some((partials, dweight))`, also dweight (dim) f32 += Σ_rows dy·x·r, via
     /// per-block partials (at least [`rmsnorm_bwd_partials_len`] f32) and a fixed-order sum.
+    /// `accumulate`: dx = bf16(dx + bf16(result)) instead (bit for bit a store into a
+    /// temporary then [`Self::residual_add_bf16`]; dx must then alias neither x nor dy).
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_bwd_bf16<P: DevicePtr<f32> + DevicePtrMut<f32>, W: DevicePtrMut<f32>>(
         &self,
@@ -1445,6 +1447,7 @@ impl CudaDevice {
         rows: usize,
         dim: usize,
         eps: f32,
+        accumulate: bool,
     ) -> Result<()> {
         let kn = "rmsnorm_bwd_bf16";
         if dim == 0 {
@@ -1475,6 +1478,7 @@ impl CudaDevice {
             }
         }
         let (rows_i, dim_i) = (as_i32(kn, "rows", rows)?, as_i32(kn, "dim", dim)?);
+        let acc_i = accumulate as i32;
         if rows == 0 {
             return Ok(());
         }
@@ -1498,9 +1502,11 @@ impl CudaDevice {
                 .arg(&gp)
                 .arg(&eps)
                 .arg(&rows_i)
-                .arg(&dim_i);
+                .arg(&dim_i)
+                .arg(&acc_i);
             // SAFETY: (bf16* dx, float* dweight_partial or NULL, const bf16* x, const bf16*
-            // weight, const bf16* dy, float eps, int rows, int dim); lengths checked; dynamic
+            // weight, const bf16* dy, float eps, int rows, int dim, int accumulate); lengths
+            // checked; dynamic
             // shared memory holds dim floats when dweight is wanted; block is whole warps.
             unsafe { l.launch(cfg((blocks as u32, 1, 1), rmsnorm_bwd_block(dim), smem as u32)) }
                 .map_err(cuda_err(kn))?;
@@ -1512,13 +1518,16 @@ impl CudaDevice {
     }
 
     /// Test convenience: (dx, dweight) of [`Self::rmsnorm_bwd_bf16`] on host data rounded to bf16;
-    /// dweight starts from `dweight_in`.
+    /// dweight starts from `dweight_in`; with `dx_in` the result is accumulated onto it
+    /// (rounded to bf16 first).
+    #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_bwd_bf16_host(
         &self,
         x: &[f32],
         weight: &[f32],
         dy: &[f32],
         dweight_in: &[f32],
+        dx_in: Option<&[f32]>,
         dim: usize,
         eps: f32,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -1526,7 +1535,10 @@ impl CudaDevice {
         let xd = self.upload_bf16(x)?;
         let wd = self.upload_bf16(weight)?;
         let gd = self.upload_bf16(dy)?;
-        let mut dx = self.alloc_zeros::<bf16>(x.len())?;
+        let mut dx = match dx_in {
+            Some(d) => self.upload_bf16(d)?,
+            None => self.alloc_zeros::<bf16>(x.len())?,
+        };
         let mut partials = self.alloc_zeros::<f32>(rmsnorm_bwd_partials_len(rows, dim))?;
         let mut dw = self.upload(dweight_in)?;
         self.rmsnorm_bwd_bf16(
@@ -1538,6 +1550,7 @@ impl CudaDevice {
             rows,
             dim,
             eps,
+            dx_in.is_some(),
         )?;
         Ok((self.download_bf16(&dx)?, self.download(&dw)?))
     }
