@@ -84,6 +84,7 @@ if [ "$what" != tests ]; then
   step 90 train-05b-splitvocab env RFT_TRAIN_VOCAB_CHUNK=32768 $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   # No recompute within the memory target by micro-batching (activations 1/4 or 1/8 of the batch's):
   # the memory budget picks the largest micro-batch that fits (16 by the plan: 6.2 GiB + weights).
+  step 90 train-05b-loraadd env RFT_TRAIN_LORA_EPILOGUE=add $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 90 train-05b-budget $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --max-train-memory-gib 8.5 --json
   step 90 train-05b-mb8-norecompute $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 8 --recompute none --json
   step 90 train-05b-full $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --full-fine-tuning --json

@@ -121,6 +121,27 @@ pub fn vocab_chunk_from_env() -> Result<usize> {
     }
 }
 
+/// Which side of a projection writes its output first in the training forward and backward,
+/// from `RFT_TRAIN_LORA_EPILOGUE` (an A/B switch for the GPU check, scripts/gpu_check.sh):
+/// `store` (unset: the default) — the LoRA kernel stores s·(x Aᵀ) Bᵀ and the base GEMM adds
+/// onto it with beta = 1, so no kernel reads the projection's output back; `add` — the GEMM
+/// stores x Wᵀ and the LoRA kernel adds its term (a read-modify-write of the output). Rounded
+/// differently (bf16(xWᵀ + bf16(t)) against bf16(bf16(xWᵀ) + t)), equal within bf16.
+pub fn lora_store_from_env() -> Result<bool> {
+    match std::env::var("RFT_TRAIN_LORA_EPILOGUE") {
+        Err(_) => Ok(true),
+        Ok(v) => match v.trim() {
+            "" | "store" => Ok(true),
+            "add" => Ok(false),
+            t => Err(Error::invalid(format!(
+                "RFT_TRAIN_LORA_EPILOGUE={t:?}: expected `store` (the default: the LoRA term \
+                 first, the base GEMM adding onto it) or `add` (the GEMM first, the LoRA term \
+                 added onto it)"
+            ))),
+        },
+    }
+}
+
 /// Scored rows of one lm_head chunk for a vocabulary of `vocab` split into chunks of
 /// `vocab_chunk` columns and micro-batches of up to `max_tokens` tokens: [`TRAIN_LOGIT_CHUNK_ROWS`]
 /// with a split vocabulary; with a whole one [`TRAIN_LOGIT_CHUNK_ELEMS`] / V rounded to a
@@ -1188,6 +1209,9 @@ struct Ctx<'a> {
     c: &'a ModelConfig,
     w: &'a DeviceWeights,
     inv_freq: &'a CudaSlice<f32>,
+    /// [`lora_store_from_env`]: the LoRA kernels store their term and the base GEMMs add onto
+    /// it (true, the default), or the GEMMs store and the LoRA kernels add.
+    lora_store: bool,
 }
 
 impl Ctx<'_> {
@@ -1224,9 +1248,19 @@ impl Ctx<'_> {
     ) -> Result<()> {
         check("proj x", x.len(), n * lin.d_in)?;
         check("proj y", y.len(), n * lin.d_out)?;
+        // The LoRA kernel first (storing, or adding onto the residual) and the GEMM onto its
+        // output, or (`lora_store` off) the GEMM first and the LoRA kernel adding onto it.
+        let lora_first = lora.is_some() && (accumulate || self.lora_store);
+        if !lora_first {
+            self.base_fwd(x, lin, y, accumulate, n)?;
+        }
         if let Some(ab) = &lora {
             let xa = Some(&mut xa.slice_mut(..n * ab.rank));
-            let out = if accumulate { LoraOut::Add } else { LoraOut::Store };
+            let out = if lora_first && !accumulate {
+                LoraOut::Store
+            } else {
+                LoraOut::Add
+            };
             match ab.drop {
                 None => self.dev.lora_train_fwd_bf16(
                     x, &ab.a, &ab.b, y, out, xa, ab.scale, n, lin.d_in, lin.d_out, ab.rank,
@@ -1251,29 +1285,42 @@ impl Ctx<'_> {
                 }
             }
         }
-        {
-            let s = self.dev.stream();
-            let (xp, _x) = x.device_ptr(s);
-            let w = lin.w();
-            let (wp, _w) = w.device_ptr(s);
-            let (yp, _y) = y.device_ptr_mut(s);
-            super::engine::gemm_raw(
-                self.dev,
-                self.blas,
-                xp,
-                wp,
-                yp,
-                cudaDataType::CUDA_R_16BF,
-                n,
-                lin.d_in,
-                lin.d_out,
-                if lora.is_some() || accumulate { 1.0 } else { 0.0 },
-            )?;
+        if lora_first {
+            self.base_fwd(x, lin, y, true, n)?;
         }
         if let Some(b) = &lin.b {
             self.dev.add_bias_bf16(y, b, n, lin.d_out)?;
         }
         Ok(())
+    }
+
+    /// y (n, out) = x Wᵀ, or (`accumulate`) y += x Wᵀ (cuBLAS beta = 1), f32 accumulation and
+    /// one bf16 rounding.
+    fn base_fwd(
+        &self,
+        x: &impl DevicePtr<bf16>,
+        lin: &DeviceLinear,
+        y: &mut impl DevicePtrMut<bf16>,
+        accumulate: bool,
+        n: usize,
+    ) -> Result<()> {
+        let s = self.dev.stream();
+        let (xp, _x) = x.device_ptr(s);
+        let w = lin.w();
+        let (wp, _w) = w.device_ptr(s);
+        let (yp, _y) = y.device_ptr_mut(s);
+        super::engine::gemm_raw(
+            self.dev,
+            self.blas,
+            xp,
+            wp,
+            yp,
+            cudaDataType::CUDA_R_16BF,
+            n,
+            lin.d_in,
+            lin.d_out,
+            if accumulate { 1.0 } else { 0.0 },
+        )
     }
 
     /// Backward of [`Self::proj_fwd`]: dx (n, in) = dy·W (+ dx when `accumulate`) + s·(dy B) A;
@@ -1296,9 +1343,9 @@ impl Ctx<'_> {
         n: usize,
     ) -> Result<()> {
         // Without `accumulate` and with an adapter, the LoRA kernel stores its term into dx
-        // first (LoraOut::Store, dx not read) and the base GEMM adds onto it (beta = 1); else the
-        // GEMM runs first and the LoRA kernel adds its term.
-        let lora_first = lora.is_some() && !accumulate;
+        // first (LoraOut::Store, dx not read) and the base GEMM adds onto it (beta = 1); else
+        // (or with `lora_store` off) the GEMM runs first and the LoRA kernel adds its term.
+        let lora_first = lora.is_some() && !accumulate && self.lora_store;
         if let Some((ab, ..)) = lora.as_ref().filter(|_| lora_first) {
             self.proj_bwd_lora_dx(ab, dy, dx, LoraOut::Store, sc, n, lin)?;
         }
@@ -1901,6 +1948,8 @@ pub struct CudaTrainer {
     /// Vocabulary columns of one lm_head chunk ([`TRAIN_VOCAB_CHUNK`]; smaller in tests, to
     /// exercise the merge on small vocabularies).
     vocab_chunk: usize,
+    /// [`lora_store_from_env`] at creation.
+    lora_store: bool,
     /// With layer recompute, the trailing layers whose activations are kept
     /// ([`TrainPlan::keeping_last_layers`]; 0 by default).
     keep_layers: usize,
@@ -2072,6 +2121,7 @@ impl CudaTrainer {
             merge: dev.function("logprob_chunk_merge_f32")?,
             finish: dev.function("logprob_chunk_finish_f32")?,
             vocab_chunk: vocab_chunk_from_env()?,
+            lora_store: lora_store_from_env()?,
             keep_layers: 0,
             memory_budget: None,
             last_stats: TrainStats::default(),
@@ -2404,6 +2454,7 @@ impl CudaTrainer {
             c,
             w: &engine.weights,
             inv_freq: &engine.inv_freq,
+            lora_store: self.lora_store,
         };
         let (d, v) = (c.hidden_size, c.vocab_size);
         put(dev, "token ids", &pk.ids, &mut b.ids)?;
@@ -2623,6 +2674,7 @@ impl CudaTrainer {
             c,
             w: &engine.weights,
             inv_freq: &engine.inv_freq,
+            lora_store: self.lora_store,
         };
         let (lora, full) = match &self.trained {
             Trained::Lora {
