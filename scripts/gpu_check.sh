@@ -93,6 +93,8 @@ if [ "$what" != tests ]; then
   step 60 roll-15b-64-cublas env RFT_SKINNY_GEMM=0 $R bench rollout --shape qwen2.5-1.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json
   step 90 train-15b $R bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 90 train-15b-budget $R bench train --shape qwen2.5-1.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --max-train-memory-gib 12 --json
+  # rft train refuses a fresh run into a directory that holds one: a rerun starts clean.
+  rm -rf /tmp/rft-default-cuda /tmp/rft-default-cuda-800 /tmp/rft-q05-run
   step 150 default-train $R train --device cuda --max-steps 200 --output-dir /tmp/rft-default-cuda
   tail -n 2 /tmp/rft-default-cuda/metrics.jsonl 2>/dev/null | cut -c1-400 | tee -a "$S"
   step 60 default-train-800 $R train --device cuda --output-dir /tmp/rft-default-cuda-800

@@ -40,6 +40,7 @@ set -x
 .gpu/bin/rft generate --model tests/fixtures/models/qwen2 --prompt "12 + 7 =" --device cpu --max-new-tokens 8 --num-samples 2 --seed 1
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 1 --num-generations 64 --prompt-len 128 --new-tokens 256 --json
 .gpu/bin/rft bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
+rm -rf /tmp/rft-default-cuda /tmp/rft-q05-run
 timeout 240 .gpu/bin/rft train --device cuda --max-steps 200 --output-dir /tmp/rft-default-cuda && cat /tmp/rft-default-cuda/summary.json && tail -n 3 /tmp/rft-default-cuda/metrics.jsonl
 python3 scripts/random_model.py /tmp/rft-q05 qwen2.5-0.5b && timeout 180 .gpu/bin/rft train scripts/gpu_smoke_0.5b.toml --output-dir /tmp/rft-q05-run && tail -n 4 /tmp/rft-q05-run/metrics.jsonl
 .gpu/bin/rft bench rollout --shape qwen2.5-0.5b --prompts 8 --num-generations 8 --prompt-len 128 --new-tokens 256 --json

@@ -61,15 +61,15 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
         /// 0 means greedy.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         top_p: f32,
         /// 0 means off.
         #[arg(long, default_value_t = 0)]
         top_k: usize,
         /// 0 means off.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         min_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -99,7 +99,7 @@ enum Cmd {
         #[arg(long)]
         input: PathBuf,
         /// Logits are divided by this before the log-softmax.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         temperature: f32,
     },
     /// GRPO training from a TOML config (no config: the embedded default on the tiny model).
@@ -168,7 +168,7 @@ enum BenchCmd {
         #[arg(long, default_value_t = 0)]
         lora_rank: usize,
         /// Peak memory bandwidth in bytes/s for the roofline fraction (H200: 4.24e12 measured).
-        #[arg(long, default_value_t = 4.24e12)]
+        #[arg(long, default_value_t = 4.24e12, allow_negative_numbers = true)]
         peak_bandwidth: f64,
         /// CUDA device ordinal.
         #[arg(long, default_value_t = 0)]
@@ -209,7 +209,7 @@ enum BenchCmd {
         /// LoRA state; not the weights) at this many GiB: a layout that does not fit falls back
         /// to smaller micro-batches, then layer recompute (the JSON says which ran). 0: no cap
         /// beyond the free device memory.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         max_train_memory_gib: f64,
         /// Train every weight (f32 master weights, grads, AdamW moments: 16 bytes a parameter)
         /// instead of a LoRA adapter; --lora-rank is then unused.
@@ -276,9 +276,9 @@ struct SftArgs {
     output: PathBuf,
     #[arg(long, default_value_t = 16)]
     lora_r: usize,
-    #[arg(long, default_value_t = 32.0)]
+    #[arg(long, default_value_t = 32.0, allow_negative_numbers = true)]
     lora_alpha: f32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     lora_dropout: f32,
     /// scale = alpha / sqrt(r) instead of alpha / r.
     #[arg(long)]
@@ -301,17 +301,17 @@ struct SftArgs {
     /// Examples per forward/backward (0: the whole batch); results do not depend on it.
     #[arg(long, default_value_t = 0)]
     micro_batch_size: usize,
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, allow_negative_numbers = true)]
     lr: f64,
     /// constant, constant_with_warmup, linear, cosine.
     #[arg(long, default_value = "linear")]
     lr_scheduler: String,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     warmup_ratio: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     weight_decay: f64,
     /// 0 disables clipping.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     max_grad_norm: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -373,6 +373,9 @@ fn run(cli: Cli) -> Result<()> {
             params.validate()?;
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
+            }
+            if stop.iter().any(String::is_empty) {
+                bail!("--stop: an empty stop string matches nothing; give the text to stop at");
             }
             let (mut engine, tok) = load(&m)?;
             let prompts: Vec<Vec<u32>> = match (&prompt, &input) {
@@ -648,6 +651,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Sft(a) => sft(a),
         Cmd::Merge { model, adapter, out } => {
+            check_output_dir(
+                "--out",
+                &out,
+                &[("--model", &model), ("--adapter", &adapter)],
+                MERGED_FILES,
+            )?;
             let engine = CpuEngine::load(&model)?;
             let config = engine.model.config.clone();
             let lora = rft::lora::peft::load(&adapter, &config)
@@ -675,6 +684,11 @@ fn train(a: TrainArgs) -> Result<()> {
             d.clone()
         }
     });
+    if let (Some(d), Some(ck)) = (&a.resume, &resume_dir) {
+        if !ck.join("trainer_state.json").is_file() {
+            bail!("--resume {}: {}", d.display(), no_checkpoint_why(d));
+        }
+    }
     let (text, origin, base_dir) = match (&a.config, &resume_dir) {
         (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -726,6 +740,14 @@ fn train(a: TrainArgs) -> Result<()> {
         cfg.max_steps = n;
     }
     cfg.validate(&origin)?;
+    if let Some(out) = &cfg.output_dir {
+        // The resumed run's own directory continues; any other must not hold a run already.
+        let resumed_run = resume_dir.as_ref().and_then(|ck| ck.parent());
+        let continuing = resumed_run.is_some_and(|r| same_dir(r, out));
+        if !continuing {
+            check_fresh_run_dir(out, a.output_dir.is_some())?;
+        }
+    }
     let mut trainer = Trainer::from_config(cfg, &text, &base_dir)?;
     if let Some(ck) = &resume_dir {
         trainer
@@ -754,6 +776,132 @@ fn train(a: TrainArgs) -> Result<()> {
         eprintln!(
             "stopped early; continue with: rft train --resume {}",
             trainer.output_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Why `--resume DIR` finds no checkpoint, and where a save that was cut short (between its
+/// renames) left a complete one.
+fn no_checkpoint_why(d: &std::path::Path) -> String {
+    if !d.is_dir() {
+        return "no such run directory".into();
+    }
+    let run = if d.ends_with("checkpoint") {
+        d.parent().unwrap_or(d)
+    } else {
+        d
+    };
+    let mut left: Vec<PathBuf> = std::fs::read_dir(run)
+        .map(|es| {
+            es.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    let n = p.file_name().unwrap_or_default().to_string_lossy();
+                    (n.starts_with(".checkpoint.tmp") || n.starts_with(".checkpoint.old"))
+                        && p.join("trainer_state.json").is_file()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    left.sort();
+    let mut why = format!(
+        "no checkpoint there (expected {})",
+        run.join("checkpoint/trainer_state.json").display()
+    );
+    if let Some(p) = left.first() {
+        why += &format!(
+            "; a save was interrupted and left {}: rename it to {} to resume from it",
+            p.display(),
+            run.join("checkpoint").display()
+        );
+    }
+    why
+}
+
+/// A new run must not append to another run's metrics.jsonl nor replace its checkpoint and
+/// adapters: `out` is new, empty, or holds no run yet.
+fn check_fresh_run_dir(out: &std::path::Path, from_flag: bool) -> Result<()> {
+    let what = if from_flag { "--output-dir" } else { "output_dir" };
+    if out.exists() && !out.is_dir() {
+        bail!("{what} {}: exists and is not a directory", out.display());
+    }
+    for f in ["metrics.jsonl", "checkpoint", "summary.json"] {
+        if out.join(f).exists() {
+            bail!(
+                "{what} {}: already holds a run ({f}); continue it with `rft train --resume {}`, \
+                 or choose a new output directory",
+                out.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether two paths name the same existing directory.
+fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// What `rft merge` / `rft sft --full` write into their output directory.
+const MERGED_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "model.safetensors",
+];
+
+/// What a PEFT adapter output holds.
+const ADAPTER_FILES: &[&str] = &["adapter_config.json", "adapter_model.safetensors"];
+
+/// An output directory (`flag`) must be checked before any work: not a file, not one of the
+/// `inputs` (it would be overwritten), and new, empty, or holding only files of an earlier
+/// output of the same kind (`writes`, replaced). Anything else there (another model's shards,
+/// its index) would be mixed with the output, and a loader could pick the stale files.
+fn check_output_dir(
+    flag: &str,
+    out: &std::path::Path,
+    inputs: &[(&str, &std::path::Path)],
+    writes: &[&str],
+) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("{flag} {}: exists and is not a directory", out.display());
+    }
+    for (input, dir) in inputs {
+        if same_dir(out, dir) {
+            bail!(
+                "{flag} {} is the {input} directory: writing there would overwrite it; choose another directory",
+                out.display()
+            );
+        }
+    }
+    let entries = std::fs::read_dir(out).with_context(|| format!("{flag} {}", out.display()))?;
+    let mut foreign: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.') && !writes.contains(&n.as_str()))
+        .collect();
+    foreign.sort();
+    if !foreign.is_empty() {
+        let more = match foreign.len().saturating_sub(3) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        bail!(
+            "{flag} {}: the directory already holds {}{more}, which would be mixed with the \
+             output; choose a new or empty directory",
+            out.display(),
+            foreign[..foreign.len().min(3)].join(", ")
         );
     }
     Ok(())
@@ -801,6 +949,30 @@ fn sft(a: SftArgs) -> Result<()> {
     if a.batch_size == 0 || a.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
+    if !(a.lr >= 0.0 && a.lr.is_finite()) {
+        bail!("--lr: must be a finite learning rate ≥ 0, got {}", a.lr);
+    }
+    if a.max_grad_norm.is_nan() || a.max_grad_norm < 0.0 {
+        bail!(
+            "--max-grad-norm: must be ≥ 0 (0: no clipping), got {}",
+            a.max_grad_norm
+        );
+    }
+    if !full {
+        if !(a.lora_alpha > 0.0 && a.lora_alpha.is_finite()) {
+            bail!("--lora-alpha: must be > 0, got {}", a.lora_alpha);
+        }
+        if !(0.0..1.0).contains(&a.lora_dropout) {
+            bail!("--lora-dropout: must be in [0, 1), got {}", a.lora_dropout);
+        }
+    }
+    // The output is checked before the training, not after it.
+    check_output_dir(
+        "--output",
+        &a.output,
+        &[("--model", &a.model)],
+        if full { MERGED_FILES } else { ADAPTER_FILES },
+    )?;
     let tok = Tokenizer::from_dir(&a.model)?;
     let mut model = match a.init_random {
         Some(seed) => {
@@ -814,12 +986,20 @@ fn sft(a: SftArgs) -> Result<()> {
     let mut examples = Vec::new();
     for l in read_inputs(&a.data, true)? {
         let (p, c) = rft::data::input::encode_line(&a.data, &l, &tok)?;
-        let mut c = c.ok_or_else(|| anyhow!("{}:{}: missing completion", a.data.display(), l.line))?;
+        let at = || format!("{}:{}", a.data.display(), l.line);
+        let mut c = c.ok_or_else(|| anyhow!("{}: missing completion", at()))?;
         if let (false, Some(e)) = (a.no_eos, eos) {
             if c.last() != Some(&e) {
                 c.push(e);
             }
         }
+        if c.is_empty() {
+            bail!(
+                "{}: the completion is empty and --no-eos adds no EOS: nothing to train on",
+                at()
+            );
+        }
+        check_fits(&model.config, p.len(), c.len()).with_context(at)?;
         examples.push(SftExample {
             prompt_ids: p,
             completion_ids: c,
@@ -864,10 +1044,11 @@ fn sft(a: SftArgs) -> Result<()> {
             weight_decay: a.weight_decay,
             ..AdamW::default()
         },
-        schedule: LrSchedule::new(kind, a.lr, total, Warmup::Ratio(a.warmup_ratio))?,
+        schedule: LrSchedule::new(kind, a.lr, total, Warmup::Ratio(a.warmup_ratio))
+            .context("--warmup-ratio")?,
         ..SftOptions::default()
     };
-    opts.optimizer.validate()?;
+    opts.optimizer.validate().context("--weight-decay")?;
     let mut state = TrainState::new(a.seed);
     let mut out = std::io::stdout().lock();
     let t0 = std::time::Instant::now();

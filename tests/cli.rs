@@ -998,3 +998,514 @@ fn cuda_without_gpu_is_a_clear_error() {
         "no reason given: {line}"
     );
 }
+
+// ---------------------------------------------------------------- sft, merge, train, bench
+
+/// One-line SFT data for the qwen2 fixture.
+fn sft_data(dir: &Path) -> PathBuf {
+    jsonl(
+        dir,
+        "sft.jsonl",
+        &[
+            json!({"prompt_ids": [57, 210, 33], "completion_ids": [91, 300]}),
+            json!({"prompt_ids": [120, 5], "completion_ids": [402, 19]}),
+        ],
+    )
+}
+
+#[test]
+fn sft_bad_options_and_data() {
+    let m = model("qwen2");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sft_data(tmp.path());
+    let out = tmp.path().join("out");
+    let sft = |data: &Path, extra: &[&str], want: &[&str]| {
+        let mut a = vec![
+            "sft",
+            "--model",
+            s(&m),
+            "--data",
+            s(data),
+            "--output",
+            s(&out),
+            "--max-steps",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        fail(&a, want);
+        assert!(!out.exists(), "a failed sft wrote {}", out.display());
+    };
+    // Values that trained with NaN / no effect and exited 0.
+    sft(&data, &["--lora-alpha", "nan"], &["--lora-alpha", "NaN"]);
+    sft(&data, &["--lora-dropout", "1.5"], &["--lora-dropout", "[0, 1)"]);
+    sft(&data, &["--max-grad-norm", "nan"], &["--max-grad-norm"]);
+    // Negative numbers reach the check (was clap's "unexpected argument '-1'").
+    sft(&data, &["--lr", "-1"], &["--lr", "-1"]);
+    sft(&data, &["--weight-decay", "-1"], &["--weight-decay", "-1"]);
+    sft(&data, &["--warmup-ratio", "2"], &["--warmup-ratio", "2"]);
+    // An empty completion with --no-eos trains on nothing.
+    let empty = jsonl(
+        tmp.path(),
+        "empty.jsonl",
+        &[json!({"prompt": "hi", "completion": ""})],
+    );
+    sft(&empty, &["--no-eos"], &["empty.jsonl:1", "completion is empty"]);
+    // Over the context: the file and line, not "example 0".
+    let long = jsonl(
+        tmp.path(),
+        "long.jsonl",
+        &[
+            json!({"prompt_ids": [5], "completion_ids": [6]}),
+            json!({"prompt_ids": vec![5; 100], "completion_ids": vec![6; 60]}),
+        ],
+    );
+    sft(&long, &[], &["long.jsonl:2", "context of 128"]);
+}
+
+#[test]
+fn sft_and_merge_outputs_are_checked_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sft_data(tmp.path());
+    let ad = adapter("peft_roundtrip");
+    // The base model itself as the output: was overwritten (f32, after training).
+    let (_t, m) = copy_model("qwen2");
+    let before = fs::read(m.join("model.safetensors")).unwrap();
+    fail(
+        &[
+            "sft",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--output",
+            s(&m),
+            "--full",
+        ],
+        &["--output", "is the --model directory"],
+    );
+    fail(
+        &["merge", "--model", s(&m), "--adapter", s(&ad), "--out", s(&m)],
+        &["--out", "is the --model directory"],
+    );
+    fail(
+        &["merge", "--model", s(&m), "--adapter", s(&ad), "--out", s(&ad)],
+        &["--out", "is the --adapter directory"],
+    );
+    assert_eq!(before, fs::read(m.join("model.safetensors")).unwrap());
+
+    // A file as the output: was reported only after the training.
+    let file = tmp.path().join("file");
+    fs::write(&file, "x").unwrap();
+    fail(
+        &["sft", "--model", s(&m), "--data", s(&data), "--output", s(&file)],
+        &["--output", "file", "not a directory"],
+    );
+
+    // Another model's directory: its shards and index stayed and shadowed the merged weights.
+    let (_t2, other) = copy_model("llama");
+    let out = fail(
+        &["merge", "--model", s(&m), "--adapter", s(&ad), "--out", s(&other)],
+        &["--out", "already holds", "mixed"],
+    );
+    assert!(out.contains("model-00001-of-00002.safetensors"), "{out}");
+    assert!(other.join("model.safetensors.index.json").exists());
+
+    // A directory of an earlier merge is replaced, stale optional files removed.
+    let merged = tmp.path().join("merged");
+    ok(&[
+        "merge",
+        "--model",
+        s(&m),
+        "--adapter",
+        s(&ad),
+        "--out",
+        s(&merged),
+    ]);
+    fs::write(merged.join("chat_template.jinja"), "{{ stale }}").unwrap();
+    ok(&[
+        "merge",
+        "--model",
+        s(&m),
+        "--adapter",
+        s(&ad),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(!merged.join("chat_template.jinja").exists());
+    // …but not an adapter directory with an sft --full.
+    fail(
+        &[
+            "sft",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--output",
+            s(&ad),
+            "--full",
+        ],
+        &["already holds adapter_config.json"],
+    );
+}
+
+#[test]
+fn generate_rejects_empty_stop_and_negative_values_clearly() {
+    let m = model("qwen2");
+    fail(
+        &["generate", "--model", s(&m), "--prompt", "hi", "--stop", ""],
+        &["--stop", "empty"],
+    );
+    fail(
+        &[
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "-1",
+        ],
+        &["temperature", "-1"],
+    );
+    fail(
+        &["generate", "--model", s(&m), "--prompt", "hi", "--top-p", "-0.5"],
+        &["top_p", "-0.5"],
+    );
+}
+
+#[test]
+fn model_config_values_that_gave_nan_or_never_stopped() {
+    for (key, value, want) in [
+        ("rms_norm_eps", json!(-1.0), "rms_norm_eps"),
+        ("max_position_embeddings", json!(0), "max_position_embeddings"),
+        ("intermediate_size", json!(0), "intermediate_size"),
+        (
+            "eos_token_id",
+            json!(99999),
+            "eos_token_id 99999 is outside the vocabulary",
+        ),
+    ] {
+        let (_t, m) = copy_model("qwen2");
+        edit_json(&m.join("config.json"), |o| {
+            o.insert(key.into(), value);
+        });
+        fail_model(&m, &["config.json", want]);
+    }
+    let (_t, m) = copy_model("qwen2");
+    fs::write(m.join("generation_config.json"), "{\"eos_token_id\": [2, 500]}").unwrap();
+    fail_model(
+        &m,
+        &["generation_config.json", "eos_token_id 500", "vocab_size 461"],
+    );
+}
+
+#[test]
+fn bench_arguments_are_checked_without_a_gpu() {
+    fail(
+        &["bench", "rollout", "--shape", "gpt5"],
+        &["unknown shape \"gpt5\""],
+    );
+    fail(&["bench", "rollout", "--prompts", "0"], &["--prompts"]);
+    fail(
+        &["bench", "rollout", "--peak-bandwidth", "0"],
+        &["--peak-bandwidth"],
+    );
+    fail(
+        &["bench", "rollout", "--prompt-len", "100000"],
+        &["--prompt-len 100000", "context"],
+    );
+    fail(
+        &["bench", "train", "--seq-len", "10", "--prompt-len", "20"],
+        &["--prompt-len"],
+    );
+    fail(&["bench", "train", "--steps", "0"], &["--steps"]);
+    fail(
+        &["bench", "train", "--seq-len", "100000"],
+        &["--seq-len 100000", "context"],
+    );
+    fail(
+        &["bench", "train", "--max-train-memory-gib", "-1"],
+        &["--max-train-memory-gib", "-1"],
+    );
+}
+
+/// A 1-step config on the tiny model (2-digit addition).
+fn train_config(dir: &Path, name: &str, extra_top: &str, lora_r: usize) -> PathBuf {
+    let p = dir.join(name);
+    let text = format!(
+        "seed = 0\nprompts_per_step = 4\nnum_generations = 4\nmax_completion_length = 4\n\
+         max_steps = 1\neval_steps = 0\ndevice = \"cpu\"\n{extra_top}\n\
+         [model]\npath = \"{}\"\n\n[data]\ntask = \"arithmetic\"\nformat = \"plain\"\ndigits = 2\n\
+         ops = [\"+\"]\nnum_train = 40\nnum_val = 8\nseed = 7\n\n[lora]\nr = {lora_r}\nalpha = 8\n",
+        root().join("models/tiny").display()
+    );
+    fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn train_keeps_earlier_runs_and_resumes_only_what_it_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = train_config(d, "c.toml", "", 4);
+    let run_dir = d.join("run");
+    let o = run(&["train", s(&cfg), "--output-dir", s(&run_dir), "--quiet"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = fs::read(run_dir.join("metrics.jsonl")).unwrap();
+    let state = fs::read(run_dir.join("checkpoint/trainer_state.json")).unwrap();
+
+    // A fresh run into it appended to its metrics.jsonl and replaced its checkpoint.
+    fail(
+        &["train", s(&cfg), "--output-dir", s(&run_dir), "--quiet"],
+        &["--output-dir", "already holds a run", "--resume"],
+    );
+    let cfg_out = train_config(d, "o.toml", &format!("output_dir = \"{}\"", run_dir.display()), 4);
+    fail(
+        &["train", s(&cfg_out), "--quiet"],
+        &["output_dir", "already holds a run"],
+    );
+    let file = d.join("file");
+    fs::write(&file, "x").unwrap();
+    fail(
+        &["train", s(&cfg), "--output-dir", s(&file), "--quiet"],
+        &["not a directory"],
+    );
+
+    // Resuming with a config the checkpoint does not match: was silently the checkpoint's.
+    let r8 = train_config(d, "r8.toml", "", 8);
+    fail(
+        &[
+            "train",
+            s(&r8),
+            "--resume",
+            s(&run_dir),
+            "--max-steps",
+            "2",
+            "--quiet",
+        ],
+        &["trainer_state.json", "lora.r = 4", "8"],
+    );
+    let full = train_config(d, "full.toml", "", 4);
+    let text = fs::read_to_string(&full)
+        .unwrap()
+        .replace("[model]\n", "[model]\nfull_fine_tuning = true\n");
+    fs::write(&full, text).unwrap();
+    fail(
+        &[
+            "train",
+            s(&full),
+            "--resume",
+            s(&run_dir),
+            "--max-steps",
+            "2",
+            "--quiet",
+        ],
+        &["LoRA adapter", "full_fine_tuning"],
+    );
+    let more = d.join("more.toml");
+    fs::write(
+        &more,
+        fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("num_train = 40", "num_train = 80"),
+    )
+    .unwrap();
+    fail(
+        &[
+            "train",
+            s(&more),
+            "--resume",
+            s(&run_dir),
+            "--max-steps",
+            "2",
+            "--quiet",
+        ],
+        &["40 training prompts", "80"],
+    );
+    assert_eq!(metrics, fs::read(run_dir.join("metrics.jsonl")).unwrap());
+    assert_eq!(
+        state,
+        fs::read(run_dir.join("checkpoint/trainer_state.json")).unwrap()
+    );
+
+    // The run's own config continues it.
+    let o = run(&[
+        "train",
+        s(&cfg),
+        "--resume",
+        s(&run_dir),
+        "--max-steps",
+        "2",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn grader_template_field_missing_from_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let rows: Vec<Value> = (0..10)
+        .map(|i| json!({"prompt": format!("{i}+1="), "answer": (i + 1).to_string()}))
+        .collect();
+    jsonl(d, "ds.jsonl", &rows);
+    let cfg = d.join("g.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "device = \"cpu\"\nnum_generations = 2\nprompts_per_step = 2\n[model]\npath = \"{}\"\n\
+             [data]\npath = \"ds.jsonl\"\nval_size = 2\n[grader]\ntype = \"numeric\"\n\
+             reference = \"{{{{ item.answr }}}}\"\n",
+            root().join("models/tiny").display()
+        ),
+    )
+    .unwrap();
+    // Every grade failed quietly: reward 0 for the whole run, exit 0.
+    fail(&["eval", s(&cfg)], &["item.answr", "no field `answr`", "answer"]);
+}
+
+#[test]
+fn resume_after_a_crash_does_not_log_steps_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = train_config(d, "c.toml", "", 4);
+    let run_dir = d.join("run");
+    let o = run(&["train", s(&cfg), "--output-dir", s(&run_dir), "--quiet"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A crash after the checkpoint of step 1: step 2 was logged, then a torn line.
+    let metrics = run_dir.join("metrics.jsonl");
+    let text = fs::read_to_string(&metrics).unwrap();
+    let step1 = text.lines().find(|l| l.contains("\"kind\":\"train\"")).unwrap();
+    let step2 = step1.replace("\"step\":1", "\"step\":2");
+    fs::write(&metrics, format!("{text}{step2}\n{{\"kind\":\"tr")).unwrap();
+    let o = run(&["train", "--resume", s(&run_dir), "--max-steps", "2", "--quiet"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let train_steps: Vec<u64> = fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("a whole JSON line"))
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(train_steps, [1, 2]);
+}
+
+#[test]
+fn train_prompt_longer_than_the_context_and_empty_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // The tiny model's context is 64 tokens (one a character).
+    let rows: Vec<Value> = (0..6)
+        .map(|i| json!({"prompt": format!("{}{i}=", "1+".repeat(40)), "answer": "1"}))
+        .collect();
+    jsonl(d, "long.jsonl", &rows);
+    let cfg = d.join("long.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "device = \"cpu\"\nnum_generations = 2\nprompts_per_step = 2\n[model]\npath = \"{}\"\n\
+             [data]\npath = \"long.jsonl\"\nval_size = 2\n[grader]\ntype = \"numeric\"\n\
+             reference = \"{{{{ item.answer }}}}\"\n",
+            root().join("models/tiny").display()
+        ),
+    )
+    .unwrap();
+    let out = d.join("out");
+    // Was: the error in the middle of the first validation, "prompt 0", after the run began.
+    fail(
+        &["train", s(&cfg), "--output-dir", s(&out), "--quiet"],
+        &[
+            "training prompt 1 of 4",
+            "82 tokens",
+            "context of 64",
+            "max_prompt_length ≤ 63",
+        ],
+    );
+    assert!(!out.exists());
+    // An empty metrics.jsonl drew an empty plot and exited 0.
+    fs::create_dir(&out).unwrap();
+    fs::write(out.join("metrics.jsonl"), "").unwrap();
+    fail(&["plot", s(&out)], &["metrics.jsonl", "no records"]);
+}
+
+#[test]
+fn resume_without_a_checkpoint_says_where_one_was_expected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fail(
+        &["train", "--resume", s(&d.join("nowhere"))],
+        &["--resume", "nowhere", "no such run directory"],
+    );
+    let run_dir = d.join("run");
+    fs::create_dir(&run_dir).unwrap();
+    fail(
+        &["train", "--resume", s(&run_dir)],
+        &["no checkpoint there", "checkpoint/trainer_state.json"],
+    );
+    // A save cut between its two renames: the complete new checkpoint is still in its temp dir.
+    let tmp_ck = run_dir.join(".checkpoint.tmp1234");
+    fs::create_dir(&tmp_ck).unwrap();
+    fs::write(tmp_ck.join("trainer_state.json"), "{}").unwrap();
+    fail(
+        &["train", "--resume", s(&run_dir)],
+        &["a save was interrupted", ".checkpoint.tmp1234", "rename it"],
+    );
+}
+
+#[test]
+fn absurd_num_samples_is_an_error_not_an_abort() {
+    // Was: "memory allocation of … bytes failed", a backtrace and SIGABRT.
+    fail(
+        &[
+            "generate",
+            "--model",
+            s(&model("qwen2")),
+            "--prompt",
+            "hi",
+            "--num-samples",
+            "100000000000000",
+            "--max-new-tokens",
+            "1",
+        ],
+        &["num_samples 100000000000000", "do not fit in memory"],
+    );
+}
+
+/// Rewrites `dir`'s safetensors with the first `n` rows of every `[vocab, ..]` tensor.
+fn shrink_vocab(dir: &Path, vocab: usize, n: usize) {
+    rewrite_safetensors(&dir.join("model.safetensors"), |ts| {
+        for t in ts.iter_mut().filter(|t| t.2.first() == Some(&vocab)) {
+            let row = t.3.len() / vocab;
+            t.2[0] = n;
+            t.3.truncate(row * n);
+        }
+    });
+    edit_json(&dir.join("config.json"), |o| {
+        o.insert("vocab_size".into(), json!(n));
+    });
+}
+
+#[test]
+fn train_tokenizer_beyond_the_model_vocabulary() {
+    // The tiny model's 16 tokens cut to 12: "+" and "=" encode outside it.
+    let (_t, m) = copy_dir(&root().join("models/tiny"), "tiny");
+    shrink_vocab(&m, 16, 12);
+    let d = m.parent().unwrap();
+    let cfg = train_config(d, "c.toml", "", 4);
+    let text = fs::read_to_string(&cfg).unwrap().replace(
+        &root().join("models/tiny").display().to_string(),
+        &m.display().to_string(),
+    );
+    fs::write(&cfg, text).unwrap();
+    let out = d.join("out");
+    // Was: "prompt 0: token id 13 …" in the first validation, after "output in …".
+    fail(
+        &["train", s(&cfg), "--output-dir", s(&out), "--quiet"],
+        &[
+            "training prompt 1 of 40",
+            "outside the model's vocabulary of 12",
+            "tokenizer",
+        ],
+    );
+    assert!(!out.exists());
+}

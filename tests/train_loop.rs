@@ -713,6 +713,29 @@ fn config_errors_name_the_key() {
         &format!("beta = 0.1\n{}full_fine_tuning = true\n", model),
         &["`beta`", "full fine-tuning"],
     );
+    // AdamW keys were checked only after the first validation (one line more on stderr, a
+    // metrics.jsonl written, no key named); adam_epsilon = 0 ended in NaN logits.
+    for (line, key) in [
+        ("adam_beta1 = 1.5", "`adam_beta1`"),
+        ("adam_beta2 = nan", "`adam_beta2`"),
+        ("adam_epsilon = 0", "`adam_epsilon`"),
+        ("weight_decay = -1", "`weight_decay`"),
+        ("accuracy_threshold = nan", "`accuracy_threshold`"),
+        ("stop = [\"\"]", "`stop`"),
+    ] {
+        fail_with(dir, &format!("{line}\n{good}"), &["bad.toml", key]);
+    }
+    // Task keys name the config file too.
+    fail_with(
+        dir,
+        &good.replace("num_train = 400", "num_train = 0"),
+        &["bad.toml", "`data.num_train`"],
+    );
+    fail_with(
+        dir,
+        &good.replace("digits = 2", "digits = 0"),
+        &["bad.toml", "data.digits"],
+    );
     fail_with(dir, "max_steps = 3\n", &["`model`"]);
     fail_with(
         dir,

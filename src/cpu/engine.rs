@@ -74,7 +74,15 @@ impl Engine for CpuEngine {
         let ctx = self.model.config.max_position_embeddings;
         let g = num_samples;
         let prompts_per_chunk = (self.max_batch_seqs / g).max(1);
-        let mut out = Vec::with_capacity(prompts.len() * g);
+        let too_many = |n: usize| {
+            Error::invalid(format!(
+                "{} prompts × num_samples {g}: {n} sequences do not fit in memory",
+                prompts.len()
+            ))
+        };
+        let mut out = Vec::new();
+        let total = prompts.len().saturating_mul(g);
+        out.try_reserve_exact(total).map_err(|_| too_many(total))?;
         let mut sampler = Sampler::new();
         for (chunk_i, chunk) in prompts.chunks(prompts_per_chunk).enumerate() {
             let first_prompt = chunk_i * prompts_per_chunk;
@@ -96,7 +104,9 @@ impl Engine for CpuEngine {
                 logprobs: Vec<f32>,
                 done: Option<FinishReason>,
             }
-            let mut seqs: Vec<Seq> = Vec::with_capacity(chunk.len() * g);
+            let mut seqs: Vec<Seq> = Vec::new();
+            let n = chunk.len().saturating_mul(g);
+            seqs.try_reserve_exact(n).map_err(|_| too_many(n))?;
             for (pi, cache) in prefill.into_iter().enumerate() {
                 for s in 0..g {
                     seqs.push(Seq {

@@ -3083,7 +3083,6 @@ pub struct RolloutBench {
 /// The config of a benchmark shape, once CUDA is known to be usable (`rft bench …`): a preset
 /// name, or a model directory whose config.json gives the shape (its weights are not read).
 pub(super) fn bench_shape(shape: &str) -> Result<ModelConfig> {
-    super::availability().map_err(Error::CudaUnavailable)?;
     if let Some(c) = ModelConfig::preset(shape) {
         return Ok(c);
     }
@@ -3112,12 +3111,26 @@ pub fn bench_rollout(
     peak_bandwidth_bytes_s: f64,
     ordinal: usize,
 ) -> Result<RolloutBench> {
-    let config = bench_shape(shape)?;
+    // The arguments are checked before the GPU is looked for, so a bad one is named anywhere.
     if prompts == 0 || num_generations == 0 || prompt_len == 0 || new_tokens == 0 {
         return Err(Error::invalid(
             "--prompts, --num-generations, --prompt-len and --new-tokens must be ≥ 1",
         ));
     }
+    if !(peak_bandwidth_bytes_s > 0.0 && peak_bandwidth_bytes_s.is_finite()) {
+        return Err(Error::invalid(format!(
+            "--peak-bandwidth must be a number of bytes/s > 0, got {peak_bandwidth_bytes_s}"
+        )));
+    }
+    let config = bench_shape(shape)?;
+    let ctx = config.max_position_embeddings;
+    if prompt_len.saturating_add(new_tokens) > ctx {
+        return Err(Error::invalid(format!(
+            "--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the context of {shape} \
+             ({ctx} tokens, max_position_embeddings)"
+        )));
+    }
+    super::availability().map_err(Error::CudaUnavailable)?;
     let dev0 = CudaDevice::new(ordinal)?;
     let (free0, _) = dev0.context().mem_get_info().map_err(cuda_err("mem_get_info"))?;
     drop(dev0);

@@ -3329,7 +3329,7 @@ pub fn bench_train(
     steps: usize,
     ordinal: usize,
 ) -> Result<TrainBench> {
-    let config = super::engine::bench_shape(shape)?;
+    // The arguments are checked before the GPU is looked for, so a bad one is named anywhere.
     if sequences == 0 || lora_rank == 0 || steps == 0 {
         return Err(Error::invalid("--sequences, --lora-rank and --steps must be ≥ 1"));
     }
@@ -3338,6 +3338,14 @@ pub fn bench_train(
             "--prompt-len must be in [1, --seq-len), got {prompt_len} with --seq-len {seq_len}"
         )));
     }
+    let config = super::engine::bench_shape(shape)?;
+    if seq_len > config.max_position_embeddings {
+        return Err(Error::invalid(format!(
+            "--seq-len {seq_len} exceeds the context of {shape} ({} tokens, max_position_embeddings)",
+            config.max_position_embeddings
+        )));
+    }
+    super::availability().map_err(Error::CudaUnavailable)?;
     let dev0 = CudaDevice::new(ordinal)?;
     let (free0, _) = dev0.context().mem_get_info().map_err(cuda_err("mem_get_info"))?;
     drop(dev0);

@@ -63,6 +63,19 @@ pub fn check(key: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
+/// The dataset fields (`item.<field>…`, first segment) that a template refers to; an
+/// unparsable template refers to none (its error comes from [`check`]).
+pub fn item_fields(s: &str) -> Vec<&str> {
+    pieces(s)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Var(path) => path.strip_prefix("item.")?.split('.').next(),
+            Piece::Lit(_) => None,
+        })
+        .collect()
+}
+
 /// Validates placeholders in every string inside a JSON value.
 pub fn check_value(key: &str, v: &Value) -> Result<()> {
     match v {

@@ -268,6 +268,11 @@ pub fn write_merged(base_dir: &Path, out_dir: &Path, config: &ModelConfig, weigh
                 bytes
             };
             write_atomic(&out_dir.join(f), &bytes)?;
+        } else if out_dir.join(f).is_file() && !same_dir(base_dir, out_dir) {
+            // A stale copy from an earlier output (another template, other EOS ids) would
+            // otherwise be read as this model's.
+            let stale = out_dir.join(f);
+            std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
         }
     }
     let mut meta = std::collections::HashMap::new();
@@ -277,6 +282,14 @@ pub fn write_merged(base_dir: &Path, out_dir: &Path, config: &ModelConfig, weigh
         &weights.named_tensors(config),
         Some(meta),
     )
+}
+
+/// Whether two paths name the same existing directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 /// config.json with the dtype keys set to float32 (the merged weights are written in f32).

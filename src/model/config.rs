@@ -121,7 +121,9 @@ impl ModelConfig {
             let gtext = std::fs::read_to_string(&gpath).map_err(|e| Error::io(&gpath, e))?;
             let g: Value = serde_json::from_str(&gtext)
                 .map_err(|e| Error::config(&gpath, format!("invalid JSON: {e}")))?;
-            for id in eos_ids(g.get("eos_token_id"), &gpath)? {
+            let ids = eos_ids(g.get("eos_token_id"), &gpath)?;
+            check_token_ids(&ids, cfg.vocab_size, &gpath)?;
+            for id in ids {
                 if !cfg.eos_token_ids.contains(&id) {
                     cfg.eos_token_ids.push(id);
                 }
@@ -299,6 +301,29 @@ impl ModelConfig {
                 "vocab_size, hidden_size and num_hidden_layers must be > 0",
             ));
         }
+        // Values that would only show up as NaN logits or a model that cannot take a token.
+        if !(cfg.rms_norm_eps >= 0.0 && cfg.rms_norm_eps.is_finite()) {
+            return Err(Error::config(
+                path,
+                format!(
+                    "rms_norm_eps must be a finite number ≥ 0, got {}",
+                    cfg.rms_norm_eps
+                ),
+            ));
+        }
+        if !(cfg.rope_theta > 0.0 && cfg.rope_theta.is_finite()) {
+            return Err(Error::config(
+                path,
+                format!("rope_theta must be a finite number > 0, got {}", cfg.rope_theta),
+            ));
+        }
+        if cfg.intermediate_size == 0 || cfg.max_position_embeddings == 0 {
+            return Err(Error::config(
+                path,
+                "intermediate_size and max_position_embeddings must be > 0",
+            ));
+        }
+        check_token_ids(&cfg.eos_token_ids, cfg.vocab_size, path)?;
         Ok(cfg)
     }
 
@@ -433,6 +458,18 @@ fn parse_rope(v: &Value, path: &Path) -> Result<RopeScaling> {
             path,
             format!("rope_type {other:?} is not supported (supported: default, llama3)"),
         )),
+    }
+}
+
+/// EOS ids must be in the vocabulary: one outside it would never be sampled, so generation
+/// would silently never stop at it.
+fn check_token_ids(ids: &[u32], vocab_size: usize, path: &Path) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(Error::config(
+            path,
+            format!("eos_token_id {id} is outside the vocabulary (vocab_size {vocab_size})"),
+        )),
+        None => Ok(()),
     }
 }
 

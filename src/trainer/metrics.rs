@@ -66,6 +66,16 @@ pub enum Record {
     Eval(EvalRecord),
 }
 
+impl Record {
+    /// The optimiser step the record was logged at.
+    pub fn step(&self) -> usize {
+        match self {
+            Record::Train(t) => t.step,
+            Record::Eval(e) => e.step,
+        }
+    }
+}
+
 /// Appends records to `metrics.jsonl` (flushed per line, so a crash loses nothing written).
 pub struct MetricsLog {
     path: PathBuf,
@@ -83,6 +93,28 @@ impl MetricsLog {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         Ok(MetricsLog { path, file })
+    }
+
+    /// Before a resumed run appends: drops the records logged after the checkpoint's `step`
+    /// (a run killed between two checkpoints logged steps it will now run again) and a torn
+    /// last line (else the next record would be glued onto it). Rewritten atomically; a file
+    /// that needs no change is left alone.
+    pub fn rewind(dir: &Path, step: usize) -> Result<()> {
+        let path = dir.join("metrics.jsonl");
+        if !path.exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let records = read_records(&path)?;
+        let kept: Vec<&Record> = records.iter().filter(|r| r.step() <= step).collect();
+        if kept.len() == records.len() && (text.is_empty() || text.ends_with('\n')) {
+            return Ok(());
+        }
+        let out: String = kept
+            .iter()
+            .map(|r| serde_json::to_string(r).expect("metrics serialise") + "\n")
+            .collect();
+        crate::model::weights::write_atomic(&path, out.as_bytes())
     }
 
     pub fn write(&mut self, r: &Record) -> Result<()> {
@@ -259,6 +291,42 @@ mod tests {
         assert_eq!(s.best_step, Some(1));
         assert_eq!(s.steps, 1);
         assert!(summary_table(&s).contains("50.0%"));
+    }
+
+    #[test]
+    fn rewind_drops_records_after_the_checkpoint_and_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(dir.path()).unwrap();
+        for step in 1..=5 {
+            log.write(&Record::Train(TrainRecord {
+                step,
+                ..Default::default()
+            }))
+            .unwrap();
+        }
+        log.write(&Record::Eval(EvalRecord {
+            step: 3,
+            ..Default::default()
+        }))
+        .unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.path())
+            .unwrap()
+            .write_all(b"{\"kind\":\"tra")
+            .unwrap();
+        MetricsLog::rewind(dir.path(), 3).unwrap();
+        let steps: Vec<usize> = read_records(log.path())
+            .unwrap()
+            .iter()
+            .map(Record::step)
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 3]);
+        assert!(std::fs::read_to_string(log.path()).unwrap().ends_with('\n'));
+        // Nothing to drop: the file is not rewritten.
+        let before = std::fs::metadata(log.path()).unwrap().modified().unwrap();
+        MetricsLog::rewind(dir.path(), 9).unwrap();
+        assert_eq!(before, std::fs::metadata(log.path()).unwrap().modified().unwrap());
     }
 
     #[test]

@@ -20,6 +20,12 @@ fn register_font() {
 pub fn plot_run(run_dir: &Path) -> Result<PathBuf> {
     let metrics = run_dir.join("metrics.jsonl");
     let records = read_records(&metrics)?;
+    if records.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: no records to plot (expected the JSON lines of an `rft train` run)",
+            metrics.display()
+        )));
+    }
     let out = run_dir.join("plot.png");
     draw(&records, &out).map_err(|e| Error::invalid(format!("plotting {}: {e}", out.display())))?;
     Ok(out)

@@ -369,6 +369,38 @@ impl TrainConfig {
         if self.max_steps == 0 {
             return bad("max_steps", "must be ≥ 1".into());
         }
+        for (key, x, ok) in [
+            (
+                "adam_beta1",
+                self.adam_beta1,
+                (0.0..1.0).contains(&self.adam_beta1),
+            ),
+            (
+                "adam_beta2",
+                self.adam_beta2,
+                (0.0..1.0).contains(&self.adam_beta2),
+            ),
+        ] {
+            if !ok {
+                return bad(key, format!("must be in [0, 1), got {x}"));
+            }
+        }
+        if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
+            // eps = 0 divides 0 by 0 wherever a gradient is still 0 (LoRA's A at the start).
+            return bad("adam_epsilon", format!("must be > 0, got {}", self.adam_epsilon));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", format!("must be ≥ 0, got {}", self.weight_decay));
+        }
+        if !self.accuracy_threshold.is_finite() {
+            return bad(
+                "accuracy_threshold",
+                format!("must be a finite reward, got {}", self.accuracy_threshold),
+            );
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop", "an empty stop string matches nothing; remove it".into());
+        }
         if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
             return bad(
                 "max_grad_norm",
@@ -400,6 +432,16 @@ impl TrainConfig {
                 "beta",
                 "full fine-tuning has no frozen reference: set beta = 0".into(),
             );
+        }
+        // The data keys (built-in task options, split keys) are checked here too, so their
+        // errors name this file (a missing [data] is reported after the model's problems).
+        if self.data.task.is_some() || self.data.path.is_some() {
+            self.data
+                .task()
+                .map_err(|e| Error::config(origin, e.to_string()))?;
+        }
+        if self.data.num_train == Some(0) {
+            return bad("data.num_train", "must be ≥ 1".into());
         }
         self.sampling(0)
             .validate()
@@ -609,6 +651,10 @@ impl Trainer {
                     "config: a [grader] table is required for a dataset file (built-in tasks have their own)",
                 )),
             };
+        if let Some(g) = &config.grader {
+            check_item_fields(g, &splits.train, "training")?;
+            check_item_fields(g, &splits.val, "validation")?;
+        }
         let mut t = Trainer::new(engine, tok, splits.train, splits.val, grader, config, config_text)?;
         t.grader_parts = parts;
         t.base_model = model_dir.display().to_string();
@@ -701,14 +747,39 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::invalid("the training set is empty"));
         }
-        let encode = |ds: &Dataset, truncated: &mut usize| -> Result<Vec<(Item, Prompt)>> {
+        let ctx = engine.config().max_position_embeddings;
+        let vocab = engine.config().vocab_size;
+        let encode = |ds: &Dataset, split: &str, truncated: &mut usize| -> Result<Vec<(Item, Prompt)>> {
             ds.iter()
-                .map(|item| {
+                .enumerate()
+                .map(|(i, item)| {
                     let mut ids = encode_prompt(&item.prompt, &tok)?;
                     if ids.len() > config.max_prompt_length {
                         // TRL keeps the end of an over-long prompt (left truncation).
                         ids.drain(..ids.len() - config.max_prompt_length);
                         *truncated += 1;
+                    }
+                    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                        return Err(Error::invalid(format!(
+                            "{split} prompt {} of {} encodes to token id {id}, outside the \
+                             model's vocabulary of {vocab} (config.json vocab_size): the tokenizer \
+                             does not belong to the model",
+                            i + 1,
+                            ds.len()
+                        )));
+                    }
+                    if ids.len() >= ctx {
+                        // Found here, not in the middle of the first validation.
+                        return Err(Error::invalid(format!(
+                            "{split} prompt {} of {} has {} tokens (max_prompt_length = {}): \
+                             longer than the model's context of {ctx} (max_position_embeddings) \
+                             minus one generated token; set max_prompt_length ≤ {}",
+                            i + 1,
+                            ds.len(),
+                            ids.len(),
+                            config.max_prompt_length,
+                            ctx.saturating_sub(1)
+                        )));
                     }
                     let text = match &item.prompt {
                         PromptSpec::Text(s) => s.clone(),
@@ -720,8 +791,8 @@ impl Trainer {
                 .collect()
         };
         let mut truncated_prompts = 0;
-        let train = encode(&train, &mut truncated_prompts)?;
-        let val = encode(&val, &mut truncated_prompts)?;
+        let train = encode(&train, "training", &mut truncated_prompts)?;
+        let val = encode(&val, "validation", &mut truncated_prompts)?;
         let opts = config.grpo_options()?;
         let full = opts.full_fine_tuning;
         if !full && engine.adapter.is_none() {
@@ -1066,6 +1137,7 @@ impl Trainer {
         let extra = serde_json::json!({
             "toml": self.config_text,
             "sampler": self.sampler.state(),
+            "train_len": self.train.len(),
             "best_val": self.best_val,
             "rollout_tokens": self.rollout_tokens,
             "train_tokens": self.train_tokens,
@@ -1085,6 +1157,7 @@ impl Trainer {
     /// Continues from a checkpoint written by [`Trainer::save_checkpoint`].
     pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
         let ck = load_checkpoint(dir, self.engine.config())?;
+        self.check_resumable(&ck, dir)?;
         match ck.params {
             Trainable::Lora(l) => self.engine.set_adapter(Some(l)),
             Trainable::Full(w) => {
@@ -1096,6 +1169,7 @@ impl Trainer {
         let sampler: SamplerState = serde_json::from_value(ck.config["sampler"].clone())
             .map_err(|e| Error::config(dir, format!("checkpoint sampler state: {e}")))?;
         self.sampler = PromptSampler::from_state(self.train.len(), self.config.prompts_per_step, sampler)?;
+        MetricsLog::rewind(&self.output_dir, self.step_count())?;
         self.best_val = ck.config["best_val"].as_f64();
         self.rollout_tokens = ck.config["rollout_tokens"].as_u64().unwrap_or(0);
         self.train_tokens = ck.config["train_tokens"].as_u64().unwrap_or(0);
@@ -1109,6 +1183,62 @@ impl Trainer {
                     return Err(e);
                 }
             });
+        }
+        Ok(())
+    }
+
+    /// A checkpoint trains what this trainer's config trains (LoRA or every weight, the same
+    /// adapter shape) on a training set of the same size; else the config would be silently
+    /// overridden by the checkpoint (or its sampler state would index another dataset).
+    fn check_resumable(&self, ck: &crate::trainer::state::Checkpoint, dir: &Path) -> Result<()> {
+        let at = dir.join(crate::trainer::state::STATE_FILE);
+        let hint = "resume with the run's own config (omit CONFIG) or start a new --output-dir";
+        match (&ck.params, &self.engine.adapter) {
+            (Trainable::Lora(saved), Some(cur)) => {
+                let (a, b) = (&saved.config, &cur.config);
+                let sorted = |c: &LoraConfig| {
+                    let mut t: Vec<&str> = c.target_modules.iter().map(|p| p.module_name()).collect();
+                    t.sort_unstable();
+                    t.join(", ")
+                };
+                let diffs = [
+                    ("lora.r", a.r.to_string(), b.r.to_string()),
+                    ("lora.alpha", a.alpha.to_string(), b.alpha.to_string()),
+                    ("lora.dropout", a.dropout.to_string(), b.dropout.to_string()),
+                    ("lora.use_rslora", a.use_rslora.to_string(), b.use_rslora.to_string()),
+                    ("lora.target_modules", sorted(a), sorted(b)),
+                ];
+                if let Some((key, saved, wanted)) = diffs.iter().find(|(_, x, y)| x != y) {
+                    return Err(Error::config(
+                        at,
+                        format!("the checkpoint's adapter has {key} = {saved}, the config asks for {wanted}; {hint}"),
+                    ));
+                }
+            }
+            (Trainable::Lora(_), None) => {
+                return Err(Error::config(
+                    at,
+                    format!("the checkpoint holds a LoRA adapter, the config sets model.full_fine_tuning = true; {hint}"),
+                ))
+            }
+            (Trainable::Full(_), Some(_)) => {
+                return Err(Error::config(
+                    at,
+                    format!("the checkpoint holds fully fine-tuned weights, the config trains a LoRA adapter (model.full_fine_tuning = false); {hint}"),
+                ))
+            }
+            (Trainable::Full(_), None) => {}
+        }
+        if let Some(n) = ck.config["train_len"].as_u64() {
+            if n as usize != self.train.len() {
+                return Err(Error::config(
+                    at,
+                    format!(
+                        "the checkpoint's run had {n} training prompts, the config gives {} (was [data] changed?); {hint}",
+                        self.train.len()
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1196,7 +1326,13 @@ impl Trainer {
         self.save_checkpoint()?;
         let last = self.output_dir.join("adapter_last");
         self.save_weights(&last)?;
-        let records = crate::trainer::metrics::read_records(&self.output_dir.join("metrics.jsonl"))?;
+        // Nothing logged yet (stopped before the first step, no validation set): no file.
+        let metrics = self.output_dir.join("metrics.jsonl");
+        let records = if metrics.exists() {
+            crate::trainer::metrics::read_records(&metrics)?
+        } else {
+            Vec::new()
+        };
         let mut summary = Summary::from_records(&records);
         summary.wall_seconds = t0.elapsed().as_secs_f64();
         summary.rollout_tokens = self.rollout_tokens;
@@ -1205,9 +1341,44 @@ impl Trainer {
         summary.interrupted = interrupted;
         summary.steps = self.step_count();
         summary.write(&self.output_dir)?;
-        crate::trainer::plot::plot_run(&self.output_dir)?;
+        if !records.is_empty() {
+            crate::trainer::plot::plot_run(&self.output_dir)?;
+        }
         Ok(summary)
     }
+}
+
+/// Every `{{ item.<field> }}` of the grader table names a field of every dataset row: a typo
+/// would otherwise fail each grade quietly (reward 0 for the whole run).
+fn check_item_fields(grader: &toml::Value, ds: &Dataset, split: &str) -> Result<()> {
+    fn strings<'a>(v: &'a toml::Value, out: &mut Vec<&'a str>) {
+        match v {
+            toml::Value::String(s) => out.push(s),
+            toml::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+            toml::Value::Table(t) => t.values().for_each(|x| strings(x, out)),
+            _ => {}
+        }
+    }
+    let mut texts = Vec::new();
+    strings(grader, &mut texts);
+    let fields: Vec<&str> = texts
+        .iter()
+        .flat_map(|t| crate::grader::template::item_fields(t))
+        .collect();
+    for (i, item) in ds.iter().enumerate() {
+        let Some(row) = item.fields.as_object() else {
+            continue;
+        };
+        if let Some(f) = fields.iter().find(|f| !row.contains_key(**f)) {
+            let has: Vec<&str> = row.keys().map(String::as_str).collect();
+            return Err(Error::invalid(format!(
+                "[grader] reads `item.{f}`, but {split} row {} has no field `{f}` (its fields: {})",
+                i + 1,
+                has.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Mean score of the grader and, for a `multi` grader, of each named part.
