@@ -804,7 +804,12 @@ fn no_checkpoint_why(d: &std::path::Path) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    left.sort();
+    // The newest first: a save writes .checkpoint.tmp* completely (state last) before it moves
+    // the previous checkpoint aside to .checkpoint.old*.
+    left.sort_by_key(|p| {
+        let n = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        (!n.starts_with(".checkpoint.tmp"), n)
+    });
     let mut why = format!(
         "no checkpoint there (expected {})",
         run.join("checkpoint/trainer_state.json").display()

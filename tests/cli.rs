@@ -1442,10 +1442,12 @@ fn resume_without_a_checkpoint_says_where_one_was_expected() {
         &["train", "--resume", s(&run_dir)],
         &["no checkpoint there", "checkpoint/trainer_state.json"],
     );
-    // A save cut between its two renames: the complete new checkpoint is still in its temp dir.
-    let tmp_ck = run_dir.join(".checkpoint.tmp1234");
-    fs::create_dir(&tmp_ck).unwrap();
-    fs::write(tmp_ck.join("trainer_state.json"), "{}").unwrap();
+    // A save cut between its two renames: the complete new checkpoint is still in its temp dir
+    // and the previous one was moved aside; the newer one is the one to resume from.
+    for ck in [".checkpoint.old1234", ".checkpoint.tmp1234"] {
+        fs::create_dir(run_dir.join(ck)).unwrap();
+        fs::write(run_dir.join(ck).join("trainer_state.json"), "{}").unwrap();
+    }
     fail(
         &["train", "--resume", s(&run_dir)],
         &["a save was interrupted", ".checkpoint.tmp1234", "rename it"],

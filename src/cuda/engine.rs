@@ -3080,7 +3080,7 @@ pub struct RolloutBench {
     pub gemm_tuning: Vec<super::GemmTuneRecord>,
 }
 
-/// The config of a benchmark shape, once CUDA is known to be usable (`rft bench …`): a preset
+/// The config of a benchmark shape (`rft bench …`, checked before a GPU is looked for): a preset
 /// name, or a model directory whose config.json gives the shape (its weights are not read).
 pub(super) fn bench_shape(shape: &str) -> Result<ModelConfig> {
     if let Some(c) = ModelConfig::preset(shape) {

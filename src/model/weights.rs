@@ -539,7 +539,13 @@ pub fn save_safetensors_f32(
     write_atomic(path, &bytes)
 }
 
-/// Write `bytes` to `path` through a temp file + fsync + rename.
+/// fsync of a directory (its entries: a rename into it is durable after this).
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
+    f.sync_all().map_err(|e| Error::io(dir, e))
+}
+
+/// Write `bytes` to `path` through a temp file + fsync + rename + fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path
@@ -557,7 +563,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        // The rename itself survives a power loss once the directory entry is on disk.
+        fsync_dir(dir)
     })();
     if written.is_err() {
         // A failed write (disk full, a directory in the way) leaves no stray temp file.

@@ -17,7 +17,9 @@
 use crate::error::{Error, Result};
 use crate::lora::{peft, LoraWeights};
 use crate::model::config::ModelConfig;
-use crate::model::weights::{save_safetensors_f32, write_atomic, Checkpoint as StCheckpoint, Weights};
+use crate::model::weights::{
+    fsync_dir, save_safetensors_f32, write_atomic, Checkpoint as StCheckpoint, Weights,
+};
 use crate::optim::AdamWState;
 use crate::trainer::{lora_params, weight_params};
 use serde::{Deserialize, Serialize};
@@ -89,11 +91,6 @@ struct StateFile {
 }
 
 const FORMAT: &str = "rft-trainer-state-v1";
-
-fn fsync_dir(dir: &Path) -> Result<()> {
-    let f = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
-    f.sync_all().map_err(|e| Error::io(dir, e))
-}
 
 /// Saves `params` + `state` + `config` as the checkpoint directory `dir`, atomically.
 /// `base_model` is written into the adapter config (`base_model_name_or_path`).
