@@ -834,6 +834,23 @@ fn data_and_eval_commands() {
     assert_eq!(all_train.lines().count(), 400);
     let val = String::from_utf8(ok_in(dir, &["data", c, "--split", "val"]).stdout).unwrap();
     assert_eq!(val.lines().count(), 40);
+    let prompts = |text: &str| -> std::collections::HashSet<String> {
+        text.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["prompt"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let (tp, vp) = (prompts(&all_train), prompts(&val));
+    assert_eq!(vp.len(), 40, "validation prompts are distinct");
+    assert!(
+        tp.is_disjoint(&vp),
+        "{:?}",
+        tp.intersection(&vp).collect::<Vec<_>>()
+    );
+    // `--num` is a prefix of the same list.
+    assert!(all_train.starts_with(String::from_utf8_lossy(&a).as_ref()));
     let o = ok_in(dir, &["data", c, "--split", "sft", "--num", "4"]);
     for l in String::from_utf8(o.stdout).unwrap().lines() {
         let v: Value = serde_json::from_str(l).unwrap();
@@ -875,4 +892,88 @@ fn device_cuda_is_a_clear_error() {
     assert!(err.contains("cuda") && err.contains("cpu"), "{err}");
     assert!(!err.contains("panicked"));
     assert!(!dir.join("o/metrics.jsonl").exists());
+}
+
+/// A trainer built from a TOML text the way `rft train` builds it (relative paths from `dir`).
+fn trainer_from(dir: &Path, text: &str) -> Trainer {
+    let cfg = TrainConfig::from_toml_str(text, &dir.join("t.toml")).unwrap();
+    Trainer::from_config(cfg, text, dir).unwrap()
+}
+
+/// Options the other tests leave at their defaults: `max_prompt_length` keeps the END of an
+/// over-long prompt (TRL's left truncation), `eval_num_prompts` validates on the first N
+/// prompts, and `accuracy_threshold` decides which rewards count as correct.
+#[test]
+fn prompt_truncation_eval_subset_and_accuracy_threshold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // 12 two-digit sums "a+b=" (6 tokens: the tiny tokenizer is one token per character, no
+    // BOS), and the same with a "99+" prefix that cutting to 6 tokens from the left removes.
+    let rows = |prefix: &str| -> String {
+        (0..12u32)
+            .map(|i| {
+                let (a, b) = (10 + 7 * i, 23 + 5 * i);
+                format!(
+                    "{}\n",
+                    serde_json::json!({"prompt": format!("{prefix}{a}+{b}="), "answer": (a + b).to_string()})
+                )
+            })
+            .collect()
+    };
+    write(dir, "short.jsonl", &rows(""));
+    write(dir, "long.jsonl", &rows("99+"));
+    let exact = "[grader]\ntype = \"string_check\"\noperation = \"eq\"\nreference = \"{{ item.answer }}\"\n";
+    let cfg = |top: &str, data: &str, grader: &str| {
+        format!(
+            "max_completion_length = 4\n{top}\n[model]\npath = \"{}\"\n[data]\npath = \"{data}\"\nval_path = \"{data}\"\n{grader}",
+            tiny().display()
+        )
+    };
+    let eval = |text: &str| -> (rft::trainer::metrics::EvalRecord, usize) {
+        let mut t = trainer_from(dir, text);
+        let n = t.truncated_prompts();
+        (t.validation().unwrap().unwrap(), n)
+    };
+
+    // Truncated long prompts are the short ones: the same greedy validation, record for record.
+    let (short, n0) = eval(&cfg("", "short.jsonl", exact));
+    let (cut, n1) = eval(&cfg("max_prompt_length = 6", "long.jsonl", exact));
+    let (long, n2) = eval(&cfg("", "long.jsonl", exact));
+    assert_eq!(
+        (n0, n1, n2),
+        (0, 24, 0),
+        "truncated prompt counts (12 train + 12 val)"
+    );
+    let key = |r: &rft::trainer::metrics::EvalRecord| {
+        (r.num_prompts, r.accuracy, r.reward_mean, r.completion_len_mean)
+    };
+    assert_eq!(key(&cut), key(&short), "left truncation must leave \"a+b=\"");
+    // The prefix does change the answers, so the equality above is not vacuous.
+    assert_ne!(key(&long), key(&short));
+
+    // eval_num_prompts: the first 5 validation prompts only.
+    let (five, _) = eval(&cfg("eval_num_prompts = 5", "short.jsonl", exact));
+    assert_eq!(five.num_prompts, 5);
+    assert!(
+        ((five.accuracy * 5.0).round() - five.accuracy * 5.0).abs() < 1e-12,
+        "{five:?}"
+    );
+
+    // accuracy_threshold: a multi grader scoring (exact + always)/2 ∈ {0.5, 1}. With the default
+    // threshold 1 only exact answers count, so accuracy = P(exact) = 2·reward_mean − 1; with
+    // threshold 0.5 every answer counts.
+    let half = "[grader]\ntype = \"multi\"\n\
+        [grader.graders.exact]\ntype = \"string_check\"\noperation = \"eq\"\nreference = \"{{ item.answer }}\"\n\
+        [grader.graders.always]\ntype = \"string_check\"\noperation = \"ne\"\nreference = \"zzz\"\n";
+    let (strict, _) = eval(&cfg("", "short.jsonl", half));
+    assert!(
+        (strict.accuracy - (2.0 * strict.reward_mean - 1.0)).abs() < 1e-12,
+        "{strict:?}"
+    );
+    assert_eq!(strict.accuracy, short.accuracy, "the same exact answers as above");
+    let (lenient, _) = eval(&cfg("accuracy_threshold = 0.5", "short.jsonl", half));
+    assert_eq!(lenient.accuracy, 1.0, "{lenient:?}");
+    assert_eq!(lenient.reward_mean, strict.reward_mean);
+    // The run must contain wrong answers for the threshold to matter.
+    assert!(strict.accuracy < 1.0, "{strict:?}");
 }
