@@ -1,8 +1,10 @@
 //! The RFT loop as a user runs it: `rft train` end to end on the tiny model (outputs, metrics,
 //! checkpoints, adapters, plot, summary), exact resume (Ctrl-C, `--max-steps`, the library's
 //! stop flag), config errors, dataset files with configured graders, `rft eval` / `rft data`,
-//! and `--device cuda` without a CUDA engine. Every run is a few dozen steps of the 124k-parameter
-//! model in models/tiny on the built-in 2-digit addition task, so the whole file takes seconds.
+//! `--device cuda` without a CUDA engine, and the options `max_prompt_length`,
+//! `eval_num_prompts`, `accuracy_threshold` and `[model] adapter`. Every run is a few dozen
+//! steps of the 124k-parameter model in models/tiny on the built-in 2-digit addition task, so
+//! the whole file takes seconds.
 
 use rft::cpu::engine::CpuEngine;
 use rft::grader::{GradeResult, Grader, Sample};
@@ -976,4 +978,53 @@ fn prompt_truncation_eval_subset_and_accuracy_threshold() {
     assert_eq!(lenient.reward_mean, strict.reward_mean);
     // The run must contain wrong answers for the threshold to matter.
     assert!(strict.accuracy < 1.0, "{strict:?}");
+}
+
+/// `[model] adapter`: training starts from a PEFT adapter (its rank, not `[lora]`'s), the
+/// validation is that of `rft eval --adapter` on it, and the first step moves it.
+#[test]
+fn model_adapter_is_the_starting_point() {
+    use rft::lora::{peft, LoraConfig, LoraWeights};
+    use rft::model::config::ModelConfig;
+    use rft::model::weights::Proj;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mc = ModelConfig::from_dir(&tiny()).unwrap();
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: vec![Proj::Q, Proj::V, Proj::Down],
+    };
+    // B ≠ 0, so the adapter changes the model from the start.
+    let start = LoraWeights::new_random(cfg, &mc, 9, 0.1, 0.1);
+    peft::save(&dir.join("ad"), &start, &tiny().display().to_string()).unwrap();
+    let text = config("max_steps = 1\neval_steps = 0").replace("[model]", "[model]\nadapter = \"ad\"");
+    assert!(text.contains("r = 8"), "[lora] asks for another rank");
+
+    let mut t = trainer_from(dir, &text);
+    let loaded = peft::load(&dir.join("ad"), &mc).unwrap();
+    assert_eq!(t.engine().adapter.as_ref(), Some(&loaded));
+    let v = t.validation().unwrap().unwrap();
+    // `rft eval --adapter` of the config without `[model] adapter`: the same validation.
+    let plain = write(dir, "plain.toml", &config("max_steps = 1\neval_steps = 0"));
+    let o = ok_in(dir, &["eval", plain.to_str().unwrap(), "--adapter", "ad"]);
+    let e: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(f(&e, "accuracy"), v.accuracy);
+    assert_eq!(f(&e, "reward_mean"), v.reward_mean);
+    assert_eq!(f(&e, "completion_len_mean"), v.completion_len_mean);
+    // Without the adapter the validation differs (else the checks above prove nothing).
+    let base = ok_in(dir, &["eval", plain.to_str().unwrap()]);
+    let b: Value = serde_json::from_slice(&base.stdout).unwrap();
+    assert_ne!(
+        (f(&b, "accuracy"), f(&b, "completion_len_mean")),
+        (v.accuracy, v.completion_len_mean)
+    );
+
+    t.step().unwrap();
+    let after = t.engine().adapter.clone().unwrap();
+    assert_eq!(after.config.r, 4);
+    assert_eq!(after.config.target_modules, loaded.config.target_modules);
+    assert_ne!(after, loaded, "the step trained the loaded adapter");
 }
