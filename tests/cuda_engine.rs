@@ -27,7 +27,7 @@
 
 mod common;
 
-use common::{bf16_noise, fixture_model as model_dir, gpu_or_skip};
+use common::{bf16_noise, fixture_model as model_dir, gpu_or_skip, max_nan};
 use rft::cpu::engine::CpuEngine;
 use rft::cpu::model::{KvCache, LogitsFor};
 use rft::cuda::engine::{
@@ -319,7 +319,7 @@ fn cuda_engine_sampling_is_batch_independent() {
                 for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
                     total += 1;
                     same_bits += usize::from(x.to_bits() == y.to_bits());
-                    worst = worst.max((x - y).abs());
+                    worst = max_nan(worst, (x - y).abs());
                 }
             }
             eprintln!(
@@ -601,7 +601,7 @@ fn cuda_engine_skinny_gemm_matches_cublas() {
                 for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
                     total += 1;
                     same_bits += usize::from(x.to_bits() == y.to_bits());
-                    worst = worst.max((x - y).abs());
+                    worst = max_nan(worst, (x - y).abs());
                 }
             }
             eprintln!(
@@ -724,7 +724,7 @@ fn check_score(name: &str, tol: Tol, cpu: &mut CpuEngine, gpu: &mut CudaEngine) 
         for (i, (w, g)) in want.iter().zip(&got).enumerate() {
             assert_eq!(w.len(), g.len(), "{name}: item {i}: lengths");
             for (a, b) in w.iter().zip(g) {
-                worst = worst.max((a - b).abs());
+                worst = max_nan(worst, (a - b).abs());
             }
         }
         eprintln!("cuda_engine {name}: score T={t}: worst |Δlogprob| {worst:.2e}");
@@ -987,7 +987,7 @@ fn cuda_engine_split_k_skinny_gemm_matches_cublas() {
             if a.completion_ids[i] != b.completion_ids[i] {
                 break;
             }
-            worst = worst.max((a.logprobs[i] - b.logprobs[i]).abs());
+            worst = max_nan(worst, (a.logprobs[i] - b.logprobs[i]).abs());
             compared += 1;
         }
     }

@@ -51,9 +51,14 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// max |a − b|, NaN when any difference is NaN (`f32::max` skips NaN, so a NaN logit would
+/// otherwise pass every `d <= TOL` check).
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m })
 }
 
 fn prompts(e: &Value) -> Vec<Vec<u32>> {

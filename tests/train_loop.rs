@@ -1,8 +1,10 @@
 //! The RFT loop as a user runs it: `rft train` end to end on the tiny model (outputs, metrics,
 //! checkpoints, adapters, plot, summary), exact resume (Ctrl-C, `--max-steps`, the library's
 //! stop flag), config errors, dataset files with configured graders, `rft eval` / `rft data`,
-//! and `--device cuda` without a CUDA engine. Every run is a few dozen steps of the 124k-parameter
-//! model in models/tiny on the built-in 2-digit addition task, so the whole file takes seconds.
+//! `--device cuda` without a CUDA engine, and the options `max_prompt_length`,
+//! `eval_num_prompts`, `accuracy_threshold` and `[model] adapter`. Every run is a few dozen
+//! steps of the 124k-parameter model in models/tiny on the built-in 2-digit addition task, so
+//! the whole file takes seconds.
 
 use rft::cpu::engine::CpuEngine;
 use rft::grader::{GradeResult, Grader, Sample};
@@ -857,6 +859,23 @@ fn data_and_eval_commands() {
     assert_eq!(all_train.lines().count(), 400);
     let val = String::from_utf8(ok_in(dir, &["data", c, "--split", "val"]).stdout).unwrap();
     assert_eq!(val.lines().count(), 40);
+    let prompts = |text: &str| -> std::collections::HashSet<String> {
+        text.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["prompt"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let (tp, vp) = (prompts(&all_train), prompts(&val));
+    assert_eq!(vp.len(), 40, "validation prompts are distinct");
+    assert!(
+        tp.is_disjoint(&vp),
+        "{:?}",
+        tp.intersection(&vp).collect::<Vec<_>>()
+    );
+    // `--num` is a prefix of the same list.
+    assert!(all_train.starts_with(String::from_utf8_lossy(&a).as_ref()));
     let o = ok_in(dir, &["data", c, "--split", "sft", "--num", "4"]);
     for l in String::from_utf8(o.stdout).unwrap().lines() {
         let v: Value = serde_json::from_str(l).unwrap();
@@ -898,4 +917,137 @@ fn device_cuda_is_a_clear_error() {
     assert!(err.contains("cuda") && err.contains("cpu"), "{err}");
     assert!(!err.contains("panicked"));
     assert!(!dir.join("o/metrics.jsonl").exists());
+}
+
+/// A trainer built from a TOML text the way `rft train` builds it (relative paths from `dir`).
+fn trainer_from(dir: &Path, text: &str) -> Trainer {
+    let cfg = TrainConfig::from_toml_str(text, &dir.join("t.toml")).unwrap();
+    Trainer::from_config(cfg, text, dir).unwrap()
+}
+
+/// Options the other tests leave at their defaults: `max_prompt_length` keeps the END of an
+/// over-long prompt (TRL's left truncation), `eval_num_prompts` validates on the first N
+/// prompts, and `accuracy_threshold` decides which rewards count as correct.
+#[test]
+fn prompt_truncation_eval_subset_and_accuracy_threshold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // 12 two-digit sums "a+b=" (6 tokens: the tiny tokenizer is one token per character, no
+    // BOS), and the same with a "99+" prefix that cutting to 6 tokens from the left removes.
+    let rows = |prefix: &str| -> String {
+        (0..12u32)
+            .map(|i| {
+                let (a, b) = (10 + 7 * i, 23 + 5 * i);
+                format!(
+                    "{}\n",
+                    serde_json::json!({"prompt": format!("{prefix}{a}+{b}="), "answer": (a + b).to_string()})
+                )
+            })
+            .collect()
+    };
+    write(dir, "short.jsonl", &rows(""));
+    write(dir, "long.jsonl", &rows("99+"));
+    let exact = "[grader]\ntype = \"string_check\"\noperation = \"eq\"\nreference = \"{{ item.answer }}\"\n";
+    let cfg = |top: &str, data: &str, grader: &str| {
+        format!(
+            "max_completion_length = 4\n{top}\n[model]\npath = \"{}\"\n[data]\npath = \"{data}\"\nval_path = \"{data}\"\n{grader}",
+            tiny().display()
+        )
+    };
+    let eval = |text: &str| -> (rft::trainer::metrics::EvalRecord, usize) {
+        let mut t = trainer_from(dir, text);
+        let n = t.truncated_prompts();
+        (t.validation().unwrap().unwrap(), n)
+    };
+
+    // Truncated long prompts are the short ones: the same greedy validation, record for record.
+    let (short, n0) = eval(&cfg("", "short.jsonl", exact));
+    let (cut, n1) = eval(&cfg("max_prompt_length = 6", "long.jsonl", exact));
+    let (long, n2) = eval(&cfg("", "long.jsonl", exact));
+    assert_eq!(
+        (n0, n1, n2),
+        (0, 24, 0),
+        "truncated prompt counts (12 train + 12 val)"
+    );
+    let key = |r: &rft::trainer::metrics::EvalRecord| {
+        (r.num_prompts, r.accuracy, r.reward_mean, r.completion_len_mean)
+    };
+    assert_eq!(key(&cut), key(&short), "left truncation must leave \"a+b=\"");
+    // The prefix does change the answers, so the equality above is not vacuous.
+    assert_ne!(key(&long), key(&short));
+
+    // eval_num_prompts: the first 5 validation prompts only.
+    let (five, _) = eval(&cfg("eval_num_prompts = 5", "short.jsonl", exact));
+    assert_eq!(five.num_prompts, 5);
+    assert!(
+        ((five.accuracy * 5.0).round() - five.accuracy * 5.0).abs() < 1e-12,
+        "{five:?}"
+    );
+
+    // accuracy_threshold: a multi grader scoring (exact + always)/2 ∈ {0.5, 1}. With the default
+    // threshold 1 only exact answers count, so accuracy = P(exact) = 2·reward_mean − 1; with
+    // threshold 0.5 every answer counts.
+    let half = "[grader]\ntype = \"multi\"\n\
+        [grader.graders.exact]\ntype = \"string_check\"\noperation = \"eq\"\nreference = \"{{ item.answer }}\"\n\
+        [grader.graders.always]\ntype = \"string_check\"\noperation = \"ne\"\nreference = \"zzz\"\n";
+    let (strict, _) = eval(&cfg("", "short.jsonl", half));
+    assert!(
+        (strict.accuracy - (2.0 * strict.reward_mean - 1.0)).abs() < 1e-12,
+        "{strict:?}"
+    );
+    assert_eq!(strict.accuracy, short.accuracy, "the same exact answers as above");
+    let (lenient, _) = eval(&cfg("accuracy_threshold = 0.5", "short.jsonl", half));
+    assert_eq!(lenient.accuracy, 1.0, "{lenient:?}");
+    assert_eq!(lenient.reward_mean, strict.reward_mean);
+    // The run must contain wrong answers for the threshold to matter.
+    assert!(strict.accuracy < 1.0, "{strict:?}");
+}
+
+/// `[model] adapter`: training starts from a PEFT adapter (its rank, not `[lora]`'s), the
+/// validation is that of `rft eval --adapter` on it, and the first step moves it.
+#[test]
+fn model_adapter_is_the_starting_point() {
+    use rft::lora::{peft, LoraConfig, LoraWeights};
+    use rft::model::config::ModelConfig;
+    use rft::model::weights::Proj;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mc = ModelConfig::from_dir(&tiny()).unwrap();
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: vec![Proj::Q, Proj::V, Proj::Down],
+    };
+    // B ≠ 0, so the adapter changes the model from the start.
+    let start = LoraWeights::new_random(cfg, &mc, 9, 0.1, 0.1);
+    peft::save(&dir.join("ad"), &start, &tiny().display().to_string()).unwrap();
+    let text = config("max_steps = 1\neval_steps = 0").replace("[model]", "[model]\nadapter = \"ad\"");
+    assert!(text.contains("r = 8"), "[lora] asks for another rank");
+
+    let mut t = trainer_from(dir, &text);
+    let loaded = peft::load(&dir.join("ad"), &mc).unwrap();
+    assert_eq!(t.engine().adapter.as_ref(), Some(&loaded));
+    let v = t.validation().unwrap().unwrap();
+    // `rft eval --adapter` of the config without `[model] adapter`: the same validation.
+    let plain = write(dir, "plain.toml", &config("max_steps = 1\neval_steps = 0"));
+    let o = ok_in(dir, &["eval", plain.to_str().unwrap(), "--adapter", "ad"]);
+    let e: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(f(&e, "accuracy"), v.accuracy);
+    assert_eq!(f(&e, "reward_mean"), v.reward_mean);
+    assert_eq!(f(&e, "completion_len_mean"), v.completion_len_mean);
+    // Without the adapter the validation differs (else the checks above prove nothing).
+    let base = ok_in(dir, &["eval", plain.to_str().unwrap()]);
+    let b: Value = serde_json::from_slice(&base.stdout).unwrap();
+    assert_ne!(
+        (f(&b, "accuracy"), f(&b, "completion_len_mean")),
+        (v.accuracy, v.completion_len_mean)
+    );
+
+    t.step().unwrap();
+    let after = t.engine().adapter.clone().unwrap();
+    assert_eq!(after.config.r, 4);
+    assert_eq!(after.config.target_modules, loaded.config.target_modules);
+    assert_ne!(after, loaded, "the step trained the loaded adapter");
 }

@@ -8,6 +8,7 @@
 
 use rft::cpu::engine::CpuEngine;
 use rft::cpu::model::CpuModel;
+use rft::engine::Engine;
 use rft::lora::{peft, LoraConfig, LoraWeights};
 use rft::model::config::ModelConfig;
 use rft::model::weights::{Proj, Weights};
@@ -339,28 +340,69 @@ fn bad_options_are_rejected() {
     let lora = LoraWeights::new_random(lora_cfg(0.0), &model.config, 3, 0.05, 0.05);
     let b = synthetic_batch(0);
     let o = grpo_opts(2);
+    // Each case must fail for its own reason, not an earlier check's: the message is checked.
+    let err = |lora: Option<&LoraWeights>, b: &GrpoBatch, o: &GrpoOptions| -> String {
+        match grpo_gradients(&model, lora, b, o) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let has = |e: String, want: &str| assert!(e.contains(want), "{want:?} not in {e:?}");
     // Full fine-tuning with β > 0 has no reference model.
     let full = GrpoOptions {
         full_fine_tuning: true,
         ..o.clone()
     };
-    assert!(grpo_gradients(&model, None, &b, &full).is_err());
-    // LoRA training without an adapter.
-    assert!(grpo_gradients(&model, None, &b, &o).is_err());
-    // Old log-probs of the wrong length.
-    let mut bb = b.clone();
-    bb.seqs[0].old_logp = Some(vec![0.0]);
-    assert!(grpo_gradients(&model, Some(&lora), &bb, &o).is_err());
-    // Token outside the vocabulary; reward count mismatch.
-    let mut bb = b.clone();
-    bb.seqs[1].completion_ids[0] = 10_000;
-    assert!(grpo_gradients(&model, Some(&lora), &bb, &o).is_err());
-    let mut bb = b.clone();
-    bb.rewards.pop();
-    assert!(grpo_gradients(&model, Some(&lora), &bb, &o).is_err());
-    // Full fine-tuning with β = 0 works and yields base-weight gradients.
+    has(err(None, &b, &full), "beta > 0 needs the frozen reference model");
+    // Full fine-tuning given an adapter; LoRA training without one.
     let mut full0 = full.clone();
     full0.loss.beta = 0.0;
+    has(err(Some(&lora), &b, &full0), "give no adapter");
+    has(err(None, &b, &o), "LoRA training needs an adapter");
+    // An adapter of another depth.
+    let mut shallow = lora.clone();
+    shallow.layers.pop();
+    has(
+        err(Some(&shallow), &b, &o),
+        "the adapter has 1 layers, the model 2",
+    );
+    // Zero iterations, a zero temperature, zero lm_head chunk rows.
+    let bad = |f: &dyn Fn(&mut GrpoOptions)| {
+        let mut x = o.clone();
+        f(&mut x);
+        err(Some(&lora), &b, &x)
+    };
+    has(
+        bad(&|x| x.num_iterations = 0),
+        "num_iterations must be at least 1",
+    );
+    has(bad(&|x| x.temperature = 0.0), "temperature must be > 0");
+    has(bad(&|x| x.chunk_rows = 0), "chunk_rows must be at least 1");
+    // Old log-probs of the wrong length (sequence 0 has 2 completion tokens).
+    let mut bb = b.clone();
+    bb.seqs[0].old_logp = Some(vec![0.0]);
+    has(
+        err(Some(&lora), &bb, &o),
+        "sequence 0: 1 old log-probs for 2 completion tokens",
+    );
+    // Token outside the vocabulary (461); an empty prompt.
+    let mut bb = b.clone();
+    bb.seqs[1].completion_ids[0] = 10_000;
+    has(
+        err(Some(&lora), &bb, &o),
+        "sequence 1: token id 10000 is outside the vocabulary of 461",
+    );
+    let mut bb = b.clone();
+    bb.seqs[2].prompt_ids.clear();
+    has(err(Some(&lora), &bb, &o), "sequence 2: empty prompt");
+    // Reward / advantage count mismatch.
+    let mut bb = b.clone();
+    bb.rewards.pop();
+    has(err(Some(&lora), &bb, &o), "5 rewards for 6 sequences");
+    let mut bb = b.clone();
+    bb.advantages = Some(vec![0.0; 7]);
+    has(err(Some(&lora), &bb, &o), "7 advantages for 6 sequences");
+    // Full fine-tuning with β = 0 works and yields base-weight gradients.
     let g = grpo_gradients(&model, None, &b, &full0).unwrap();
     assert!(g.grads.weights.is_some() && g.grads.lora.is_none());
 }
@@ -390,13 +432,23 @@ fn bad_adapters_are_rejected() {
     let qwen3 = ModelConfig::from_dir(&root().join("tests/fixtures/models/qwen3")).unwrap();
     let e = peft::load(&qdir, &qwen3).unwrap_err().to_string();
     assert!(e.contains("shape"), "{e}");
-    // The llama fixture model has other dimensions than qwen2's, if any; either way the
-    // adapter must load only when every shape fits.
-    if (llama.hidden_size, llama.intermediate_size, llama.kv_dim())
-        != (qwen.hidden_size, qwen.intermediate_size, qwen.kv_dim())
-    {
-        assert!(peft::load(&qdir, &llama).is_err());
-    }
+    // The llama fixture has exactly qwen2's shapes (hidden 64, MLP 128, K/V 2 × 16, 2 layers):
+    // PEFT adapters carry no architecture, so one whose every shape fits must load.
+    assert_eq!(
+        (
+            llama.hidden_size,
+            llama.intermediate_size,
+            llama.kv_dim(),
+            llama.num_hidden_layers
+        ),
+        (
+            qwen.hidden_size,
+            qwen.intermediate_size,
+            qwen.kv_dim(),
+            qwen.num_hidden_layers
+        )
+    );
+    assert!(peft::load(&qdir, &llama).is_ok());
 
     // adapter_config.json edits.
     let orig: serde_json::Value =
@@ -472,26 +524,61 @@ fn bad_adapters_are_rejected() {
     assert!(load_checkpoint(&ck, &other).is_err());
 }
 
+/// Sample mean, standard deviation and kurtosis of `x` against N(0, std²), each within 6
+/// standard errors for its sample size n (σ/√n for the mean, σ/√(2n) for the std, √(24/n)
+/// for the kurtosis of a normal, which is 3): a wrong std, a non-zero mean or a uniform
+/// instead of a normal (kurtosis 1.8) fail; sampling noise passes with probability ~1 − 1e-8.
+fn check_normal(what: &str, x: &[f32], std: f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let m2 = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let m4 = x.iter().map(|&v| (v as f64 - mean).powi(4)).sum::<f64>() / n;
+    let (sd, kurt) = (m2.sqrt(), m4 / (m2 * m2));
+    assert!(mean.abs() < 6.0 * std / n.sqrt(), "{what}: mean {mean} (n {n})");
+    assert!(
+        (sd - std).abs() < 6.0 * std / (2.0 * n).sqrt(),
+        "{what}: std {sd}, want {std} (n {n})"
+    );
+    assert!(
+        (kurt - 3.0).abs() < 6.0 * (24.0 / n).sqrt(),
+        "{what}: kurtosis {kurt}, a normal has 3 (n {n})"
+    );
+}
+
 #[test]
 fn random_init_statistics() {
-    let c = ModelConfig::from_dir(&root().join("tests/fixtures/models/llama")).unwrap();
+    // The llama fixture's shapes (untied lm_head), with every bias switched on.
+    let mut c = ModelConfig::from_dir(&root().join("tests/fixtures/models/llama")).unwrap();
+    assert!(!c.tie_word_embeddings);
+    (c.qkv_bias, c.o_bias, c.mlp_bias) = (true, true, true);
     let w = init::init_weights(&c, 5, 0.02);
-    let n = w.embed.len() as f64;
-    let mean = w.embed.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let std = (w.embed.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-    assert!(
-        mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3,
-        "mean {mean} std {std}"
-    );
+    check_normal("embed", &w.embed, 0.02);
+    check_normal("lm_head", w.lm_head.as_ref().unwrap(), 0.02);
+    for (l, lw) in w.layers.iter().enumerate() {
+        for p in Proj::ALL {
+            check_normal(&format!("layer {l} {p:?}"), &lw.proj(p).w, 0.02);
+            assert!(lw.proj(p).b.as_ref().is_none_or(|b| b.iter().all(|&x| x == 0.0)));
+        }
+        assert!(lw.input_norm.iter().chain(&lw.post_norm).all(|&x| x == 1.0));
+    }
+    assert!(w.layers[0].down.b.is_some(), "biases exist and were checked");
     assert!(w.final_norm.iter().all(|&x| x == 1.0));
-    assert!(w.layers.iter().all(|l| l.input_norm.iter().all(|&x| x == 1.0)));
-    assert!(w
-        .layers
-        .iter()
-        .all(|l| l.q.b.as_ref().is_none_or(|b| b.iter().all(|&x| x == 0.0))));
+    // Matrices are drawn independently: no two start with the same values.
+    assert_ne!(w.layers[0].q.w[..8], w.layers[1].q.w[..8]);
+    assert_ne!(w.embed[..8], w.lm_head.as_ref().unwrap()[..8]);
     // Deterministic in the seed.
     assert_eq!(init::init_weights(&c, 5, 0.02).embed, w.embed);
     assert_ne!(init::init_weights(&c, 6, 0.02).embed, w.embed);
-    // It runs: the engine scores with it.
-    let _ = CpuEngine::new(CpuModel::new(c, w));
+    // The engine scores with it, and the model is untrained: after the final RMSNorm the
+    // hidden state has unit RMS, so each logit is ~ N(0, D·0.02²) (std 0.16 for D = 64) and
+    // every log-prob is within ~6·0.16 < 1 of the uniform −ln V.
+    let mut engine = CpuEngine::new(CpuModel::new(c.clone(), w));
+    let lp = engine
+        .score(&[(vec![1, 2, 3], vec![10, 200, 460, 7])], 1.0)
+        .unwrap();
+    assert_eq!(lp[0].len(), 4);
+    let uniform = -(c.vocab_size as f32).ln();
+    for &x in &lp[0] {
+        assert!((x - uniform).abs() < 1.0, "log-prob {x} vs uniform {uniform}");
+    }
 }

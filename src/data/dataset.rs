@@ -568,6 +568,8 @@ mod tests {
         for _ in 0..7000 {
             seen[r.below(7) as usize] += 1;
         }
+        // Each count is Binomial(7000, 1/7): mean 1000, sd 29; 800 is 6.8 sd below, while a
+        // generator that misses a value (or favours some by 2×) fails.
         assert!(seen.iter().all(|&c| c > 800), "{seen:?}");
         for _ in 0..1000 {
             let x = r.range(-3, 3);

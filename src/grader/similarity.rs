@@ -206,16 +206,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    // The metrics are exact ratios (or f64 BLEU) returned as f32: a few ulps (6e-8 each) of
+    // error; any wrong count moves them by > 1e-2.
     fn close(a: f32, b: f32) -> bool {
-        (a - b).abs() < 1e-3
+        (a - b).abs() < 1e-6
     }
 
     #[test]
     fn fuzzy_matches_rapidfuzz() {
-        // rapidfuzz.fuzz.ratio("this is a test", "this is a test!") == 96.55…
-        assert!(close(fuzzy_ratio("this is a test", "this is a test!"), 0.965_517));
-        // fuzz.ratio("kitten", "sitting") == 61.538…
-        assert!(close(fuzzy_ratio("kitten", "sitting"), 0.615_384));
+        // rapidfuzz.fuzz.ratio("this is a test", "this is a test!") == 96.55… = 100·28/29
+        // (LCS 14 of lengths 14 + 15).
+        assert!(close(
+            fuzzy_ratio("this is a test", "this is a test!"),
+            28.0 / 29.0
+        ));
+        // fuzz.ratio("kitten", "sitting") == 61.538… = 100·8/13 (LCS "ittn", lengths 6 + 7).
+        assert!(close(fuzzy_ratio("kitten", "sitting"), 8.0 / 13.0));
         assert_eq!(fuzzy_ratio("", ""), 1.0);
         assert_eq!(fuzzy_ratio("abc", ""), 0.0);
         assert_eq!(fuzzy_ratio("héllo", "héllo"), 1.0);
@@ -234,8 +240,18 @@ mod tests {
         ));
         // No 2-gram match: smoothed, not zero. 1-gram 2/2, 2-gram 0/1 → 1/(2·1).
         assert!(close(bleu("mat the", "the mat"), 0.5f32.sqrt()));
-        let b = bleu("a cat sat on a mat.", r);
-        assert!(b > 0.0 && b < 1.0);
+        // Hand-computed: tokens "a cat sat on a mat ." vs "The cat sat on the mat ." (7 each,
+        // BP = 1; case-sensitive, so "The" ≠ "the"): 1-grams 5/7 (cat sat on mat .), 2-grams
+        // 3/6 (cat sat, sat on, mat .), 3-grams 1/5 (cat sat on), 4-grams 0/4 → smoothed
+        // 1/(2·4). BLEU = (5/7 · 1/2 · 1/5 · 1/8)^(1/4) = 112^(−1/4).
+        assert!(close(bleu("a cat sat on a mat.", r), 112f32.powf(-0.25)));
+        // Clipping, case and repeated smoothing: 7 × "the" vs "The cat is on the mat" (BP 1):
+        // 1-grams clipped to the one lower-case "the" → 1/7; no 2-, 3-, 4-gram matches out of
+        // 6, 5, 4 → 1/(2·6), 1/(4·5), 1/(8·4). BLEU = (1/7 · 1/12 · 1/20 · 1/32)^(1/4).
+        assert!(close(
+            bleu("the the the the the the the", "The cat is on the mat"),
+            53760f32.powf(-0.25)
+        ));
         assert!(close(
             rouge_l("The cat sat on the mat", "the cat, on the mat"),
             2.0 * 5.0 / 11.0

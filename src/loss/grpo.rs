@@ -543,6 +543,8 @@ mod tests {
             },
         )
         .unwrap();
+        // f32 inputs rounded from f64 (rel 6e-8) and f32 arithmetic on O(1) values through
+        // exp(logp − old) and a 5-token mean: a few 1e-7; any formula difference is ≥ 1e-3.
         assert!((out32.loss as f64 - out64.loss).abs() < 1e-6);
         for (a, b) in out32.grad_logp.iter().zip(&out64.grad_logp) {
             assert!((*a as f64 - b).abs() < 1e-6);

@@ -76,6 +76,16 @@ pub fn uniform_vec(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
         .collect()
 }
 
+/// max(m, x) that keeps a NaN: `f32::max` returns the other argument, so a worst-error fold
+/// written with it lets a NaN output pass its `worst <= tol` check.
+pub fn max_nan(m: f32, x: f32) -> f32 {
+    if x.is_nan() || x > m {
+        x
+    } else {
+        m
+    }
+}
+
 /// Each value rounded to bf16 and back.
 pub fn bf(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
