@@ -34,7 +34,8 @@ pub trait Engine {
     fn set_max_batch_seqs(&mut self, n: usize);
 
     /// Samples `num_samples` completions for every prompt. The random stream of sample g of
-    /// prompt i is `i · num_samples + g`, so results do not depend on how the engine batches.
+    /// prompt i is `params.first_stream + i · num_samples + g`, so results do not depend on how
+    /// the engine batches.
     /// Output order: prompt-major, then sample index.
     fn generate(
         &mut self,

@@ -369,6 +369,7 @@ fn run(cli: Cli) -> Result<()> {
                 top_p,
                 min_p,
                 seed,
+                first_stream: 0,
             };
             params.validate()?;
             if batch_size == 0 {

@@ -153,6 +153,11 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Key of the counter-based RNG.
     pub seed: u64,
+    /// Stream of the first sample of a `generate` call: sample g of prompt i draws from stream
+    /// `first_stream + i·G + g`. 0 for one call; a caller splitting one batch of prompts across
+    /// calls passes the number of samples before each call, so the split changes no sample.
+    #[serde(skip)]
+    pub first_stream: u64,
 }
 
 impl Default for SamplingParams {
@@ -163,6 +168,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             seed: 0,
+            first_stream: 0,
         }
     }
 }
@@ -832,6 +838,7 @@ mod tests {
             top_p: 0.95,
             min_p: 0.02,
             seed: 2024,
+            first_stream: 0,
         };
         let mut s = Sampler::new();
         let d = s.distribution(&logits, &p).unwrap();

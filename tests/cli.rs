@@ -1349,6 +1349,122 @@ fn train_keeps_earlier_runs_and_resumes_only_what_it_saved() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// A copy of the files of `src` (not its subdirectories) at `dst`; with `perturb`, every f32
+/// weight's mantissa bits 8..15 flipped (the same shapes and header, slightly other weights).
+fn copy_files(src: &Path, dst: &Path, perturb: bool) {
+    fs::create_dir_all(dst).unwrap();
+    for e in fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        if !p.is_file() {
+            continue;
+        }
+        let mut bytes = fs::read(&p).unwrap();
+        if perturb && p.extension().is_some_and(|x| x == "safetensors") {
+            let data = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            assert!(st.tensors().iter().all(|(_, t)| t.dtype() == Dtype::F32));
+            for (i, b) in bytes[data..].iter_mut().enumerate() {
+                if i % 4 == 1 {
+                    *b ^= 0xff;
+                }
+            }
+        }
+        fs::write(dst.join(p.file_name().unwrap()), bytes).unwrap();
+    }
+}
+
+/// `--resume` with a config whose `[model] path` is another base model of the same shape:
+/// refused (the adapter would silently go onto other weights), naming both models. A copy of
+/// the same model elsewhere resumes (the check is on the contents, not the path), and so does a
+/// checkpoint written before the base model was recorded.
+#[test]
+fn resume_refuses_another_base_model_of_the_same_shape() {
+    use rft::trainer::state::base_model_fingerprint;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let tiny = root().join("models/tiny");
+    let (same, other) = (d.join("tiny_copy"), d.join("tiny_other"));
+    copy_files(&tiny, &same, false);
+    copy_files(&tiny, &other, true);
+    let fp = |p: &Path| base_model_fingerprint(p).unwrap();
+    assert_eq!(fp(&same), fp(&tiny), "a moved copy is the same model");
+    assert_ne!(fp(&other), fp(&tiny), "other weights, same header");
+    assert_ne!(fp(&model("llama")), fp(&model("qwen2")));
+    // The perturbed copy loads as a model of the same shape.
+    let mc = |p: &Path| rft::model::config::ModelConfig::from_dir(p).unwrap();
+    assert_eq!(format!("{:?}", mc(&other)), format!("{:?}", mc(&tiny)));
+
+    let cfg = train_config(d, "c.toml", "", 4);
+    let with_model = |name: &str, m: &Path| {
+        let p = d.join(name);
+        let text = fs::read_to_string(&cfg).unwrap();
+        fs::write(
+            &p,
+            text.replace(&tiny.display().to_string(), &m.display().to_string()),
+        )
+        .unwrap();
+        p
+    };
+    let (cfg_same, cfg_other) = (with_model("same.toml", &same), with_model("other.toml", &other));
+    let run_dir = d.join("run");
+    let o = run(&["train", s(&cfg), "--output-dir", s(&run_dir), "--quiet"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state_path = run_dir.join("checkpoint/trainer_state.json");
+    let state: Value = serde_json::from_slice(&fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(state["config"]["base_model_fingerprint"], fp(&tiny).as_str());
+    let (metrics, state_bytes) = (
+        fs::read(run_dir.join("metrics.jsonl")).unwrap(),
+        fs::read(&state_path).unwrap(),
+    );
+    let resume = |cfg: &Path, dir: &Path| {
+        vec![
+            "train".to_string(),
+            s(cfg).into(),
+            "--resume".into(),
+            s(dir).into(),
+            "--max-steps".into(),
+            "2".into(),
+            "--quiet".into(),
+        ]
+    };
+    let args = resume(&cfg_other, &run_dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fail(
+        &args,
+        &[
+            "trainer_state.json",
+            "different model",
+            s(&tiny),
+            s(&other),
+            "[model] path",
+            "--output-dir",
+        ],
+    );
+    assert_eq!(metrics, fs::read(run_dir.join("metrics.jsonl")).unwrap());
+    assert_eq!(state_bytes, fs::read(&state_path).unwrap());
+
+    // A checkpoint without the record (written before it existed) is not checked.
+    let old = d.join("old");
+    copy_files(&run_dir, &old, false);
+    copy_files(&run_dir.join("checkpoint"), &old.join("checkpoint"), false);
+    let mut st = state.clone();
+    st["config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("base_model_fingerprint");
+    fs::write(old.join("checkpoint/trainer_state.json"), st.to_string()).unwrap();
+    let args = resume(&cfg_other, &old);
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The same model under another path continues the run.
+    let args = resume(&cfg_same, &run_dir);
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st: Value = serde_json::from_slice(&fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(st["step"], 2);
+}
+
 #[test]
 fn grader_template_field_missing_from_the_data() {
     let tmp = tempfile::tempdir().unwrap();

@@ -936,6 +936,7 @@ fn sample_tokens_frequencies_match_distribution() {
         top_p: 0.95,
         min_p: 0.02,
         seed: 2024,
+        first_stream: 0,
     };
     let d = Sampler::new().distribution(&logits, &p).unwrap();
     let rows = 4096;

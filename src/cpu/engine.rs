@@ -132,7 +132,7 @@ impl Engine for CpuEngine {
                 // Sample one token for every active sequence.
                 for (ai, &si) in active.iter().enumerate() {
                     let seq = &mut seqs[si];
-                    let stream = (seq.prompt_index * g + seq.sample_index) as u64;
+                    let stream = params.first_stream + (seq.prompt_index * g + seq.sample_index) as u64;
                     let step = seq.ids.len() as u64;
                     let sampled = sampler.sample(&step_logits[ai], params, stream, step)?;
                     seq.ids.push(sampled.token);

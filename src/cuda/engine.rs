@@ -10,8 +10,8 @@
 //! `max_batch_seqs / G` prompts; each prompt is prefilled once and its G samples share its KV
 //! pages (when G > max_batch_seqs, or a chunk does not fit the free memory or the budget, fewer
 //! prompts and then slices of one prompt's samples, the prompt prefilled per slice:
-//! [`generate_chunks`]); sample g of prompt i draws from stream i·G + g at step = tokens
-//! generated so far, so the chunking changes no sample;
+//! [`generate_chunks`]); sample g of prompt i draws from stream `first_stream` + i·G + g at
+//! step = tokens generated so far, so the chunking changes no sample;
 //! stop checks (EOS, stop strings, max_new_tokens, context) run on the host after every token,
 //! and a sequence that stopped leaves the batch (it costs no more compute).
 //!
@@ -2771,7 +2771,9 @@ impl Engine for CudaEngine {
                 debug_assert_eq!(m, seq_range.len());
                 let streams: Vec<u64> = seq_range
                     .clone()
-                    .map(|si| ((seqs[si].prompt_index) * g + seqs[si].sample_index) as u64)
+                    .map(|si| {
+                        params.first_stream + (seqs[si].prompt_index * g + seqs[si].sample_index) as u64
+                    })
                     .collect();
                 let steps = vec![0u64; m];
                 b.sampling.fill_rows(dev, &streams, &steps)?;
@@ -2808,7 +2810,7 @@ impl Engine for CudaEngine {
                             DecodeRow {
                                 token: *s.ids.last().expect("a sampled token"),
                                 pos,
-                                stream: (s.prompt_index * g + s.sample_index) as u64,
+                                stream: params.first_stream + (s.prompt_index * g + s.sample_index) as u64,
                                 step: s.ids.len() as u64,
                                 table: &s.table,
                             }

@@ -99,7 +99,9 @@ use crate::model::tokenizer::Tokenizer;
 use crate::optim::{AdamW, LrSchedule, SchedulerType, Warmup};
 use crate::sampling::{FinishReason, SamplingParams, StopCriteria};
 use crate::trainer::metrics::{EvalRecord, MetricsLog, Record, Summary, TrainRecord};
-use crate::trainer::state::{load_checkpoint, save_checkpoint, TrainState, Trainable};
+use crate::trainer::state::{
+    base_model_fingerprint, load_checkpoint, save_checkpoint, TrainState, Trainable,
+};
 use crate::trainer::step::{grpo_update, micro_ranges, GrpoBatch, GrpoOptions, GrpoSeq};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -470,6 +472,7 @@ impl TrainConfig {
             top_p: self.top_p,
             min_p: self.min_p,
             seed: mix(self.seed, step),
+            first_stream: 0,
         }
     }
 
@@ -591,6 +594,9 @@ pub struct Trainer {
     /// Where the config's relative paths start (saved in checkpoints for `--resume`).
     base_dir: Option<PathBuf>,
     base_model: String,
+    /// [`base_model_fingerprint`] of the base model directory (None: built by [`Trainer::new`]
+    /// from an engine, whose directory is unknown); kept in checkpoints, checked on resume.
+    base_fingerprint: Option<String>,
     /// The host model and adapter: the CPU backend, and the copy checkpoints are written from.
     engine: CpuEngine,
     /// Rollouts and updates on the GPU (then `engine`'s adapter is refreshed before saves).
@@ -658,6 +664,7 @@ impl Trainer {
         let mut t = Trainer::new(engine, tok, splits.train, splits.val, grader, config, config_text)?;
         t.grader_parts = parts;
         t.base_model = model_dir.display().to_string();
+        t.base_fingerprint = Some(base_model_fingerprint(&model_dir)?);
         let base = if base_dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -812,6 +819,7 @@ impl Trainer {
             config,
             config_text: config_text.to_string(),
             base_model: String::new(),
+            base_fingerprint: None,
             base_dir: None,
             engine,
             cuda: None,
@@ -883,8 +891,10 @@ impl Trainer {
             let mut pending: Option<std::thread::ScopedJoinHandle<'_, Vec<GradeResult>>> = None;
             for (ci, chunk) in indices.chunks(chunk_prompts).enumerate() {
                 let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| set[i].1.ids.clone()).collect();
+                // One stream per sample of the whole call: the chunking (rollout_batch_size)
+                // changes no sample.
                 let chunk_params = SamplingParams {
-                    seed: mix(params.seed, ci as u64),
+                    first_stream: params.first_stream + (ci * chunk_prompts * g) as u64,
                     ..*params
                 };
                 let t0 = Instant::now();
@@ -1142,6 +1152,8 @@ impl Trainer {
             "rollout_tokens": self.rollout_tokens,
             "train_tokens": self.train_tokens,
             "base_dir": self.base_dir,
+            "base_model": self.base_model,
+            "base_model_fingerprint": self.base_fingerprint,
         });
         save_checkpoint(
             &dir,
@@ -1228,6 +1240,25 @@ impl Trainer {
                 ))
             }
             (Trainable::Full(_), None) => {}
+        }
+        // The adapter (or the weights) would silently go onto another base model of the same
+        // shape. Checkpoints written before the fingerprint existed are not checked.
+        if let (Some(saved), Some(cur)) = (
+            ck.config["base_model_fingerprint"].as_str(),
+            self.base_fingerprint.as_deref(),
+        ) {
+            if saved != cur {
+                let was = ck.config["base_model"].as_str().unwrap_or("?");
+                return Err(Error::config(
+                    at,
+                    format!(
+                        "the checkpoint was trained on the base model {was}, but [model] path is {}, \
+                         a different model (its config.json or weights differ); resume with \
+                         [model] path set to that model (or a copy of it), or start a new --output-dir",
+                        self.base_model
+                    ),
+                ));
+            }
         }
         if let Some(n) = ck.config["train_len"].as_u64() {
             if n as usize != self.train.len() {

@@ -13,6 +13,9 @@
 //! removed after), and the parent directory is fsynced: a crash never leaves a half-written
 //! checkpoint under the final name. All randomness is counter-based on (seed, step), so the
 //! state above is everything a bit-identical resume needs.
+//!
+//! [`base_model_fingerprint`] identifies the base model the checkpoint was trained on without
+//! reading its weights, so a resume can refuse another model of the same shape.
 
 use crate::error::{Error, Result};
 use crate::lora::{peft, LoraWeights};
@@ -91,6 +94,73 @@ struct StateFile {
 }
 
 const FORMAT: &str = "rft-trainer-state-v1";
+
+/// Bytes of each weight file's data section hashed by [`base_model_fingerprint`], in
+/// [`FINGERPRINT_SAMPLES`] slices spread evenly from its first to its last byte.
+const FINGERPRINT_SAMPLE_BYTES: u64 = 4096;
+const FINGERPRINT_SAMPLES: u64 = 16;
+
+/// A cheap identity of the base model in `dir`, independent of where the directory lies:
+/// FNV-1a 64 over `config.json` and, per `*.safetensors` file (sorted by name), its name,
+/// size, header (tensor names, dtypes, shapes, offsets) and 16 slices of 4 KiB spread over
+/// its data. Two models of the same shape differ in their data (a fine-tune changes every
+/// tensor), so the slices tell them apart; reading them costs a few hundred KiB, not the weights.
+pub fn base_model_fingerprint(dir: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut h = Fnv64::new();
+    let cfg = dir.join("config.json");
+    h.field(&std::fs::read(&cfg).map_err(|e| Error::io(&cfg, e))?);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+        .collect();
+    files.sort();
+    for path in files {
+        let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let size = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+        h.field(path.file_name().expect("a file name").as_encoded_bytes());
+        h.field(&size.to_le_bytes());
+        let mut read_at = |at: u64, n: u64| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; n.min(size.saturating_sub(at)) as usize];
+            f.seek(SeekFrom::Start(at)).map_err(|e| Error::io(&path, e))?;
+            f.read_exact(&mut buf).map_err(|e| Error::io(&path, e))?;
+            Ok(buf)
+        };
+        let len = read_at(0, 8)?;
+        let header_len = match <[u8; 8]>::try_from(len.as_slice()) {
+            Ok(b) => u64::from_le_bytes(b).min(size - 8),
+            Err(_) => 0,
+        };
+        h.field(&read_at(8, header_len)?);
+        let data = (8 + header_len).min(size);
+        let span = size - data;
+        for i in 0..FINGERPRINT_SAMPLES {
+            let room = span.saturating_sub(FINGERPRINT_SAMPLE_BYTES);
+            h.field(&read_at(
+                data + room * i / (FINGERPRINT_SAMPLES - 1),
+                FINGERPRINT_SAMPLE_BYTES,
+            )?);
+        }
+    }
+    Ok(format!("fnv1a64:{:016x}", h.0))
+}
+
+/// FNV-1a, 64 bits: stable across platforms and releases (unlike std's hasher).
+struct Fnv64(u64);
+
+impl Fnv64 {
+    fn new() -> Fnv64 {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+
+    /// Hashes `bytes` preceded by their length (so field boundaries count).
+    fn field(&mut self, bytes: &[u8]) {
+        for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
 
 /// Saves `params` + `state` + `config` as the checkpoint directory `dir`, atomically.
 /// `base_model` is written into the adapter config (`base_model_name_or_path`).
