@@ -269,7 +269,8 @@ fn cuda_engine_context_limit() {
 
 /// Seeded sampling: the same samples whatever `max_batch_seqs` (how many sequences decode
 /// together, so the bucket every step is padded to and the prefill groups; at 1, fewer than a
-/// prompt's G = 3 samples, each sample is a chunk of its own with the prompt prefilled again).
+/// prompt's G = 3 samples, each sample is a chunk of its own with the prompt prefilled again),
+/// and whatever chunk of the prompts a call gets (`SamplingParams::first_stream`).
 ///
 /// What is guaranteed, and what is measured here. Every kernel of the forward is per row or
 /// per sequence and sums in an order fixed by that row alone (decode attention: fixed
@@ -329,6 +330,26 @@ fn cuda_engine_sampling_is_batch_independent() {
             assert!(
                 worst <= LP_BATCH,
                 "{name}: batch size changes logprobs by {worst}"
+            );
+        }
+        // A later chunk of a step (the training loop's rollout chunks): the prompts from index
+        // k on, with `first_stream` = k·G, draw the samples they drew in the whole call.
+        let k = 2;
+        let chunk = SamplingParams {
+            first_stream: (k * 3) as u64,
+            ..params
+        };
+        let tail = gpu.generate(&ps[k..], 3, &chunk, &stop, None).unwrap();
+        assert_eq!(tail.len(), base.len() - k * 3);
+        for (a, b) in base[k * 3..].iter().zip(&tail) {
+            assert_eq!(
+                (a.prompt_index - k, a.sample_index),
+                (b.prompt_index, b.sample_index)
+            );
+            assert_eq!(
+                a.completion_ids, b.completion_ids,
+                "{name}: prompt {} sample {}: the chunk with first_stream {} sampled other tokens",
+                a.prompt_index, a.sample_index, chunk.first_stream
             );
         }
         // Samples of different prompts must differ (streams are distinct).
