@@ -854,15 +854,7 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
 }
 
 /// What `rft merge` / `rft sft --full` write into their output directory.
-const MERGED_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "model.safetensors",
-];
+use rft::lora::peft::MERGED_FILES;
 
 /// What a PEFT adapter output holds.
 const ADAPTER_FILES: &[&str] = &["adapter_config.json", "adapter_model.safetensors"];

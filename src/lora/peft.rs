@@ -247,18 +247,26 @@ pub fn merge_into(weights: &mut Weights, lora: &LoraWeights) {
     }
 }
 
+/// The weights file of a merged checkpoint ([`write_merged`]).
+pub const MERGED_WEIGHTS: &str = "model.safetensors";
+
+/// Everything [`write_merged`] writes (the base model's config and tokenizer files that exist,
+/// and [`MERGED_WEIGHTS`]).
+pub const MERGED_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    MERGED_WEIGHTS,
+];
+
 /// Writes a merged HF checkpoint: the base dir's config/tokenizer files copied, weights
 /// saved as one f32 `model.safetensors` (transformers loads it in any dtype asked for).
 pub fn write_merged(base_dir: &Path, out_dir: &Path, config: &ModelConfig, weights: &Weights) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    for f in [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "special_tokens_map.json",
-    ] {
+    for &f in MERGED_FILES.iter().filter(|&&f| f != MERGED_WEIGHTS) {
         let src: PathBuf = base_dir.join(f);
         if src.exists() {
             let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
@@ -278,7 +286,7 @@ pub fn write_merged(base_dir: &Path, out_dir: &Path, config: &ModelConfig, weigh
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     save_safetensors_f32(
-        &out_dir.join("model.safetensors"),
+        &out_dir.join(MERGED_WEIGHTS),
         &weights.named_tensors(config),
         Some(meta),
     )
