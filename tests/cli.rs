@@ -1465,6 +1465,24 @@ fn resume_refuses_another_base_model_of_the_same_shape() {
     assert_eq!(st["step"], 2);
 }
 
+/// `NAME.toml` in `d`: GRPO on models/tiny (G = 2, 2 prompts a step) over `rows` written to
+/// `NAME.jsonl`, graded by a numeric grader against `{{ item.FIELD }}`.
+fn numeric_task_config(d: &Path, name: &str, rows: &[Value], field: &str) -> PathBuf {
+    jsonl(d, &format!("{name}.jsonl"), rows);
+    let cfg = d.join(format!("{name}.toml"));
+    fs::write(
+        &cfg,
+        format!(
+            "device = \"cpu\"\nnum_generations = 2\nprompts_per_step = 2\n[model]\npath = \"{}\"\n\
+             [data]\npath = \"{name}.jsonl\"\nval_size = 2\n[grader]\ntype = \"numeric\"\n\
+             reference = \"{{{{ item.{field} }}}}\"\n",
+            root().join("models/tiny").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 #[test]
 fn grader_template_field_missing_from_the_data() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1472,18 +1490,7 @@ fn grader_template_field_missing_from_the_data() {
     let rows: Vec<Value> = (0..10)
         .map(|i| json!({"prompt": format!("{i}+1="), "answer": (i + 1).to_string()}))
         .collect();
-    jsonl(d, "ds.jsonl", &rows);
-    let cfg = d.join("g.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "device = \"cpu\"\nnum_generations = 2\nprompts_per_step = 2\n[model]\npath = \"{}\"\n\
-             [data]\npath = \"ds.jsonl\"\nval_size = 2\n[grader]\ntype = \"numeric\"\n\
-             reference = \"{{{{ item.answr }}}}\"\n",
-            root().join("models/tiny").display()
-        ),
-    )
-    .unwrap();
+    let cfg = numeric_task_config(d, "g", &rows, "answr");
     // Every grade failed quietly: reward 0 for the whole run, exit 0.
     fail(&["eval", s(&cfg)], &["item.answr", "no field `answr`", "answer"]);
 }
@@ -1522,18 +1529,7 @@ fn train_prompt_longer_than_the_context_and_empty_plot() {
     let rows: Vec<Value> = (0..6)
         .map(|i| json!({"prompt": format!("{}{i}=", "1+".repeat(40)), "answer": "1"}))
         .collect();
-    jsonl(d, "long.jsonl", &rows);
-    let cfg = d.join("long.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "device = \"cpu\"\nnum_generations = 2\nprompts_per_step = 2\n[model]\npath = \"{}\"\n\
-             [data]\npath = \"long.jsonl\"\nval_size = 2\n[grader]\ntype = \"numeric\"\n\
-             reference = \"{{{{ item.answer }}}}\"\n",
-            root().join("models/tiny").display()
-        ),
-    )
-    .unwrap();
+    let cfg = numeric_task_config(d, "long", &rows, "answer");
     let out = d.join("out");
     // Was: the error in the middle of the first validation, "prompt 0", after the run began.
     fail(
