@@ -947,6 +947,9 @@ fn sft(a: SftArgs) -> Result<()> {
     if a.batch_size == 0 || a.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
+    if a.log_every == 0 {
+        bail!("--log-every must be at least 1 (a loss line every N steps)");
+    }
     if !(a.lr >= 0.0 && a.lr.is_finite()) {
         bail!("--lr: must be a finite learning rate ≥ 0, got {}", a.lr);
     }
@@ -1059,7 +1062,7 @@ fn sft(a: SftArgs) -> Result<()> {
             let batch: Vec<SftExample> = chunk.iter().map(|&i| examples[i].clone()).collect();
             let m = sft_step(&mut model, lora.as_mut(), &mut state, &batch, &opts)?;
             let step = m.step as usize + 1;
-            if step.is_multiple_of(a.log_every.max(1)) || step == total || m.skipped {
+            if step.is_multiple_of(a.log_every) || step == total || m.skipped {
                 let line = serde_json::json!({
                     "step": step, "epoch": epoch, "loss": m.loss, "lr": m.lr,
                     "grad_norm": m.grad_norm, "tokens": m.num_tokens, "skipped": m.skipped,

@@ -1047,6 +1047,7 @@ fn sft_bad_options_and_data() {
     sft(&data, &["--lora-alpha", "nan"], &["--lora-alpha", "NaN"]);
     sft(&data, &["--lora-dropout", "1.5"], &["--lora-dropout", "[0, 1)"]);
     sft(&data, &["--max-grad-norm", "nan"], &["--max-grad-norm"]);
+    sft(&data, &["--log-every", "0"], &["--log-every", "at least 1"]);
     // Negative numbers reach the check (was clap's "unexpected argument '-1'").
     sft(&data, &["--lr", "-1"], &["--lr", "-1"]);
     sft(&data, &["--weight-decay", "-1"], &["--weight-decay", "-1"]);

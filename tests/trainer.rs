@@ -501,6 +501,21 @@ fn bad_adapters_are_rejected() {
         o.insert("use_dora".into(), true.into());
     })
     .contains("dora"));
+    // PEFT's own range: any finite alpha (a negative one loads), dropout a probability.
+    assert_eq!(
+        try_cfg(&|o| {
+            o.insert("lora_alpha".into(), (-8.0).into());
+        }),
+        "ok"
+    );
+    let e = try_cfg(&|o| {
+        o.insert("lora_alpha".into(), 1e300.into());
+    });
+    assert!(e.contains("lora_alpha = 1e+300 does not fit"), "{e}");
+    assert!(try_cfg(&|o| {
+        o.insert("lora_dropout".into(), 1.5.into());
+    })
+    .contains("lora_dropout = 1.5"));
     // Missing weights file / directory.
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("adapter_config.json"), orig.to_string()).unwrap();

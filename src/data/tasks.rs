@@ -1270,17 +1270,21 @@ impl TaskConfig {
         let data = Dataset::read_jsonl(&path)?;
         let (mut train, val) = if let Some(v) = &self.val_path {
             (data, Dataset::read_jsonl(base_dir.join(v))?)
-        } else if let Some(f) = self.val_fraction {
-            data.split(ValSplit::Fraction(f), self.seed)?
-        } else if let Some(k) = self.val_size {
-            data.split(ValSplit::Size(k), self.seed)?
+        } else if let Some(how) = self
+            .val_fraction
+            .map(ValSplit::Fraction)
+            .or(self.val_size.map(ValSplit::Size))
+        {
+            data.split(how, self.seed)
+                .map_err(|e| Error::invalid(format!("{e} (data.path = {})", path.display())))?
         } else {
             (data, Dataset::default())
         };
         if let Some(n) = self.num_train {
             if n == 0 || n > train.len() {
                 return Err(Error::invalid(format!(
-                    "data.num_train = {n}: the training set has {} rows",
+                    "data.num_train = {n}: the training set of {} has {} rows",
+                    path.display(),
                     train.len()
                 )));
             }
@@ -1727,5 +1731,16 @@ mod tests {
             .load(dir.path())
             .unwrap_err();
         assert!(e.to_string().starts_with("data.num_train"), "{e}");
+        assert!(e.to_string().contains("t.jsonl"), "{e}");
+        // A split that leaves no training rows names the key and the file.
+        for (key, val) in [("val_size", json!(10)), ("val_fraction", json!(0.99))] {
+            let e = cfg(json!({"path": "t.jsonl", key: val}))
+                .unwrap()
+                .load(dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(&format!("data.{key} = ")), "{e}");
+            assert!(e.contains("no training rows") && e.contains("t.jsonl"), "{e}");
+        }
     }
 }

@@ -51,11 +51,24 @@ pub fn read_config(dir: &Path) -> Result<(LoraConfig, Value)> {
         .and_then(|x| x.as_f64())
         .ok_or_else(|| cfg_err("missing or invalid key \"lora_alpha\" (a number)".into()))?
         as f32;
+    // PEFT takes any alpha (0 silences the adapter, a negative one flips it): so do we, but a
+    // value past f32 would scale every delta to infinity.
+    if !alpha.is_finite() {
+        return Err(cfg_err(format!(
+            "lora_alpha = {} does not fit a 32-bit float",
+            o["lora_alpha"]
+        )));
+    }
     let targets = o
         .get("target_modules")
         .ok_or_else(|| cfg_err("missing key \"target_modules\"".into()))?;
     let target_modules = parse_targets(targets).map_err(cfg_err)?;
     let dropout = o.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32;
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(cfg_err(format!(
+            "lora_dropout = {dropout}: expected a probability in [0, 1)"
+        )));
+    }
     let use_rslora = o.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
     if o.get("use_dora").and_then(|x| x.as_bool()).unwrap_or(false) {
         return Err(cfg_err("use_dora = true is not supported".into()));
