@@ -157,6 +157,68 @@ fn greedy_tokens_and_logprobs_match_hf_batched_and_unbatched() {
     }
 }
 
+/// Sampled rollouts do not depend on how the engine batches: whole prompts, several prompts
+/// together, or slices of one prompt's G samples (max_batch_seqs below G), nor on which chunk of
+/// the prompts a call gets (`first_stream` = the chunk's first prompt · G). Tokens are equal; the
+/// log-probs are the same f32 forward on other row counts (within TOL).
+#[test]
+fn sampled_rollouts_do_not_depend_on_the_batch() {
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.95,
+        seed: 7,
+        ..Default::default()
+    };
+    let g = 5;
+    for name in MODELS {
+        let e = expected(name);
+        let mut engine = CpuEngine::load(&model_dir(name)).unwrap();
+        let ps = prompts(&e);
+        let stop = greedy_stop(6);
+        engine.max_batch_seqs = 64;
+        let whole = engine.generate(&ps, g, &params, &stop, None).unwrap();
+        assert_eq!(whole.len(), ps.len() * g);
+        let same = |got: &[rft::engine::Rollout], first_prompt: usize, how: &str| {
+            for (a, b) in got.iter().zip(&whole[first_prompt * g..]) {
+                assert_eq!(
+                    (a.prompt_index + first_prompt, a.sample_index),
+                    (b.prompt_index, b.sample_index),
+                    "{name} ({how}): order"
+                );
+                assert_eq!(
+                    a.completion_ids, b.completion_ids,
+                    "{name} ({how}): prompt {} sample {}",
+                    b.prompt_index, b.sample_index
+                );
+                let d = max_abs_diff(&a.logprobs, &b.logprobs);
+                assert!(d <= TOL, "{name} ({how}): logprobs differ by {d}");
+            }
+        };
+        // Samples differ from each other (else the comparison proves little).
+        let distinct: std::collections::HashSet<_> = whole.iter().map(|r| &r.completion_ids).collect();
+        assert!(
+            distinct.len() > g,
+            "{name}: only {} distinct samples",
+            distinct.len()
+        );
+        for batch in [1, 2, 7, 2 * g] {
+            engine.max_batch_seqs = batch;
+            let got = engine.generate(&ps, g, &params, &stop, None).unwrap();
+            assert_eq!(got.len(), whole.len());
+            same(&got, 0, &format!("max_batch_seqs {batch}"));
+        }
+        engine.max_batch_seqs = 3;
+        for k in 1..ps.len() {
+            let chunk = SamplingParams {
+                first_stream: (k * g) as u64,
+                ..params
+            };
+            let got = engine.generate(&ps[k..], g, &chunk, &stop, None).unwrap();
+            same(&got, k, &format!("prompts from {k} on"));
+        }
+    }
+}
+
 #[test]
 fn teacher_forced_scores_match_hf() {
     for name in MODELS {

@@ -230,7 +230,8 @@ pub struct TrainConfig {
     /// A completion is "correct" when its reward reaches this.
     pub accuracy_threshold: f32,
     pub grader_threads: usize,
-    /// Sequences decoded together by the rollout engine.
+    /// Sequences decoded together by the rollout engine: whole prompts' G samples while they
+    /// fit, else slices of one prompt's samples. Changes no sample (per-sample streams).
     pub rollout_batch_size: usize,
     pub output_dir: Option<PathBuf>,
     pub device: Device,
