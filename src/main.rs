@@ -1,4 +1,4 @@
-//! The `rft` command line: generate, score, sft, merge (and, as they land, train, bench).
+//! The `rft` command line: train, generate, score, sft, merge, eval, data, plot, bench.
 //! A thin layer over the library: parse options, load, call the engine, print JSON lines.
 //! Errors surface as one readable line on stderr and a non-zero exit status.
 
