@@ -1091,7 +1091,7 @@ pub enum TaskKind {
 /// format = "chat"           # "chat" | "text" | "plain"
 /// # countdown: count = [3, 4], number_range = [1, 99], target_range = [1, 100],
 /// #            rationals = false, format_credit = 0.0
-/// # arithmetic: digits = 2 (or [1, 3]), ops = ["+", "-", "*"], num_terms = 2,
+/// # arithmetic: digits = 2 (or [1, 3]), ops = ["+"] (any of "+", "-", "*"), num_terms = 2,
 /// #             answer = "tags" | "last_number"
 ///
 /// [data]
