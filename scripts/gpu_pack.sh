@@ -17,9 +17,10 @@ find .gpu/bench -type f ! -name 'rollout-*' ! -name 'kernels-*' ! -name 'train-*
 # Strip symbols and ship the binaries as one xz archive, unpacked by .gpu/go.sh on the GPU machine
 # before run.sh: the carry limit is 64 MiB. The binaries (212 MiB stripped) share most of their
 # bytes (every one embeds the kernels' fatbin), so the dictionary must span several of them: with
-# xz's default 8 MiB window the archive is 55 MB, with 192 MiB it is 8.5 MB.
+# xz's default 8 MiB window the archive is 55 MB, with 192 MiB it is 8.5 MB (-T1: a multi-threaded
+# xz would cut the stream into blocks, each starting with an empty dictionary).
 strip .gpu/bin/* .gpu/test/* .gpu/bench/*
-tar -C .gpu -cf - bin test bench | xz --lzma2=preset=9e,dict=192MiB > .gpu/binaries.tar.xz
+tar -C .gpu -cf - bin test bench | xz -T1 --lzma2=preset=9e,dict=192MiB > .gpu/binaries.tar.xz
 size=$(stat -c %s .gpu/binaries.tar.xz)
 if [ "$size" -gt $((48 << 20)) ]; then
   echo "gpu_pack.sh: .gpu/binaries.tar.xz is $size bytes, too close to the 64 MiB carry limit" >&2
