@@ -15,7 +15,6 @@ use rft::cpu::ops;
 use rft::cuda::{
     decode_partitions, kernels_fatbin, AttnShape, CudaDevice, DECODE_PARTITION_SIZE, ROLLOUT_KERNEL_NAMES,
 };
-use rft::model::config::ModelConfig;
 use rft::sampling::{uniform, Sampler, SamplingParams};
 
 fn assert_close(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol: f32) {
@@ -104,45 +103,27 @@ fn embedding_fwd_bf16_matches_cpu() {
 #[test]
 fn rope_fwd_bf16_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
-    // hd 64 default RoPE (Qwen2.5-0.5B: 14 q heads, 2 kv), hd 64 with llama3 scaling
-    // (Llama 3.2 1B: 32/8), hd 128 (Qwen2.5-7B: 28/4).
-    for preset in ["qwen2.5-0.5b", "llama3.2-1b", "qwen2.5-7b"] {
-        let c = ModelConfig::preset(preset).unwrap();
-        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let inv_freq = c.rope_inv_freq();
-        for &rows in &[1usize, 7, 33] {
-            let pos: Vec<i32> = (0..rows)
-                .map(|r| [0, 1, 17, 300, 4095, 30_000][r % 6] + r as i32)
-                .collect();
-            let q = bf(&uniform_vec(rows * h * hd, rows as u64 + 5, -3.0, 3.0));
-            let k = bf(&uniform_vec(rows * kv * hd, rows as u64 + 6, -3.0, 3.0));
-            let (gq, gk) = dev
-                .rope_fwd_bf16_host(&q, &k, &pos, &inv_freq, h, kv, hd)
-                .unwrap();
-            let (mut wq, mut wk) = (q.clone(), k.clone());
-            for r in 0..rows {
-                let p = pos[r] as usize;
-                ops::rope_inplace(&mut wq[r * h * hd..(r + 1) * h * hd], p, &inv_freq, hd, false);
-                ops::rope_inplace(&mut wk[r * kv * hd..(r + 1) * kv * hd], p, &inv_freq, hd, false);
-            }
-            // Same f32 angle on both sides; sincosf vs Rust's sin_cos differ by ≤ 2 ulp of
-            // values ≤ 1, and the GPU may fuse a·c − b·s into an fma: ~1e-6 absolute on
-            // |x| ≤ 3·√2, far below the bf16 store (2^-9 relative); atol for results near 0.
-            assert_close(
-                &format!("rope q {preset} rows {rows}"),
-                &wq,
-                &gq,
-                1e-5,
-                BF16_STORE_RTOL,
-            );
-            assert_close(
-                &format!("rope k {preset} rows {rows}"),
-                &wk,
-                &gk,
-                1e-5,
-                BF16_STORE_RTOL,
-            );
-        }
+    for c in common::rope_cases(false, 5) {
+        let (gq, gk) = dev
+            .rope_fwd_bf16_host(&c.q, &c.k, &c.pos, &c.inv_freq, c.h, c.kv, c.hd)
+            .unwrap();
+        // Same f32 angle on both sides; sincosf vs Rust's sin_cos differ by ≤ 2 ulp of
+        // values ≤ 1, and the GPU may fuse a·c − b·s into an fma: ~1e-6 absolute on
+        // |x| ≤ 3·√2, far below the bf16 store (2^-9 relative); atol for results near 0.
+        assert_close(
+            &format!("rope q {}", c.label),
+            &c.want_q,
+            &gq,
+            1e-5,
+            BF16_STORE_RTOL,
+        );
+        assert_close(
+            &format!("rope k {}", c.label),
+            &c.want_k,
+            &gk,
+            1e-5,
+            BF16_STORE_RTOL,
+        );
     }
 }
 

@@ -16,7 +16,6 @@ use half::bf16;
 use rft::cpu::ops;
 use rft::cuda::{clip_report_from_stats, kernels_fatbin, CudaDevice, TRAIN_KERNEL_NAMES};
 use rft::loss::{grpo_loss, GrpoInputs, GrpoLossConfig, KlEstimator, LossType, OldLogp};
-use rft::model::config::ModelConfig;
 use rft::optim::{clip_and_step, grad_norm, AdamW, AdamWState};
 
 fn abs(v: &[f32]) -> Vec<f32> {
@@ -653,42 +652,26 @@ fn swiglu_bwd_bf16_matches_cpu() {
 #[test]
 fn rope_bwd_bf16_matches_cpu() {
     let Some(dev) = device_or_skip() else { return };
-    for preset in ["qwen2.5-0.5b", "llama3.2-1b", "qwen2.5-7b"] {
-        let c = ModelConfig::preset(preset).unwrap();
-        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let inv_freq = c.rope_inv_freq();
-        for &rows in &[1usize, 7, 33] {
-            let pos: Vec<i32> = (0..rows)
-                .map(|r| [0, 1, 17, 300, 4095, 30_000][r % 6] + r as i32)
-                .collect();
-            let dq = bf(&uniform_vec(rows * h * hd, rows as u64 + 7, -3.0, 3.0));
-            let dk = bf(&uniform_vec(rows * kv * hd, rows as u64 + 8, -3.0, 3.0));
-            let (gq, gk) = dev
-                .rope_bwd_bf16_host(&dq, &dk, &pos, &inv_freq, h, kv, hd)
-                .unwrap();
-            let (mut wq, mut wk) = (dq.clone(), dk.clone());
-            for r in 0..rows {
-                let p = pos[r] as usize;
-                ops::rope_inplace(&mut wq[r * h * hd..(r + 1) * h * hd], p, &inv_freq, hd, true);
-                ops::rope_inplace(&mut wk[r * kv * hd..(r + 1) * kv * hd], p, &inv_freq, hd, true);
-            }
-            // As the forward test: same f32 angle, sincosf vs sin_cos ≤ 2 ulp of values ≤ 1,
-            // possible fma: ~1e-6 absolute on |x| ≤ 3·√2; then the bf16 store.
-            assert_close(
-                &format!("rope_bwd q {preset} rows {rows}"),
-                &wq,
-                &gq,
-                1e-5,
-                BF16_STORE_RTOL,
-            );
-            assert_close(
-                &format!("rope_bwd k {preset} rows {rows}"),
-                &wk,
-                &gk,
-                1e-5,
-                BF16_STORE_RTOL,
-            );
-        }
+    for c in common::rope_cases(true, 7) {
+        let (gq, gk) = dev
+            .rope_bwd_bf16_host(&c.q, &c.k, &c.pos, &c.inv_freq, c.h, c.kv, c.hd)
+            .unwrap();
+        // As the forward test: same f32 angle, sincosf vs sin_cos ≤ 2 ulp of values ≤ 1,
+        // possible fma: ~1e-6 absolute on |x| ≤ 3·√2; then the bf16 store.
+        assert_close(
+            &format!("rope_bwd q {}", c.label),
+            &c.want_q,
+            &gq,
+            1e-5,
+            BF16_STORE_RTOL,
+        );
+        assert_close(
+            &format!("rope_bwd k {}", c.label),
+            &c.want_k,
+            &gk,
+            1e-5,
+            BF16_STORE_RTOL,
+        );
     }
 }
 

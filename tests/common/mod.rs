@@ -139,3 +139,70 @@ pub fn bf16_noise(name: &str) -> Bf16Noise {
         full_grad_cosine: num("full_grad_cosine"),
     }
 }
+
+/// One RoPE test case: q (rows, h·hd) and k (rows, kv·hd) bf16-exact inputs at positions `pos`,
+/// and the CPU reference's rotation of them (`ops::rope_inplace`, inverse for the backward).
+pub struct RopeCase {
+    pub label: String,
+    pub h: usize,
+    pub kv: usize,
+    pub hd: usize,
+    pub inv_freq: Vec<f32>,
+    pub pos: Vec<i32>,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub want_q: Vec<f32>,
+    pub want_k: Vec<f32>,
+}
+
+/// The RoPE cases of the forward and backward kernel tests: hd 64 default RoPE (Qwen2.5-0.5B:
+/// 14 q heads, 2 kv), hd 64 with llama3 scaling (Llama 3.2 1B: 32/8), hd 128 (Qwen2.5-7B: 28/4),
+/// at 1, 7 and 33 rows with positions up to 30,000; inputs uniform in ±3 seeded by `seed`.
+pub fn rope_cases(backward: bool, seed: u64) -> Vec<RopeCase> {
+    use rft::cpu::ops;
+    use rft::model::config::ModelConfig;
+    let mut out = Vec::new();
+    for preset in ["qwen2.5-0.5b", "llama3.2-1b", "qwen2.5-7b"] {
+        let c = ModelConfig::preset(preset).unwrap();
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let inv_freq = c.rope_inv_freq();
+        for &rows in &[1usize, 7, 33] {
+            let pos: Vec<i32> = (0..rows)
+                .map(|r| [0, 1, 17, 300, 4095, 30_000][r % 6] + r as i32)
+                .collect();
+            let q = bf(&uniform_vec(rows * h * hd, rows as u64 + seed, -3.0, 3.0));
+            let k = bf(&uniform_vec(rows * kv * hd, rows as u64 + seed + 1, -3.0, 3.0));
+            let (mut want_q, mut want_k) = (q.clone(), k.clone());
+            for r in 0..rows {
+                let p = pos[r] as usize;
+                ops::rope_inplace(
+                    &mut want_q[r * h * hd..(r + 1) * h * hd],
+                    p,
+                    &inv_freq,
+                    hd,
+                    backward,
+                );
+                ops::rope_inplace(
+                    &mut want_k[r * kv * hd..(r + 1) * kv * hd],
+                    p,
+                    &inv_freq,
+                    hd,
+                    backward,
+                );
+            }
+            out.push(RopeCase {
+                label: format!("{preset} rows {rows}"),
+                h,
+                kv,
+                hd,
+                inv_freq: inv_freq.clone(),
+                pos,
+                q,
+                k,
+                want_q,
+                want_k,
+            });
+        }
+    }
+    out
+}
