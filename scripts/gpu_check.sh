@@ -86,6 +86,8 @@ if [ "$what" != tests ]; then
   # the memory budget picks the largest micro-batch that fits (16 by the plan: 6.2 GiB + weights).
   step 90 train-05b-loraadd env RFT_TRAIN_LORA_EPILOGUE=add $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --json
   step 90 train-05b-budget $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --max-train-memory-gib 8.5 --json
+  # More blocks in flight for the fused LoRA kernels (column splits; bit-identical results).
+  step 90 train-05b-budget-lorablocks env RFT_TRAIN_LORA_BLOCKS=1056 $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --recompute none --max-train-memory-gib 8.5 --json
   step 90 train-05b-mb8-norecompute $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --lora-rank 16 --micro-batch-size 8 --recompute none --json
   step 90 train-05b-full $R bench train --shape qwen2.5-0.5b --sequences 64 --seq-len 384 --full-fine-tuning --json
   step 90 roll-05b-1024 $R bench rollout --shape qwen2.5-0.5b --prompts 128 --num-generations 8 --prompt-len 128 --new-tokens 128 --json

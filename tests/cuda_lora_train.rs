@@ -25,8 +25,8 @@ use common::{bf, device_or_skip, uniform_vec};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 use rft::cuda::{
-    lora_train_col_splits, lora_train_grad_scratch_len, lora_train_grad_split, CudaDevice, LoraDropoutSite,
-    LoraOut,
+    lora_train_col_splits, lora_train_grad_scratch_len, lora_train_grad_split, set_lora_train_target_blocks,
+    CudaDevice, LoraDropoutSite, LoraOut, FUSED_TARGET_BLOCKS,
 };
 
 /// Reference outputs (f64) and their magnitudes Σ|terms|.
@@ -229,6 +229,35 @@ fn lora_train_is_deterministic() {
         assert!(
             x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
             "output {k} differs between two runs"
+        );
+    }
+}
+
+#[test]
+fn column_splits_change_no_bit() {
+    let Some(dev) = device_or_skip() else { return };
+    // `RFT_TRAIN_LORA_BLOCKS` (set_lora_train_target_blocks) changes how the fused kernels split
+    // the output columns over blocks, and must change no output bit: each element is written by
+    // one block and each split recomputes the same x·Aᵀ. 66 row tiles; y's 8 column chunks
+    // split 4 ways by default and 8 with the largest target, dx's 9 chunks 3 and 5 ways. Only
+    // raised here (other tests of this binary may run meanwhile and expect their splits).
+    let case = Case::new(4224, 520, 512, 16);
+    assert_eq!(
+        (lora_train_col_splits(4224, 512), lora_train_col_splits(4224, 520)),
+        (4, 3)
+    );
+    let base = case.run(&dev);
+    set_lora_train_target_blocks(1 << 20);
+    assert_eq!(
+        (lora_train_col_splits(4224, 512), lora_train_col_splits(4224, 520)),
+        (8, 5)
+    );
+    let split = case.run(&dev);
+    set_lora_train_target_blocks(FUSED_TARGET_BLOCKS);
+    for (k, (x, y)) in base.iter().zip(&split).enumerate() {
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "output {k} differs between the default and the largest column splits"
         );
     }
 }

@@ -42,9 +42,19 @@ pub const LORA_TRAIN_COMPILED_RANKS: [usize; 4] = [16, 32, 64, 128];
 pub const LORA_TRAIN_MAX_RANK: usize = 128;
 /// Blocks a fused launch aims for before splitting the output columns over a second grid
 /// dimension (each split recomputes the rank-side product: worth it only for small n). Two
-/// waves of one block per SM on a 132-SM H100/H200; a constant, so the launch is the same on
-/// every GPU.
-const FUSED_TARGET_BLOCKS: usize = 264;
+/// waves of one block per SM on a 132-SM H100/H200, the same on every GPU; the column split
+/// changes no result bit (each output element is written by one block, the recomputed
+/// rank-side product is identical), so `RFT_TRAIN_LORA_BLOCKS` may set another target for an
+/// A/B ([`set_lora_train_target_blocks`]).
+pub const FUSED_TARGET_BLOCKS: usize = 264;
+static FUSED_TARGET: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(FUSED_TARGET_BLOCKS);
+
+/// Sets the block target of every later fused LoRA launch in this process (≥ 1; the default
+/// [`FUSED_TARGET_BLOCKS`]). Results do not depend on it; speed may.
+pub fn set_lora_train_target_blocks(blocks: usize) {
+    FUSED_TARGET.store(blocks.max(1), std::sync::atomic::Ordering::Relaxed);
+}
 const FUSED_MAX_COL_SPLITS: usize = 8;
 /// Blocks a gradient launch aims for before splitting its reduction over rows (4 per SM of a
 /// 132-SM GPU: the kernel streams x or dy once and needs several blocks per SM in flight).
@@ -86,7 +96,8 @@ pub fn lora_train_grad_smem_bytes(rp: usize) -> usize {
 pub fn lora_train_col_splits(n: usize, d_cols: usize) -> usize {
     let tiles = n.div_ceil(LT_BM).max(1);
     let chunks = d_cols.div_ceil(LT_BK).max(1);
-    let s = FUSED_TARGET_BLOCKS
+    let s = FUSED_TARGET
+        .load(std::sync::atomic::Ordering::Relaxed)
         .div_ceil(tiles)
         .min(chunks)
         .clamp(1, FUSED_MAX_COL_SPLITS);

@@ -47,8 +47,9 @@ pub use gemm::{
 };
 pub use lora_train::{
     lora_train_col_splits, lora_train_compiled_rank, lora_train_fused_smem_bytes,
-    lora_train_grad_scratch_len, lora_train_grad_smem_bytes, lora_train_grad_split, LoraDropoutSite, LoraOut,
-    LORA_TRAIN_COMPILED_RANKS, LORA_TRAIN_MAX_RANK,
+    lora_train_grad_scratch_len, lora_train_grad_smem_bytes, lora_train_grad_split,
+    set_lora_train_target_blocks, LoraDropoutSite, LoraOut, FUSED_TARGET_BLOCKS, LORA_TRAIN_COMPILED_RANKS,
+    LORA_TRAIN_MAX_RANK,
 };
 pub use rollout::{
     decode_partitions, sample_scratch_len, AttnShape, SamplingParamsDev, DECODE_PARTITION_SIZE,

@@ -142,6 +142,25 @@ pub fn lora_store_from_env() -> Result<bool> {
     }
 }
 
+/// `RFT_TRAIN_LORA_BLOCKS=N` (N ≥ 1): the block target of the training step's fused LoRA
+/// kernels before they split the output columns (default
+/// [`super::lora_train::FUSED_TARGET_BLOCKS`]; more blocks in flight for the memory-bound
+/// kernels at the cost of recomputing x·Aᵀ per split). Bit-identical results either way; for
+/// an A/B on a GPU.
+pub fn lora_blocks_from_env() -> Result<Option<usize>> {
+    match std::env::var("RFT_TRAIN_LORA_BLOCKS") {
+        Err(_) => Ok(None),
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1 << 20).contains(&n) => Ok(Some(n)),
+            _ => Err(Error::invalid(format!(
+                "RFT_TRAIN_LORA_BLOCKS={v:?}: expected a block count from 1 to 1048576 (default {})",
+                super::lora_train::FUSED_TARGET_BLOCKS
+            ))),
+        },
+    }
+}
+
 /// Scored rows of one lm_head chunk for a vocabulary of `vocab` split into chunks of
 /// `vocab_chunk` columns and micro-batches of up to `max_tokens` tokens: [`TRAIN_LOGIT_CHUNK_ROWS`]
 /// with a split vocabulary; with a whole one [`TRAIN_LOGIT_CHUNK_ELEMS`] / V rounded to a
@@ -2106,6 +2125,9 @@ impl CudaTrainer {
         cast: CudaFunction,
     ) -> Result<CudaTrainer> {
         let dev = &engine.dev;
+        if let Some(blocks) = lora_blocks_from_env()? {
+            super::lora_train::set_lora_train_target_blocks(blocks);
+        }
         Ok(CudaTrainer {
             trained,
             grads: dev.alloc_zeros(len.max(1))?,
