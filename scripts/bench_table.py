@@ -9,6 +9,9 @@ and the peak device memory measured (`peak_gpu_bytes_measured`: what the process
 steps, weights included). Steps that failed show their exit status. Targets (issues #5 and #6,
 one H200): rollout 0.5B × 64 sequences ≥ 60,000 tok/s, 0.5B × 1024 ≥ 150,000, 1.5B × 64 ≥ 30,000;
 training 0.5B ≤ 150 ms and ≤ 10 GiB, 1.5B ≤ 400 ms and ≤ 16 GiB, 7B runs.
+
+A second table compares the A/B pairs of gpu_check.sh (a switch or layout against the run it
+varies) by time per step, to decide which becomes the default.
 """
 import json
 import sys
@@ -60,9 +63,51 @@ def row(step, rec):
     return f"| {step} | {what} | {speed} | {mem} | {layout} | {tgt} | {dev} |"
 
 
+# (variant step, the step it varies, what the pair decides), as gpu_check.sh names them.
+AB_PAIRS = [
+    ("roll-05b-64-cublas", "roll-05b-64", "RFT_SKINNY_GEMM: auto (default) vs cuBLAS only, 0.5B"),
+    ("roll-15b-64-cublas", "roll-15b-64", "RFT_SKINNY_GEMM: auto (default) vs cuBLAS only, 1.5B"),
+    ("train-05b-loraadd", "train-05b", "RFT_TRAIN_LORA_EPILOGUE: store (default) vs add"),
+    ("train-05b-splitvocab", "train-05b", "RFT_TRAIN_VOCAB_CHUNK: all (default) vs 32768"),
+    ("train-05b-keep6", "train-05b", "layer recompute keeping 6 layers vs none kept"),
+    ("train-05b-budget", "train-05b", "0.5B layout: micro-batches without recompute in 8.5 GiB vs layer recompute"),
+    ("train-05b-budget-lorablocks", "train-05b-budget", "RFT_TRAIN_LORA_BLOCKS: 264 (default) vs 1056"),
+    ("train-05b-norecompute", "train-05b", "0.5B: no recompute, whole batch vs layer recompute"),
+    ("train-15b-budget", "train-15b", "1.5B layout: micro-batches without recompute in 12 GiB vs layer recompute"),
+]
+
+
+def seconds_per_unit(rec):
+    """Time per unit of work of a bench record: ms per training step, or ms per 1000 tokens."""
+    if "step_ms" in rec:
+        return rec["step_ms"]
+    if rec.get("tok_s"):
+        return 1e6 / rec["tok_s"]
+    return None
+
+
+def ab_table(by_step):
+    rows = []
+    for variant, base, what in AB_PAIRS:
+        a, b = by_step.get(base), by_step.get(variant)
+        ta = None if a is None else seconds_per_unit(a)
+        tb = None if b is None else seconds_per_unit(b)
+        if not ta or not tb:
+            continue
+        r = tb / ta
+        verdict = "the variant is faster" if r < 0.98 else "the default is faster" if r > 1.02 else "within 2%"
+        rows.append(f"| {what} | {base} | {variant} | {r:.3f} | {verdict} |")
+    if rows:
+        print()
+        print("| A/B | default step | variant step | variant time / default time | verdict |")
+        print("| --- | --- | --- | --- | --- |")
+        print("\n".join(rows))
+
+
 def main(paths):
     print("| step | workload | speed | peak memory | layout | target | device |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    by_step = {}
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -75,6 +120,8 @@ def main(paths):
                     print(f"| {step} | failed: exit {rec['rc']} after {rec.get('secs')} s | | | | | |")
                 elif "tok_s" in rec or "step_ms" in rec:
                     print(row(step, rec))
+                    by_step[step] = rec
+    ab_table(by_step)
 
 
 if __name__ == "__main__":
