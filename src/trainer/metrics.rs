@@ -252,6 +252,16 @@ pub fn summary_table(s: &Summary) -> String {
 mod tests {
     use super::*;
 
+    /// Appends half a record without its newline: what a process killed mid-write leaves.
+    fn append_torn_line(path: &std::path::Path) {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(b"{\"kind\":\"tra")
+            .unwrap();
+    }
+
     #[test]
     fn records_round_trip_and_summary() {
         let dir = tempfile::tempdir().unwrap();
@@ -277,12 +287,7 @@ mod tests {
         }))
         .unwrap();
         // A torn last line (killed mid-write) is ignored.
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(log.path())
-            .unwrap()
-            .write_all(b"{\"kind\":\"tra")
-            .unwrap();
+        append_torn_line(log.path());
         let recs = read_records(log.path()).unwrap();
         assert_eq!(recs.len(), 3);
         let s = Summary::from_records(&recs);
@@ -309,12 +314,7 @@ mod tests {
             ..Default::default()
         }))
         .unwrap();
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(log.path())
-            .unwrap()
-            .write_all(b"{\"kind\":\"tra")
-            .unwrap();
+        append_torn_line(log.path());
         MetricsLog::rewind(dir.path(), 3).unwrap();
         let steps: Vec<usize> = read_records(log.path())
             .unwrap()
