@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rft::cpu::engine::CpuEngine;
 use rft::data::input::{encode_completion, encode_prompt, read_inputs, PromptSpec};
 use rft::engine::Engine;
+// What `rft merge` / `rft sft --full` write into their output directory.
+use rft::lora::peft::MERGED_FILES;
 use rft::model::tokenizer::Tokenizer;
 use rft::sampling::{SamplingParams, StopCriteria};
 use std::io::Write;
@@ -852,9 +854,6 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
         _ => false,
     }
 }
-
-/// What `rft merge` / `rft sft --full` write into their output directory.
-use rft::lora::peft::MERGED_FILES;
 
 /// What a PEFT adapter output holds.
 const ADAPTER_FILES: &[&str] = &["adapter_config.json", "adapter_model.safetensors"];

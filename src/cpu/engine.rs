@@ -65,7 +65,7 @@ struct Seq<'a> {
 impl CpuEngine {
     /// Decodes `seqs` together until each stops; sample g of prompt i draws from stream
     /// `params.first_stream + i · num_samples + g`.
-    fn decode(
+    fn decode_together(
         &self,
         mut seqs: Vec<Seq<'_>>,
         num_samples: usize,
@@ -195,7 +195,7 @@ impl Engine for CpuEngine {
                         })
                     })
                     .collect();
-                out.extend(self.decode(seqs, g, params, stop, decode, &mut sampler)?);
+                out.extend(self.decode_together(seqs, g, params, stop, decode, &mut sampler)?);
             }
         }
         Ok(out)

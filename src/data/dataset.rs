@@ -165,15 +165,15 @@ impl Dataset {
             }
             ValSplit::Size(k) => k,
         };
-        let asked = match how {
-            ValSplit::Fraction(f) => format!("data.val_fraction = {f}: "),
-            ValSplit::Size(k) => format!("data.val_size = {k}: "),
-            ValSplit::None => String::new(),
-        };
         if n_val == 0 {
             return Ok((self, Dataset::default()));
         }
         if n_val >= n {
+            let asked = match how {
+                ValSplit::Fraction(f) => format!("data.val_fraction = {f}: "),
+                ValSplit::Size(k) => format!("data.val_size = {k}: "),
+                ValSplit::None => String::new(),
+            };
             return Err(Error::invalid(format!(
                 "{asked}a validation split of {n_val} rows leaves no training rows (the dataset has {n})"
             )));
